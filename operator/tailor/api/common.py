@@ -1,0 +1,306 @@
+"""Types shared by every Tailor resource: model and data sources, compute resources,
+secret references, conditions and the common status fields.
+
+One vocabulary across kinds: a model is always a ``ModelSource``, data always a
+``DataSource``, compute always ``Resources``, a secret always a ``SecretKeyRef``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, WithJsonSchema
+
+from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
+
+BUILTIN_LANGUAGE_MODELS = ("smollm2-135m-instruct",)
+BUILTIN_EMBEDDING_MODELS = ("minilm-l6-v2",)
+
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a quantity; write e.g. 500m, 4, 16Gi")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+    Field(description="A Kubernetes quantity such as 500m, 2, 16Gi."),
+]
+"""A Kubernetes resource quantity: an integer or a string like ``500m`` or ``16Gi``."""
+
+FreeForm = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+"""A JSON object whose content Tailor does not constrain (a JSON schema, an example)."""
+
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of an object in the same namespace.",
+    ),
+]
+
+
+class LocalObjectRef(TailorModel):
+    """A reference to another object in the same namespace, by name."""
+
+    name: Name = Field(description="Name of the referenced object in the same namespace.")
+
+
+class SecretKeyRef(TailorModel):
+    """A key of a Secret in the same namespace. Secret values are never copied into status,
+    logs, events or environment dumps; workloads read them from a mounted file."""
+
+    name: Name = Field(description="Name of the Secret in the same namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class HuggingFaceModel(TailorModel):
+    """A model repository on the Hugging Face Hub (needs network access from the pod)."""
+
+    repo: str = Field(
+        min_length=3,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Repository id, org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.",
+    )
+    revision: str = Field(
+        default="main", max_length=200, description="Branch, tag or commit to load."
+    )
+    file: str | None = Field(
+        default=None,
+        max_length=200,
+        description="A single .gguf file inside the repository, for GGUF-only repositories.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding an access token for gated or private repos."
+    )
+
+
+class PvcPath(TailorModel):
+    """A path on a PersistentVolumeClaim in the same namespace."""
+
+    claim_name: Name = Field(description="Name of the PersistentVolumeClaim.")
+    path: str = Field(
+        default="",
+        max_length=1024,
+        pattern=r"^[^/]?([^.]|\.[^.]|\.\.[^/])*$",
+        description="Path relative to the volume root (no leading '/', no '..').",
+    )
+
+
+class _ModelSource(TailorModel):
+    huggingface: HuggingFaceModel | None = Field(
+        default=None, description="Load from the Hugging Face Hub."
+    )
+    pvc: PvcPath | None = Field(
+        default=None,
+        description="Load from a volume: a Hugging Face format folder or a single .gguf file.",
+    )
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("builtin", "huggingface", "pvc"),
+            message="set exactly one of builtin, huggingface or pvc",
+            check=lambda m: exactly_one(m, "builtin", "huggingface", "pvc"),
+        ),
+    )
+
+
+class ModelSource(_ModelSource):
+    """Where a language model comes from: exactly one of builtin, huggingface or pvc."""
+
+    builtin: Literal["smollm2-135m-instruct"] | None = Field(
+        default=None,
+        description=(
+            "A model shipped with Tailor's workload image, available offline: "
+            "smollm2-135m-instruct (SmolLM2-135M-Instruct, GGUF)."
+        ),
+    )
+
+
+class EmbeddingModelSource(_ModelSource):
+    """Where an embedding model comes from: exactly one of builtin, huggingface or pvc."""
+
+    builtin: Literal["minilm-l6-v2"] | None = Field(
+        default=None,
+        description=(
+            "An embedding model shipped with Tailor's workload image, available offline: "
+            "minilm-l6-v2 (all-MiniLM-L6-v2, 384 dimensions)."
+        ),
+    )
+
+
+class ConfigMapKey(TailorModel):
+    """A ConfigMap in the same namespace; one key or, when key is empty, every key as a file."""
+
+    name: Name = Field(description="Name of the ConfigMap.")
+    key: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Key to read; omit to read every key of the ConfigMap as a file.",
+    )
+
+
+class PvcFiles(PvcPath):
+    """Files on a PersistentVolumeClaim, selected by a glob under a path."""
+
+    glob: str = Field(
+        default="**/*",
+        max_length=256,
+        description="Glob relative to path selecting the files, e.g. **/*.md.",
+    )
+
+
+class DataSource(TailorModel):
+    """Where data comes from: exactly one of configMap, pvc, url or inline."""
+
+    config_map: ConfigMapKey | None = Field(
+        default=None, description="Small files stored in a ConfigMap (up to 1 MiB in all)."
+    )
+    pvc: PvcFiles | None = Field(default=None, description="Files on a PersistentVolumeClaim.")
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description=(
+            "An https URL fetched by the workload. Private, loopback and link-local "
+            "addresses are refused unless allowPrivateAddresses is true; plain http "
+            "needs allowInsecureHttp."
+        ),
+    )
+    inline: list[FreeForm] | None = Field(
+        default=None,
+        max_length=1000,
+        description=(
+            "Records written directly in the manifest (tiny datasets, tests): chat examples "
+            "{messages: [...]}, {prompt, completion} pairs, or documents {id, text, metadata}."
+        ),
+    )
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Allow url to resolve to private, loopback or link-local addresses.",
+    )
+    allow_insecure_http: bool = Field(
+        default=False, description="Allow a plain http:// url (https is required otherwise)."
+    )
+    max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        gt=0,
+        le=10 * 1024**3,
+        description="Largest download accepted from url, in bytes.",
+    )
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("configMap", "pvc", "url", "inline"),
+            message="set exactly one of configMap, pvc, url or inline",
+            check=lambda m: exactly_one(m, "config_map", "pvc", "url", "inline"),
+        ),
+        Rule(
+            cel="!has(self.url) || self.url.startsWith('https://') || self.allowInsecureHttp",
+            message="url must use https://, or set allowInsecureHttp: true",
+            field="url",
+            check=lambda m: m.url is None or m.url.startswith("https://") or m.allow_insecure_http,
+        ),
+    )
+
+
+class Toleration(TailorModel):
+    """A Kubernetes toleration (see `kubectl explain pod.spec.tolerations`)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty tolerates all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class Resources(TailorModel):
+    """Compute for a workload: accelerators, CPU, memory and placement."""
+
+    gpus: int = Field(default=0, ge=0, le=64, description="Accelerators per node (0 for CPU).")
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^([a-z0-9.-]+/)?[a-z0-9A-Z._-]+$",
+        description="Extended resource name of the accelerator, e.g. nvidia.com/gpu, amd.com/gpu.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. 4 or 500m.")
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit, e.g. 16Gi."
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels the pods must match, e.g. nvidia.com/gpu.product."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Taints the pods tolerate (GPU node pools)."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pods."
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Nodes for distributed training (torchrun, one pod per node).",
+    )
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(TailorModel):
+    """The standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(description="Condition type, e.g. Ready, Succeeded, Progressing.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="One CamelCase word for machines.")
+    message: str = Field(default="", description="What happened, for people.")
+    last_transition_time: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When status last changed.",
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation this condition was computed from."
+    )
+
+
+class StatusBase(TailorModel):
+    """Fields every Tailor status has."""
+
+    model_config = TailorModel.model_config | {"extra": "ignore"}
+
+    phase: str | None = Field(default=None, description="Where the resource is in its lifecycle.")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation the status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Standard conditions (Ready, Succeeded, ...)."
+    )
+
+
+class Artifact(TailorModel):
+    """A published artifact: an adapter, model weights or a dataset, with its checksum."""
+
+    uri: str = Field(description="Where it lives, e.g. pvc://tailor-artifacts/finetunejob/x/uid/.")
+    sha256: str | None = Field(default=None, description="sha256 of manifest.json.")
+    size_bytes: int | None = Field(default=None, description="Total size of the files.")

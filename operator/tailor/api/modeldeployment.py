@@ -1,0 +1,163 @@
+"""ModelDeployment: an OpenAI-compatible server for a base model plus any number of
+adapters, with an optional PromptProfile, RAG over a KnowledgeBase, quantization, a
+response cache and autoscaling.
+
+Clients pick a model with OpenAI's ``model`` field: ``<deployment>`` for the base model,
+``<deployment>/<adapter>`` for an adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
+from tailor.api.common import (
+    LocalObjectRef,
+    ModelSource,
+    PvcPath,
+    Resources,
+    SecretKeyRef,
+    StatusBase,
+)
+
+
+class Adapter(TailorModel):
+    """A LoRA adapter served beside the base model."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Name clients use: model=<deployment>/<name>.",
+    )
+    fine_tune_job_ref: LocalObjectRef | None = Field(
+        default=None, description="A FineTuneJob whose adapter to serve (waits for success)."
+    )
+    raft_job_ref: LocalObjectRef | None = Field(
+        default=None, description="A RAFTJob whose adapter to serve (waits for success)."
+    )
+    pvc: PvcPath | None = Field(default=None, description="A PEFT adapter folder on a volume.")
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("fineTuneJobRef", "raftJobRef", "pvc"),
+            message="set exactly one of fineTuneJobRef, raftJobRef or pvc",
+            check=lambda m: exactly_one(m, "fine_tune_job_ref", "raft_job_ref", "pvc"),
+        ),
+    )
+
+
+class KnowledgeBaseBinding(TailorModel):
+    """Retrieval-augmented generation over a KnowledgeBase."""
+
+    name: str = Field(min_length=1, max_length=253, description="The KnowledgeBase.")
+    top_k: int | None = Field(
+        default=None, ge=1, le=100, description="Chunks per query (default: the KB's)."
+    )
+    score_threshold: float | None = Field(
+        default=None, ge=-1, le=1, description="Lowest similarity (default: the KB's)."
+    )
+
+
+class Cache(TailorModel):
+    """Exact-match response cache (model, messages and parameters)."""
+
+    enabled: bool = Field(default=True, description="Cache deterministic responses.")
+    ttl_seconds: int = Field(default=600, ge=1, description="Entry lifetime.")
+    max_entries: int = Field(default=10000, ge=1, le=10_000_000, description="Entries kept.")
+
+
+class Auth(TailorModel):
+    """Bearer-token authentication of clients."""
+
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
+
+
+class Autoscaling(TailorModel):
+    """HorizontalPodAutoscaler on in-flight requests per replica."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    target_inflight_requests: int = Field(
+        default=8, ge=1, le=10000, description="In-flight requests per replica to aim for."
+    )
+
+    rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must not exceed maxReplicas",
+            field="minReplicas",
+            check=lambda m: m.min_replicas <= m.max_replicas,
+        ),
+    )
+
+
+class Batching(TailorModel):
+    """Dynamic batching of concurrent requests."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Requests per batch.")
+    max_queue: int = Field(
+        default=256, ge=1, le=100000, description="Waiting requests before 429 Too Many Requests."
+    )
+
+
+class ModelDeploymentSpec(TailorModel):
+    """An OpenAI-compatible model server."""
+
+    base_model: ModelSource = Field(description="The base model.")
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="LoRA adapters, chosen per request by model=<deployment>/<adapter>.",
+    )
+    prompt_profile_ref: LocalObjectRef | None = Field(
+        default=None, description="The PromptProfile applied to every request."
+    )
+    knowledge_base_ref: KnowledgeBaseBinding | None = Field(
+        default=None, description="Retrieval over a KnowledgeBase."
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        default="none",
+        description="none; int8 (CPU: dynamic int8, GPU: bitsandbytes 8-bit); nf4 (GPU only).",
+    )
+    max_context_tokens: int | None = Field(
+        default=None, ge=128, le=1048576, description="Context window (default: the model's)."
+    )
+    cache: Cache = Field(default_factory=Cache, description="Response cache.")
+    batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
+    auth: Auth | None = Field(default=None, description="Require an API key.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas without autoscaling.")
+    autoscaling: Autoscaling | None = Field(default=None, description="Scale on load.")
+    resources: Resources = Field(default_factory=Resources, description="Compute per replica.")
+
+    rules = (
+        Rule(
+            cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            message="adapter names must be unique",
+            field="adapters",
+            check=lambda m: len({a.name for a in m.adapters}) == len(m.adapters),
+        ),
+        Rule(
+            cel="self.quantization != 'nf4' || (has(self.resources) && self.resources.gpus > 0)",
+            message="nf4 needs a CUDA GPU: set resources.gpus >= 1, or use int8 on CPU",
+            field="quantization",
+            check=lambda m: m.quantization != "nf4" or m.resources.gpus > 0,
+        ),
+    )
+
+
+class ModelDeploymentStatus(StatusBase):
+    """Observed state of a ModelDeployment."""
+
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
+        default=None, description="Pending, Progressing, Ready, Degraded or Failed."
+    )
+    replicas: int | None = Field(default=None, description="Desired replicas.")
+    ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")
+    endpoint: str | None = Field(default=None, description="Base URL of the OpenAI-compatible API.")
+    models: list[str] = Field(default_factory=list, description="Model names clients can request.")
+    revision: str | None = Field(default=None, description="Hash of what is rolled out.")
+    deployment_name: str | None = Field(default=None, description="The Deployment.")

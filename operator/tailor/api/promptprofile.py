@@ -1,0 +1,152 @@
+"""PromptProfile: a versioned prompt (system text, few-shot turns, a template with variables
+and generation parameters), the first rung of the customization ladder.
+
+The operator publishes every revision as an immutable ConfigMap; a ModelDeployment that
+references the profile serves the newest one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
+from tailor.api.common import FreeForm, LocalObjectRef, StatusBase
+
+
+class FewShotExample(TailorModel):
+    """One demonstration turn: what the user says and what the assistant answers."""
+
+    user: str = Field(min_length=1, max_length=16384, description="The user's message.")
+    assistant: str = Field(min_length=1, max_length=16384, description="The ideal answer.")
+
+
+class GenerationParameters(TailorModel):
+    """Default generation parameters; a request may override them (OpenAI names)."""
+
+    temperature: float = Field(default=0.2, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=256, ge=1, le=32768, description="Most tokens to generate.")
+    stop: list[str] = Field(
+        default_factory=list, max_length=4, description="Up to 4 stop sequences."
+    )
+    seed: int | None = Field(default=None, ge=0, description="Seed for reproducible sampling.")
+
+
+class ResponseFormat(TailorModel):
+    """The shape answers must take."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        default="text", description="text, json_object or json_schema."
+    )
+    schema_: FreeForm | None = Field(
+        default=None,
+        alias="schema",
+        description="The JSON schema answers must satisfy (type json_schema only).",
+    )
+
+    rules = (
+        Rule(
+            cel="(self.type == 'json_schema') == has(self.schema)",
+            message="schema is required when type is json_schema, and only then",
+            field="schema",
+            check=lambda m: (m.type == "json_schema") == (m.schema_ is not None),
+        ),
+    )
+
+
+class Expectation(TailorModel):
+    """What a test case's answer must satisfy: exactly one matcher."""
+
+    contains: str | None = Field(default=None, max_length=4096, description="A substring.")
+    regex: str | None = Field(default=None, max_length=4096, description="A RE2 regex to search.")
+    equals: str | None = Field(default=None, max_length=16384, description="The whole answer.")
+    json_schema: FreeForm | None = Field(
+        default=None, description="A JSON schema the answer (parsed as JSON) must satisfy."
+    )
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("contains", "regex", "equals", "jsonSchema"),
+            message="set exactly one of contains, regex, equals or jsonSchema",
+            check=lambda m: exactly_one(m, "contains", "regex", "equals", "json_schema"),
+        ),
+    )
+
+
+class PromptTestCase(TailorModel):
+    """One systematic prompt test: template variables in, expectation out."""
+
+    name: str = Field(min_length=1, max_length=63, description="Name shown in results.")
+    input: dict[str, str] = Field(description="Template variables, e.g. {question: ...}.")
+    expect: Expectation = Field(description="What the answer must satisfy.")
+
+
+class PromptTests(TailorModel):
+    """Test cases run against a ModelDeployment whenever the profile changes."""
+
+    deployment_ref: LocalObjectRef = Field(description="The ModelDeployment to test against.")
+    cases: list[PromptTestCase] = Field(min_length=1, max_length=100, description="The test cases.")
+
+
+class PromptProfileSpec(TailorModel):
+    """A versioned prompt: system text, few-shot examples, template and parameters."""
+
+    system: str = Field(default="", max_length=32768, description="The system message.")
+    template: str = Field(
+        default="{{ question }}",
+        min_length=1,
+        max_length=65536,
+        description=(
+            "Sandboxed Jinja2 template of the user turn. Variables: question, context "
+            "(retrieved documents, when RAG is on) and anything in variables."
+        ),
+    )
+    few_shot: list[FewShotExample] = Field(
+        default_factory=list, max_length=10, description="0-10 demonstration turns."
+    )
+    variables: dict[str, str] = Field(
+        default_factory=dict, description="Default template variables, overridable per request."
+    )
+    parameters: GenerationParameters = Field(
+        default_factory=GenerationParameters, description="Default generation parameters."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Constrain answers to text, any JSON object or a JSON schema."
+    )
+    tests: PromptTests | None = Field(default=None, description="Optional systematic tests.")
+
+
+class Revision(TailorModel):
+    """One published revision of a profile."""
+
+    revision: int = Field(description="Revision number, counting from 1.")
+    hash: str = Field(description="sha256 of the rendered profile.")
+    config_map: str = Field(description="The immutable ConfigMap holding it.")
+    time: str = Field(description="When it was published.")
+
+
+class PromptTestResults(TailorModel):
+    """Outcome of the last test run."""
+
+    passed: int = Field(default=0, description="Cases that passed.")
+    failed: int = Field(default=0, description="Cases that failed.")
+    last_run: str | None = Field(default=None, description="When the tests last ran.")
+    failures: list[str] = Field(default_factory=list, description="Names of failed cases.")
+
+
+class PromptProfileStatus(StatusBase):
+    """Observed state of a PromptProfile."""
+
+    phase: Literal["Valid", "Invalid"] | None = Field(default=None, description="Valid or Invalid.")
+    revision: int | None = Field(default=None, description="The current revision.")
+    hash: str | None = Field(default=None, description="sha256 of the current revision.")
+    config_map: str | None = Field(default=None, description="ConfigMap of the current revision.")
+    history: list[Revision] = Field(default_factory=list, description="The last 10 revisions.")
+    tests: PromptTestResults | None = Field(default=None, description="Last test results.")
+
+
+def render_profile_data(spec: PromptProfileSpec) -> dict[str, Any]:
+    """The profile as a serving workload reads it (the published ConfigMap's content)."""
+    return spec.wire()

@@ -1,0 +1,128 @@
+"""Spec files of the workload programs (``python -m tailor.workloads.<name> --spec FILE``).
+
+A builder writes one of these as JSON (a ConfigMap in a cluster, a file with the local
+runtime); the workload reads it back with ``<Run>.model_validate_json``. Each run carries
+the resource's own spec unchanged plus what the runtime resolved: where volumes are
+mounted, where to write, whom to report progress to.
+
+Mount layout, identical in a pod and with the local runtime (see :class:`Paths`):
+ConfigMap ``name`` at ``{configMaps}/{name}/<key>``, PVC ``claimName`` at
+``{pvcs}/{claimName}/``, Secret ``name`` at ``{secrets}/{name}/<key>``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tailor.api.base import TailorModel
+from tailor.api.finetunejob import FineTuneJobSpec
+from tailor.api.knowledgebase import Embedding, KnowledgeBaseSpec, QdrantStore, Retrieval
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.raftjob import RAFTJobSpec
+
+
+class OwnerRef(TailorModel):
+    """The resource a run belongs to and reports to."""
+
+    api_version: str = "tailor.dev/v1alpha1"
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
+
+
+class Paths(TailorModel):
+    """Where the runtime mounted volumes."""
+
+    artifacts: str = Field(description="Root of the artifacts volume.")
+    config_maps: str = Field(default="/etc/tailor/configmaps", description="ConfigMap mounts.")
+    pvcs: str = Field(default="/mnt/pvc", description="PersistentVolumeClaim mounts.")
+    secrets: str = Field(default="/etc/tailor/secrets", description="Secret mounts.")
+
+
+class Reporter(TailorModel):
+    """Where progress goes: the resource's status subresource, a JSON-lines file, stdout."""
+
+    kind: Literal["kubernetes", "file", "stdout", "none"] = "stdout"
+    path: str | None = Field(default=None, description="File for kind file.")
+    min_interval_seconds: float = Field(default=5.0, ge=0, description="Rate limit of reports.")
+
+
+class RunBase(TailorModel):
+    """Fields every workload run has."""
+
+    owner: OwnerRef
+    paths: Paths
+    reporter: Reporter = Field(default_factory=Reporter)
+    metrics_port: int | None = Field(default=None, description="Serve Prometheus metrics here.")
+
+
+class TrainRun(RunBase):
+    """The spec file of ``tailor.workloads.train``."""
+
+    spec: FineTuneJobSpec
+    output_dir: str = Field(description="Where the artifact is published (atomically).")
+    checkpoint_dir: str = Field(description="Checkpoints; survives pod restarts.")
+
+
+class RetrieverConfig(TailorModel):
+    """Everything a reader needs to query a knowledge base."""
+
+    alias: str = Field(description="The Qdrant alias (or collection) to query.")
+    qdrant: QdrantStore = Field(default_factory=QdrantStore)
+    path: str | None = Field(default=None, description="Embedded Qdrant storage folder.")
+    embedding: Embedding = Field(default_factory=Embedding)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
+
+
+class IndexRun(RunBase):
+    """The spec file of ``tailor.workloads.index``."""
+
+    spec: KnowledgeBaseSpec
+    target: RetrieverConfig = Field(description="Where the index goes.")
+    mode: Literal["incremental", "full"] = Field(
+        default="incremental",
+        description="incremental: copy unchanged chunks, embed the rest; full: embed all.",
+    )
+
+
+class ServedAdapter(TailorModel):
+    """An adapter folder resolved by the operator."""
+
+    name: str
+    path: str
+
+
+class ServeRun(RunBase):
+    """The spec file of ``tailor.workloads.serve``."""
+
+    spec: ModelDeploymentSpec
+    served_name: str = Field(description="Base model name clients use (the deployment's name).")
+    adapters: list[ServedAdapter] = Field(default_factory=list)
+    prompt_profile_file: str | None = Field(default=None, description="Mounted profile JSON.")
+    knowledge_base: RetrieverConfig | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+
+class RaftDataRun(RunBase):
+    """The spec file of ``tailor.workloads.raft_data``."""
+
+    spec: RAFTJobSpec
+    knowledge_base: RetrieverConfig
+    output_dir: str
+    teacher_url: str | None = Field(default=None, description="Resolved teacher base URL.")
+
+
+class EvaluateRun(RunBase):
+    """The spec file of ``tailor.workloads.evaluate``."""
+
+    spec: RAFTJobSpec
+    knowledge_base: RetrieverConfig
+    dataset_dir: str = Field(description="Output of the data stage (holdout questions).")
+    endpoints: dict[str, str] = Field(
+        default_factory=dict, description="System name (rag, raft) to OpenAI base URL + model."
+    )
+    output_dir: str

