@@ -193,3 +193,9 @@ class KnowledgeBaseStatus(StatusBase):
     index_seconds: float | None = Field(default=None, description="Duration of the last build.")
     content_hash: str | None = Field(default=None, description="sha256 over all chunk hashes.")
     job_name: str | None = Field(default=None, description="The current or last index Job.")
+    build: int | None = Field(default=None, description="Number of the current or last build.")
+    ready_build: int | None = Field(default=None, description="The build now serving queries.")
+    build_generation: int | None = Field(
+        default=None, description="The .metadata.generation the current build indexes."
+    )
+    next_refresh: str | None = Field(default=None, description="When the next refresh is due.")

@@ -116,13 +116,20 @@ class RaftDataRun(RunBase):
     teacher_url: str | None = Field(default=None, description="Resolved teacher base URL.")
 
 
+class EvalTarget(TailorModel):
+    """An OpenAI-compatible endpoint and the model name to ask."""
+
+    base_url: str = Field(description="e.g. http://md.ns.svc:8000/v1")
+    model: str = Field(description="e.g. md or md/adapter")
+
+
 class EvaluateRun(RunBase):
     """The spec file of ``tailor.workloads.evaluate``."""
 
     spec: RAFTJobSpec
     knowledge_base: RetrieverConfig
     dataset_dir: str = Field(description="Output of the data stage (holdout questions).")
-    endpoints: dict[str, str] = Field(
-        default_factory=dict, description="System name (rag, raft) to OpenAI base URL + model."
+    endpoints: dict[str, EvalTarget] = Field(
+        default_factory=dict, description="System name (rag, raft) to the endpoint to ask."
     )
     output_dir: str

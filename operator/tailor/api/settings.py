@@ -1,0 +1,57 @@
+"""Operator settings: what the builders need to know about the installation.
+
+Read from ``TAILOR_*`` environment variables (the Helm chart sets them), so one operator
+image serves every cluster: workload image, artifacts volume, runtime and ports.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from tailor.api.base import TailorModel
+
+
+class OperatorSettings(TailorModel):
+    """How this installation runs workloads."""
+
+    runtime: Literal["kubernetes", "local"] = Field(
+        default="kubernetes",
+        description="kubernetes: Jobs and Deployments; local: processes on the operator's host.",
+    )
+    image: str = Field(
+        default="ghcr.io/tailor-dev/tailor-workloads:0.1.0",
+        description="Image of the workload programs (CPU or CUDA variant).",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    artifacts_pvc: str = Field(
+        default="tailor-artifacts", description="Per-namespace artifacts volume claim."
+    )
+    artifacts_size: str = Field(default="50Gi", description="Size of a created artifacts volume.")
+    artifacts_storage_class: str | None = Field(default=None, description="Its storage class.")
+    create_artifacts_pvc: bool = Field(
+        default=True, description="Create the artifacts volume in a namespace when missing."
+    )
+    artifacts_mount: str = Field(default="/artifacts", description="Mount path in pods.")
+    serve_port: int = Field(default=8000, description="Port of the OpenAI-compatible servers.")
+    metrics_port: int = Field(default=9090, description="Prometheus port of workload pods.")
+    progress_interval_seconds: float = Field(
+        default=5.0, ge=0, description="Least time between two progress patches of a workload."
+    )
+    run_as_user: int = Field(default=1000, description="UID of workload containers.")
+    local_state_dir: str = Field(
+        default="", description="local runtime: where volumes, logs and processes live."
+    )
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
+        """Settings from ``TAILOR_<FIELD>`` variables (e.g. TAILOR_IMAGE, TAILOR_RUNTIME)."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for name in cls.model_fields:
+            key = f"TAILOR_{name.upper()}"
+            if key in env:
+                values[name] = env[key]
+        return cls.model_validate(values)

@@ -1,0 +1,430 @@
+"""Building blocks every child manifest shares: names, labels, owner references, the
+workload pod (security context, volumes for sources, models and secrets, resources),
+the spec ConfigMap and the per-run progress-reporting RBAC.
+
+Everything is a pure function of the parent object and :class:`OperatorSettings`; the
+same inputs always give the same manifests, so a restarted operator re-applies identical
+children instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailor.api import API_VERSION
+from tailor.api.common import (
+    DataSource,
+    EmbeddingModelSource,
+    ModelSource,
+    PvcPath,
+    Resources,
+    SecretKeyRef,
+)
+from tailor.api.settings import OperatorSettings
+from tailor.api.workloads import OwnerRef, Paths, Reporter
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tailor"}
+SPEC_DIR = "/etc/tailor/spec"
+SPEC_FILE = "spec.json"
+CONFIG_MAPS_DIR = "/etc/tailor/configmaps"
+SECRETS_DIR = "/etc/tailor/secrets"
+PVCS_DIR = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The resource whose children are built: enough of its metadata to own them."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Parent:
+        meta = body["metadata"]
+        return cls(
+            kind=body["kind"],
+            name=meta["name"],
+            namespace=meta.get("namespace", "default"),
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 1),
+        )
+
+    @property
+    def label_key(self) -> str:
+        return f"tailor.dev/{self.kind.lower()}"
+
+    def owner(self) -> OwnerRef:
+        return OwnerRef(kind=self.kind, namespace=self.namespace, name=self.name, uid=self.uid)
+
+
+def child_name(parent: Parent, suffix: str, limit: int = 63) -> str:
+    """``<parent>-<suffix>``, shortened with a stable hash when longer than ``limit``."""
+    name = f"{parent.name}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - len(suffix) - 10].rstrip('-')}-{digest}-{suffix}"
+
+
+def labels(parent: Parent, component: str) -> dict[str, str]:
+    """Labels of every child: managed-by, the parent's kind and name, the component."""
+    return {
+        **MANAGED_BY,
+        "app.kubernetes.io/part-of": "tailor",
+        "app.kubernetes.io/component": component,
+        parent.label_key: parent.name,
+    }
+
+
+def owner_reference(parent: Parent) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": parent.kind,
+        "name": parent.name,
+        "uid": parent.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(parent: Parent, name: str, component: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": parent.namespace,
+        "labels": labels(parent, component),
+        "ownerReferences": [owner_reference(parent)],
+        **extra,
+    }
+
+
+def artifact_dir(parent: Parent) -> str:
+    """Path of a resource's artifacts, relative to the artifacts volume root."""
+    return f"{parent.kind.lower()}/{parent.name}/{parent.uid}"
+
+
+def artifact_uri(settings: OperatorSettings, parent: Parent, sub: str = "") -> str:
+    path = artifact_dir(parent) + (f"/{sub}" if sub else "")
+    return f"pvc://{settings.artifacts_pvc}/{path}"
+
+
+def workload_paths(settings: OperatorSettings) -> Paths:
+    return Paths(
+        artifacts=settings.artifacts_mount,
+        config_maps=CONFIG_MAPS_DIR,
+        pvcs=PVCS_DIR,
+        secrets=SECRETS_DIR,
+    )
+
+
+def reporter(settings: OperatorSettings) -> Reporter:
+    return Reporter(kind="kubernetes", min_interval_seconds=settings.progress_interval_seconds)
+
+
+def spec_config_map(parent: Parent, name: str, component: str, run: Any) -> Manifest:
+    """The ConfigMap holding a workload's spec file (JSON of a run model)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(parent, name, component),
+        "data": {SPEC_FILE: json.dumps(run.wire(), indent=1, sort_keys=True)},
+    }
+
+
+def content_hash(obj: Any) -> str:
+    """Short sha256 of a JSON-serialisable value (pod template annotations, revisions)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Mounts:
+    """Volumes a workload needs, collected from its sources, models and secrets."""
+
+    config_maps: set[str] = field(default_factory=set)
+    pvcs: set[str] = field(default_factory=set)
+    secrets: set[str] = field(default_factory=set)
+
+    def add_sources(self, sources: Iterable[DataSource | None]) -> Mounts:
+        for source in sources:
+            if source is None:
+                continue
+            if source.config_map:
+                self.config_maps.add(source.config_map.name)
+            if source.pvc:
+                self.pvcs.add(source.pvc.claim_name)
+        return self
+
+    def add_model(self, model: ModelSource | EmbeddingModelSource | None) -> Mounts:
+        if model and model.pvc:
+            self.pvcs.add(model.pvc.claim_name)
+        if model and model.huggingface and model.huggingface.token_secret_ref:
+            self.secrets.add(model.huggingface.token_secret_ref.name)
+        return self
+
+    def add_pvc(self, pvc: PvcPath | None) -> Mounts:
+        if pvc:
+            self.pvcs.add(pvc.claim_name)
+        return self
+
+    def add_secret(self, ref: SecretKeyRef | None) -> Mounts:
+        if ref:
+            self.secrets.add(ref.name)
+        return self
+
+
+def _volume_name(prefix: str, name: str) -> str:
+    return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
+def volumes_and_mounts(
+    settings: OperatorSettings,
+    mounts: Mounts,
+    spec_config_map_name: str,
+    artifacts_read_only: bool = False,
+) -> tuple[list[Manifest], list[Manifest]]:
+    """Pod volumes and container mounts: spec, artifacts, sources, models, secrets, scratch."""
+    volumes: list[Manifest] = [
+        {"name": "spec", "configMap": {"name": spec_config_map_name}},
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifacts_pvc}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+    ]
+    container_mounts: list[Manifest] = [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {
+            "name": "artifacts",
+            "mountPath": settings.artifacts_mount,
+            "readOnly": artifacts_read_only,
+        },
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/home/tailor/.cache"},
+    ]
+    for cm in sorted(mounts.config_maps):
+        vol = _volume_name("cm", cm)
+        volumes.append({"name": vol, "configMap": {"name": cm}})
+        container_mounts.append(
+            {"name": vol, "mountPath": f"{CONFIG_MAPS_DIR}/{cm}", "readOnly": True}
+        )
+    for pvc in sorted(mounts.pvcs - {settings.artifacts_pvc}):
+        vol = _volume_name("pvc", pvc)
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": pvc, "readOnly": True}})
+        container_mounts.append({"name": vol, "mountPath": f"{PVCS_DIR}/{pvc}", "readOnly": True})
+    if settings.artifacts_pvc in mounts.pvcs:
+        container_mounts.append(
+            {
+                "name": "artifacts",
+                "mountPath": f"{PVCS_DIR}/{settings.artifacts_pvc}",
+                "readOnly": True,
+            }
+        )
+    for secret in sorted(mounts.secrets):
+        vol = _volume_name("secret", secret)
+        volumes.append({"name": vol, "secret": {"secretName": secret, "defaultMode": 0o400}})
+        container_mounts.append(
+            {"name": vol, "mountPath": f"{SECRETS_DIR}/{secret}", "readOnly": True}
+        )
+    return volumes, container_mounts
+
+
+def container_resources(resources: Resources, gpus_per_pod: int | None = None) -> Manifest:
+    """requests/limits: CPU and memory as given, accelerators as an extended resource."""
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if resources.cpu is not None:
+        requests["cpu"] = limits["cpu"] = str(resources.cpu)
+    if resources.memory is not None:
+        requests["memory"] = limits["memory"] = str(resources.memory)
+    gpus = resources.gpus if gpus_per_pod is None else gpus_per_pod
+    if gpus:
+        requests[resources.gpu_resource] = limits[resources.gpu_resource] = str(gpus)
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def pod_security_context(settings: OperatorSettings) -> Manifest:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "fsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+CONTAINER_SECURITY_CONTEXT: Manifest = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def workload_container(
+    settings: OperatorSettings,
+    name: str,
+    module: str,
+    resources: Resources,
+    volume_mounts: list[Manifest],
+    ports: list[Manifest] | None = None,
+    command: list[str] | None = None,
+) -> Manifest:
+    """The container running ``python -m tailor.workloads.<module> --spec <file>``."""
+    return {
+        "name": name,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command
+        or ["python", "-m", f"tailor.workloads.{module}", "--spec", f"{SPEC_DIR}/{SPEC_FILE}"],
+        "env": [
+            {"name": "HOME", "value": "/home/tailor"},
+            {"name": "HF_HOME", "value": "/home/tailor/.cache/huggingface"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "TAILOR_LOG_LEVEL", "value": "INFO"},
+        ],
+        "resources": container_resources(resources),
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "volumeMounts": volume_mounts,
+        "ports": ports or [{"name": "metrics", "containerPort": settings.metrics_port}],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def pod_placement(resources: Resources) -> Manifest:
+    """nodeSelector, tolerations and priorityClassName of a pod, where set."""
+    out: Manifest = {}
+    if resources.node_selector:
+        out["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        out["tolerations"] = [t.wire() for t in resources.tolerations]
+    if resources.priority_class_name:
+        out["priorityClassName"] = resources.priority_class_name
+    return out
+
+
+def reporter_rbac(parent: Parent, name: str, component: str, plural: str) -> list[Manifest]:
+    """A ServiceAccount allowed to get and patch the status of this one resource, no more."""
+    meta = metadata(parent, name, component)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": ["tailor.dev"],
+                    "resources": [f"{plural}/status"],
+                    "resourceNames": [parent.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": parent.namespace}],
+        },
+    ]
+
+
+def artifacts_pvc(settings: OperatorSettings, namespace: str) -> Manifest:
+    """The namespace's artifacts volume claim (not owned: it outlives every resource)."""
+    spec: Manifest = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": settings.artifacts_size}},
+    }
+    if settings.artifacts_storage_class:
+        spec["storageClassName"] = settings.artifacts_storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": settings.artifacts_pvc,
+            "namespace": namespace,
+            "labels": {**MANAGED_BY, "app.kubernetes.io/part-of": "tailor"},
+        },
+        "spec": spec,
+    }
+
+
+def batch_job(
+    parent: Parent,
+    name: str,
+    component: str,
+    pod_spec: Manifest,
+    *,
+    backoff_limit: int = 2,
+    active_deadline_seconds: int | None = None,
+    ttl_seconds_after_finished: int | None = None,
+    suspend: bool = False,
+    completions: int = 1,
+    annotations: dict[str, str] | None = None,
+) -> Manifest:
+    """A Job whose pod fails the whole Job (no retry) on exit code 2, a user error such as
+    an invalid dataset, and retries other failures up to ``backoff_limit``."""
+    container = pod_spec["containers"][0]["name"]
+    spec: Manifest = {
+        "backoffLimit": backoff_limit,
+        "suspend": suspend,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": labels(parent, component),
+                **({"annotations": annotations} if annotations else {}),
+            },
+            "spec": {"restartPolicy": "Never", **pod_spec},
+        },
+    }
+    if completions > 1:
+        spec.update(completionMode="Indexed", completions=completions, parallelism=completions)
+    if active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = active_deadline_seconds
+    if ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(parent, name, component),
+        "spec": spec,
+    }
+
+
+@dataclass
+class Workload:
+    """One workload of a resource: its program and spec, and the Kubernetes children that
+    run it. The Kubernetes runtime applies ``manifests``; the local runtime runs
+    ``python -m tailor.workloads.<module>`` on ``run`` with the same semantics
+    (``backoff_limit``, ``active_deadline_seconds``, ``suspend``)."""
+
+    name: str
+    module: str
+    run: Any
+    manifests: list[Manifest]
+    server: bool = False
+    backoff_limit: int = 0
+    active_deadline_seconds: int | None = None
+    suspend: bool = False
+    revision: str = ""

@@ -1,0 +1,143 @@
+"""FineTuneJob children: the training Job (Indexed + a headless Service for torchrun when
+``resources.nodes > 1``), its spec ConfigMap and the per-run reporting RBAC."""
+
+from __future__ import annotations
+
+from tailor.api.finetunejob import FineTuneJobSpec
+from tailor.api.settings import OperatorSettings
+from tailor.api.workloads import TrainRun
+from tailor.builders.common import (
+    Manifest,
+    Mounts,
+    Parent,
+    Workload,
+    artifact_dir,
+    batch_job,
+    child_name,
+    metadata,
+    pod_placement,
+    pod_security_context,
+    reporter,
+    reporter_rbac,
+    spec_config_map,
+    volumes_and_mounts,
+    workload_container,
+    workload_paths,
+)
+
+RENDEZVOUS_PORT = 29500
+
+
+def output_dir(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> str:
+    """Where the artifact is written inside the pod."""
+    if spec.output.pvc:
+        return f"/mnt/pvc/{spec.output.pvc.claim_name}/{spec.output.pvc.path}".rstrip("/")
+    return f"{settings.artifacts_mount}/{artifact_dir(parent)}/model"
+
+
+def artifact_uri(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> str:
+    if spec.output.pvc:
+        return f"pvc://{spec.output.pvc.claim_name}/{spec.output.pvc.path}".rstrip("/")
+    return f"pvc://{settings.artifacts_pvc}/{artifact_dir(parent)}/model"
+
+
+def build_train_run(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> TrainRun:
+    return TrainRun(
+        owner=parent.owner(),
+        paths=workload_paths(settings),
+        reporter=reporter(settings),
+        metrics_port=settings.metrics_port,
+        spec=spec,
+        output_dir=output_dir(spec, parent, settings),
+        checkpoint_dir=f"{settings.artifacts_mount}/{artifact_dir(parent)}/checkpoints",
+    )
+
+
+def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> Workload:
+    """The training workload of a FineTuneJob."""
+    name = child_name(parent, "train")
+    run = build_train_run(spec, parent, settings)
+    mounts = (
+        Mounts()
+        .add_sources([spec.dataset.train, spec.dataset.validation])
+        .add_model(spec.base_model)
+        .add_pvc(spec.output.pvc)
+    )
+    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name)
+    if spec.output.pvc:  # the output volume must be writable
+        for m in volume_mounts:
+            if m["mountPath"] == f"/mnt/pvc/{spec.output.pvc.claim_name}":
+                m["readOnly"] = False
+        for v in volumes:
+            claim = v.get("persistentVolumeClaim", {})
+            if claim.get("claimName") == spec.output.pvc.claim_name:
+                claim["readOnly"] = False
+    nodes = spec.resources.nodes
+    command = None
+    if nodes > 1:
+        procs = max(spec.resources.gpus, 1)
+        command = [
+            "torchrun",
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={procs}",
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={name}-0.{name}",
+            f"--master-port={RENDEZVOUS_PORT}",
+            "-m",
+            "tailor.workloads.train",
+            "--spec",
+            "/etc/tailor/spec/spec.json",
+        ]
+    container = workload_container(
+        settings, "trainer", "train", spec.resources, volume_mounts, command=command
+    )
+    if nodes > 1:
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+    pod: Manifest = {
+        "serviceAccountName": name,
+        "securityContext": pod_security_context(settings),
+        "containers": [container],
+        "volumes": volumes,
+        **pod_placement(spec.resources),
+    }
+    if nodes > 1:
+        pod["subdomain"] = name
+    job = batch_job(
+        parent,
+        name,
+        "trainer",
+        pod,
+        backoff_limit=spec.backoff_limit,
+        active_deadline_seconds=spec.active_deadline_seconds,
+        ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
+        suspend=spec.suspend,
+        completions=nodes,
+    )
+    manifests = [
+        spec_config_map(parent, name, "trainer", run),
+        *reporter_rbac(parent, name, "trainer", "finetunejobs"),
+    ]
+    if nodes > 1:
+        manifests.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata(parent, name, "trainer"),
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": {"job-name": name},
+                    "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+                    "publishNotReadyAddresses": True,
+                },
+            }
+        )
+    manifests.append(job)
+    return Workload(
+        name=name,
+        module="train",
+        run=run,
+        manifests=manifests,
+        backoff_limit=spec.backoff_limit,
+        active_deadline_seconds=spec.active_deadline_seconds,
+        suspend=spec.suspend,
+    )

@@ -1,0 +1,171 @@
+"""RAFTJob children, one stage at a time: the data Job (raft_data), the child FineTuneJob
+that trains on its output, and the evaluation Job comparing RAG with RAFT."""
+
+from __future__ import annotations
+
+from tailor.api import API_VERSION
+from tailor.api.common import DataSource, PvcFiles
+from tailor.api.finetunejob import DatasetSpec, FineTuneJobSpec
+from tailor.api.raftjob import RAFTJobSpec
+from tailor.api.settings import OperatorSettings
+from tailor.api.workloads import EvalTarget, EvaluateRun, RaftDataRun, RetrieverConfig
+from tailor.builders.common import (
+    Manifest,
+    Mounts,
+    Parent,
+    Workload,
+    artifact_dir,
+    batch_job,
+    child_name,
+    metadata,
+    pod_placement,
+    pod_security_context,
+    reporter,
+    reporter_rbac,
+    spec_config_map,
+    volumes_and_mounts,
+    workload_container,
+    workload_paths,
+)
+
+TRAIN_FILE = "train.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+
+
+def dataset_dir(parent: Parent, settings: OperatorSettings) -> str:
+    return f"{settings.artifacts_mount}/{artifact_dir(parent)}/data"
+
+
+def _job(
+    spec: RAFTJobSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    name: str,
+    component: str,
+    module: str,
+    run: RaftDataRun | EvaluateRun,
+    mounts: Mounts,
+) -> Workload:
+    rbac = child_name(parent, "raft")
+    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name)
+    pod = {
+        "serviceAccountName": rbac,
+        "securityContext": pod_security_context(settings),
+        "containers": [
+            workload_container(settings, component, module, spec.resources, volume_mounts)
+        ],
+        "volumes": volumes,
+        **pod_placement(spec.resources),
+    }
+    manifests = [
+        spec_config_map(parent, name, component, run),
+        *reporter_rbac(parent, rbac, component, "raftjobs"),
+        batch_job(parent, name, component, pod, backoff_limit=1),
+    ]
+    return Workload(name=name, module=module, run=run, manifests=manifests, backoff_limit=1)
+
+
+def build_data_stage(
+    spec: RAFTJobSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    knowledge_base: RetrieverConfig,
+    teacher_url: str | None = None,
+) -> Workload:
+    name = child_name(parent, "data")
+    run = RaftDataRun(
+        owner=parent.owner(),
+        paths=workload_paths(settings),
+        reporter=reporter(settings),
+        spec=spec,
+        knowledge_base=knowledge_base,
+        output_dir=dataset_dir(parent, settings),
+        teacher_url=teacher_url,
+    )
+    mounts = Mounts().add_sources([spec.questions.source])
+    mounts.add_secret(knowledge_base.qdrant.api_key_secret_ref)
+    if spec.questions.generate:
+        mounts.add_secret(spec.questions.generate.teacher.api_key_secret_ref)
+    return _job(spec, parent, settings, name, "raft-data", "raft_data", run, mounts)
+
+
+def child_fine_tune_name(parent: Parent) -> str:
+    return child_name(parent, "ft")
+
+
+def build_child_fine_tune(
+    spec: RAFTJobSpec, parent: Parent, settings: OperatorSettings
+) -> Manifest:
+    """The FineTuneJob (owned by the RAFTJob) that trains on the generated data."""
+    data_path = f"{artifact_dir(parent)}/data"
+    recipe = spec.fine_tune
+    ftj = FineTuneJobSpec(
+        base_model=recipe.base_model,
+        method=recipe.method,
+        lora=recipe.lora,
+        training=recipe.training,
+        checkpoint=recipe.checkpoint,
+        resources=recipe.resources,
+        dataset=DatasetSpec(
+            train=DataSource(
+                pvc=PvcFiles(claim_name=settings.artifacts_pvc, path=data_path, glob=TRAIN_FILE)
+            ),
+            validation=DataSource(
+                pvc=PvcFiles(
+                    claim_name=settings.artifacts_pvc, path=data_path, glob=VALIDATION_FILE
+                )
+            ),
+            format="chat",
+        ),
+    )
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneJob",
+        "metadata": metadata(parent, child_fine_tune_name(parent), "fine-tune"),
+        "spec": ftj.wire(),
+    }
+
+
+def build_evaluation_stage(
+    spec: RAFTJobSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    knowledge_base: RetrieverConfig,
+    endpoints: dict[str, EvalTarget],
+) -> Workload:
+    name = child_name(parent, "eval")
+    run = EvaluateRun(
+        owner=parent.owner(),
+        paths=workload_paths(settings),
+        reporter=reporter(settings),
+        spec=spec,
+        knowledge_base=knowledge_base,
+        dataset_dir=dataset_dir(parent, settings),
+        endpoints=endpoints,
+        output_dir=f"{settings.artifacts_mount}/{artifact_dir(parent)}/evaluation",
+    )
+    mounts = Mounts().add_secret(knowledge_base.qdrant.api_key_secret_ref)
+    return _job(spec, parent, settings, name, "evaluator", "evaluate", run, mounts)
+
+
+def eval_deployment_name(parent: Parent) -> str:
+    return child_name(parent, "md")
+
+
+def build_eval_deployment(spec: RAFTJobSpec, parent: Parent) -> Manifest:
+    """A ModelDeployment (owned by the RAFTJob) serving the base model with retrieval and
+    the RAFT adapter as ``<name>/raft``: what the evaluation asks."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ModelDeployment",
+        "metadata": metadata(parent, eval_deployment_name(parent), "evaluation"),
+        "spec": {
+            "baseModel": spec.fine_tune.base_model.wire(),
+            "adapters": [
+                {"name": "raft", "fineTuneJobRef": {"name": child_fine_tune_name(parent)}}
+            ],
+            "knowledgeBaseRef": {"name": spec.knowledge_base_ref.name},
+            "cache": {"enabled": False},
+            "resources": spec.fine_tune.resources.wire(),
+        },
+    }

@@ -1,0 +1,119 @@
+"""Events of Tailor's children (Jobs, Pods, Deployments) and of Tailor resources that
+others depend on, routed to the ``sync`` of whoever must react.
+
+Children are found by their ``tailor.dev/<kind>: <name>`` label; dependents (a
+ModelDeployment waiting for a FineTuneJob, a RAFTJob waiting for its child) by their
+references.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tailor.api import GROUP, KINDS, VERSION
+from tailor.controllers.context import operator
+
+MANAGED = {"app.kubernetes.io/managed-by": "tailor"}
+
+
+def owners_of(labels: dict[str, str]) -> list[tuple[str, str]]:
+    """(kind, name) of every Tailor resource named in a child's labels."""
+    out = []
+    for kind in KINDS.values():
+        name = labels.get(f"tailor.dev/{kind.kind.lower()}")
+        if name:
+            out.append((kind.kind, name))
+    return out
+
+
+def _route(labels: dict[str, str], namespace: str) -> None:
+    op = operator()
+    for kind, name in owners_of(labels):
+        op.sync(kind, namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    _route(labels, namespace)
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def pod_event(labels: dict[str, str], namespace: str, body: dict[str, Any], **_: Any) -> None:
+    # Only the changes a phase depends on: scheduling, running, terminated.
+    _route(labels, namespace)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+def deployment_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    _route(labels, namespace)
+
+
+def references(body: dict[str, Any]) -> set[tuple[str, str]]:
+    """(kind, name) of every Tailor resource a ModelDeployment or RAFTJob refers to."""
+    spec = body.get("spec") or {}
+    refs: set[tuple[str, str]] = set()
+    for adapter in spec.get("adapters") or []:
+        if adapter.get("fineTuneJobRef"):
+            refs.add(("FineTuneJob", adapter["fineTuneJobRef"]["name"]))
+        if adapter.get("raftJobRef"):
+            refs.add(("RAFTJob", adapter["raftJobRef"]["name"]))
+    if spec.get("promptProfileRef"):
+        refs.add(("PromptProfile", spec["promptProfileRef"]["name"]))
+    if spec.get("knowledgeBaseRef"):
+        refs.add(("KnowledgeBase", spec["knowledgeBaseRef"]["name"]))
+    return refs
+
+
+# (namespace, kind, name) of a referenced object -> {(dependent kind, dependent name)},
+# kept from the watch events of ModelDeployments and RAFTJobs (no list calls needed).
+_DEPENDENTS: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+
+
+def _index_references(kind: str, body: dict[str, Any], deleted: bool) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for (ref_namespace, _, _), dependents in _DEPENDENTS.items():
+        if ref_namespace == namespace:
+            dependents.discard((kind, name))
+    if not deleted:
+        for ref_kind, ref_name in references(body):
+            _DEPENDENTS.setdefault((namespace, ref_kind, ref_name), set()).add((kind, name))
+
+
+def _notify_dependents(kind: str, namespace: str, name: str) -> None:
+    op = operator()
+    for dep_kind, dep_name in sorted(_DEPENDENTS.get((namespace, kind, name), ())):
+        op.sync(dep_kind, namespace, dep_name)
+
+
+_SEEN: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+
+def _watch_tailor_kind(kind: str) -> None:
+    """On a change of phase (or published version) of a Tailor object, sync its dependents
+    and its Tailor owner (a RAFTJob's child FineTuneJob moves the RAFTJob along)."""
+
+    @kopf.on.event(GROUP, VERSION, KINDS[kind].plural, id=f"{kind.lower()}-dependents")
+    def changed(
+        body: dict[str, Any], namespace: str, name: str, labels: dict[str, str], type: str, **_: Any
+    ) -> None:
+        key = (kind, namespace, name)
+        if kind in ("ModelDeployment", "RAFTJob"):
+            _index_references(kind, body, deleted=type == "DELETED")
+        status = body.get("status") or {}
+        seen = (status.get("phase"), status.get("revision"), status.get("collection"))
+        if type == "DELETED":
+            _SEEN.pop(key, None)
+            return
+        if _SEEN.get(key) == seen:
+            return
+        _SEEN[key] = seen
+        _notify_dependents(kind, namespace, name)
+        for owner_kind, owner in owners_of(labels):
+            if owner_kind != kind:
+                operator().sync(owner_kind, namespace, owner)
+
+
+for _kind in ("FineTuneJob", "KnowledgeBase", "PromptProfile", "RAFTJob", "ModelDeployment"):
+    _watch_tailor_kind(_kind)

@@ -1,0 +1,118 @@
+"""FineTuneJob controller: apply the training workload and mirror its state in status.
+
+Phases: Pending (starting), Queued (unschedulable, with the scheduler's message), Running,
+Succeeded (artifact published), Failed (BackoffLimitExceeded, DeadlineExceeded, or the
+trainer's own reason such as InvalidDataset), Suspended. Progress fields are written by
+the trainer itself through its per-run ServiceAccount; the operator owns the phase.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api.finetunejob import FineTuneJobSpec
+from tailor.builders.common import Parent
+from tailor.builders.finetunejob import artifact_uri, build_training
+from tailor.controllers.context import Operator, condition, operator, syncer
+from tailor.observability.operator import RUN_SECONDS
+
+KIND = "FineTuneJob"
+
+
+def invalid_status(body: dict[str, Any], error: ManifestError) -> dict[str, Any]:
+    status = body.get("status") or {}
+    return {
+        "phase": "Failed",
+        "observedGeneration": body["metadata"].get("generation"),
+        "conditions": condition(
+            status.get("conditions"), "Ready", False, "InvalidSpec", "; ".join(error.lines)
+        ),
+    }
+
+
+@syncer(KIND)
+def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    try:
+        spec = parse_spec(KINDS[KIND], body["spec"])
+    except ManifestError as error:
+        op.patch_status(body, invalid_status(body, error))
+        return
+    assert isinstance(spec, FineTuneJobSpec)
+    parent = Parent.from_body(body)
+    workload = build_training(spec, parent, op.settings)
+    state = op.runtime.run_state(parent.namespace, workload.name)
+    if state is None or state.phase not in ("Succeeded", "Failed"):
+        op.runtime.prepare_namespace(parent.namespace)
+        op.runtime.start(workload)
+        state = op.runtime.run_state(parent.namespace, workload.name) or state
+    phase = state.phase if state else "Pending"
+    reason = state.reason if state else "Starting"
+    message = state.message if state else ""
+    conditions = status.get("conditions")
+    generation = meta.get("generation")
+    new: dict[str, Any] = {
+        "phase": phase,
+        "jobName": workload.name,
+        "observedGeneration": generation,
+    }
+    if state:
+        new["attempts"] = state.attempts
+        if state.start_time:
+            new["startTime"] = state.start_time
+        if state.completion_time:
+            new["completionTime"] = state.completion_time
+    if phase == "Succeeded":
+        artifact = dict(status.get("artifact") or {})
+        artifact["uri"] = artifact_uri(spec, parent, op.settings)
+        new["artifact"] = artifact
+        message = f"artifact published at {artifact['uri']}"
+    conditions = condition(conditions, "Ready", phase == "Succeeded", reason, message, generation)
+    conditions = condition(
+        conditions,
+        "Scheduled",
+        phase not in ("Queued", "Pending"),
+        "Unschedulable" if phase == "Queued" else reason,
+        message if phase == "Queued" else "",
+        generation,
+    )
+    new["conditions"] = conditions
+    if phase in ("Succeeded", "Failed") and status.get("phase") not in ("Succeeded", "Failed"):
+        if state and state.start_time and state.completion_time:
+            RUN_SECONDS.labels(KIND, phase).observe(
+                _seconds(state.start_time, state.completion_time)
+            )
+    if _changed(status, new):
+        op.patch_status(body, new)
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    def strip(conds: Any) -> Any:
+        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conds or []]
+
+    for key, value in new.items():
+        if key == "conditions":
+            if strip(old.get(key)) != strip(value):
+                return True
+        elif old.get(key) != value:
+            return True
+    return False
+
+
+def _seconds(start: str, end: str) -> float:
+    import datetime as dt
+
+    def parse(s: str) -> dt.datetime:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+    return max(0.0, (parse(end) - parse(start)).total_seconds())
+
+
+@kopf.on.create(GROUP, VERSION, "finetunejobs")
+@kopf.on.update(GROUP, VERSION, "finetunejobs")
+@kopf.on.resume(GROUP, VERSION, "finetunejobs")
+def reconcile(namespace: str, name: str, **_: Any) -> None:
+    operator().sync(KIND, namespace, name)

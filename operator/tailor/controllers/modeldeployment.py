@@ -1,0 +1,168 @@
+"""ModelDeployment controller: wait for every reference, then roll out the server.
+
+References must be ready first (adapters' jobs Succeeded, the KnowledgeBase Ready, the
+PromptProfile Valid); until then the phase is Pending and the ``ReferencesReady``
+condition says what it waits for. A new adapter artifact, prompt revision or index
+version changes the pod template's revision annotation, which rolls the Deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api.knowledgebase import KnowledgeBaseSpec
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.builders.common import Parent
+from tailor.builders.knowledgebase import retriever_config
+from tailor.builders.modeldeployment import ResolvedRefs, build_serving, served_models
+from tailor.controllers.context import Operator, condition, operator, syncer
+
+KIND = "ModelDeployment"
+
+
+def resolve(
+    op: Operator, spec: ModelDeploymentSpec, namespace: str
+) -> tuple[ResolvedRefs, list[str]]:
+    """What the references point at, and a line for each one not ready yet."""
+    refs, waiting = ResolvedRefs(), []
+    for adapter in spec.adapters:
+        if adapter.pvc:
+            refs.adapters.append(
+                (adapter.name, f"pvc://{adapter.pvc.claim_name}/{adapter.pvc.path}")
+            )
+            continue
+        kind, ref = (
+            ("FineTuneJob", adapter.fine_tune_job_ref)
+            if adapter.fine_tune_job_ref
+            else ("RAFTJob", adapter.raft_job_ref)
+        )
+        assert ref is not None
+        body = op.get(kind, namespace, ref.name)
+        status = (body or {}).get("status") or {}
+        uri = (status.get("artifact") or {}).get("uri")
+        if status.get("phase") != "Succeeded" or not uri:
+            waiting.append(
+                f"{kind} {ref.name} ({status.get('phase') or 'not found' if body is None else status.get('phase') or 'Pending'})"
+            )
+        else:
+            refs.adapters.append((adapter.name, uri))
+    if spec.prompt_profile_ref:
+        body = op.get("PromptProfile", namespace, spec.prompt_profile_ref.name)
+        status = (body or {}).get("status") or {}
+        if status.get("phase") != "Valid" or not status.get("configMap"):
+            waiting.append(
+                f"PromptProfile {spec.prompt_profile_ref.name} ({status.get('phase') or ('not found' if body is None else 'Pending')})"
+            )
+        else:
+            refs.prompt_config_map = status["configMap"]
+    if spec.knowledge_base_ref:
+        binding = spec.knowledge_base_ref
+        body = op.get("KnowledgeBase", namespace, binding.name)
+        status = (body or {}).get("status") or {}
+        if body is None or status.get("phase") != "Ready":
+            waiting.append(
+                f"KnowledgeBase {binding.name} ({status.get('phase') or ('not found' if body is None else 'Pending')})"
+            )
+        else:
+            kb_spec = parse_spec(KINDS["KnowledgeBase"], body["spec"])
+            assert isinstance(kb_spec, KnowledgeBaseSpec)
+            config = retriever_config(kb_spec, Parent.from_body(body), op.settings)
+            if binding.top_k:
+                config.retrieval.top_k = binding.top_k
+            if binding.score_threshold is not None:
+                config.retrieval.score_threshold = binding.score_threshold
+            refs.knowledge_base = config
+            refs.knowledge_base_version = f"{status.get('readyBuild')}:{status.get('collection')}"
+    return refs, waiting
+
+
+@syncer(KIND)
+def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    generation = meta.get("generation")
+    conditions = status.get("conditions")
+    try:
+        spec = parse_spec(KINDS[KIND], body["spec"])
+    except ManifestError as error:
+        op.patch_status(
+            body,
+            {
+                "phase": "Failed",
+                "conditions": condition(
+                    conditions, "Ready", False, "InvalidSpec", "; ".join(error.lines)
+                ),
+            },
+        )
+        return
+    assert isinstance(spec, ModelDeploymentSpec)
+    parent = Parent.from_body(body)
+    refs, waiting = resolve(op, spec, parent.namespace)
+    if waiting:
+        message = "waiting for " + ", ".join(waiting)
+        new = {
+            "phase": "Pending",
+            "observedGeneration": generation,
+            "conditions": condition(
+                condition(conditions, "ReferencesReady", False, "Waiting", message, generation),
+                "Ready",
+                False,
+                "WaitingForReferences",
+                message,
+                generation,
+            ),
+        }
+        if status.get("phase") != "Pending" or _message(status, "ReferencesReady") != message:
+            op.patch_status(body, new)
+        return
+    workload = build_serving(spec, parent, op.settings, refs)
+    op.runtime.prepare_namespace(parent.namespace)
+    op.runtime.start(workload)
+    state = op.runtime.server_state(parent.namespace, workload.name)
+    conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
+    replicas = state.replicas if state else 0
+    ready = state.ready_replicas if state else 0
+    rolled = bool(
+        state and state.revision == workload.revision and state.updated_replicas >= replicas
+    )
+    if not rolled:
+        phase, reason = "Progressing", "RollingOut"
+    elif ready >= max(replicas, 1):
+        phase, reason = "Ready", "Available"
+    elif ready >= 1:
+        phase, reason = "Degraded", "MinimumReplicasUnavailable"
+    else:
+        phase, reason = "Progressing", "Starting"
+    message = f"{ready}/{replicas} replicas ready, revision {workload.revision}"
+    conditions = condition(conditions, "Ready", ready >= 1, reason, message, generation)
+    conditions = condition(
+        conditions, "Progressing", phase == "Progressing", reason, message, generation
+    )
+    new = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "endpoint": state.endpoint if state else None,
+        "models": served_models(spec, parent),
+        "revision": workload.revision,
+        "deploymentName": workload.name,
+        "conditions": conditions,
+    }
+    op.patch_status(body, new)
+
+
+def _message(status: dict[str, Any], type_: str) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == type_:
+            return str(cond.get("message") or "")
+    return ""
+
+
+@kopf.on.create(GROUP, VERSION, "modeldeployments")
+@kopf.on.update(GROUP, VERSION, "modeldeployments")
+@kopf.on.resume(GROUP, VERSION, "modeldeployments")
+def reconcile(namespace: str, name: str, **_: Any) -> None:
+    operator().sync(KIND, namespace, name)

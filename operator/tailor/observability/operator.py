@@ -1,0 +1,118 @@
+"""Prometheus metrics of the operator: reconciliations, errors, durations, resources by
+phase, time spent Queued and run durations. Names are the contract of the Grafana
+dashboards and alert rules in the Helm chart (a test checks every name they use exists).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from threading import Lock
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter(
+    "tailor_operator_reconciliations_total",
+    "Reconciliations by kind and result (ok, error).",
+    ["kind", "result"],
+)
+RECONCILE_ERRORS = Counter(
+    "tailor_operator_reconcile_errors_total", "Failed reconciliations by kind.", ["kind"]
+)
+RECONCILE_SECONDS = Histogram(
+    "tailor_operator_reconcile_duration_seconds",
+    "Time one reconciliation takes.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RESOURCES = Gauge("tailor_operator_resources", "Resources by kind and phase.", ["kind", "phase"])
+PHASE_TRANSITIONS = Counter(
+    "tailor_operator_phase_transitions_total",
+    "Phase changes by kind and new phase.",
+    ["kind", "phase"],
+)
+QUEUED_SECONDS = Histogram(
+    "tailor_operator_queued_seconds",
+    "Time runs spent Queued (unschedulable) before they started, by kind.",
+    ["kind"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+QUEUED_NOW = Gauge(
+    "tailor_operator_queued_for_seconds",
+    "How long each currently queued run has waited.",
+    ["kind", "namespace", "name"],
+)
+RUN_SECONDS = Histogram(
+    "tailor_operator_run_duration_seconds",
+    "Duration of finished runs (training, indexing, RAFT) by kind and result.",
+    ["kind", "result"],
+    buckets=(10, 30, 60, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+KB_LAST_INDEXED = Gauge(
+    "tailor_knowledgebase_last_indexed_timestamp_seconds",
+    "When each knowledge base last finished an index build.",
+    ["namespace", "name"],
+)
+KB_NEXT_REFRESH = Gauge(
+    "tailor_knowledgebase_next_refresh_timestamp_seconds",
+    "When each scheduled knowledge base is next due for a refresh.",
+    ["namespace", "name"],
+)
+
+
+class PhaseBook:
+    """Keeps ``tailor_operator_resources`` exact: the phase of every resource seen."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str, str], str] = {}
+        self._queued_since: dict[tuple[str, str, str], float] = {}
+        self._lock = Lock()
+
+    def record(self, kind: str, namespace: str, name: str, phase: str | None) -> None:
+        key = (kind, namespace, name)
+        with self._lock:
+            old = self._phases.get(key)
+            if old == phase:
+                self._tick_queue(key, phase)
+                return
+            if old is not None:
+                RESOURCES.labels(kind, old).dec()
+            if phase is None:
+                self._phases.pop(key, None)
+            else:
+                self._phases[key] = phase
+                RESOURCES.labels(kind, phase).inc()
+                PHASE_TRANSITIONS.labels(kind, phase).inc()
+            self._tick_queue(key, phase)
+
+    def _tick_queue(self, key: tuple[str, str, str], phase: str | None) -> None:
+        now = time.monotonic()
+        if phase == "Queued":
+            since = self._queued_since.setdefault(key, now)
+            QUEUED_NOW.labels(*key).set(now - since)
+        elif key in self._queued_since:
+            QUEUED_SECONDS.labels(key[0]).observe(now - self._queued_since.pop(key))
+            QUEUED_NOW.remove(*key)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        self.record(kind, namespace, name, None)
+
+
+PHASES = PhaseBook()
+
+
+@contextmanager
+def reconciling(kind: str) -> Iterator[None]:
+    """Count and time one reconciliation."""
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        RECONCILES.labels(kind, "error").inc()
+        RECONCILE_ERRORS.labels(kind).inc()
+        raise
+    else:
+        RECONCILES.labels(kind, "ok").inc()
+    finally:
+        RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)

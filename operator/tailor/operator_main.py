@@ -1,0 +1,111 @@
+"""``tailor operator run``: start the kopf operator.
+
+Tailor's own finalizer (``tailor.dev/finalizer``) and annotation prefix (``tailor.dev``)
+mark what it owns; it runs standalone (one replica, no peering objects), serves a
+liveness endpoint and Prometheus metrics, and logs one line per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+import tailor.controllers as controllers
+from tailor.api.settings import OperatorSettings
+from tailor.controllers import context
+
+log = logging.getLogger("tailor.operator")
+
+
+def _load_handlers() -> None:
+    """Import every controller module so that its kopf handlers are registered."""
+    from tailor.controllers import (  # noqa: F401
+        children,
+        finetunejob,
+        knowledgebase,
+        modeldeployment,
+        promptprofile,
+        raftjob,
+    )
+
+
+def make_runtime(settings: OperatorSettings, api_client: Any) -> Any:
+    if settings.runtime == "local":
+        from tailor.runtime.local import LocalRuntime
+
+        return LocalRuntime(settings, api_client)
+    from tailor.runtime.kubernetes import KubernetesRuntime
+
+    return KubernetesRuntime(settings, api_client)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = "tailor.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tailor.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tailor.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.execution.max_workers = int(os.environ.get("TAILOR_WORKERS", "8"))
+    settings.batching.worker_limit = 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tailor operator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch only these (repeatable)"
+    )
+    run.add_argument("--runtime", choices=["kubernetes", "local"], default=None)
+    run.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("TAILOR_METRICS_PORT", "8081"))
+    )
+    run.add_argument(
+        "--health-port", type=int, default=int(os.environ.get("TAILOR_HEALTH_PORT", "8080"))
+    )
+    run.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = OperatorSettings.from_env()
+    if args.runtime:
+        settings.runtime = args.runtime
+    from tailor.runtime.kubernetes import load_api_client
+
+    api_client = load_api_client()
+    context.OPERATOR = context.Operator(settings, make_runtime(settings, api_client), api_client)
+    _load_handlers()
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    log.info(
+        "starting: runtime=%s namespaces=%s metrics=:%s health=:%s",
+        settings.runtime,
+        ",".join(args.namespace) or "all",
+        args.metrics_port,
+        args.health_port,
+    )
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        )
+    )
+    return 0
+
+
+__all__ = ["controllers", "main"]
