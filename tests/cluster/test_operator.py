@@ -1,0 +1,405 @@
+"""The operator against the real control plane: children, phases, waiting, rollouts,
+restarts, suspend/resume, deletion and metrics. kwok runs the pods (it completes Job pods
+and marks Deployment pods ready), so these tests cover the Kubernetes side; the workload
+programs themselves are tested in tests/workloads."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tailor.devcluster.kube import Kube
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def example(kind: str, **spec_changes: Any) -> dict[str, Any]:
+    manifest = yaml.safe_load((EXAMPLES / f"{kind}.yaml").read_text())
+    manifest["spec"].update(spec_changes)
+    return manifest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """``tailor operator run`` as a child process, restartable."""
+
+    def __init__(self, kube: Kube, log: Path):
+        self.kube, self.log = kube, log
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kube.kubeconfig),
+            "TAILOR_IMAGE": "tailor-workloads:test",
+            "TAILOR_PROGRESS_INTERVAL_SECONDS": "1",
+        }
+        argv = [sys.executable, "-m", "tailor.cli", "operator", "run"]
+        argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(free_port())]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+@pytest.fixture(scope="module")
+def operator_process(
+    kube: Kube, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(kube, log)
+    op.start()
+    yield op
+    op.stop()
+    if os.environ.get("TAILOR_SHOW_OPERATOR_LOG"):
+        print(log.read_text()[-20000:])
+
+
+@pytest.fixture
+def ns(kube: Kube, namespace: str, operator_process: OperatorProcess) -> str:
+    """A test namespace whose artifacts claim binds to a pre-made volume (the dev cluster
+    has no storage provisioner)."""
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{namespace}-artifacts"},
+            "spec": {
+                "capacity": {"storage": "50Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "hostPath": {"path": f"/tmp/tailor-test-volumes/{namespace}"},
+                "claimRef": {"namespace": namespace, "name": "tailor-artifacts"},
+                "persistentVolumeReclaimPolicy": "Retain",
+            },
+        }
+    )
+    return namespace
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 90.0, interval: float = 0.5
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def get(kube: Kube, ns: str, kind: str, name: str) -> dict[str, Any]:
+    return kube.get_json(kind, name, "-n", ns)
+
+
+def phase_is(kube: Kube, ns: str, kind: str, name: str, *phases: str) -> Callable[[], Any]:
+    def check() -> Any:
+        obj = kube.get_json(kind, name, "-n", ns)
+        return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+    return check
+
+
+def fine_tune(name: str, gpus: int, **extra: Any) -> dict[str, Any]:
+    manifest = example("finetunejob")
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["resources"] = {"gpus": gpus, "cpu": "1", "memory": "1Gi"}
+    manifest["spec"].update(extra)
+    return manifest
+
+
+def test_fine_tune_job_children_and_success_on_gpu_node(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("two-gpus", 2), "-n", ns)
+    ftj = wait_for("Succeeded", phase_is(kube, ns, "ftj", "two-gpus", "Succeeded"))
+    status = ftj["status"]
+    assert status["jobName"] == "two-gpus-train"
+    assert status["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/two-gpus/")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["observedGeneration"] == 1
+
+    job = get(kube, ns, "job", "two-gpus-train")
+    pod_spec = job["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+    labels = job["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "tailor"
+    assert labels["tailor.dev/finetunejob"] == "two-gpus"
+    pods = kube.get_json("pods", "-n", ns, "-l", "job-name=two-gpus-train")["items"]
+    assert [p["spec"]["nodeName"] for p in pods] == ["gpu-b"]
+
+    role = get(kube, ns, "role", "two-gpus-train")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["tailor.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["two-gpus"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    spec_cm = get(kube, ns, "configmap", "two-gpus-train")
+    assert (
+        '"output_dir"' in spec_cm["data"]["spec.json"]
+        or '"outputDir"' in spec_cm["data"]["spec.json"]
+    )
+
+
+def test_reporting_service_account_can_patch_only_its_own_status(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("reporter", 0, suspend=True), "-n", ns)
+    wait_for("Suspended", phase_is(kube, ns, "ftj", "reporter", "Suspended"))
+    sa = f"system:serviceaccount:{ns}:reporter-train"
+    can = kube.kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "finetunejobs/reporter",
+        "--subresource=status",
+        "-n",
+        ns,
+        "--as",
+        sa,
+        check=False,
+    )
+    assert can.stdout.strip() == "yes"
+    other = kube.kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "finetunejobs/other",
+        "--subresource=status",
+        "-n",
+        ns,
+        "--as",
+        sa,
+        check=False,
+    )
+    assert other.stdout.strip() == "no"
+    spec = kube.kubectl(
+        "auth", "can-i", "patch", "finetunejobs/reporter", "-n", ns, "--as", sa, check=False
+    )
+    assert spec.stdout.strip() == "no"
+
+
+def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("eight-gpus", 8), "-n", ns)
+    ftj = wait_for("Queued", phase_is(kube, ns, "ftj", "eight-gpus", "Queued"))
+    scheduled = next(c for c in ftj["status"]["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in scheduled["message"]
+    events = kube.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=eight-gpus")
+    assert any("nvidia.com/gpu" in e["message"] for e in events["items"])
+
+
+def test_suspend_then_resume(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("pausable", 1, suspend=True), "-n", ns)
+    wait_for("Suspended", phase_is(kube, ns, "ftj", "pausable", "Suspended"))
+    assert get(kube, ns, "job", "pausable-train")["spec"]["suspend"] is True
+    assert kube.get_json("pods", "-n", ns, "-l", "job-name=pausable-train")["items"] == []
+    kube.kubectl(
+        "patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    wait_for("Succeeded", phase_is(kube, ns, "ftj", "pausable", "Succeeded"))
+    assert get(kube, ns, "job", "pausable-train")["spec"]["suspend"] is False
+
+
+def test_deleting_a_parent_removes_its_children(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("doomed", 0, suspend=True), "-n", ns)
+    wait_for(
+        "job",
+        lambda: kube.kubectl("get", "job", "doomed-train", "-n", ns, check=False).returncode == 0,
+    )
+    kube.kubectl("delete", "ftj", "doomed", "-n", ns, "--wait=true")
+
+    def gone() -> bool:
+        left = [
+            kube.kubectl("get", kind, "doomed-train", "-n", ns, check=False).returncode
+            for kind in ("job", "configmap", "serviceaccount", "role", "rolebinding")
+        ]
+        return all(code != 0 for code in left)
+
+    wait_for("children garbage-collected", gone, timeout=60)
+
+
+def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
+    kube: Kube, ns: str
+) -> None:
+    kube.apply(example("promptprofile"), "-n", ns)
+    kube.apply(example("knowledgebase"), "-n", ns)
+    kube.apply(fine_tune("torchhub-lora", 0, suspend=True), "-n", ns)
+    kube.apply(example("modeldeployment", autoscaling=None), "-n", ns)
+
+    def waiting_on_adapter() -> Any:
+        md = get(kube, ns, "md", "api-assistant")
+        conds = {c["type"]: c for c in (md.get("status") or {}).get("conditions", [])}
+        refs = conds.get("ReferencesReady")
+        return md if refs and "FineTuneJob torchhub-lora" in refs["message"] else None
+
+    md = wait_for("waiting condition", waiting_on_adapter)
+    assert md["status"]["phase"] == "Pending"
+    assert kube.kubectl("get", "deploy", "api-assistant", "-n", ns, check=False).returncode != 0
+
+    kube.kubectl(
+        "patch",
+        "ftj",
+        "torchhub-lora",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":false}}',
+    )
+    md = wait_for("Ready", phase_is(kube, ns, "md", "api-assistant", "Ready"), timeout=120)
+    assert md["status"]["models"] == ["api-assistant", "api-assistant/torchhub"]
+    assert md["status"]["endpoint"] == f"http://api-assistant.{ns}.svc:8000/v1"
+    deployment = get(kube, ns, "deploy", "api-assistant")
+    first = deployment["spec"]["template"]["metadata"]["annotations"]["tailor.dev/revision"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["prompt"]["configMap"]["name"] == "api-assistant-r1"
+    mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert next(m for m in mounts if m["name"] == "artifacts")["readOnly"] is True
+
+    pp = example("promptprofile")
+    pp["spec"]["system"] += " Never invent repositories."
+    kube.apply(pp, "-n", ns)
+
+    def rolled() -> Any:
+        d = get(kube, ns, "deploy", "api-assistant")
+        annotations = d["spec"]["template"]["metadata"]["annotations"]
+        return d if annotations["tailor.dev/revision"] != first else None
+
+    deployment = wait_for("a new revision", rolled)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["prompt"]["configMap"]["name"] == "api-assistant-r2"
+    pp_status = get(kube, ns, "pp", "api-assistant")["status"]
+    assert [h["revision"] for h in pp_status["history"]] == [2, 1]
+    assert get(kube, ns, "configmap", "api-assistant-r1")["immutable"] is True
+    wait_for("Ready again", phase_is(kube, ns, "md", "api-assistant", "Ready"))
+
+
+def test_invalid_template_marks_the_profile_invalid(kube: Kube, ns: str) -> None:
+    pp = example("promptprofile")
+    pp["spec"]["template"] = "{{ question "
+    kube.apply(pp, "-n", ns)
+    pp_obj = wait_for("Invalid", phase_is(kube, ns, "pp", "api-assistant", "Invalid"))
+    ready = next(c for c in pp_obj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["message"].startswith("spec.template: line 1:")
+
+
+def test_knowledge_base_builds_and_rebuilds_on_spec_change(kube: Kube, ns: str) -> None:
+    kube.apply(example("knowledgebase"), "-n", ns)
+    kb = wait_for("Ready", phase_is(kube, ns, "kb", "torchhub-docs", "Ready"))
+    assert kb["status"]["build"] == 1 and kb["status"]["readyBuild"] == 1
+    assert kb["status"]["nextRefresh"]
+    kb_changed = example("knowledgebase")
+    kb_changed["spec"]["retrieval"]["topK"] = 8
+    kube.apply(kb_changed, "-n", ns)
+    kb = wait_for(
+        "build 2",
+        lambda: (s := get(kube, ns, "kb", "torchhub-docs")["status"]).get("readyBuild") == 2 and s,
+    )
+    assert (
+        kube.kubectl("get", "job", "torchhub-docs-index-2", "-n", ns, check=False).returncode == 0
+    )
+
+
+def test_raft_job_walks_through_its_stages(kube: Kube, ns: str) -> None:
+    kube.apply(example("knowledgebase"), "-n", ns)
+    raft = example("raftjob")
+    raft["spec"]["fineTune"]["resources"] = {"gpus": 1}
+    kube.apply(raft, "-n", ns)
+    stages: list[str] = []
+
+    def done() -> Any:
+        obj = get(kube, ns, "raft", "torchhub-raft")
+        stage = (obj.get("status") or {}).get("stage")
+        if stage and (not stages or stages[-1] != stage):
+            stages.append(stage)
+        return obj if stage in ("Succeeded", "Failed") else None
+
+    raft_obj = wait_for("RAFT done", done, timeout=180, interval=0.2)
+    assert raft_obj["status"]["phase"] == "Succeeded", raft_obj["status"]
+    assert stages[-1] == "Succeeded"
+    assert "Training" in stages and "Evaluating" in stages
+    assert raft_obj["status"]["fineTuneJob"] == "torchhub-raft-ft"
+    child = get(kube, ns, "ftj", "torchhub-raft-ft")
+    assert child["metadata"]["ownerReferences"][0]["kind"] == "RAFTJob"
+    assert child["spec"]["dataset"]["train"]["pvc"]["glob"] == "train.jsonl"
+    assert raft_obj["status"]["artifact"]["uri"] == child["status"]["artifact"]["uri"]
+
+
+def test_restart_mid_reconcile_creates_no_duplicates(
+    kube: Kube, ns: str, operator_process: OperatorProcess
+) -> None:
+    names = [f"burst-{i}" for i in range(12)]
+    kube.apply([fine_tune(n, 0) for n in names], "-n", ns)
+    time.sleep(0.5)
+    operator_process.kill()  # somewhere in the middle of reconciling the burst
+    operator_process.start()
+    for name in names:
+        wait_for(f"{name} Succeeded", phase_is(kube, ns, "ftj", name, "Succeeded"), timeout=120)
+    jobs = kube.get_json("jobs", "-n", ns)["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(f"{n}-train" for n in names)
+    for kind in ("configmaps", "serviceaccounts", "roles"):
+        items = kube.get_json(kind, "-n", ns, "-l", "app.kubernetes.io/managed-by=tailor")["items"]
+        assert len(items) == len(names), kind
+    pods = kube.get_json("pods", "-n", ns)["items"]
+    assert len(pods) == len(names)
+
+
+def test_operator_metrics(kube: Kube, ns: str, operator_process: OperatorProcess) -> None:
+    kube.apply(fine_tune("measured", 0), "-n", ns)
+    wait_for("Succeeded", phase_is(kube, ns, "ftj", "measured", "Succeeded"))
+    text = wait_for("metrics", operator_process.metrics)
+    assert 'tailor_operator_reconciliations_total{kind="FineTuneJob",result="ok"}' in text
+    assert "tailor_operator_reconcile_duration_seconds_bucket" in text
+    assert 'tailor_operator_resources{kind="FineTuneJob",phase="Succeeded"}' in text
+    assert 'tailor_operator_phase_transitions_total{kind="FineTuneJob",phase="Succeeded"}' in text
+
+
+def test_bad_spec_is_rejected_before_the_operator_sees_it(kube: Kube, ns: str) -> None:
+    manifest = copy.deepcopy(fine_tune("bad", 0))
+    manifest["spec"]["lora"]["r"] = 0
+    result = kube.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0
+    assert "spec.lora.r" in result.stderr
