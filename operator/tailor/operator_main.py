@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 import tailor.controllers as controllers
 from tailor.api.settings import OperatorSettings
 from tailor.controllers import context
+from tailor.observability.operator import instrument_api_clients
 
 log = logging.getLogger("tailor.operator")
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.runtime = args.runtime
     from tailor.runtime.kubernetes import load_api_client
 
+    instrument_api_clients()
     api_client = load_api_client()
     context.OPERATOR = context.Operator(settings, make_runtime(settings, api_client), api_client)
     _load_handlers()

@@ -116,3 +116,42 @@ def reconciling(kind: str) -> Iterator[None]:
         RECONCILES.labels(kind, "ok").inc()
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)
+
+
+API_REQUESTS = Counter(
+    "tailor_operator_api_requests_total",
+    "Requests the operator sent to the Kubernetes API, by client library and method.",
+    ["client", "method"],
+)
+
+
+def instrument_api_clients() -> None:
+    """Count every API request of the operator process: kopf's watches and patches
+    (aiohttp) and the runtime's reads and applies (kubernetes client, urllib3)."""
+    import functools
+
+    import aiohttp
+    from kubernetes.client import rest
+
+    original_rest = rest.RESTClientObject.request
+    if getattr(original_rest, "_tailor_counted", False):
+        return
+
+    @functools.wraps(original_rest)
+    def counted_rest(self: object, method: str, *args: object, **kwargs: object) -> object:
+        API_REQUESTS.labels("kubernetes", method.upper()).inc()
+        return original_rest(self, method, *args, **kwargs)  # type: ignore[arg-type,no-untyped-call]
+
+    counted_rest._tailor_counted = True  # type: ignore[attr-defined]
+    rest.RESTClientObject.request = counted_rest  # type: ignore[method-assign]
+
+    original_aio = aiohttp.ClientSession._request
+
+    @functools.wraps(original_aio)
+    async def counted_aio(
+        self: aiohttp.ClientSession, method: str, *args: object, **kwargs: object
+    ) -> object:
+        API_REQUESTS.labels("kopf", method.upper()).inc()
+        return await original_aio(self, method, *args, **kwargs)  # type: ignore[arg-type]
+
+    aiohttp.ClientSession._request = counted_aio  # type: ignore[method-assign,assignment]

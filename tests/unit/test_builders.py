@@ -1,0 +1,270 @@
+"""Builders are pure: the same resource and settings give the same children. These tests
+pin the Kubernetes details users rely on (GPUs, placement, failure policy, security,
+volumes, RBAC scope, rollouts) without a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tailor.api import parse
+from tailor.api.finetunejob import FineTuneJobSpec
+from tailor.api.knowledgebase import KnowledgeBaseSpec
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.promptprofile import PromptProfileSpec
+from tailor.api.raftjob import RAFTJobSpec
+from tailor.api.settings import OperatorSettings
+from tailor.api.workloads import TrainRun
+from tailor.builders.common import Parent, child_name
+from tailor.builders.finetunejob import build_training
+from tailor.builders.knowledgebase import build_index, retriever_config
+from tailor.builders.modeldeployment import ResolvedRefs, build_serving, uri_to_path
+from tailor.builders.promptprofile import build_revision, profile_hash, template_errors
+from tailor.builders.raftjob import build_child_fine_tune, build_eval_deployment
+from tailor.runtime.base import run_state_from_job
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = OperatorSettings()
+
+
+def spec_of(kind: str, **changes: Any) -> Any:
+    manifest = yaml.safe_load((ROOT / f"docs/examples/{kind}.yaml").read_text())
+    manifest["spec"].update(changes)
+    return parse(manifest)
+
+
+def parent(kind: str, name: str = "x") -> Parent:
+    return Parent(kind=kind, name=name, namespace="ns", uid="uid-1", generation=1)
+
+
+def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m["kind"]: m for m in manifests}
+
+
+def test_training_job_requests_gpus_and_placement() -> None:
+    spec: FineTuneJobSpec = spec_of("finetunejob")
+    workload = build_training(spec, parent("FineTuneJob", "torchhub-lora"), SETTINGS)
+    job = by_kind(workload.manifests)["Job"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["spec"]["podFailurePolicy"]["rules"][0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert container["command"][-2:] == ["--spec", "/etc/tailor/spec/spec.json"]
+    assert pod["serviceAccountName"] == "torchhub-lora-train"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/tailor/configmaps/torchhub-chat"]["readOnly"] is True
+
+
+def test_training_pod_is_non_root_and_read_only() -> None:
+    workload = build_training(spec_of("finetunejob"), parent("FineTuneJob"), SETTINGS)
+    pod = by_kind(workload.manifests)["Job"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = pod["containers"][0]["securityContext"]
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_train_spec_file_round_trips() -> None:
+    workload = build_training(spec_of("finetunejob"), parent("FineTuneJob", "a"), SETTINGS)
+    cm = by_kind(workload.manifests)["ConfigMap"]
+    run = TrainRun.model_validate_json(cm["data"]["spec.json"])
+    assert run.owner.name == "a" and run.reporter.kind == "kubernetes"
+    assert run.output_dir == "/artifacts/finetunejob/a/uid-1/model"
+    assert run.checkpoint_dir == "/artifacts/finetunejob/a/uid-1/checkpoints"
+
+
+def test_multi_node_training_is_an_indexed_job_with_a_headless_service() -> None:
+    spec = spec_of("finetunejob")
+    spec.resources.nodes = 3
+    spec.resources.gpus = 8
+    workload = build_training(spec, parent("FineTuneJob", "big"), SETTINGS)
+    kinds = by_kind(workload.manifests)
+    job = kinds["Job"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 3
+    assert job["template"]["spec"]["subdomain"] == "big-train"
+    service = kinds["Service"]["spec"]
+    assert service["clusterIP"] == "None" and service["selector"] == {"job-name": "big-train"}
+    command = job["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == "torchrun" and "--nproc-per-node=8" in command
+    assert "--master-addr=big-train-0.big-train" in command
+
+
+def test_reporter_role_names_only_its_resource() -> None:
+    workload = build_training(spec_of("finetunejob"), parent("FineTuneJob", "one"), SETTINGS)
+    role = by_kind(workload.manifests)["Role"]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["tailor.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["one"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+
+
+def test_children_are_deterministic_and_owned() -> None:
+    a = build_training(spec_of("finetunejob"), parent("FineTuneJob"), SETTINGS).manifests
+    b = build_training(spec_of("finetunejob"), parent("FineTuneJob"), SETTINGS).manifests
+    assert a == b
+    for manifest in a:
+        owner = manifest["metadata"]["ownerReferences"][0]
+        assert owner["uid"] == "uid-1" and owner["controller"] is True
+        assert manifest["metadata"]["labels"]["tailor.dev/finetunejob"] == "x"
+
+
+def test_long_names_are_shortened_stably() -> None:
+    long = parent("FineTuneJob", "a" * 70)
+    name = child_name(long, "train")
+    assert len(name) <= 63 and name.endswith("-train") and name == child_name(long, "train")
+
+
+def test_index_job_uses_embedded_qdrant_on_the_artifacts_volume() -> None:
+    spec: KnowledgeBaseSpec = spec_of("knowledgebase")
+    workload = build_index(spec, parent("KnowledgeBase", "docs"), SETTINGS, build=3)
+    assert workload.name == "docs-index-3"
+    assert workload.run.target.alias == "ns-docs"
+    assert workload.run.target.path == "/artifacts/knowledgebase/docs/uid-1/qdrant"
+    config = retriever_config(spec, parent("KnowledgeBase", "docs"), SETTINGS)
+    assert config == workload.run.target
+
+
+def test_serving_rolls_when_any_reference_changes() -> None:
+    spec: ModelDeploymentSpec = spec_of("modeldeployment")
+    p = parent("ModelDeployment", "md")
+    refs = ResolvedRefs(
+        adapters=[("torchhub", "pvc://tailor-artifacts/finetunejob/t/u/model")],
+        prompt_config_map="pp-r1",
+    )
+    one = build_serving(spec, p, SETTINGS, refs)
+    refs2 = ResolvedRefs(adapters=refs.adapters, prompt_config_map="pp-r2")
+    two = build_serving(spec, p, SETTINGS, refs2)
+    assert one.revision != two.revision
+    deployment = by_kind(two.manifests)["Deployment"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["tailor.dev/revision"] == two.revision
+    assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+    hpa = by_kind(two.manifests)["HorizontalPodAutoscaler"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)
+    assert one.run.adapters[0].path == "/artifacts/finetunejob/t/u/model"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_uri_to_path_for_foreign_volumes() -> None:
+    assert uri_to_path("pvc://models/adapters/x", SETTINGS) == (
+        "/mnt/pvc/models/adapters/x",
+        "models",
+    )
+    with pytest.raises(ValueError):
+        uri_to_path("s3://bucket/x", SETTINGS)
+
+
+def test_prompt_revision_is_immutable_and_content_addressed() -> None:
+    spec: PromptProfileSpec = spec_of("promptprofile")
+    cm = build_revision(spec, parent("PromptProfile", "pp"), 4)
+    assert cm["metadata"]["name"] == "pp-r4" and cm["immutable"] is True
+    assert cm["metadata"]["annotations"]["tailor.dev/hash"] == profile_hash(spec)
+    changed = spec.model_copy(update={"system": "other"})
+    assert profile_hash(changed) != profile_hash(spec)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ question }}", []),
+        ("{{ question ", ["spec.template: line 1:"]),
+        ("{{ company }} {{ question }}", ["spec.template: variable 'company'"]),
+    ],
+)
+def test_template_errors(template: str, expected: list[str]) -> None:
+    spec = PromptProfileSpec(template=template)
+    errors = template_errors(spec)
+    assert len(errors) == len(expected)
+    for error, prefix in zip(errors, expected, strict=True):
+        assert error.startswith(prefix)
+
+
+def test_raft_children() -> None:
+    spec: RAFTJobSpec = spec_of("raftjob")
+    p = parent("RAFTJob", "r")
+    ftj = build_child_fine_tune(spec, p, SETTINGS)
+    assert ftj["metadata"]["name"] == "r-ft"
+    FineTuneJobSpec.model_validate(ftj["spec"])
+    train = ftj["spec"]["dataset"]["train"]["pvc"]
+    assert train == {
+        "claimName": "tailor-artifacts",
+        "path": "raftjob/r/uid-1/data",
+        "glob": "train.jsonl",
+    }
+    md = build_eval_deployment(spec, p)
+    ModelDeploymentSpec.model_validate(md["spec"])
+    assert md["spec"]["adapters"] == [{"name": "raft", "fineTuneJobRef": {"name": "r-ft"}}]
+
+
+def job(conditions: list[dict[str, str]] | None = None, **status: Any) -> dict[str, Any]:
+    return {"spec": {}, "status": {"conditions": conditions or [], **status}}
+
+
+def pod(phase: str = "Pending", **extra: Any) -> dict[str, Any]:
+    return {"status": {"phase": phase, **extra}}
+
+
+def test_run_state_from_job() -> None:
+    assert (
+        run_state_from_job(job([{"type": "Complete", "status": "True"}], succeeded=1), []).phase
+        == "Succeeded"
+    )
+    failed = run_state_from_job(
+        job(
+            [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "DeadlineExceeded",
+                    "message": "too slow",
+                }
+            ]
+        ),
+        [],
+    )
+    assert (failed.phase, failed.reason) == ("Failed", "DeadlineExceeded")
+    unschedulable = pod(
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ]
+    )
+    queued = run_state_from_job(job(active=1), [unschedulable])
+    assert queued.phase == "Queued" and "Insufficient nvidia.com/gpu" in queued.message
+    assert run_state_from_job(job(active=1), [pod("Running")]).phase == "Running"
+    assert run_state_from_job({"spec": {"suspend": True}, "status": {}}, []).phase == "Suspended"
+
+
+def test_user_errors_surface_the_workloads_reason() -> None:
+    terminated = {
+        "exitCode": 2,
+        "message": '{"reason": "InvalidDataset", "message": "train.jsonl:7: missing messages"}',
+    }
+    failed_pod = pod("Failed", containerStatuses=[{"state": {"terminated": terminated}}])
+    state = run_state_from_job(
+        job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]), [failed_pod]
+    )
+    assert (state.reason, state.message) == ("InvalidDataset", "train.jsonl:7: missing messages")
