@@ -40,3 +40,10 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The main job: local control plane + operator (local runtime) + the quickstart, followed live.
+up: venv
+	$(VENV)/bin/tailor up $(UP_ARGS)
+
+down:
+	test -x $(VENV)/bin/tailor && $(VENV)/bin/tailor down || true

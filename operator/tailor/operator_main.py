@@ -30,6 +30,7 @@ def _load_handlers() -> None:
         children,
         finetunejob,
         knowledgebase,
+        local,
         modeldeployment,
         promptprofile,
         raftjob,
@@ -56,7 +57,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    settings.execution.max_workers = int(os.environ.get("TAILOR_WORKERS", "8"))
+    settings.execution.max_workers = int(os.environ.get("TAILOR_WORKERS", "32"))
     settings.batching.worker_limit = 1000
 
 

@@ -194,7 +194,10 @@ def main() -> None:
         rss = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         cluster.down()
 
     rows = [

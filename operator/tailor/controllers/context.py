@@ -83,6 +83,9 @@ class Operator:
         meta = body["metadata"]
         old = body.get("status") or {}
         kind = body["kind"]
+        if not changed(old, status):
+            PHASES.record(kind, meta["namespace"], meta["name"], old.get("phase"))
+            return
         try:
             self.custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -115,6 +118,21 @@ class Operator:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             SYNCERS[kind](self, body)
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether merging ``new`` into ``old`` changes anything but condition timestamps."""
+
+    def strip(conds: Any) -> Any:
+        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conds or []]
+
+    for key, value in new.items():
+        if key == "conditions":
+            if strip(old.get(key)) != strip(value):
+                return True
+        elif old.get(key) != value:
+            return True
+    return False
 
 
 def _phase_reason(status: dict[str, Any]) -> tuple[str, str]:

@@ -44,11 +44,16 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     assert isinstance(spec, FineTuneJobSpec)
     parent = Parent.from_body(body)
     workload = build_training(spec, parent, op.settings)
-    state = op.runtime.run_state(parent.namespace, workload.name)
-    if state is None or state.phase not in ("Succeeded", "Failed"):
+    # Read the Job only when one may exist; apply children only when something must change
+    # (the Job is missing, or suspend was toggled): every Job and Pod event lands here.
+    state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
+    if state is None or (
+        state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
+    ):
         op.runtime.prepare_namespace(parent.namespace)
         op.runtime.start(workload)
-        state = op.runtime.run_state(parent.namespace, workload.name) or state
+        if state is not None:
+            state = op.runtime.run_state(parent.namespace, workload.name)
     phase = state.phase if state else "Pending"
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
@@ -85,21 +90,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
             RUN_SECONDS.labels(KIND, phase).observe(
                 _seconds(state.start_time, state.completion_time)
             )
-    if _changed(status, new):
-        op.patch_status(body, new)
-
-
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    def strip(conds: Any) -> Any:
-        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conds or []]
-
-    for key, value in new.items():
-        if key == "conditions":
-            if strip(old.get(key)) != strip(value):
-                return True
-        elif old.get(key) != value:
-            return True
-    return False
+    op.patch_status(body, new)
 
 
 def _seconds(start: str, end: str) -> float:

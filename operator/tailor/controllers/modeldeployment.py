@@ -118,9 +118,15 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
             op.patch_status(body, new)
         return
     workload = build_serving(spec, parent, op.settings, refs)
-    op.runtime.prepare_namespace(parent.namespace)
-    op.runtime.start(workload)
     state = op.runtime.server_state(parent.namespace, workload.name)
+    if (
+        state is None
+        or state.revision != workload.revision
+        or status.get("revision") != workload.revision
+    ):
+        op.runtime.prepare_namespace(parent.namespace)
+        op.runtime.start(workload)
+        state = op.runtime.server_state(parent.namespace, workload.name)
     conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
     replicas = state.replicas if state else 0
     ready = state.ready_replicas if state else 0

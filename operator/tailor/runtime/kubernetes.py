@@ -94,10 +94,13 @@ class KubernetesRuntime:
 
     def _apply_job(self, job: Manifest) -> None:
         meta = job["metadata"]
-        existing = self.get("batch/v1", "Job", meta["namespace"], meta["name"])
-        if existing is None:
+        try:
             self.apply(job)
             return
+        except ApiException as exc:
+            if exc.status != 422:  # 422: the existing Job's template is immutable
+                raise
+        existing = self.get("batch/v1", "Job", meta["namespace"], meta["name"]) or {}
         suspend = bool(job["spec"].get("suspend"))
         if bool((existing.get("spec") or {}).get("suspend")) != suspend:
             self._resource("batch/v1", "Job").patch(
@@ -115,7 +118,17 @@ class KubernetesRuntime:
         job = self.get("batch/v1", "Job", namespace, name)
         if job is None:
             return None
-        return run_state_from_job(job, self.pods_of_job(namespace, name))
+        status = job.get("status") or {}
+        finished = any(
+            c.get("type") in ("Complete", "Failed", "FailureTarget") and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        failed_by_policy = any(
+            c.get("reason") == "PodFailurePolicy" for c in status.get("conditions") or []
+        )
+        needs_pods = (not finished and status.get("active")) or failed_by_policy
+        pods = self.pods_of_job(namespace, name) if needs_pods else []
+        return run_state_from_job(job, pods)
 
     def server_state(self, namespace: str, name: str) -> ServerState | None:
         deployment = self.get("apps/v1", "Deployment", namespace, name)

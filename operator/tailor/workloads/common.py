@@ -225,3 +225,18 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def termination_log_path() -> str:
+    """Where a failing workload explains itself: Kubernetes reads /dev/termination-log;
+    the local runtime sets TAILOR_TERMINATION_LOG to a file of its own."""
+    return os.environ.get("TAILOR_TERMINATION_LOG", "/dev/termination-log")
+
+
+def write_termination_message(reason: str, message: str) -> None:
+    """Record ``{"reason", "message"}`` for the operator; best effort (never raises)."""
+    try:
+        with open(termination_log_path(), "w", encoding="utf-8") as fh:
+            json.dump({"reason": reason, "message": message[-3000:]}, fh)
+    except OSError:
+        pass

@@ -1,0 +1,38 @@
+"""With the local runtime there are no Job, Pod or Deployment events to react to: these
+timers poll each unfinished resource's processes instead (every 2 seconds), through the
+same ``sync`` the events call in a cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tailor.api import GROUP, KINDS, VERSION
+from tailor.controllers.context import operator
+
+TERMINAL = {"Succeeded", "Failed", "Invalid", "Valid"}
+
+
+def _local_and_unfinished(status: dict[str, Any], **_: Any) -> bool:
+    if operator().settings.runtime != "local":
+        return False
+    return (status or {}).get("phase") not in TERMINAL
+
+
+def _poll(kind: str) -> None:
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        KINDS[kind].plural,
+        id=f"local-{kind.lower()}",
+        interval=2,
+        idle=0,
+        when=_local_and_unfinished,
+    )
+    def poll(namespace: str, name: str, **_: Any) -> None:
+        operator().sync(kind, namespace, name)
+
+
+for _kind in ("FineTuneJob", "KnowledgeBase", "RAFTJob", "ModelDeployment"):
+    _poll(_kind)
