@@ -27,3 +27,8 @@ def apibench() -> Path:
     if not (APIBENCH / "torchhub_api.jsonl").exists():
         pytest.fail(f"APIBench data not found at {APIBENCH}; set TAILOR_APIBENCH")
     return APIBENCH
+
+
+# The control-plane fixtures (dev_cluster, kube, namespace) for every test folder; they
+# start nothing until a test asks for them.
+pytest_plugins = ["tests.cluster_fixtures"]

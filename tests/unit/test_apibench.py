@@ -29,7 +29,10 @@ def test_matcher(answer: str, expected: bool) -> None:
 
 def test_call_without_model_matches_on_the_repository() -> None:
     assert parse_call("torch.hub.load(repo_or_dir='pytorch/fairseq')") == ("pytorch/fairseq", "")
-    assert matches("torch.hub.load('pytorch/fairseq', 'transformer.wmt19.en-de')", "torch.hub.load(repo_or_dir='pytorch/fairseq')")
+    assert matches(
+        "torch.hub.load('pytorch/fairseq', 'transformer.wmt19.en-de')",
+        "torch.hub.load(repo_or_dir='pytorch/fairseq')",
+    )
 
 
 def test_questions_and_chat_examples(apibench: Path) -> None:

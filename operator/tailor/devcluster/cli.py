@@ -1,0 +1,84 @@
+"""Command line of the dev cluster: ``up``, ``down``, ``status``, ``env`` and ``build``.
+
+``tailor dev cluster <command>`` and ``python -m tailor.devcluster <command>``
+both land in ``main``. The cluster's state directory is ``--dir``, else
+``$TAILOR_DEVCLUSTER_DIR``, else ``${XDG_STATE_HOME:-~/.local/state}/tailor/devcluster/<--name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tailor.devcluster.build import BuildError, ensure_binaries
+from tailor.devcluster.cluster import ClusterError, DevCluster, default_dir
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    cluster = DevCluster(args.dir or default_dir(args.name))
+    try:
+        if args.command == "up":
+            cluster.up(timeout=args.timeout)
+            print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")
+            return 0
+        if args.command == "build":
+            for binary, path in ensure_binaries().items():
+                print(f"{binary}\t{path}")
+            return 0
+        if args.command == "down":
+            stopped = cluster.down(purge=args.purge)
+            print(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
+            return 0
+        if args.command == "status":
+            return _print_status(cluster)
+        print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")
+        if not cluster.is_healthy():
+            print(f"# dev cluster in {cluster.dir} is not running: run 'up' first", file=sys.stderr)
+        return 0
+    except (ClusterError, BuildError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _print_status(cluster: DevCluster) -> int:
+    components = cluster.status()
+    print(f"dev cluster: {cluster.dir}")
+    if any(c.pid for c in components):
+        print(f"server:      {cluster.server()}")
+        print(f"kubeconfig:  {cluster.kubeconfig}")
+    print(f"{'COMPONENT':<25} {'PID':>7}  {'STATE':<12} {'RSS':>9}  LOG")
+    for c in components:
+        rss = f"{c.rss_bytes / 2**20:.0f} MiB" if c.pid else "-"
+        print(f"{c.name:<25} {c.pid or '-':>7}  {c.detail:<12} {rss:>9}  {c.log}")
+    total = sum(c.rss_bytes for c in components)
+    if total:
+        print(f"{'total':<25} {'':>7}  {'':<12} {total / 2**20:>5.0f} MiB")
+    return 0 if all(c.healthy for c in components) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, help="state directory (overrides --name)")
+    common.add_argument("--name", default="default", help="cluster name (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="tailor dev cluster",
+        description="A local Kubernetes control plane (etcd, kube-apiserver, "
+        "kube-controller-manager, kube-scheduler, kwok fake nodes with GPUs).",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser(
+        "up", parents=[common], help="build if needed, start, wait for readiness"
+    )
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    down = commands.add_parser("down", parents=[common], help="stop every process of the cluster")
+    down.add_argument(
+        "--purge", action="store_true", help="also delete the state directory (data, certs, logs)"
+    )
+    commands.add_parser("status", parents=[common], help="components, health and memory")
+    commands.add_parser("env", parents=[common], help="print export KUBECONFIG=...")
+    commands.add_parser("build", parents=[common], help="only build (or find) the binaries")
+    return parser

@@ -1,0 +1,67 @@
+"""Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart):
+one real control plane per session, one namespace per test.
+
+The session cluster lives in its own state directory (``$TAILOR_TEST_CLUSTER_DIR``,
+else ``<state root>/pytest``) so it never touches a developer's ``default``
+cluster. It is stopped at the end of the session unless ``TAILOR_KEEP_CLUSTER=1``,
+in which case the next session reuses it in a second or two. Every
+``crds/*.yaml`` is installed with server-side apply before the first test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tailor.devcluster.cluster import DevCluster, state_root
+from tailor.devcluster.kube import (
+    Kube,
+    apply_crds,
+    create_namespace,
+    delete_namespace,
+    wait_established,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_DIR = REPO / "crds"
+
+
+@pytest.fixture(scope="session")
+def dev_cluster() -> Iterator[DevCluster]:
+    directory = os.environ.get("TAILOR_TEST_CLUSTER_DIR")
+    cluster = DevCluster(Path(directory) if directory else state_root() / "pytest")
+    cluster.up(timeout=300)
+    yield cluster
+    if os.environ.get("TAILOR_KEEP_CLUSTER") != "1":
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def crd_names(dev_cluster: DevCluster) -> list[str]:
+    """Names of the CRDs installed from crds/ (empty while crds/ has none)."""
+    if not any(CRD_DIR.glob("*.yaml")):
+        return []
+    names = apply_crds(dev_cluster.kubeconfig, CRD_DIR)
+    wait_established(dev_cluster.kubeconfig, names)
+    return names
+
+
+@pytest.fixture(scope="session")
+def kube(dev_cluster: DevCluster, crd_names: list[str]) -> Kube:
+    """The session cluster's kubeconfig and kubectl, with Tailor's CRDs installed."""
+    return Kube(dev_cluster.kubeconfig)
+
+
+@pytest.fixture
+def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace (with its default ServiceAccount) for one test, deleted afterwards."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{secrets.token_hex(3)}"
+    create_namespace(kube, name)
+    yield name
+    delete_namespace(kube, name)
