@@ -170,6 +170,9 @@ def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any
     status = body.get("status") or {}
     if not status.get("build"):
         return  # nothing was ever indexed
+    ns = op.runtime.get("v1", "Namespace", "", namespace)
+    if ns is None or (ns.get("status") or {}).get("phase") == "Terminating":
+        return  # the namespace and its artifacts volume go away as a whole
     try:
         spec = parse_spec(KINDS[KIND], body["spec"])
     except ManifestError:

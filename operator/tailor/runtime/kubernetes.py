@@ -72,7 +72,7 @@ class KubernetesRuntime:
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj = self._resource(api_version, kind).get(name=name, namespace=namespace)
+            obj = self._resource(api_version, kind).get(name=name, namespace=namespace or None)
         except NotFoundError:
             return None
         return cast(dict[str, Any], obj.to_dict())

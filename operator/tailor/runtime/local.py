@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -193,11 +194,20 @@ class LocalRuntime(KubernetesRuntime):
                 local = run_dir / "scratch" / mount["name"]
                 local.mkdir(parents=True, exist_ok=True)
             prefixes[mount["mountPath"]] = str(local)
-        spec = json.dumps(workload.run.wire())
-        for mount_path in sorted(prefixes, key=len, reverse=True):
-            spec = spec.replace(f'"{mount_path}/', f'"{prefixes[mount_path]}/')
-            spec = spec.replace(f'"{mount_path}"', f'"{prefixes[mount_path]}"')
+        # One pass, longest mount first, so that a rewritten path (which may start with
+        # /tmp) is never rewritten again by a shorter mount such as /tmp.
+        ordered = sorted(prefixes, key=len, reverse=True)
+        pattern = re.compile('"(' + "|".join(re.escape(p) for p in ordered) + ')(?=[/"])')
+        spec = pattern.sub(lambda m: '"' + prefixes[m.group(1)], json.dumps(workload.run.wire()))
         data = json.loads(spec)
+        data["paths"] = {  # the roots the workload joins names to
+            "artifacts": str(self.volume_dir(namespace, self.settings.artifacts_pvc)),
+            "configMaps": str(self.root / namespace / "configmaps"),
+            "pvcs": str(self.root / namespace / "volumes"),
+            "secrets": str(self.root / namespace / "secrets"),
+        }
+        if data.get("metricsPort"):  # many workloads share one host: no fixed ports
+            data["metricsPort"] = _free_port()
         if workload.server:
             record.port = _free_port()
             data["host"], data["port"] = "127.0.0.1", record.port

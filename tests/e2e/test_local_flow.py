@@ -1,0 +1,172 @@
+"""The quickstart flow, reduced, through the operator with the local runtime: the real API
+server, the real operator, real workload processes (index, train, serve) on real models.
+
+Resources must reach their final phases, the FineTuneJob's progress must come from the
+trainer itself, and a chat request to the ModelDeployment's endpoint must answer with
+sources from the knowledge base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tailor.devcluster.kube import Kube
+from tailor.workloads.apibench import chat_example, load_questions
+
+pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "docs" / "examples" / "quickstart"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
+    state = tmp_path / "local"
+    log = tmp_path / "operator.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube.kubeconfig),
+        "TAILOR_RUNTIME": "local",
+        "TAILOR_LOCAL_STATE_DIR": str(state),
+        "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
+        "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
+    }
+    argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
+    argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    yield state
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    # The local runtime's processes outlive the operator by design (like pods); stop them.
+    for record in state.glob("*/runs/*.json"):
+        pid = json.loads(record.read_text()).get("pid")
+        if pid:
+            try:
+                os.killpg(int(pid), 15)
+            except OSError:
+                pass
+    if os.environ.get("TAILOR_SHOW_OPERATOR_LOG"):
+        print(log.read_text()[-20000:])
+        for attempt in sorted(state.glob("*/runs/*/attempt-*.log")):
+            print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
+
+
+def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((QUICKSTART / name).read_text())
+    doc["spec"].update(spec)
+    return doc
+
+
+def wait_phase(
+    kube: Kube, ns: str, kind: str, name: str, phases: set[str], timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        obj = kube.get_json(kind, name, "-n", ns)
+        phase = (obj.get("status") or {}).get("phase")
+        if phase in phases:
+            return obj
+        if phase in ("Failed", "Invalid"):
+            raise AssertionError(f"{kind}/{name} failed: {obj.get('status')}")
+        time.sleep(1)
+    raise AssertionError(f"{kind}/{name} not in {phases} after {timeout}s: {obj.get('status')}")
+
+
+def test_quickstart_flow_through_the_operator(
+    kube: Kube, namespace: str, local_operator: Path, apibench: Path, tmp_path: Path
+) -> None:
+    ns = namespace
+    docs = (apibench / "torchhub_api.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "api.jsonl").write_text("\n".join(docs) + "\n")
+    train = [chat_example(q) for q in load_questions(apibench / "torchhub_train.json")[:48]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in train))
+    kube.kubectl(
+        "create",
+        "configmap",
+        "torchhub-api",
+        f"--from-file=torchhub_api.jsonl={tmp_path / 'api.jsonl'}",
+        "-n",
+        ns,
+    )
+    kube.kubectl(
+        "create",
+        "configmap",
+        "torchhub-chat",
+        f"--from-file=train.jsonl={tmp_path / 'train.jsonl'}",
+        "-n",
+        ns,
+    )
+
+    ftj = manifest("30-finetunejob.yaml")
+    ftj["spec"]["training"] = {
+        "maxSteps": 6,
+        "batchSize": 4,
+        "maxSeqLength": 192,
+        "learningRate": 0.001,
+    }
+    ftj["spec"]["checkpoint"] = {"everySteps": 3, "keep": 1}
+    md = manifest("40-modeldeployment.yaml")
+    kube.apply(
+        [manifest("10-knowledgebase.yaml"), manifest("20-promptprofile.yaml"), ftj, md], "-n", ns
+    )
+
+    kb = wait_phase(kube, ns, "kb", "torchhub-docs", {"Ready"}, timeout=300)
+    assert kb["status"]["documents"] == 24 and kb["status"]["vectors"] == 24
+    done = wait_phase(kube, ns, "ftj", "torchhub-lora", {"Succeeded"}, timeout=600)
+    progress = done["status"]["progress"]
+    assert progress["step"] == progress["totalSteps"] == 6  # reported by the trainer itself
+    assert progress["loss"] > 0 and progress["tokensPerSecond"] > 0
+    assert done["status"]["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/")
+    adapter_dir = (
+        local_operator
+        / ns
+        / "volumes"
+        / "tailor-artifacts"
+        / done["status"]["artifact"]["uri"].split("tailor-artifacts/", 1)[1]
+    )
+    assert (adapter_dir / "manifest.json").exists()
+
+    ready = wait_phase(kube, ns, "md", "api-assistant", {"Ready"}, timeout=600)
+    endpoint = ready["status"]["endpoint"]
+    assert endpoint.startswith("http://127.0.0.1:")
+    body = {
+        "model": "api-assistant/torchhub",
+        "messages": [{"role": "user", "content": "I need a model to classify actions in videos."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{endpoint}/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    assert answer["choices"][0]["message"]["content"].strip()
+    sources = answer["tailor"]["sources"]
+    assert sources and answer["tailor"]["retrieval"] == "ok"
+    assert any("video" in json.dumps(s).lower() for s in sources)
+    models = json.loads(urllib.request.urlopen(f"{endpoint}/models", timeout=30).read())
+    assert {m["id"] for m in models["data"]} == {"api-assistant", "api-assistant/torchhub"}
