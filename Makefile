@@ -8,7 +8,7 @@ UV         := $(VENV)/bin/uv
 STAMP      := $(VENV)/.tailor-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-unit crds up down bench clean devcluster-build
+.PHONY: venv lint test test-unit crds up down bench clean devcluster-build prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,21 +20,30 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Everything generated from code: CRDs (also into the chart), dashboards, alert rules.
 crds: venv
 	$(VENV)/bin/tailor crds
+	$(VENV)/bin/tailor crds --out charts/tailor/crds
+	$(PY) -m tailor.observability.dashboards
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
 	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+	$(VENV)/bin/hadolint images/*.Dockerfile
+	$(PY) -m tailor.observability.dashboards --check
+
+# A real Prometheus (and promtool) for the observability tests, from Debian's packages.
+prometheus:
+	command -v promtool >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 # Built once from Go modules and cached under ~/.cache/tailor/devcluster (about 8 minutes
 # cold on 2 cores, nothing when cached); a step of its own so its time shows on its own.
 devcluster-build: venv
 	$(PY) -m tailor.devcluster build
 
-test: venv lint devcluster-build
+test: venv lint devcluster-build prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv

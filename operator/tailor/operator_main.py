@@ -70,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--runtime", choices=["kubernetes", "local"], default=None)
     run.add_argument(
-        "--metrics-port", type=int, default=int(os.environ.get("TAILOR_METRICS_PORT", "8081"))
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("TAILOR_OPERATOR_METRICS_PORT", "8081")),
     )
     run.add_argument(
-        "--health-port", type=int, default=int(os.environ.get("TAILOR_HEALTH_PORT", "8080"))
+        "--health-port",
+        type=int,
+        default=int(os.environ.get("TAILOR_OPERATOR_HEALTH_PORT", "8080")),
     )
     run.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -428,3 +428,12 @@ class Workload:
     active_deadline_seconds: int | None = None
     suspend: bool = False
     revision: str = ""
+    extra_args: list[str] = field(default_factory=list)
+
+    def with_args(self, *args: str) -> Workload:
+        """The same workload with extra program arguments (in the pod and locally)."""
+        for manifest in self.manifests:
+            if manifest["kind"] in ("Job", "Deployment"):
+                manifest["spec"]["template"]["spec"]["containers"][0]["command"].extend(args)
+        self.extra_args.extend(args)
+        return self

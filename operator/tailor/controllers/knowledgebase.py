@@ -56,6 +56,10 @@ def sync_knowledge_base(op: Operator, body: dict[str, Any]) -> None:
         return
     assert isinstance(spec, KnowledgeBaseSpec)
     parent = Parent.from_body(body)
+    for gauge, stamp in ((KB_LAST_INDEXED, "lastIndexed"), (KB_NEXT_REFRESH, "nextRefresh")):
+        when = _parse_time(status.get(stamp))  # also right after an operator restart
+        if when:
+            gauge.labels(parent.namespace, parent.name).set(when.timestamp())
     build = int(status.get("build") or 0)
     build_generation = status.get("buildGeneration")
     ready_build = status.get("readyBuild")
@@ -186,10 +190,10 @@ def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any
             manifest["metadata"]["name"] = workload.name
         if manifest["kind"] == "Job":
             pod = manifest["spec"]["template"]["spec"]
-            pod["containers"][0]["command"].append("--delete")
             for volume in pod["volumes"]:
                 if volume["name"] == "spec":
                     volume["configMap"]["name"] = workload.name
+    workload.with_args("--delete")
     state = op.runtime.run_state(namespace, workload.name)
     if state is None:
         op.runtime.start(workload)

@@ -91,6 +91,7 @@ class RunRecord:
     deadline: int | None = None
     suspended: bool = False
     exit_codes: list[int] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
 
 
 class LocalRuntime(KubernetesRuntime):
@@ -158,6 +159,7 @@ class LocalRuntime(KubernetesRuntime):
                     backoff_limit=workload.backoff_limit,
                     deadline=workload.active_deadline_seconds,
                     suspended=workload.suspend,
+                    args=list(workload.extra_args),
                 )
                 self._prepare_files(workload, record)
             record.suspended = workload.suspend
@@ -250,16 +252,10 @@ class LocalRuntime(KubernetesRuntime):
         exit_file.unlink(missing_ok=True)
         # A shell keeps the exit code in a file, so that an operator restarted while the
         # workload runs can still learn how it ended.
-        script = '"$0" -m "$1" --spec "$2"; code=$?; echo $code > "$3"; exit $code'
-        argv = [
-            "/bin/sh",
-            "-c",
-            script,
-            sys.executable,
-            f"tailor.workloads.{record.module}",
-            str(run_dir / SPEC_FILE),
-            str(exit_file),
-        ]
+        script = 'exit_file="$1"; shift; "$@"; code=$?; echo $code > "$exit_file"; exit $code'
+        argv = ["/bin/sh", "-c", script, "sh", str(exit_file), sys.executable, "-m"]
+        argv += [f"tailor.workloads.{record.module}", "--spec", str(run_dir / SPEC_FILE)]
+        argv += record.args
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

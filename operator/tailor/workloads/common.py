@@ -227,16 +227,23 @@ def setup_logging() -> None:
     )
 
 
-def termination_log_path() -> str:
-    """Where a failing workload explains itself: Kubernetes reads /dev/termination-log;
-    the local runtime sets TAILOR_TERMINATION_LOG to a file of its own."""
-    return os.environ.get("TAILOR_TERMINATION_LOG", "/dev/termination-log")
+def termination_log_path() -> str | None:
+    """Where a failing workload explains itself: Kubernetes provides /dev/termination-log
+    in every container; the local runtime sets TAILOR_TERMINATION_LOG to a file of its own.
+    Elsewhere (a workload run by hand) there is none."""
+    path = os.environ.get("TAILOR_TERMINATION_LOG")
+    if path:
+        return path
+    return "/dev/termination-log" if os.path.exists("/dev/termination-log") else None
 
 
 def write_termination_message(reason: str, message: str) -> None:
     """Record ``{"reason", "message"}`` for the operator; best effort (never raises)."""
+    path = termination_log_path()
+    if path is None:
+        return
     try:
-        with open(termination_log_path(), "w", encoding="utf-8") as fh:
+        with open(path, "w", encoding="utf-8") as fh:
             json.dump({"reason": reason, "message": message[-3000:]}, fh)
     except OSError:
         pass

@@ -1,0 +1,85 @@
+{{/* Names, labels and images shared by every template. */}}
+
+{{- define "tailor.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tailor.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tailor.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{- define "tailor.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object of the release. */}}
+{{- define "tailor.labels" -}}
+helm.sh/chart: {{ include "tailor.chart" . }}
+{{ include "tailor.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tailor
+{{- end }}
+
+{{- define "tailor.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tailor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "tailor.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tailor.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tailor.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The workload image: <repository>:<tag>, with -cuda for the CUDA variant. */}}
+{{- define "tailor.workloadsImage" -}}
+{{- $image := .Values.workloads.image }}
+{{- $tag := default .Chart.AppVersion $image.tag }}
+{{- if eq $image.variant "cuda" }}{{ $tag = printf "%s-cuda" $tag }}{{ end }}
+{{- printf "%s:%s" $image.repository $tag }}
+{{- end }}
+
+{{- define "tailor.qdrant.fullname" -}}
+{{- printf "%s-qdrant" (include "tailor.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tailor.qdrant.selectorLabels" -}}
+{{ include "tailor.selectorLabels" . }}
+app.kubernetes.io/component: qdrant
+{{- end }}
+
+{{- define "tailor.qdrant.secretName" -}}
+{{- default (include "tailor.qdrant.fullname" .) .Values.qdrant.apiKey.existingSecret }}
+{{- end }}
+
+{{/* The namespaces the PodMonitors look in: the watched ones, else all. */}}
+{{- define "tailor.podMonitorNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+matchNames:
+{{- range .Values.watchNamespaces }}
+- {{ . | quote }}
+{{- end }}
+{{- else -}}
+any: true
+{{- end }}
+{{- end }}

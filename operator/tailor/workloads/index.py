@@ -1,0 +1,566 @@
+"""The index workload: ``python -m tailor.workloads.index --spec FILE`` (an IndexRun).
+
+Reads a KnowledgeBase's sources, chunks them with the embedding model's tokenizer, embeds
+the chunks and writes them into a new versioned collection ``<alias>-v<N>``; only when every
+chunk is written does the alias move to it (one step), then versions beyond
+``qdrant.keepCollections`` are deleted. A build that fails leaves the alias where it was and
+deletes its unfinished collection, so users keep querying the previous index.
+
+Refreshes are incremental: each chunk carries the hash of the text its vector was computed
+from (and of the model), and a chunk whose hash is in the active collection gets that
+collection's vector copied into the new version instead of being embedded again. Copying
+into a new version, rather than updating the active collection in place, keeps every
+property of a full build: readers never see a half-updated index, a failed refresh changes
+nothing, the previous version stays for rollback, and documents that disappeared from the
+sources are simply absent from the new version. When nothing changed at all (same chunks,
+same settings) no version is created.
+
+The pipeline overlaps its stages: a thread reads and chunks documents while the main thread
+embeds, and another thread upserts finished batches; chunks are embedded from the token ids
+the chunker produced, sorted by length within a window to keep padding low.
+
+Progress and final statistics go to the reporter (the KnowledgeBase status) and, with
+``metricsPort``, to Prometheus. ``--delete`` removes the alias and every version instead
+(the KnowledgeBase was deleted). Exit codes: 0 done, 2 a problem the user can fix (the
+reason and message also go to /dev/termination-log), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import Counter as PromCounter
+from pydantic import ValidationError
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from tailor.api.base import describe_errors
+from tailor.api.workloads import IndexRun, OwnerRef
+from tailor.workloads.chunking import Chunk, Chunker
+from tailor.workloads.common import (
+    ProgressReporter,
+    WorkloadError,
+    make_reporter,
+    read_spec,
+    setup_logging,
+    source_files,
+    write_termination_message,
+)
+from tailor.workloads.documents import Document, read_documents
+from tailor.workloads.retriever import Embedder, load_embedder
+from tailor.workloads.vectorstore import (
+    DENSE,
+    SPARSE,
+    VectorStore,
+    bm25_document_vector,
+    collection_options,
+    open_store,
+    point_id,
+    scroll_all,
+)
+
+log = logging.getLogger("tailor.workloads.index")
+
+WINDOW_BATCHES = 8
+"""Chunks are sorted by length within windows of this many embedding batches."""
+
+T = TypeVar("T")
+
+
+@dataclass
+class IndexStats:
+    """What a build did."""
+
+    alias: str
+    collection: str | None = None
+    """The version this build writes; after a build that changed nothing, the active one."""
+    previous: str | None = None
+    """The version the alias pointed at when the build started."""
+    documents: int = 0
+    chunks: int = 0
+    embedded: int = 0
+    """Chunks embedded by this build; the rest had their vectors copied."""
+    reused: int = 0
+    vectors: int = 0
+    seconds: float = 0.0
+    content_hash: str = ""
+    changed: bool = True
+    """False when the sources and settings matched the active index: no version was made."""
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.chunks / self.seconds if self.seconds > 0 else 0.0
+
+    def status(self, phase: str) -> dict[str, Any]:
+        """The KnowledgeBase status patch; ``collection`` is the active one while indexing."""
+        patch: dict[str, Any] = {
+            "phase": phase,
+            "documents": self.documents,
+            "chunks": self.chunks,
+            "embedded": self.embedded,
+            "collection": self.collection if phase == "Ready" else self.previous,
+            "alias": self.alias,
+        }
+        if phase == "Ready":
+            patch |= {
+                "vectors": self.vectors,
+                "indexSeconds": round(self.seconds, 3),
+                "contentHash": self.content_hash,
+                "lastIndexed": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        return patch
+
+
+@dataclass
+class _Item:
+    """A chunk ready to be written: its hash, point id and (once known) vector."""
+
+    chunk: Chunk
+    hash: str
+    point_id: str
+    vector: list[float] | None = None
+
+
+class IndexMetrics:
+    """The workload's Prometheus metrics, served on ``metrics_port`` when one is set."""
+
+    def __init__(self, owner: OwnerRef, port: int | None = None):
+        self.registry = CollectorRegistry()
+        names = ("namespace", "name")
+        values = (owner.namespace, owner.name)
+
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, names, registry=self.registry).labels(*values)
+
+        self.documents = gauge("tailor_index_documents", "Documents in the index just built.")
+        self.chunks = gauge("tailor_index_chunks", "Chunks in the index just built.")
+        self.duration = gauge("tailor_index_duration_seconds", "Duration of the last build.")
+        self.last_success = gauge(
+            "tailor_index_last_success_timestamp_seconds", "When the last build finished."
+        )
+        self.embedded = PromCounter(
+            "tailor_index_embedded_chunks",
+            "Chunks embedded (unchanged chunks are copied, not counted).",
+            names,
+            registry=self.registry,
+        ).labels(*values)
+        self.port = port
+        if port is not None:
+            start_http_server(port, registry=self.registry)
+
+    def finished(self, stats: IndexStats) -> None:
+        self.documents.set(stats.documents)
+        self.chunks.set(stats.chunks)
+        self.duration.set(stats.seconds)
+        self.last_success.set(time.time())
+
+
+def build_index(
+    run: IndexRun,
+    reporter: ProgressReporter | None = None,
+    store: VectorStore | None = None,
+    metrics: IndexMetrics | None = None,
+) -> IndexStats:
+    """Build (or refresh) the index of ``run`` and move its alias; see the module docstring."""
+    started = time.monotonic()
+    alias = run.target.alias
+    stats = IndexStats(alias=alias)
+    for source in run.spec.sources:  # fail fast on missing files, before loading the model
+        source_files(source, run.paths)
+    embedder = load_embedder(run.spec.embedding, run.paths)
+    chunker = Chunker(embedder.tokenizer, run.spec.chunking, embedder.max_tokens)
+    settings = json.dumps(
+        {
+            "embedding": embedder.key,
+            "shards": run.target.qdrant.shards,
+            "replicas": run.target.qdrant.replicas,
+            "quantization": run.target.qdrant.quantization,
+        },
+        sort_keys=True,
+    )
+    own_store = store is None
+    store = store or open_store(run.target, run.paths, timeout_seconds=60)
+    try:
+        store.discard_unpublished(alias)
+        active = stats.previous = store.active(alias)
+        previous: _Previous | None = None
+        previous_meta: dict[str, Any] = {}
+        if active is not None and run.mode == "incremental":
+            old = store.reader(active)
+            previous_meta = old.get_collection(active).config.metadata or {}
+            ids = {
+                str((record.payload or {})["hash"]): record.id
+                for record in scroll_all(old, active, with_payload=["hash"])
+            }
+            previous = _Previous(old, active, ids)
+            log.info("incremental: %d chunks in %s can be reused", len(ids), active)
+        name = store.next_version(alias)
+        stats.collection = name
+        client = store.create(
+            name,
+            embedder.dimension,
+            collection_options(run.target.qdrant),
+            metadata={"tailorAlias": alias, "tailorSettings": settings},
+        )
+        log.info("building %s (%s mode)", name, run.mode)
+        if reporter:
+            reporter.report(stats.status("Indexing"), final=True)
+        try:
+            with _Writer(client, name) as writer:
+                _fill(run, embedder, chunker, writer, previous, stats, reporter, metrics)
+            stats.vectors = client.count(name, exact=True).count
+            if stats.vectors != stats.chunks:
+                raise RuntimeError(f"{name} holds {stats.vectors} points for {stats.chunks} chunks")
+            _record_content_hash(client, name, stats)
+            store.finish(name)
+        except BaseException:
+            log.warning("build of %s failed; %s stays on %s", name, alias, active)
+            store.delete(name)
+            raise
+        unchanged = (
+            previous_meta.get("tailorContentHash") == stats.content_hash
+            and previous_meta.get("tailorSettings") == settings
+        )
+        if unchanged:
+            log.info("nothing changed since %s; keeping it", active)
+            store.delete(name)
+            stats.collection, stats.changed = active, False
+        else:
+            store.publish(alias, name)
+            pruned = store.prune(alias, run.target.qdrant.keep_collections)
+            log.info("%s -> %s; deleted %s", alias, name, pruned or "nothing")
+    finally:
+        if own_store:
+            store.close()
+    stats.seconds = time.monotonic() - started
+    if metrics:
+        metrics.finished(stats)
+    if reporter:
+        reporter.report(stats.status("Ready"), final=True)
+    log.info(
+        "%s: %d documents, %d chunks (%d embedded, %d copied), %.1fs, %.1f chunks/s",
+        stats.collection,
+        stats.documents,
+        stats.chunks,
+        stats.embedded,
+        stats.reused,
+        stats.seconds,
+        stats.chunks_per_second,
+    )
+    return stats
+
+
+@dataclass
+class _Previous:
+    """The active version a refresh copies unchanged vectors from."""
+
+    client: QdrantClient
+    collection: str
+    ids: dict[str, models.ExtendedPointId]
+    """Point id of each chunk hash in the active version."""
+
+    def vectors(self, hashes: Iterable[str]) -> dict[str, list[float]]:
+        """The dense vectors of the given chunk hashes that the active version holds."""
+        ids = list({self.ids[h] for h in hashes if h in self.ids})
+        if not ids:
+            return {}
+        found: dict[str, list[float]] = {}
+        records = self.client.retrieve(
+            self.collection, ids, with_payload=["hash"], with_vectors=[DENSE]
+        )
+        for record in records:
+            vector = record.vector[DENSE] if isinstance(record.vector, dict) else None
+            if isinstance(vector, list):
+                found[str((record.payload or {})["hash"])] = cast(list[float], vector)
+        return found
+
+
+def _fill(
+    run: IndexRun,
+    embedder: Embedder,
+    chunker: Chunker,
+    writer: _Writer,
+    previous: _Previous | None,
+    stats: IndexStats,
+    reporter: ProgressReporter | None,
+    metrics: IndexMetrics | None,
+) -> None:
+    """Read, chunk, embed (or copy) and write every chunk of the sources."""
+    batch_size = run.spec.embedding.batch_size
+    window_size = batch_size * WINDOW_BATCHES
+    average_length = float(chunker.max_tokens if chunker.strategy == "none" else chunker.size)
+    content = hashlib.sha256()
+
+    def counted(documents: Iterable[Document]) -> Iterator[Document]:
+        for document in documents:
+            stats.documents += 1
+            yield document
+
+    documents = read_documents(run.spec.sources, run.spec.format, run.paths)
+    items = _items(chunker.chunks(counted(documents)), embedder.key)
+    with _Background(items, maxsize=window_size) as produced:
+        for window in _windows(produced, window_size):
+            vectors = previous.vectors(item.hash for item in window) if previous else {}
+            stats.reused += sum(1 for item in window if item.hash in vectors)
+            # the rest, each distinct text once, longest first to keep padding low
+            fresh = {item.hash: item for item in window if item.hash not in vectors}
+            ordered = sorted(fresh.values(), key=lambda item: -len(item.chunk.token_ids))
+            for start in range(0, len(ordered), batch_size):
+                batch = ordered[start : start + batch_size]
+                embedded = embedder.embed_token_ids([item.chunk.token_ids for item in batch])
+                vectors |= {item.hash: v.tolist() for item, v in zip(batch, embedded, strict=True)}
+                stats.embedded += len(batch)
+                if metrics:
+                    metrics.embedded.inc(len(batch))
+            for item in window:
+                content.update(_content_line(item).encode("utf-8"))
+            writer.put([_point(item, vectors[item.hash], average_length) for item in window])
+            stats.chunks += len(window)
+            if reporter:
+                reporter.report(stats.status("Indexing"))
+    stats.content_hash = content.hexdigest()
+    if chunker.truncated:
+        log.warning(
+            "%d documents are longer than the %d tokens the embedding model reads; their "
+            "vectors cover the beginning only (use chunking strategy recursive)",
+            chunker.truncated,
+            chunker.max_tokens,
+        )
+
+
+def _point(item: _Item, vector: list[float], average_length: float) -> models.PointStruct:
+    """The Qdrant point of a chunk: dense and BM25 vectors, and the payload readers get."""
+    chunk = item.chunk
+    return models.PointStruct(
+        id=item.point_id,
+        vector={DENSE: vector, SPARSE: bm25_document_vector(chunk.token_ids, average_length)},
+        payload={
+            "document_id": chunk.document.id,
+            "source": chunk.document.source,
+            "title": chunk.document.title,
+            "position": chunk.position,
+            "text": chunk.text,
+            "hash": item.hash,
+            "metadata": chunk.document.metadata,
+        },
+    )
+
+
+def _record_content_hash(client: QdrantClient, name: str, stats: IndexStats) -> None:
+    """Keep the content hash on the collection, for the next refresh to compare with."""
+    try:
+        client.update_collection(
+            name, metadata={"tailorContentHash": stats.content_hash, "tailorChunks": stats.chunks}
+        )
+    except UnexpectedResponse as exc:  # a server without collection metadata
+        log.warning("cannot store collection metadata (%s): every refresh makes a version", exc)
+
+
+def _items(chunks: Iterable[Chunk], model_key: str) -> Iterator[_Item]:
+    """Chunks with their content hash and a point id stable across builds."""
+    current: str | None = None
+    seen: Counter[str] = Counter()
+    for chunk in chunks:
+        if chunk.document.id != current:
+            current, seen = chunk.document.id, Counter()
+        digest = hashlib.sha256(f"{model_key}\n{chunk.text}".encode()).hexdigest()
+        seen[digest] += 1
+        key = f"{chunk.document.id}\n{seen[digest]}\n{digest}"
+        yield _Item(chunk, digest, point_id(key))
+
+
+def _content_line(item: _Item) -> str:
+    chunk = item.chunk
+    metadata = json.dumps(chunk.document.metadata, sort_keys=True, default=str)
+    fields = (chunk.document.id, str(chunk.position), item.hash, chunk.document.source)
+    return "\t".join((*fields, chunk.document.title or "", metadata)) + "\n"
+
+
+def _windows(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    window: list[T] = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+_DONE = object()
+
+
+class _Background(Generic[T]):
+    """Runs an iterator in a thread, handing its items over through a bounded queue."""
+
+    def __init__(self, source: Iterator[T], maxsize: int):
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
+
+    def __enter__(self) -> Iterator[T]:
+        self._thread.start()
+        return self._iterate()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def _run(self, source: Iterator[T]) -> None:
+        error: BaseException | None = None
+        try:
+            for item in source:
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:
+            error = exc
+        self._put((_DONE, error))
+
+    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _iterate(self) -> Iterator[T]:
+        while True:
+            item, error = self._queue.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+
+
+class _Writer:
+    """Upserts batches of points in a thread, so that writing overlaps embedding."""
+
+    def __init__(self, client: QdrantClient, collection: str, depth: int = 2):
+        self.client = client
+        self.collection = collection
+        self._queue: queue.Queue[list[models.PointStruct] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if kind is None and self._error is not None:
+            raise self._error
+
+    def put(self, points: list[models.PointStruct]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(points)
+
+    def _run(self) -> None:
+        while (points := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so that put() never blocks
+            try:
+                self.client.upsert(self.collection, points, wait=True)
+            except BaseException as exc:
+                self._error = exc
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    torch sizes its thread pool by the node's cores, not the pod's CPU limit; more threads
+    than the quota allows make every matrix product wait for throttled threads.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota: float | None = None
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    return max(1, min(cpus, int(quota))) if quota else cpus
+
+
+def delete_index(run: IndexRun) -> list[str]:
+    """Remove the alias and every version of a knowledge base's index."""
+    store = open_store(run.target, run.paths, timeout_seconds=60)
+    try:
+        removed = store.remove(run.target.alias)
+    finally:
+        store.close()
+    log.info("removed %s and %s", run.target.alias, removed or "no collections")
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--spec FILE`` builds the index; ``--spec FILE --delete`` removes it."""
+    setup_logging()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_budget())
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--delete", action="store_true", help="remove the index instead")
+    options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run = read_spec(IndexRun, rest)
+    except ValidationError as exc:
+        message = "; ".join(describe_errors(exc))
+        log.error("invalid spec file: %s", message)
+        write_termination_message("InvalidSpec", message)
+        return 2
+    except OSError as exc:
+        log.error("cannot read the spec file: %s", exc)
+        write_termination_message("InvalidSpec", str(exc))
+        return 2
+    try:
+        if options.delete:
+            delete_index(run)
+        else:
+            reporter = make_reporter(run.reporter, run.owner)
+            build_index(run, reporter, metrics=IndexMetrics(run.owner, run.metrics_port))
+    except WorkloadError as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        write_termination_message(exc.reason, exc.message)
+        return 2
+    except ResponseHandlingException as exc:
+        log.error("Qdrant is unreachable: %s", exc)
+        write_termination_message("StoreUnavailable", f"Qdrant is unreachable: {exc}")
+        return 1
+    except Exception as exc:
+        log.exception("index build crashed")
+        write_termination_message("InternalError", f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

