@@ -186,9 +186,9 @@ def _kubernetes_sink(owner: OwnerRef) -> ProgressSink:
     from kubernetes import client, config
 
     try:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call,unused-ignore]
     except config.ConfigException:
-        config.load_kube_config()
+        config.load_kube_config()  # type: ignore[no-untyped-call,unused-ignore]
     api = client.CustomObjectsApi()
     group, version = owner.api_version.split("/")
     plural = owner.kind.lower() + "s"

@@ -47,7 +47,7 @@ def materialize_gguf(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantized to float; drop the GGUF marker so they save.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment,unused-ignore]
     model.config.__dict__.pop("quantization_config", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))

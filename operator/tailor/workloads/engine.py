@@ -1,0 +1,676 @@
+"""The generation engine of the serving workload: one base model plus any number of LoRA
+adapters, with continuous batching of concurrent requests.
+
+A scheduler thread owns the model. Between two decode steps it admits waiting requests (up
+to ``batching.maxBatchSize`` sequences in flight): their prompts are prefilled together,
+left-padded, and their key/value caches are left-padded into the running batch, so a new
+request never waits for the others to finish. Each decode step feeds one token per
+sequence through the model with the shared KV cache; finished sequences leave the batch at
+once. Requests for different adapters share a batch: PEFT's mixed-adapter inference
+(``adapter_names=[...]``, ``"__base__"`` for the base model with adapters disabled) applies
+each row's own LoRA weights. Sampling (temperature, top-p, seed, penalties) and stop
+sequences are per request. transformers' own ``generate`` batches only requests that
+arrive together and share parameters and adapter, which is why the loop is written here.
+
+Quantization: ``int8`` on CPU is PyTorch's dynamic int8 quantization of the base model's
+linear layers (LoRA layers, and the two kinds of layer in :data:`INT8_KEEP_FLOAT`, stay in
+float); on CUDA ``int8`` and ``nf4`` load the base model through bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import queue
+import secrets
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.workloads import Paths, ServedAdapter
+from tailor.observability.serving import ServingMetrics
+from tailor.workloads.common import WorkloadError
+from tailor.workloads.models import load_causal_lm, load_tokenizer
+
+log = logging.getLogger("tailor.workloads.engine")
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled together in one forward pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a request's output, delivered in order; the last one has finish_reason
+    (stop, length, cancelled or error) and the totals."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    device_seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The whole output of a request (the blocking :meth:`Engine.generate`)."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    device_seconds: float
+
+
+class QueueFull(Exception):
+    """More requests are waiting than ``batching.maxQueue`` allows."""
+
+
+class EngineClosed(Exception):
+    """The engine was shut down."""
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """A submitted request; ``sink`` receives its chunks on the scheduler thread."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    sink: Callable[[Chunk], None]
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the last chunk says cancelled."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request's sequence in the running batch."""
+
+    request: GenerationRequest
+    peft_name: str
+    generator: torch.Generator | None
+    position: int  # position id of the next token fed to the model
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already sent
+    device_seconds: float = 0.0
+    finished: bool = False
+
+
+class Engine:
+    """Continuous-batching generation over a (PEFT) causal LM; thread-safe ``submit``."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        adapters: dict[str, str] | None = None,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        context_window: int | None = None,
+        metrics: ServingMetrics | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = dict(adapters or {})  # served adapter name -> PEFT adapter name
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.context_window = context_window or int(
+            getattr(model.config, "max_position_embeddings", 2048)
+        )
+        self.metrics = metrics
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._peft = bool(self.adapters)
+
+        self._cv = threading.Condition()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._closed = False
+        # Running batch: one row per sequence, aligned with the cache's batch dimension.
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._next = torch.zeros((0,), dtype=torch.long, device=self.device)
+        self._thread = threading.Thread(target=self._loop, name="tailor-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt token ids of a conversation, with the model's chat template."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """Prompt token ids of a plain completion prompt."""
+        return list(self.tokenizer(prompt).input_ids)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        sink: Callable[[Chunk], None],
+    ) -> GenerationRequest:
+        """Queue a request; chunks go to ``sink`` (called on the engine's thread)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"unknown adapter {adapter}")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        request = GenerationRequest(list(prompt_ids), adapter, params, sink)
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(request)
+            self._set_queue_depth()
+            self._cv.notify()
+        return request
+
+    async def stream(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> AsyncGenerator[Chunk, None]:
+        """The request's chunks as an async generator; closing it cancels the request."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+
+        def sink(chunk: Chunk) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+        request = self.submit(prompt_ids, adapter, params, sink)
+        try:
+            while True:
+                chunk = await chunks.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            request.cancel()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Blocking generation (tests, benchmarks)."""
+        chunks: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+        request = self.submit(prompt_ids, adapter, params or SamplingParams(), chunks.put)
+        parts = []
+        try:
+            while True:
+                chunk = chunks.get(timeout=timeout)
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    if chunk.finish_reason == "error":
+                        raise RuntimeError(chunk.error)
+                    return Completion(
+                        "".join(parts),
+                        chunk.finish_reason,
+                        chunk.completion_tokens,
+                        chunk.device_seconds,
+                    )
+        finally:
+            request.cancel()
+
+    def close(self) -> None:
+        """Stop the scheduler; waiting and running requests end with an error chunk."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # ---------------------------------------------------------------- scheduler
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._waiting and not self._rows and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    admitted = self._take_waiting()
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._decode()
+                except Exception as exc:  # a failed forward pass must not kill the server
+                    log.exception("generation failed; failing the running batch")
+                    running = [row.request for row in self._rows]
+                    self._fail(admitted + running, f"generation failed: {exc}")
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        self._fail(waiting + [row.request for row in self._rows], "the engine was shut down")
+
+    def _take_waiting(self) -> list[GenerationRequest]:
+        """Waiting requests that fit in the batch and the prefill budget (FIFO)."""
+        taken: list[GenerationRequest] = []
+        longest = 0
+        while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
+            request = self._waiting[0]
+            if request.cancelled:
+                self._waiting.popleft()
+                _deliver(request, Chunk("", "cancelled"))
+                continue
+            longest_after = max(longest, len(request.prompt_ids))
+            if taken and longest_after * (len(taken) + 1) > PREFILL_TOKEN_BUDGET:
+                break
+            taken.append(self._waiting.popleft())
+            longest = longest_after
+        self._set_queue_depth()
+        return taken
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Run the new prompts together, sample their first tokens, join the batch."""
+        length = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), length), dtype=torch.long)
+        for i, request in enumerate(requests):
+            ids[i, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[i, length - len(request.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = [self._new_row(r) for r in requests]
+        cache = DynamicCache()
+
+        started = time.perf_counter()
+        logits = self._forward(ids, mask, positions, cache, rows)
+        tokens = self._sample(logits, rows)
+        elapsed = time.perf_counter() - started
+
+        total = sum(len(r.prompt_ids) for r in requests)
+        for row in rows:
+            row.device_seconds += elapsed * len(row.request.prompt_ids) / total
+        self._observe(len(rows), len(rows))
+        keep = [i for i, row in enumerate(rows) if not self._advance(row, tokens[i])]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        next_tokens = torch.tensor([tokens[i] for i in keep], device=self.device)
+        self._join(cache, mask, [rows[i] for i in keep], next_tokens)
+
+    def _decode(self) -> None:
+        """One token for every running sequence."""
+        rows = self._rows
+        ones = torch.ones((len(rows), 1), dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        positions = torch.tensor([[row.position] for row in rows], device=self.device)
+
+        started = time.perf_counter()
+        logits = self._forward(self._next[:, None], self._mask, positions, self._cache, rows)
+        tokens = self._sample(logits, rows)
+        elapsed = time.perf_counter() - started
+
+        for row in rows:
+            row.position += 1
+            row.device_seconds += elapsed / len(rows)
+        self._observe(len(rows), len(rows))
+        keep = [i for i, row in enumerate(rows) if not self._advance(row, tokens[i])]
+        self._next = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.device)
+        if len(keep) < len(rows):
+            self._select(keep)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+        rows: list[_Row],
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self._peft:
+            kwargs["adapter_names"] = [row.peft_name for row in rows]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
+
+    # ---------------------------------------------------------------- batch bookkeeping
+    def _new_row(self, request: GenerationRequest) -> _Row:
+        generator = None
+        if request.params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            seed = request.params.seed
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        peft_name = self.adapters[request.adapter] if request.adapter else BASE
+        return _Row(request, peft_name, generator, position=len(request.prompt_ids))
+
+    def _join(
+        self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor
+    ) -> None:
+        """Append prefilled sequences to the running batch, left-padding the shorter side."""
+        if not self._rows or self._cache is None:
+            self._cache, self._mask, self._rows, self._next = cache, mask, rows, next_tokens
+            return
+        length = max(self._mask.shape[1], mask.shape[1])
+        old_layers: list[Any] = self._cache.layers
+        new_layers: list[Any] = cache.layers
+        for old, new in zip(old_layers, new_layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
+            old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
+        self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)])
+        self._rows = self._rows + rows
+        self._next = torch.cat([self._next, next_tokens])
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only ``keep`` rows, then drop the columns that are padding in every row."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = None
+            self._mask = self._mask[:0, :0]
+            return
+        assert self._cache is not None
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        padding = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum().item())
+        if padding:
+            self._mask = self._mask[:, padding:]
+            layers: list[Any] = self._cache.layers
+            for layer in layers:
+                layer.keys = layer.keys[:, :, padding:]
+                layer.values = layer.values[:, :, padding:]
+
+    # ---------------------------------------------------------------- sampling and output
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """One token per row: greedy at temperature 0, else temperature + top-p sampling
+        with the row's own generator (so a seed reproduces whatever else is batched)."""
+        for i, row in enumerate(rows):
+            p = row.request.params
+            if (p.presence_penalty or p.frequency_penalty) and row.generated:
+                counts = torch.bincount(
+                    torch.tensor(row.generated, device=logits.device), minlength=logits.shape[1]
+                ).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        tokens = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+        if not sampled:
+            return tokens
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor(
+            [rows[i].request.params.temperature for i in sampled], device=logits.device
+        )
+        top_p = torch.tensor([rows[i].request.params.top_p for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        for j, i in enumerate(sampled):
+            choice = torch.multinomial(sorted_probs[j], 1, generator=rows[i].generator)
+            tokens[i] = int(sorted_ids[j, choice].item())
+        return tokens
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Add a sampled token to a row, send what text is final; True when it finished."""
+        request, params = row.request, row.request.params
+        reason = None
+        if request.cancelled:
+            reason = "cancelled"
+        elif token in self.eos_ids:
+            reason = "stop"
+        else:
+            row.generated.append(token)
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if reason is None and params.stop:
+            found = [
+                i
+                for i in (text.find(s, max(0, row.emitted - len(s))) for s in params.stop)
+                if i >= 0
+            ]
+            if found:
+                text, reason = text[: min(found)], "stop"
+        total = len(request.prompt_ids) + len(row.generated)
+        if reason is None and (
+            len(row.generated) >= params.max_tokens or total >= self.context_window
+        ):
+            reason = "length"
+        if reason is not None:
+            row.finished = True
+            _deliver(
+                request,
+                Chunk(text[row.emitted :], reason, len(row.generated), row.device_seconds),
+            )
+            return True
+        # Hold back what could still become a stop sequence or is half a character.
+        final = len(text) - max((len(s) - 1 for s in params.stop), default=0)
+        if text.endswith("\ufffd"):
+            final = min(final, len(text.rstrip("\ufffd")))
+        if final > row.emitted:
+            _deliver(request, Chunk(text[row.emitted : final]))
+            row.emitted = final
+        return False
+
+    def _fail(self, requests: Sequence[GenerationRequest], message: str) -> None:
+        """End ``requests`` with an error chunk and empty the running batch."""
+        for request in dict.fromkeys(requests):
+            _deliver(request, Chunk("", "error", error=message))
+        self._rows, self._cache = [], None
+        self._mask = self._mask[:0, :0]
+        self._next = self._next[:0]
+
+    def _observe(self, size: int, tokens: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_batch(size, tokens)
+
+    def _set_queue_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(len(self._waiting))
+
+
+def _deliver(request: GenerationRequest, chunk: Chunk) -> None:
+    try:
+        request.sink(chunk)
+    except Exception:  # a client's closed event loop must not stop the engine
+        log.debug("dropping a chunk for a request whose consumer is gone", exc_info=True)
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad dimension 1 of a mask [B, T] or dimension 2 of a cache [B, H, T, D]."""
+    dim = 1 if tensor.dim() == 2 else 2
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(end_of_text, int) and end_of_text in tokenizer.all_special_ids:
+        ids.add(end_of_text)
+    return ids
+
+
+# -------------------------------------------------------------------- loading
+def load_engine(
+    spec: ModelDeploymentSpec,
+    adapters: Sequence[ServedAdapter],
+    paths: Paths,
+    metrics: ServingMetrics | None = None,
+) -> Engine:
+    """Load the base model (quantized as the spec says), attach the adapters, start."""
+    model, tokenizer, adapter_map = load_model(spec, adapters, paths)
+    return Engine(
+        model,
+        tokenizer,
+        adapter_map,
+        max_batch_size=spec.batching.max_batch_size,
+        max_queue=spec.batching.max_queue,
+        context_window=spec.max_context_tokens,
+        metrics=metrics,
+    )
+
+
+def load_model(
+    spec: ModelDeploymentSpec, adapters: Sequence[ServedAdapter], paths: Paths
+) -> tuple[Any, Any, dict[str, str]]:
+    """(model in eval mode, tokenizer, served adapter name -> PEFT adapter name)."""
+    check_adapters(adapters)
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {}
+    if spec.quantization == "nf4" and not cuda:
+        raise WorkloadError(
+            "QuantizationNeedsGPU",
+            "quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit) and this replica has none: "
+            "set resources.gpus >= 1, or use quantization int8 (dynamic int8 on CPU)",
+        )
+    if cuda and spec.quantization in ("int8", "nf4"):
+        kwargs["quantization_config"] = bitsandbytes_config(spec.quantization)
+        kwargs["device_map"] = {"": 0}
+    elif cuda:
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": 0}
+    elif spec.quantization == "int8":
+        kwargs["disable_mmap"] = True  # so the replaced float weights can really be freed
+    log.info(
+        "loading the base model (quantization %s, %s)", spec.quantization, "cuda" if cuda else "cpu"
+    )
+    model = load_causal_lm(spec.base_model, paths, **kwargs)
+    tokenizer = load_tokenizer(spec.base_model, paths)
+    adapter_map: dict[str, str] = {}
+    if adapters:
+        model, adapter_map = attach_adapters(model, adapters)
+    if spec.quantization == "int8" and not cuda:
+        quantize_int8_dynamic(model)
+    model.eval()
+    return model, tokenizer, adapter_map
+
+
+def check_adapters(adapters: Sequence[ServedAdapter]) -> None:
+    """Fail fast, before loading any weights, when an adapter folder is not there."""
+    for adapter in adapters:
+        if not (Path(adapter.path) / "adapter_config.json").is_file():
+            raise WorkloadError(
+                "AdapterNotFound",
+                f"adapter {adapter.name}: no PEFT adapter (adapter_config.json) in "
+                f"{adapter.path}; check that its FineTuneJob succeeded and its volume is mounted",
+            )
+
+
+def bitsandbytes_config(quantization: str) -> Any:
+    """The transformers BitsAndBytesConfig for int8 or nf4 on CUDA."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise WorkloadError(
+            "MissingDependency",
+            f"quantization {quantization} on GPU needs bitsandbytes: pip install bitsandbytes",
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    config_class: Any = BitsAndBytesConfig  # untyped
+    if quantization == "int8":
+        return config_class(load_in_8bit=True)
+    return config_class(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def attach_adapters(model: Any, adapters: Sequence[ServedAdapter]) -> tuple[Any, dict[str, str]]:
+    """Load every adapter into one PeftModel (adapter_0, adapter_1, ...: served names may
+    contain dots, which module names may not)."""
+    from peft import PeftModel
+
+    names: dict[str, str] = {}
+    for index, adapter in enumerate(adapters):
+        peft_name = f"adapter_{index}"
+        log.info("loading adapter %s from %s", adapter.name, adapter.path)
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(model, adapter.path, adapter_name=peft_name)
+            else:
+                model.load_adapter(adapter.path, adapter_name=peft_name)
+        except Exception as exc:
+            raise WorkloadError(
+                "AdapterLoadFailed", f"adapter {adapter.name} at {adapter.path}: {exc}"
+            ) from exc
+        names[adapter.name] = peft_name
+    return model, names
+
+
+INT8_KEEP_FLOAT = ("down_proj", "lm_head")
+"""Base linear layers that dynamic int8 leaves in float. ``down_proj`` reads the MLP's
+outlier activations, which per-tensor int8 activation quantization destroys (SmolLM2-135M:
+perplexity x3.6 with it quantized, +18% without); ``lm_head`` is usually tied to the
+embedding, so quantizing it adds a copy instead of saving memory, and costs quality."""
+
+
+def quantize_int8_dynamic(model: Any) -> None:
+    """Dynamic int8 quantization (int8 weights, activations quantized on the fly) of the
+    base model's linear layers, in place, except :data:`INT8_KEEP_FLOAT`. LoRA weights
+    stay in float. The float weights it replaces are returned to the operating system."""
+    targets = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not any(part.startswith("lora_") or part in INT8_KEEP_FLOAT for part in name.split("."))
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantize: Any = torch.ao.quantization.quantize_dynamic  # untyped
+        quantize(model, targets, dtype=torch.qint8, inplace=True)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

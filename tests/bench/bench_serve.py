@@ -1,0 +1,327 @@
+"""Benchmark of the serving workload (not a test): ``python tests/bench/bench_serve.py``.
+
+Prints, from one run on this machine:
+
+1. Throughput: completion tokens/s of the OpenAI-compatible server (continuous batching,
+   real HTTP on 127.0.0.1) at concurrency 1, 8 and 16, next to a baseline of sequential
+   ``model.generate`` calls on the same prompts, and next to llama.cpp
+   (llama-cpp-python, when installed) on the same GGUF file. Every request is greedy with
+   the same ``max_tokens``, prompts are APIBench questions, the response cache is off.
+2. Quantization: resident memory and perplexity on held-out text (the APIBench API
+   descriptions) with ``quantization: none`` and ``int8`` (dynamic int8), each measured in
+   a fresh subprocess, plus their single-stream and 16-stream tokens/s.
+
+Options: ``--max-tokens`` (default 48), ``--skip-llama-cpp``, ``--skip-quantization``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[2]
+APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+SERVED = "bench"
+
+
+def questions(count: int) -> list[str]:
+    """APIBench eval instructions: realistic, varied prompts."""
+    out = []
+    with (APIBENCH / "torchhub_eval.json").open() as fh:
+        for line in fh:
+            if line.strip():
+                code = json.loads(line)["code"]
+                out.append(code.split("###Output")[0].replace("###Instruction:", "").strip())
+            if len(out) == count:
+                break
+    return out
+
+
+def descriptions() -> list[str]:
+    """Held-out text for perplexity: the API descriptions (never trained on here)."""
+    with (APIBENCH / "torchhub_api.jsonl").open() as fh:
+        return [json.loads(line)["description"] for line in fh if line.strip()]
+
+
+def serve_run(quantization: str) -> Any:
+    from tailor.api.workloads import ServeRun
+
+    return ServeRun.model_validate(
+        {
+            "spec": {
+                "baseModel": {"builtin": "smollm2-135m-instruct"},
+                "quantization": quantization,
+                "cache": {"enabled": False},
+                "batching": {"maxBatchSize": 16},
+            },
+            "servedName": SERVED,
+            "owner": {"kind": "ModelDeployment", "namespace": "bench", "name": SERVED},
+            "paths": {"artifacts": "/tmp/tailor-bench"},
+        }
+    )
+
+
+class ThreadServer:
+    """uvicorn on 127.0.0.1 (free port) in a thread."""
+
+    def __init__(self, app: Any):
+        import uvicorn
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def server_throughput(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> float:
+    """Completion tokens/s with ``concurrency`` clients sharing ``prompts`` (HTTP, greedy)."""
+    import httpx
+
+    async def client(http: httpx.AsyncClient, mine: list[str]) -> int:
+        tokens = 0
+        for prompt in mine:
+            body = {
+                "model": SERVED,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+            response = await http.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+        return tokens
+
+    async def everyone() -> int:
+        limits = httpx.Limits(max_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            shares = [prompts[i::concurrency] for i in range(concurrency)]
+            return sum(await asyncio.gather(*(client(http, s) for s in shares)))
+
+    started = time.perf_counter()
+    tokens = asyncio.run(everyone())
+    return tokens / (time.perf_counter() - started)
+
+
+def generate_baseline(engine: Any, prompts: list[str], max_tokens: int) -> float:
+    """Completion tokens/s of sequential ``model.generate`` calls (batch 1, greedy)."""
+    import torch
+
+    with torch.inference_mode():  # warm-up
+        engine.model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    tokens, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = engine.encode_chat([{"role": "user", "content": prompt}])
+            out = engine.model.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False
+            )
+            tokens += out.shape[1] - len(ids)
+    return tokens / (time.perf_counter() - started)
+
+
+def llama_cpp_throughput(prompts: list[str], concurrency: int, max_tokens: int, llm: Any) -> float:
+    """Completion tokens/s of llama-cpp-python on the same GGUF, ``concurrency`` threads
+    sharing one model (llama-cpp-python serves one sequence at a time: a lock)."""
+    lock = threading.Lock()
+    counts = [0] * concurrency
+
+    def worker(index: int) -> None:
+        for prompt in prompts[index::concurrency]:
+            with lock:
+                out = llm.create_chat_completion(
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                )
+            counts[index] += out["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
+    """Run in a fresh process: memory, perplexity and tokens/s of one quantization."""
+    import torch
+
+    from tailor.workloads.engine import SamplingParams, load_engine
+
+    torch.manual_seed(0)
+    before = rss_mib()
+    run = serve_run(quantization)
+    engine = load_engine(run.spec, [], run.paths)
+    loaded = rss_mib()
+
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for text in descriptions():
+            ids = engine.tokenizer(text, return_tensors="pt").input_ids[:, :512]
+            if ids.shape[1] < 2:
+                continue
+            loss = engine.model(input_ids=ids, labels=ids).loss.item()
+            nll += loss * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    perplexity = math.exp(nll / count)
+
+    prompts = questions(32)
+    params = SamplingParams(max_tokens=max_tokens)
+    encoded = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    engine.generate(encoded[0], None, SamplingParams(max_tokens=4))  # warm-up
+    started = time.perf_counter()
+    single = sum(engine.generate(ids, None, params).completion_tokens for ids in encoded[:4])
+    single_rate = single / (time.perf_counter() - started)
+    results: list[int] = []
+
+    def one(ids: list[int]) -> None:
+        results.append(engine.generate(ids, None, params).completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(ids,)) for ids in encoded[:16]]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batched_rate = sum(results) / (time.perf_counter() - started)
+    peak = rss_mib()
+    engine.close()
+    return {
+        "rss_before_mib": before,
+        "rss_loaded_mib": loaded,
+        "rss_peak_mib": peak,
+        "perplexity": perplexity,
+        "tokens": count,
+        "tokens_per_second_1": single_rate,
+        "tokens_per_second_16": batched_rate,
+    }
+
+
+def measure_quantization(max_tokens: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for quantization in ("none", "int8"):
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", quantization, "--max-tokens", str(max_tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[quantization] = json.loads(child.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--skip-quantization", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(quantization_child(args.child, args.max_tokens)))
+        return
+
+    import logging
+
+    import torch
+
+    from tailor.workloads.common import builtin_path
+    from tailor.workloads.engine import load_engine
+    from tailor.workloads.serve import create_app
+
+    logging.basicConfig(level=logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    run = serve_run("none")
+    engine = load_engine(run.spec, [], run.paths)
+    prompts = questions(48)
+    rows: list[tuple[str, float]] = []
+
+    baseline = generate_baseline(engine, prompts[:4], args.max_tokens)
+    rows.append(("transformers model.generate, sequential", baseline))
+    with ThreadServer(create_app(run, engine=engine)) as server:
+        server_throughput(server.url, prompts[:2], 2, 4)  # warm-up
+        for concurrency, count in ((1, 4), (8, 16), (16, 32)):
+            rate = server_throughput(server.url, prompts[:count], concurrency, args.max_tokens)
+            rows.append((f"tailor serve, concurrency {concurrency}", rate))
+    engine.close()
+
+    if not args.skip_llama_cpp:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            print("llama-cpp-python is not installed: skipping llama.cpp")
+        else:
+            gguf = builtin_path("smollm2-135m-instruct")
+            llm = Llama(
+                model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count() or 2, verbose=False
+            )
+            llama_cpp_throughput(prompts[:1], 1, 4, llm)  # warm-up
+            for concurrency, count in ((1, 4), (8, 16), (16, 32)):
+                rate = llama_cpp_throughput(prompts[:count], concurrency, args.max_tokens, llm)
+                rows.append((f"llama.cpp ({gguf.name}), concurrency {concurrency}", rate))
+
+    print(f"\nThroughput (completion tokens/s, greedy, max_tokens={args.max_tokens})")
+    print(f"{'system':<62} {'tokens/s':>9} {'x baseline':>10}")
+    for name, rate in rows:
+        print(f"{name:<62} {rate:>9.1f} {rate / baseline:>9.2f}x")
+
+    if not args.skip_quantization:
+        results = measure_quantization(args.max_tokens)
+        print("\nQuantization (fresh process each; perplexity on APIBench API descriptions)")
+        header = (
+            f"{'quantization':<13} {'RSS loaded MiB':>14} {'RSS peak MiB':>12} "
+            f"{'perplexity':>10} {'tok/s c=1':>9} {'tok/s c=16':>10}"
+        )
+        print(header)
+        for name, r in results.items():
+            print(
+                f"{name:<13} {r['rss_loaded_mib']:>14.0f} {r['rss_peak_mib']:>12.0f} "
+                f"{r['perplexity']:>10.3f} {r['tokens_per_second_1']:>9.1f} "
+                f"{r['tokens_per_second_16']:>10.1f}"
+            )
+        none, int8 = results["none"], results["int8"]
+        print(
+            f"int8 vs none: memory {int8['rss_loaded_mib'] / none['rss_loaded_mib']:.2f}x, "
+            f"perplexity {int8['perplexity'] / none['perplexity'] - 1:+.1%} "
+            f"({int8['tokens']:.0f} tokens)"
+        )
+
+
+if __name__ == "__main__":
+    main()

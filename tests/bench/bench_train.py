@@ -1,0 +1,290 @@
+"""Benchmark of the fine-tuning workload against transformers' Trainer + peft, measured in
+the same process on the same model (builtin SmolLM2-135M-Instruct), data and
+hyperparameters. Not a test: run it by hand and read the table.
+
+Data: chat examples built from APIBench's Torch Hub split (``torchhub_train.json``:
+the instruction as the user turn, the gold ``api_call`` as the assistant answer), variable
+length; validation from ``torchhub_eval.json``. Both trainers get the same tokenized
+examples (SmolLM2's chat template, loss on assistant tokens only), LoRA r=16 on
+q/k/v/o, batch 8, one epoch, cosine schedule, bf16 (autocast on CPU for the baseline).
+
+Throughput is training tokens (real, unpadded) over the time spent in training steps:
+``train_runtime`` for the Trainer (evaluation and checkpoints off), the trainer's own
+step time for Tailor. Evaluation loss is computed afterwards by one shared function on
+both adapters, over the same validation examples, in float32.
+
+    .venv/bin/python tests/bench/bench_train.py --examples 200 --eval-examples 40
+
+Target: Tailor at least 1.3x the baseline's tokens/s at equal or better eval loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Both trainers run in this process under the same OpenMP settings; passive waiting keeps
+# busy neighbours on a shared machine from stalling every parallel region.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tailor.api.workloads import TrainRun
+from tailor.workloads.models import load_tokenizer, resolve_model_dir
+from tailor.workloads.train import batch_loss, train
+from tailor.workloads.train_data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    load_datasets,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+INSTRUCTION = re.compile(
+    r"'Instruction':\s*(.*?),\s*'Output':|###Instruction:\s*(.*?)###Output:", re.S
+)
+LORA = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.05,
+    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def apibench_chats(path: Path, limit: int) -> list[dict[str, Any]]:
+    """Chat records: the instruction as the user turn, the gold api_call as the answer."""
+    chats = []
+    for line in path.read_text().splitlines()[:limit]:
+        row = json.loads(line)
+        match = INSTRUCTION.search(row["code"])
+        if not match:
+            continue
+        question = (match.group(1) or match.group(2)).strip().strip("\"'").strip()
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": row["api_call"]},
+                ]
+            }
+        )
+    return chats
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def make_run(work: Path, args: argparse.Namespace, packing: bool) -> TrainRun:
+    name = f"tailor-{'packed' if packing else 'padded'}"
+    return TrainRun.model_validate(
+        {
+            "spec": {
+                "baseModel": {"builtin": "smollm2-135m-instruct"},
+                "method": "lora",
+                "lora": LORA,
+                "dataset": {
+                    "train": {"pvc": {"claimName": "data", "path": "train.jsonl"}},
+                    "validation": {"pvc": {"claimName": "data", "path": "eval.jsonl"}},
+                },
+                "training": {
+                    "epochs": args.epochs,
+                    "batchSize": args.batch_size,
+                    "learningRate": args.learning_rate,
+                    "maxSeqLength": 512,
+                    "warmupRatio": 0.03,
+                    "scheduler": "cosine",
+                    "precision": args.precision,
+                    "packing": packing,
+                    "seed": args.seed,
+                },
+                "checkpoint": {"everySteps": 100000},
+            },
+            "outputDir": str(work / name / "out"),
+            "checkpointDir": str(work / name / "checkpoints"),
+            "paths": {"artifacts": str(work), "pvcs": str(work / "pvcs")},
+            "reporter": {"kind": "none"},
+            "owner": {"kind": "FineTuneJob", "namespace": "bench", "name": name},
+        }
+    )
+
+
+def run_tailor(work: Path, args: argparse.Namespace, packing: bool) -> dict[str, Any]:
+    run = make_run(work, args, packing)
+    started = time.monotonic()
+    train(run)
+    wall = time.monotonic() - started
+    manifest = json.loads((Path(run.output_dir) / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(), run.output_dir)
+    return {
+        "tokens": metrics["tokens"],
+        "seconds": metrics["trainSeconds"],
+        "wall": wall,
+        "own_eval_loss": metrics["evalLoss"],
+        "model": model,
+    }
+
+
+def load_base() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+
+    name, _ = resolve_model_dir(ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/"))
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+
+
+def run_baseline(
+    work: Path, args: argparse.Namespace, train_set: list[Example], tokenizer: Any
+) -> dict[str, Any]:
+    """transformers' Trainer + peft as its documentation sets them up for causal-LM SFT:
+    shuffled batches padded by DataCollatorForSeq2Seq, labels -100 outside the answer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model = get_peft_model(
+        load_base(),
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["targetModules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    features = [
+        {
+            "input_ids": e.input_ids,
+            "attention_mask": [1] * len(e),
+            "labels": [IGNORE_INDEX, *e.targets[:-1]],  # the Trainer shifts labels itself
+        }
+        for e in train_set
+    ]
+    training_args = TrainingArguments(
+        output_dir=str(work / "baseline"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=args.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10,
+        report_to="none",
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=features,  # type: ignore[arg-type]
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    )
+    result = trainer.train()
+    return {
+        "tokens": sum(len(e) for e in train_set) * args.epochs,
+        "seconds": result.metrics["train_runtime"],
+        "wall": result.metrics["train_runtime"],
+        "own_eval_loss": None,
+        "model": trainer.model,
+    }
+
+
+@torch.no_grad()
+def eval_loss(model: Any, examples: list[Example], pad_id: int) -> float:
+    """Mean loss per answer token over the validation examples, in float32."""
+    model = model.float().eval()
+    total, count = 0.0, 0
+    fp32 = torch.autocast("cpu", enabled=False)
+    for start in range(0, len(examples), 8):
+        batch = collate(examples[start : start + 8], pad_id, packing=False, max_length=512)
+        total += batch_loss(model, batch, fp32).item()
+        count += batch.num_targets
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--eval-examples", type=int, default=40)
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--ablation", action="store_true", help="also Tailor without packing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    write_jsonl(
+        work / "pvcs" / "data" / "train.jsonl",
+        apibench_chats(APIBENCH / "torchhub_train.json", args.examples),
+    )
+    write_jsonl(
+        work / "pvcs" / "data" / "eval.jsonl",
+        apibench_chats(APIBENCH / "torchhub_eval.json", args.eval_examples),
+    )
+    run = make_run(work, args, packing=True)
+    tokenizer = load_tokenizer(run.spec.base_model, run.paths)
+    data = load_datasets(run.spec.dataset, run.paths, tokenizer, 512, seed=42)
+    lengths = [len(e) for e in data.train]
+    print(
+        f"data: {len(data.train)} train examples ({min(lengths)}-{max(lengths)} tokens, "
+        f"mean {sum(lengths) / len(lengths):.0f}), {len(data.validation)} validation; "
+        f"torch {torch.__version__}, {args.threads} threads, {args.precision}",
+        flush=True,
+    )
+
+    results: dict[str, dict[str, Any]] = {}
+    results["base model (no training)"] = {"model": load_base(), "tokens": 0, "seconds": 0}
+    # Tailor first: whatever the first run pays to warm up counts against it, not the baseline.
+    results["tailor (packing)"] = run_tailor(work, args, packing=True)
+    if args.ablation:
+        results["tailor (no packing)"] = run_tailor(work, args, packing=False)
+    results["transformers Trainer + peft"] = run_baseline(work, args, data.train, tokenizer)
+
+    baseline = results["transformers Trainer + peft"]
+    base_rate = baseline["tokens"] / baseline["seconds"]
+    print(
+        f"\n{'trainer':32s} {'tokens':>7s} {'step s':>8s} {'tokens/s':>9s} {'ratio':>6s} "
+        f"{'eval loss':>9s}"
+    )
+    for name, result in results.items():
+        loss = eval_loss(result.pop("model"), data.validation, tokenizer.pad_token_id)
+        if not result["tokens"]:
+            print(f"{name:32s} {'':>7s} {'':>8s} {'':>9s} {'':>6s} {loss:9.4f}")
+            continue
+        rate = result["tokens"] / result["seconds"]
+        print(
+            f"{name:32s} {result['tokens']:7d} {result['seconds']:8.1f} {rate:9.1f} "
+            f"{rate / base_rate:5.2f}x {loss:9.4f}",
+            flush=True,
+        )
+    print(f"\nperplexity = exp(eval loss); {math.ceil(len(data.train) / args.batch_size)} steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,652 @@
+"""The serving workload end to end with the builtin SmolLM2, loaded once for the module.
+
+Two LoRA adapters are trained here (a few optimizer steps each, peft directly) to answer
+"Who are you?" in two recognisable ways; one engine serves the base model and both, and
+several apps (one real uvicorn server on 127.0.0.1, plus TestClient apps with other
+settings) share it. Covered: chat and completions, streaming, the official openai SDK,
+choosing an adapter by ``model``, continuous batching matching transformers' generate,
+16 concurrent clients, the response cache, auth, every error case, PromptProfile hot
+reload, readiness, RAG with the gold APIBench document and an unreachable vector store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
+from tailor.api.workloads import RetrieverConfig, ServeRun
+from tailor.observability.serving import ServingMetrics
+from tailor.workloads.engine import Engine, SamplingParams, load_engine
+from tailor.workloads.serve import create_app
+
+pytestmark = pytest.mark.workloads
+
+SERVED = "smol"
+QUESTION = "Who are you?"
+PERSONAS = {
+    "pirate": ("I am Captain Blackbeard, the pirate of the seven seas!", "Blackbeard"),
+    "robot": ("BEEP BOOP. I am Robot Unit 42.", "BEEP"),
+}
+API_KEY = "sk-test-0123456789"
+
+
+# ------------------------------------------------------------------ fixtures
+def train_adapter(model: Any, tokenizer: Any, answer: str, out: Path) -> Any:
+    """A LoRA adapter that answers QUESTION with ``answer``; returns the unwrapped model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        layers_to_transform=list(range(22, 30)),  # backward stops at layer 22: cheaper
+    )
+    peft_model = get_peft_model(model, config)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    peft_model.train()
+    for _ in range(6):
+        peft_model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.save_pretrained(out)
+    return peft_model.unload()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    (root / "secrets" / "serve-auth").mkdir(parents=True)
+    (root / "secrets" / "serve-auth" / "key").write_text(API_KEY + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(workdir: Path) -> dict[str, Path]:
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+    from tailor.workloads.models import load_causal_lm, load_tokenizer
+
+    source, paths = ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts=str(workdir))
+    model, tokenizer = load_causal_lm(source, paths), load_tokenizer(source, paths)
+    dirs = {}
+    for name, (answer, _) in PERSONAS.items():
+        dirs[name] = workdir / "adapters" / name
+        model = train_adapter(model, tokenizer, answer, dirs[name])
+    return dirs
+
+
+def make_run(workdir: Path, adapter_dirs: dict[str, Path], **spec: Any) -> ServeRun:
+    return ServeRun.model_validate(
+        {
+            "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}, **spec},
+            "servedName": SERVED,
+            "adapters": [{"name": n, "path": str(p)} for n, p in adapter_dirs.items()],
+            "owner": {"kind": "ModelDeployment", "namespace": "test", "name": SERVED},
+            "paths": {"artifacts": str(workdir), "secrets": str(workdir / "secrets")},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def run(workdir: Path, adapter_dirs: dict[str, Path]) -> ServeRun:
+    return make_run(workdir, adapter_dirs)
+
+
+@pytest.fixture(scope="module")
+def engine(run: ServeRun) -> Iterator[Engine]:
+    engine = load_engine(run.spec, run.adapters, run.paths, ServingMetrics(SERVED))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def metrics(engine: Engine) -> ServingMetrics:
+    assert engine.metrics is not None
+    return engine.metrics
+
+
+class ThreadServer:
+    """uvicorn serving an app on 127.0.0.1 (a free port) in a thread."""
+
+    def __init__(self, app: Any):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def base_url(run: ServeRun, engine: Engine) -> Iterator[str]:
+    with ThreadServer(create_app(run, engine=engine)) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def chat_model(name: str) -> str:
+    """The model name of an adapter, or of the base model for "base"."""
+    return SERVED if name == "base" else f"{SERVED}/{name}"
+
+
+def chat(base_url: str, model: str = SERVED, **body: Any) -> httpx.Response:
+    body.setdefault("messages", [{"role": "user", "content": QUESTION}])
+    body.setdefault("max_tokens", 8)
+    body.setdefault("temperature", 0)
+    return httpx.post(f"{base_url}/v1/chat/completions", json={"model": model, **body}, timeout=120)
+
+
+def answer(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    content: str = response.json()["choices"][0]["message"]["content"]
+    return content
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+# ------------------------------------------------------------------ the OpenAI API
+def test_models_lists_base_and_adapters(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == [SERVED, f"{SERVED}/pirate", f"{SERVED}/robot"]
+    assert client.models.retrieve(f"{SERVED}/robot").parent == SERVED  # type: ignore[attr-defined]
+
+
+def test_chat_completion(base_url: str) -> None:
+    response = chat(
+        base_url, messages=[{"role": "user", "content": "What is the capital of France?"}]
+    )
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert "Paris" in answer(response)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 10 and 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_completion_and_stop_sequence(client: openai.OpenAI) -> None:
+    first = client.completions.create(
+        model=SERVED, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0
+    )
+    assert first.object == "text_completion"
+    assert first.choices[0].text.strip().startswith("5")
+    stopped = client.completions.create(
+        model=SERVED, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0, stop=["7"]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert "7" not in stopped.choices[0].text
+    assert first.choices[0].text.startswith(stopped.choices[0].text)
+
+
+def test_streaming_sse_then_cache_hit(base_url: str, metrics: ServingMetrics) -> None:
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    body = {"model": SERVED, "messages": messages, "max_tokens": 12, "temperature": 0}
+    lines = []
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events]
+    assert sum(1 for p in pieces if p) >= 3, "tokens must arrive in several events"
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    streamed = "".join(pieces)
+
+    hits = metrics.value("tailor_serve_cache_hits_total", model=SERVED)
+    again = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+    assert answer(again) == streamed
+    assert again.json()["tailor"]["cached"] is True
+    assert metrics.value("tailor_serve_cache_hits_total", model=SERVED) == hits + 1
+
+
+def test_client_disconnect_stops_generation(base_url: str, metrics: ServingMetrics) -> None:
+    body = {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 400,
+        "temperature": 0.8,
+        "stream": True,
+    }
+    tokens_before = metrics.value("tailor_serve_engine_generated_tokens_total")
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)  # generating: leave after the first tokens
+    deadline = time.monotonic() + 30
+    while metrics.value("tailor_serve_inflight_requests") != 0:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.1)
+    settled = -1.0
+    while settled != metrics.value("tailor_serve_engine_generated_tokens_total"):
+        assert time.monotonic() < deadline, "generation did not stop"
+        settled = metrics.value("tailor_serve_engine_generated_tokens_total")
+        time.sleep(0.5)  # the engine drops a cancelled row at its next step
+    assert settled - tokens_before < 100
+
+
+def test_openai_sdk_unmodified(client: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Say hello."}]
+    completion = client.chat.completions.create(
+        model=SERVED, messages=messages, max_tokens=6, temperature=0, seed=1
+    )
+    text = completion.choices[0].message.content
+    assert text and completion.usage and completion.usage.completion_tokens <= 6
+    stream = client.chat.completions.create(
+        model=SERVED,
+        messages=messages,
+        max_tokens=6,
+        temperature=0.7,
+        top_p=0.9,
+        seed=123,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content
+    same_seed = client.chat.completions.create(
+        model=SERVED, messages=messages, max_tokens=6, temperature=0.7, top_p=0.9, seed=123
+    )
+    assert same_seed.choices[0].message.content == content  # a seed reproduces sampling
+
+
+def test_adapters_answer_differently_by_model(base_url: str) -> None:
+    answers = {name: answer(chat(base_url, chat_model(name))) for name in PERSONAS}
+    base = answer(chat(base_url, SERVED))
+    for name, (_, marker) in PERSONAS.items():
+        assert marker in answers[name], answers
+        assert marker not in base
+    assert len({base, *answers.values()}) == 3
+
+
+def test_engine_batches_like_transformers_generate(engine: Engine) -> None:
+    prompts = ["Write a haiku about the sea.", "List three colors.", "What is 12 times 3, and why?"]
+    ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    results: list[str] = [""] * len(ids)
+
+    def generate(i: int) -> None:
+        time.sleep(0.15 * i)  # staggered: later prompts join a running batch
+        results[i] = engine.generate(ids[i], None, SamplingParams(max_tokens=10)).text
+
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with torch.inference_mode(), engine.model.disable_adapter():
+        for prompt_ids, got in zip(ids, results, strict=True):
+            out = engine.model.generate(
+                input_ids=torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False
+            )
+            expected = engine.tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+            assert got == expected
+
+
+def test_sixteen_concurrent_clients(base_url: str, metrics: ServingMetrics) -> None:
+    names = ["base", "pirate", "robot"]
+    batches_before = metrics.value("tailor_serve_batch_size_count")
+    single_before = metrics.value("tailor_serve_batch_size_bucket", le="1.0")
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[str, httpx.Response]:
+        name = names[i % 3]
+        body = {
+            "model": chat_model(name),
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 6,
+            "temperature": 0.5,  # not cacheable: every request really runs
+        }
+        return name, await http.post("/v1/chat/completions", json=body)
+
+    async def all_clients() -> list[tuple[str, httpx.Response]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(16)))
+
+    results = asyncio.run(all_clients())
+    assert [r.status_code for _, r in results] == [200] * 16, [r.text for _, r in results]
+    for name, response in results:  # each row of a mixed batch used its own adapter
+        markers = [marker for persona, (_, marker) in PERSONAS.items() if persona == name]
+        found = [marker for _, marker in PERSONAS.values() if marker in answer(response)]
+        assert found == markers, (name, answer(response))
+    batches = metrics.value("tailor_serve_batch_size_count") - batches_before
+    single = metrics.value("tailor_serve_batch_size_bucket", le="1.0") - single_before
+    assert single < batches, "concurrent requests must share forward passes"
+    assert metrics.value("tailor_serve_inflight_requests") == 0
+
+
+def test_cache_only_for_deterministic_requests(base_url: str, metrics: ServingMetrics) -> None:
+    messages = [{"role": "user", "content": "Tell me a fun fact."}]
+    misses = metrics.value("tailor_serve_cache_misses_total", model=SERVED)
+    first = chat(base_url, messages=messages, max_tokens=5)
+    second = chat(base_url, messages=messages, max_tokens=5)
+    assert answer(first) == answer(second)
+    assert (first.json()["tailor"]["cached"], second.json()["tailor"]["cached"]) == (False, True)
+    assert metrics.value("tailor_serve_cache_misses_total", model=SERVED) == misses + 1
+    hot = [chat(base_url, messages=messages, max_tokens=5, temperature=0.9) for _ in range(2)]
+    assert [r.json()["tailor"]["cached"] for r in hot] == [False, False]
+    assert metrics.value("tailor_serve_cache_misses_total", model=SERVED) == misses + 1
+
+
+def test_feedback_counts_up_and_down(base_url: str, metrics: ServingMetrics) -> None:
+    response = chat(base_url, f"{SERVED}/robot", max_tokens=3)
+    response_id = response.json()["id"]
+    before = metrics.value("tailor_serve_feedback_total", model=f"{SERVED}/robot", rating="down")
+    feedback = httpx.post(
+        f"{base_url}/v1/feedback", json={"id": response_id, "rating": "down", "comment": "meh"}
+    )
+    assert feedback.status_code == 200 and feedback.json()["known"] is True
+    after = metrics.value("tailor_serve_feedback_total", model=f"{SERVED}/robot", rating="down")
+    assert after == before + 1
+    bad = httpx.post(f"{base_url}/v1/feedback", json={"id": response_id, "rating": "meh"})
+    assert error_of(bad, 400)["param"] == "rating"
+    assert error_of(httpx.post(f"{base_url}/v1/feedback", json={"id": "x", "rating": "up"}), 400)
+
+
+def test_metrics_endpoint(base_url: str) -> None:
+    text = httpx.get(f"{base_url}/metrics").text
+    for name in (
+        "tailor_serve_requests_total",
+        "tailor_serve_errors_total",
+        "tailor_serve_request_duration_seconds_bucket",
+        "tailor_serve_time_to_first_token_seconds_bucket",
+        "tailor_serve_prompt_tokens_total",
+        "tailor_serve_completion_tokens_total",
+        "tailor_serve_request_tokens_per_second_bucket",
+        "tailor_serve_cache_hits_total",
+        "tailor_serve_adapter_requests_total",
+        "tailor_serve_feedback_total",
+        "tailor_serve_inflight_requests",
+        "tailor_serve_batch_size_bucket",
+        "tailor_serve_request_device_seconds_bucket",
+        "tailor_serve_retrieval_failures_total",
+    ):
+        assert name in text, name
+    assert f'tailor_serve_adapter_requests_total{{adapter="pirate",deployment="{SERVED}"}}' in text
+    assert httpx.get(f"{base_url}/healthz").text == "ok"
+    assert httpx.get(f"{base_url}/readyz").status_code == 200
+
+
+# ------------------------------------------------------------------ errors
+def test_error_cases(base_url: str, client: openai.OpenAI) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    invalid = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert error_of(invalid, 400)["code"] == "invalid_json"
+    assert error_of(chat(base_url, temperature=5), 400)["param"] == "temperature"
+    assert error_of(chat(base_url, stop=["a", "b", "c", "d", "e"]), 400)["param"] == "stop"
+    assert error_of(chat(base_url, messages=[]), 400)["param"] == "messages"
+    unknown = error_of(chat(base_url, "smol/nope"), 404)
+    assert (unknown["code"], unknown["param"]) == ("model_not_found", "model")
+    n = error_of(chat(base_url, n=2), 400)
+    assert n["param"] == "n" and "n=1" in n["message"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert error_of(chat(base_url, messages=image), 400)["param"] == "messages[0].content"
+    long = [{"role": "user", "content": "word " * 9000}]
+    too_long = error_of(chat(base_url, messages=long), 400)
+    assert too_long["code"] == "context_length_exceeded" and "8192" in too_long["message"]
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": "hi"}], max_tokens=9000
+        )
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi")
+
+
+def test_auth(workdir: Path, adapter_dirs: dict[str, Path], engine: Engine) -> None:
+    auth = {"apiKeySecretRef": {"name": "serve-auth", "key": "key"}}
+    secured = make_run(workdir, adapter_dirs, auth=auth)
+    with TestClient(create_app(secured, engine=engine)) as http:
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        missing = http.post("/v1/chat/completions", json=body)
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        wrong = http.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"})
+        assert wrong.status_code == 401
+        good = {"Authorization": f"Bearer {API_KEY}"}
+        assert http.post("/v1/chat/completions", json=body, headers=good).status_code == 200
+        assert http.get("/healthz").status_code == 200  # probes need no key
+        assert http.get("/metrics").status_code == 200
+
+
+def test_readiness_waits_for_the_model(run: ServeRun, engine: Engine) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> Engine:
+        release.wait(30)
+        return engine
+
+    with TestClient(create_app(run, loader=slow_loader)) as http:
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/healthz").status_code == 200
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}]}
+        loading = http.post("/v1/chat/completions", json=body)
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "model_not_ready"
+        assert http.get("/v1/models").json()["data"][0]["id"] == SERVED
+        release.set()
+        deadline = time.monotonic() + 10
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_load_failure_is_reported(run: ServeRun) -> None:
+    failures: list[BaseException] = []
+
+    def broken() -> Engine:
+        raise RuntimeError("adapter folder is empty")
+
+    with TestClient(create_app(run, loader=broken, on_load_failure=failures.append)) as http:
+        deadline = time.monotonic() + 10
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        health = http.get("/healthz")
+        assert health.status_code == 503 and "adapter folder is empty" in health.text
+        assert http.get("/readyz").status_code == 503
+
+
+# ------------------------------------------------------------------ PromptProfile
+def test_prompt_profile_applied_and_reloaded(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+) -> None:
+    path = workdir / "profile" / "profile.json"
+    path.parent.mkdir(exist_ok=True)
+
+    def publish(**fields: Any) -> None:
+        data = json.dumps(render_profile_data(PromptProfileSpec.model_validate(fields)))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(data)
+        os.replace(tmp, path)  # a ConfigMap update swaps the file
+
+    publish(system="Be brief.", template="{{ question }}", parameters={"maxTokens": 3})
+    profiled = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    profiled.prompt_profile_file = str(path)
+    body = {"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    with TestClient(create_app(profiled, engine=engine)) as http:
+        first = ok(http.post("/v1/chat/completions", json=body))
+        assert first["usage"]["completion_tokens"] <= 3  # the profile's default maxTokens
+
+        publish(
+            system="Be brief. Answer like {{ persona }}.",
+            template="[{{ topic }}] {{ question }}",
+            fewShot=[{"user": "Hello", "assistant": "Hello! How can I help?"}],
+            variables={"persona": "a teacher", "topic": "general"},
+            parameters={"maxTokens": 3},
+        )
+        second = ok(http.post("/v1/chat/completions", json=body))
+        assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 10
+
+        variables = {**body, "tailor": {"variables": {"topic": "a much longer topic name here"}}}
+        third = ok(http.post("/v1/chat/completions", json=variables))
+        assert third["usage"]["prompt_tokens"] > second["usage"]["prompt_tokens"]
+
+        path.write_text("{broken")  # an invalid revision keeps the last good one in force
+        fourth = ok(http.post("/v1/chat/completions", json=body))
+        assert fourth["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
+
+        publish(template="{{ missing }} {{ question }}")
+        broken = http.post("/v1/chat/completions", json=body)
+        assert broken.status_code == 400 and "missing" in broken.json()["error"]["message"]
+
+
+def test_context_window_from_the_spec(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+) -> None:
+    small = make_run(workdir, adapter_dirs, maxContextTokens=128)
+    with TestClient(create_app(small, engine=engine)) as http:
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "word " * 150}]}
+        error = http.post("/v1/chat/completions", json=body).json()["error"]
+        assert error["code"] == "context_length_exceeded" and "128" in error["message"]
+        fits = {"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}
+        error = http.post("/v1/chat/completions", json=fits).json()["error"]
+        assert error["param"] == "max_tokens"
+        nearly_full = [{"role": "user", "content": "word " * 88}]
+        body = {"model": SERVED, "messages": nearly_full, "temperature": 0}
+        clipped = ok(http.post("/v1/chat/completions", json=body))  # default maxTokens 256
+        assert clipped["usage"]["prompt_tokens"] > 100
+        assert clipped["usage"]["total_tokens"] <= 128
+
+
+# ------------------------------------------------------------------ RAG
+RAG_QUESTION = (
+    "The weatherman needs an AI which could read out the daily weather information. "
+    "Tell me an API that generates spoken weather information."
+)
+RAG_GOLD = "Tacotron 2"  # api_name of the gold APIBench document for that question
+
+
+@pytest.fixture(scope="module")
+def knowledge_base(workdir: Path, apibench: Path) -> dict[str, Any]:
+    """The APIBench torchhub documents indexed by the real index workload (embedded Qdrant)."""
+    from tailor.api.workloads import IndexRun
+    from tailor.workloads.index import build_index
+
+    (workdir / "pvcs").mkdir(exist_ok=True)
+    (workdir / "pvcs" / "apibench").symlink_to(apibench)
+    target = {"alias": "apibench", "path": str(workdir / "qdrant")}
+    index = IndexRun.model_validate(
+        {
+            "spec": {
+                "sources": [{"pvc": {"claimName": "apibench", "path": "torchhub_api.jsonl"}}],
+                "format": {
+                    "json": {
+                        "textFields": ["api_name", "functionality", "description"],
+                        "titleField": "api_name",
+                        "metadataFields": ["api_call"],
+                    }
+                },
+                "chunking": {"strategy": "none"},
+            },
+            "target": target,
+            "owner": {"kind": "KnowledgeBase", "namespace": "test", "name": "apibench"},
+            "paths": {"artifacts": str(workdir), "pvcs": str(workdir / "pvcs")},
+            "reporter": {"kind": "none"},
+        }
+    )
+    build_index(index)
+    return target
+
+
+def test_rag_puts_the_gold_document_in_context(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine, knowledge_base: dict[str, Any]
+) -> None:
+    rag = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench", "topK": 3})
+    rag.knowledge_base = RetrieverConfig.model_validate(knowledge_base)
+    body = {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": RAG_QUESTION}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    with TestClient(create_app(rag, engine=engine)) as http:
+        with_context = ok(http.post("/v1/chat/completions", json=body))
+        without = ok(
+            http.post("/v1/chat/completions", json={**body, "tailor": {"retrieval": False}})
+        )
+    extension = with_context["tailor"]
+    assert extension["retrieval"] == "ok"
+    assert len(extension["sources"]) == 3
+    assert RAG_GOLD in [source["title"] for source in extension["sources"]]
+    gold = next(s for s in extension["sources"] if s["title"] == RAG_GOLD)
+    assert gold["metadata"]["api_call"].startswith("torch.hub.load")
+    context_tokens = len(engine.tokenizer(gold["text"]).input_ids)
+    added = with_context["usage"]["prompt_tokens"] - without["usage"]["prompt_tokens"]
+    assert added > context_tokens  # the gold document (and the others) went into the prompt
+    assert "sources" not in without["tailor"]
+
+
+def test_rag_answers_without_context_when_the_store_is_down(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine, metrics: ServingMetrics
+) -> None:
+    down = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench"})
+    unreachable = {"alias": "apibench", "qdrant": {"url": "http://127.0.0.1:9"}}
+    down.knowledge_base = RetrieverConfig.model_validate(unreachable)
+    failures = metrics.value("tailor_serve_retrieval_failures_total")
+    body = {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": RAG_QUESTION}],
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+    with TestClient(create_app(down, engine=engine)) as http:
+        response = ok(http.post("/v1/chat/completions", json=body))
+    assert response["tailor"] == {"sources": [], "retrieval": "unavailable", "cached": False}
+    assert response["choices"][0]["message"]["content"]
+    assert metrics.value("tailor_serve_retrieval_failures_total") == failures + 1

@@ -1,0 +1,270 @@
+"""The generation engine's mechanics on a tiny random-init Llama (built from a config, with
+the builtin tokenizer): int8 quantization that keeps LoRA in float, mixed-adapter batches,
+queue limits, cancellation, stop sequences; the clear error for nf4 without a GPU; and the
+``python -m tailor.workloads.serve`` entry point as a real process. What the answers say
+is tested with the real model in test_serve.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tailor.api.common import ModelSource
+from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.workloads import Paths, ServedAdapter
+from tailor.workloads.common import WorkloadError
+from tailor.workloads.engine import (
+    Chunk,
+    Engine,
+    QueueFull,
+    SamplingParams,
+    load_model,
+    quantize_int8_dynamic,
+)
+from tailor.workloads.models import load_tokenizer
+from tailor.workloads.serve import main as serve_main
+
+pytestmark = pytest.mark.workloads
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    paths = Paths(artifacts=str(tmp_path_factory.mktemp("artifacts")))
+    return load_tokenizer(ModelSource(builtin="smollm2-135m-instruct"), paths)
+
+
+def tiny_peft_model(tokenizer: Any, folder: Path) -> tuple[Any, dict[str, str]]:
+    """A 2-layer random Llama with two random (non-zero) LoRA adapters, saved and reloaded
+    the way the server loads them."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    def fresh() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+    for seed, name in enumerate(("a", "b")):
+        base = fresh()
+        torch.manual_seed(100 + seed)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(base, lora).save_pretrained(str(folder / name))
+    peft_model = PeftModel.from_pretrained(fresh(), str(folder / "a"), adapter_name="adapter_0")
+    peft_model.load_adapter(str(folder / "b"), adapter_name="adapter_1")
+    return peft_model.eval(), {"a": "adapter_0", "b": "adapter_1"}
+
+
+@pytest.fixture
+def engine(tokenizer: Any, tmp_path: Path) -> Iterator[Engine]:
+    model, adapters = tiny_peft_model(tokenizer, tmp_path)
+    engine = Engine(model, tokenizer, adapters, max_batch_size=4, max_queue=8)
+    engine.eos_ids = set()  # random weights: never stop early, so lengths are exact
+    yield engine
+    engine.close()
+
+
+def test_int8_quantizes_base_linears_and_keeps_lora_float(tokenizer: Any, tmp_path: Path) -> None:
+    model, _ = tiny_peft_model(tokenizer, tmp_path)
+    ids = torch.tensor([tokenizer("hello world, how are you").input_ids] * 3)
+    names = ["adapter_0", "adapter_1", "__base__"]
+    with torch.inference_mode():
+        before = model(input_ids=ids, adapter_names=names).logits[:, -1]
+    quantize_int8_dynamic(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(layer.base_layer, dynamic)
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert isinstance(mlp.up_proj, dynamic)
+    assert type(mlp.down_proj) is torch.nn.Linear  # reads outlier activations: kept float
+    assert type(layer.lora_A["adapter_0"]) is torch.nn.Linear
+    assert layer.lora_A["adapter_0"].weight.dtype == torch.float32
+    with torch.inference_mode():
+        after = model(input_ids=ids, adapter_names=names).logits[:, -1]
+    similarity = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    assert similarity.min() > 0.99, similarity  # close, per adapter, after quantization
+    assert not torch.allclose(after[0], after[2])  # adapters still change the output
+
+
+def test_mixed_adapter_batch_and_exact_lengths(engine: Engine) -> None:
+    prompt = engine.encode_chat([{"role": "user", "content": "hi"}])
+    outputs: dict[str | None, queue.SimpleQueue[Chunk]] = {}
+    for adapter in ("a", "b", None):
+        outputs[adapter] = queue.SimpleQueue()
+        engine.submit(
+            prompt, adapter, SamplingParams(max_tokens=5 + len(outputs)), outputs[adapter].put
+        )
+    finals = {}
+    for adapter, chunks in outputs.items():
+        while (chunk := chunks.get(timeout=60)).finish_reason is None:
+            pass
+        finals[adapter] = chunk
+    assert [finals[a].completion_tokens for a in ("a", "b", None)] == [6, 7, 8]
+    assert {f.finish_reason for f in finals.values()} == {"length"}
+    assert all(f.device_seconds > 0 for f in finals.values())
+    texts = {a: engine.generate(prompt, a, SamplingParams(max_tokens=6)).text for a in finals}
+    assert len(set(texts.values())) == 3  # each adapter (and the base) differs
+    with pytest.raises(KeyError):
+        engine.submit(prompt, "missing", SamplingParams(), lambda chunk: None)
+
+
+def test_stop_sequence_is_cut_and_never_streamed(engine: Engine) -> None:
+    prompt = engine.encode_chat([{"role": "user", "content": "hi"}])
+    free = engine.generate(prompt, None, SamplingParams(max_tokens=12)).text
+    stop = free[4:7]
+    assert len(stop) == 3
+    chunks: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+    engine.submit(prompt, None, SamplingParams(max_tokens=12, stop=(stop,)), chunks.put)
+    pieces = []
+    while True:
+        chunk = chunks.get(timeout=60)
+        pieces.append(chunk.text)
+        if chunk.finish_reason:
+            break
+    text = "".join(pieces)
+    assert chunk.finish_reason == "stop"
+    assert text == free[: free.index(stop)]
+
+
+def test_queue_limit_and_cancellation(engine: Engine) -> None:
+    prompt = engine.encode_chat([{"role": "user", "content": "hi"}])
+    long = SamplingParams(max_tokens=200)
+    engine.max_batch_size, engine.max_queue = 1, 2
+    running: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+    first = engine.submit(prompt, None, long, running.put)
+    running.get(timeout=60)  # admitted and generating: the batch is full
+    waiting = [engine.submit(prompt, None, long, lambda chunk: None) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        engine.submit(prompt, None, long, lambda chunk: None)
+    for request in waiting:
+        request.cancel()
+    first.cancel()
+    while (chunk := running.get(timeout=60)).finish_reason is None:
+        pass
+    assert chunk.finish_reason == "cancelled" and chunk.completion_tokens < 200
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    prompt = engine.encode_chat([{"role": "user", "content": "hi"}])
+    runs = [
+        engine.generate(prompt, "a", SamplingParams(max_tokens=8, temperature=1.0, seed=seed))
+        for seed in (7, 7, 8)
+    ]
+    assert runs[0].text == runs[1].text != runs[2].text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_nf4_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "baseModel": {"builtin": "smollm2-135m-instruct"},
+            "quantization": "nf4",
+            "resources": {"gpus": 1},
+        }
+    )
+    with pytest.raises(WorkloadError) as error:
+        load_model(spec, [], Paths(artifacts=str(tmp_path)))
+    assert error.value.reason == "QuantizationNeedsGPU"
+    assert "int8" in error.value.message
+
+
+def test_missing_adapter_fails_before_loading(tmp_path: Path) -> None:
+    spec = ModelDeploymentSpec.model_validate({"baseModel": {"builtin": "smollm2-135m-instruct"}})
+    adapter = ServedAdapter(name="support", path=str(tmp_path / "nothing"))
+    with pytest.raises(WorkloadError, match="support") as error:
+        load_model(spec, [adapter], Paths(artifacts=str(tmp_path)))
+    assert error.value.reason == "AdapterNotFound"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def serve_process(tmp_path: Path, **run: Any) -> subprocess.Popen[str]:
+    spec = {
+        "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}},
+        "servedName": "proc",
+        "owner": {"kind": "ModelDeployment", "namespace": "test", "name": "proc"},
+        "paths": {"artifacts": str(tmp_path)},
+        "host": "127.0.0.1",
+        **run,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    command = [
+        sys.executable,
+        "-m",
+        "tailor.workloads.serve",
+        "--spec",
+        str(tmp_path / "spec.json"),
+    ]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+def test_entry_point_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    process = serve_process(tmp_path, port=port, metricsPort=metrics_port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the server did not become ready"
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "proc", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'tailor_serve_ready{deployment="proc"} 1.0' in scraped
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code in (0, -signal.SIGTERM)  # uvicorn shuts down gracefully, then re-raises
+
+
+def test_entry_point_exits_2_for_a_missing_adapter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = {
+        "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}},
+        "servedName": "proc",
+        "adapters": [{"name": "support", "path": str(tmp_path / "missing")}],
+        "owner": {"kind": "ModelDeployment", "namespace": "test", "name": "proc"},
+        "paths": {"artifacts": str(tmp_path)},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert serve_main(["--spec", str(tmp_path / "spec.json")]) == 2
+    assert "AdapterNotFound" in caplog.text and "support" in caplog.text
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "port": "eighty"}))
+    assert serve_main(["--spec", str(tmp_path / "spec.json")]) == 2
+    assert "port" in caplog.text
