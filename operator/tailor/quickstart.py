@@ -104,20 +104,40 @@ def stop_operator() -> None:
     (state_dir() / "operator.pid").unlink(missing_ok=True)
 
 
-def stop_workloads() -> None:
-    """Stop every workload process the local runtime started (they outlive the operator)."""
+def stop_workloads(grace: float = 30.0) -> None:
+    """Stop every workload process the local runtime started (they outlive the operator,
+    like pods): SIGTERM (the trainer checkpoints first), then SIGKILL after ``grace``."""
+    groups = []
     for record in (state_dir() / "local").glob("*/runs/*.json"):
         data = json.loads(record.read_text())
         pid = data.get("pid")
         if pid:
             try:
                 os.killpg(int(pid), signal.SIGTERM)
+                groups.append(int(pid))
             except OSError:
                 pass
             data["pid"] = None
             if data.get("phase") not in ("Succeeded", "Failed"):
                 data["phase"] = "Pending"
             record.write_text(json.dumps(data))
+    deadline = time.monotonic() + grace
+    while groups and time.monotonic() < deadline:
+        groups = [g for g in groups if _group_alive(g)]
+        time.sleep(0.2)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
 
 
 # -- data -----------------------------------------------------------------------------------
