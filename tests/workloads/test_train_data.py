@@ -290,7 +290,7 @@ def test_collate_packs_examples_into_shared_rows_with_restarting_positions() -> 
     ]
     assert packed.position_ids is not None
     assert packed.position_ids.tolist()[0] == [0, 1, 2, 3, 0, 1, 2]
-    assert (packed.num_tokens, packed.num_targets) == (9, 5)
+    assert (packed.num_tokens, packed.num_targets) == (9, 6)
 
     narrow = collate(batch, pad_id=0, packing=True, max_length=5)  # rows up to 5 tokens
     assert narrow.input_ids.tolist() == [[1, 2, 3, 4, 0], [8, 9, 10, 5, 6]]
@@ -298,4 +298,4 @@ def test_collate_packs_examples_into_shared_rows_with_restarting_positions() -> 
     padded = collate(batch, pad_id=0, packing=False, max_length=1024)
     assert padded.input_ids.tolist() == [[5, 6, 0, 0], [1, 2, 3, 4], [8, 9, 10, 0]]
     assert padded.position_ids is None  # nothing shared: plain causal attention
-    assert (padded.num_tokens, padded.num_targets) == (9, 5)
+    assert (padded.num_tokens, padded.num_targets) == (9, 6)
