@@ -178,6 +178,24 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's weights: float tensors plus dynamic-int8 packed weights."""
+    import torch
+
+    tensors = {  # tied weights (embedding and lm_head) once
+        t.data_ptr(): t
+        for t in model.state_dict().values()
+        if isinstance(t, torch.Tensor) and not t.is_quantized
+    }
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            total += weight.numel() + (bias.numel() * 4 if bias is not None else 0)
+    return total
+
+
 def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
     """Run in a fresh process: memory, perplexity and tokens/s of one quantization."""
     import torch
@@ -189,6 +207,9 @@ def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
     run = serve_run(quantization)
     engine = load_engine(run.spec, [], run.paths)
     loaded = rss_mib()
+    with torch.inference_mode():  # one short forward pass reads every weight (mmap or not)
+        engine.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    used = rss_mib()
 
     nll, count = 0.0, 0
     with torch.inference_mode():
@@ -225,6 +246,8 @@ def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
     return {
         "rss_before_mib": before,
         "rss_loaded_mib": loaded,
+        "model_mib": used - before,
+        "weights_mib": weight_bytes(engine.model) / 2**20,
         "rss_peak_mib": peak,
         "perplexity": perplexity,
         "tokens": count,
@@ -246,27 +269,12 @@ def measure_quantization(max_tokens: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--skip-llama-cpp", action="store_true")
-    parser.add_argument("--skip-quantization", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(quantization_child(args.child, args.max_tokens)))
-        return
-
-    import logging
-
-    import torch
-
+def throughput(args: argparse.Namespace) -> None:
+    """The throughput table: the server at several concurrencies, the baselines."""
     from tailor.workloads.common import builtin_path
     from tailor.workloads.engine import load_engine
     from tailor.workloads.serve import create_app
 
-    logging.basicConfig(level=logging.WARNING)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     run = serve_run("none")
     engine = load_engine(run.spec, [], run.paths)
     prompts = questions(48)
@@ -301,26 +309,57 @@ def main() -> None:
     for name, rate in rows:
         print(f"{name:<62} {rate:>9.1f} {rate / baseline:>9.2f}x")
 
-    if not args.skip_quantization:
-        results = measure_quantization(args.max_tokens)
-        print("\nQuantization (fresh process each; perplexity on APIBench API descriptions)")
-        header = (
-            f"{'quantization':<13} {'RSS loaded MiB':>14} {'RSS peak MiB':>12} "
-            f"{'perplexity':>10} {'tok/s c=1':>9} {'tok/s c=16':>10}"
-        )
-        print(header)
-        for name, r in results.items():
-            print(
-                f"{name:<13} {r['rss_loaded_mib']:>14.0f} {r['rss_peak_mib']:>12.0f} "
-                f"{r['perplexity']:>10.3f} {r['tokens_per_second_1']:>9.1f} "
-                f"{r['tokens_per_second_16']:>10.1f}"
-            )
-        none, int8 = results["none"], results["int8"]
+
+def quantization_table(max_tokens: int) -> None:
+    """The quantization table: none against int8, each in a fresh process."""
+    results = measure_quantization(max_tokens)
+    print(
+        "\nQuantization (fresh process each; model MiB: resident memory after loading and "
+        "one forward pass, minus before loading; perplexity on the APIBench API descriptions)"
+    )
+    header = (
+        f"{'quantization':<13} {'weights MiB':>11} {'model MiB':>9} {'RSS peak MiB':>12} "
+        f"{'perplexity':>10} {'tok/s c=1':>9} {'tok/s c=16':>10}"
+    )
+    print(header)
+    for name, r in results.items():
         print(
-            f"int8 vs none: memory {int8['rss_loaded_mib'] / none['rss_loaded_mib']:.2f}x, "
-            f"perplexity {int8['perplexity'] / none['perplexity'] - 1:+.1%} "
-            f"({int8['tokens']:.0f} tokens)"
+            f"{name:<13} {r['weights_mib']:>11.0f} {r['model_mib']:>9.0f} "
+            f"{r['rss_peak_mib']:>12.0f} "
+            f"{r['perplexity']:>10.3f} {r['tokens_per_second_1']:>9.1f} "
+            f"{r['tokens_per_second_16']:>10.1f}"
         )
+    none, int8 = results["none"], results["int8"]
+    print(
+        f"int8 vs none: weights {int8['weights_mib'] / none['weights_mib']:.2f}x, "
+        f"resident {int8['model_mib'] / none['model_mib']:.2f}x, "
+        f"perplexity {int8['perplexity'] / none['perplexity'] - 1:+.1%} "
+        f"({int8['tokens']:.0f} tokens)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--skip-quantization", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(quantization_child(args.child, args.max_tokens)))
+        return
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    if not args.skip_throughput:
+        throughput(args)
+    if not args.skip_quantization:
+        quantization_table(args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -584,8 +584,8 @@ def load_model(
     log.info(
         "loading the base model (quantization %s, %s)", spec.quantization, "cuda" if cuda else "cpu"
     )
+    tokenizer = load_tokenizer(spec.base_model, paths)  # first: its memory never moves
     model = load_causal_lm(spec.base_model, paths, **kwargs)
-    tokenizer = load_tokenizer(spec.base_model, paths)
     adapter_map: dict[str, str] = {}
     if adapters:
         model, adapter_map = attach_adapters(model, adapters)
