@@ -5,8 +5,9 @@ hyperparameters. Not a test: run it by hand and read the table.
 Data: chat examples built from APIBench's Torch Hub split (``torchhub_train.json``:
 the instruction as the user turn, the gold ``api_call`` as the assistant answer), variable
 length; validation from ``torchhub_eval.json``. Both trainers get the same tokenized
-examples (SmolLM2's chat template, loss on assistant tokens only), LoRA r=16 on
-q/k/v/o, batch 8, one epoch, cosine schedule, bf16 (autocast on CPU for the baseline).
+examples (SmolLM2's chat template, loss on assistant tokens only) in the same order (Tailor
+shuffles as the Trainer does for a seed), LoRA r=16 on q/k/v/o, batch 8, one epoch, cosine
+schedule, bf16 (autocast for the baseline).
 
 Throughput is training tokens (real, unpadded) over the time spent in training steps:
 ``train_runtime`` for the Trainer (evaluation and checkpoints off), the trainer's own
@@ -33,7 +34,6 @@ import json
 import math
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,8 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def make_run(work: Path, args: argparse.Namespace, packing: bool) -> TrainRun:
+def make_run(work: Path, out: Path, args: argparse.Namespace, packing: bool) -> TrainRun:
+    """The Tailor run: data on the ``data`` volume under ``work``, results under ``out``."""
     name = f"tailor-{'packed' if packing else 'padded'}"
     return TrainRun.model_validate(
         {
@@ -112,8 +113,8 @@ def make_run(work: Path, args: argparse.Namespace, packing: bool) -> TrainRun:
                 },
                 "checkpoint": {"everySteps": 100000},
             },
-            "outputDir": str(work / name / "out"),
-            "checkpointDir": str(work / name / "checkpoints"),
+            "outputDir": str(out / name / "out"),
+            "checkpointDir": str(out / name / "checkpoints"),
             "paths": {"artifacts": str(work), "pvcs": str(work / "pvcs")},
             "reporter": {"kind": "none"},
             "owner": {"kind": "FineTuneJob", "namespace": "bench", "name": name},
@@ -121,23 +122,15 @@ def make_run(work: Path, args: argparse.Namespace, packing: bool) -> TrainRun:
     )
 
 
-def run_tailor(work: Path, args: argparse.Namespace, packing: bool) -> dict[str, Any]:
-    run = make_run(work, args, packing)
-    started = time.monotonic()
+def run_tailor(work: Path, out: Path, args: argparse.Namespace, packing: bool) -> dict[str, Any]:
+    run = make_run(work, out, args, packing)
     train(run)
-    wall = time.monotonic() - started
     manifest = json.loads((Path(run.output_dir) / "manifest.json").read_text())
     metrics = manifest["metrics"]
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(), run.output_dir)
-    return {
-        "tokens": metrics["tokens"],
-        "seconds": metrics["trainSeconds"],
-        "wall": wall,
-        "own_eval_loss": metrics["evalLoss"],
-        "model": model,
-    }
+    return {"tokens": metrics["tokens"], "seconds": metrics["trainSeconds"], "model": model}
 
 
 def load_base() -> Any:
@@ -151,7 +144,7 @@ def load_base() -> Any:
 
 
 def run_baseline(
-    work: Path, args: argparse.Namespace, train_set: list[Example], tokenizer: Any
+    out: Path, args: argparse.Namespace, train_set: list[Example], tokenizer: Any
 ) -> dict[str, Any]:
     """transformers' Trainer + peft as its documentation sets them up for causal-LM SFT:
     shuffled batches padded by DataCollatorForSeq2Seq, labels -100 outside the answer."""
@@ -177,7 +170,7 @@ def run_baseline(
         for e in train_set
     ]
     training_args = TrainingArguments(
-        output_dir=str(work / "baseline"),
+        output_dir=str(out / "baseline"),
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
@@ -205,8 +198,6 @@ def run_baseline(
     return {
         "tokens": sum(len(e) for e in train_set) * args.epochs,
         "seconds": result.metrics["train_runtime"],
-        "wall": result.metrics["train_runtime"],
-        "own_eval_loss": None,
         "model": trainer.model,
     }
 
@@ -234,6 +225,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=1, help="2 runs each trainer twice (ABBA)")
     parser.add_argument("--ablation", action="store_true", help="also Tailor without packing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -247,7 +239,7 @@ def main() -> None:
         work / "pvcs" / "data" / "eval.jsonl",
         apibench_chats(APIBENCH / "torchhub_eval.json", args.eval_examples),
     )
-    run = make_run(work, args, packing=True)
+    run = make_run(work, work, args, packing=True)
     tokenizer = load_tokenizer(run.spec.base_model, run.paths)
     data = load_datasets(run.spec.dataset, run.paths, tokenizer, 512, seed=42)
     lengths = [len(e) for e in data.train]
@@ -258,32 +250,40 @@ def main() -> None:
         flush=True,
     )
 
-    results: dict[str, dict[str, Any]] = {}
-    results["base model (no training)"] = {"model": load_base(), "tokens": 0, "seconds": 0}
-    # Tailor first: whatever the first run pays to warm up counts against it, not the baseline.
-    results["tailor (packing)"] = run_tailor(work, args, packing=True)
+    base_loss = eval_loss(load_base(), data.validation, tokenizer.pad_token_id)
+    trainers = {
+        "tailor (packing)": lambda out: run_tailor(work, out, args, packing=True),
+        "transformers Trainer + peft": lambda out: run_baseline(out, args, data.train, tokenizer),
+    }
     if args.ablation:
-        results["tailor (no packing)"] = run_tailor(work, args, packing=False)
-    results["transformers Trainer + peft"] = run_baseline(work, args, data.train, tokenizer)
+        trainers["tailor (no packing)"] = lambda out: run_tailor(work, out, args, packing=False)
+    names = list(trainers)
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    # Rounds alternate the order (A B, B A, ...) so a machine that gets busier or quieter
+    # during the run favours neither; Tailor goes first in round one and pays any warm-up.
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            result = trainers[name](work / f"round{round_}")
+            loss = eval_loss(result["model"], data.validation, tokenizer.pad_token_id)
+            rate = result["tokens"] / result["seconds"]
+            rows[name].append((rate, loss))
+            print(f"round {round_ + 1}: {name}: {rate:.1f} tokens/s, eval loss {loss:.4f}")
 
-    baseline = results["transformers Trainer + peft"]
-    base_rate = baseline["tokens"] / baseline["seconds"]
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    base_rate = mean([rate for rate, _ in rows["transformers Trainer + peft"]])
+    print(f"\n{'trainer':30s} {'tokens/s':>9s} {'ratio':>6s} {'eval loss':>9s} {'perplexity':>10s}")
     print(
-        f"\n{'trainer':32s} {'tokens':>7s} {'step s':>8s} {'tokens/s':>9s} {'ratio':>6s} "
-        f"{'eval loss':>9s}"
+        f"{'base model (no training)':30s} {'':>9s} {'':>6s} {base_loss:9.4f} "
+        f"{math.exp(base_loss):10.2f}"
     )
-    for name, result in results.items():
-        loss = eval_loss(result.pop("model"), data.validation, tokenizer.pad_token_id)
-        if not result["tokens"]:
-            print(f"{name:32s} {'':>7s} {'':>8s} {'':>9s} {'':>6s} {loss:9.4f}")
-            continue
-        rate = result["tokens"] / result["seconds"]
-        print(
-            f"{name:32s} {result['tokens']:7d} {result['seconds']:8.1f} {rate:9.1f} "
-            f"{rate / base_rate:5.2f}x {loss:9.4f}",
-            flush=True,
-        )
-    print(f"\nperplexity = exp(eval loss); {math.ceil(len(data.train) / args.batch_size)} steps")
+    for name in names:
+        rate = mean([rate for rate, _ in rows[name]])
+        loss = mean([loss for _, loss in rows[name]])
+        print(f"{name:30s} {rate:9.1f} {rate / base_rate:5.2f}x {loss:9.4f} {math.exp(loss):10.2f}")
+    steps = math.ceil(len(data.train) / args.batch_size) * args.epochs
+    print(f"\n{steps:.0f} optimizer steps per run, {args.rounds} round(s), means over rounds")
 
 
 if __name__ == "__main__":

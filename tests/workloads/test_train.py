@@ -25,7 +25,13 @@ from tailor.api.common import ModelSource
 from tailor.api.workloads import Paths, TrainRun
 from tailor.workloads.common import WorkloadError
 from tailor.workloads.models import load_tokenizer
-from tailor.workloads.train import StopRequested, batch_loss, list_checkpoints, train
+from tailor.workloads.train import (
+    StopRequested,
+    artifact_uri,
+    batch_loss,
+    list_checkpoints,
+    train,
+)
 from tailor.workloads.train_data import IGNORE_INDEX, Example, collate
 
 pytestmark = pytest.mark.workloads
@@ -215,6 +221,17 @@ def test_lora_run_publishes_a_checked_adapter_and_reports_progress(
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize(
+    ("output", "uri"),
+    [
+        ("/mnt/pvc/artifacts/finetunejob/a/u1", "pvc://artifacts/finetunejob/a/u1/"),
+        ("/data/out", "file:///data/out/"),
+    ],
+)
+def test_artifact_uri_names_the_claim_when_the_output_is_on_one(output: str, uri: str) -> None:
+    assert artifact_uri(Path(output), Paths(artifacts="/a", pvcs="/mnt/pvc")) == uri
+
+
 def test_full_fine_tune_writes_safetensors_weights(tmp_path: Path, pvcs: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -285,7 +302,7 @@ def run_workload(run: TrainRun, tmp_path: Path) -> subprocess.Popen[bytes]:
 
 def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path: Path, pvcs: Path) -> None:
     changes: dict[str, Any] = {
-        "training": {"maxSteps": 60, "epochs": 1},
+        "training": {"maxSteps": 150, "epochs": 1},
         "checkpoint": {"everySteps": 5, "keep": 2},
     }
     reference = make_run(tmp_path / "reference", pvcs, **changes)
@@ -302,7 +319,7 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path: Path, pvcs: P
     assert process.returncode == -signal.SIGKILL, output
     assert not (tmp_path / "interrupted" / "out").exists()
     newest = int(list_checkpoints(checkpoints)[-1].name.removeprefix("step-"))
-    assert 5 <= newest < 60
+    assert 5 <= newest < 150
 
     train(interrupted)  # the restarted pod
     train(reference)  # the same run, never interrupted
@@ -315,7 +332,7 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path: Path, pvcs: P
         lines = (tmp_path / run / "out" / "trainer_log.jsonl").read_text().splitlines()
         return [json.loads(line)["loss"] for line in lines]
 
-    assert len(losses("interrupted")) == len(losses("reference")) == 60
+    assert len(losses("interrupted")) == len(losses("reference")) == 150
     assert losses("interrupted") == pytest.approx(losses("reference"), rel=1e-3)
     assert resumed["metrics"]["evalLoss"] == pytest.approx(whole["metrics"]["evalLoss"], rel=1e-3)
 

@@ -206,8 +206,10 @@ def load_model(
         model.to(device)
     if spec.method == "full":
         return model
-    if spec.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
+    if spec.method == "qlora":  # norms to float32, inputs that carry gradients
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=False
+        )
     lora = spec.lora or LoraConfig()
     targets = lora.target_modules
     try:
@@ -237,7 +239,7 @@ def _nf4_config(dtype: torch.dtype) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+        bnb_4bit_compute_dtype=dtype,
     )
 
 
@@ -612,10 +614,10 @@ def build_manifest(
 def artifact_of(run: TrainRun, output: Path) -> Artifact:
     manifest = output / "manifest.json"
     size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
-    return Artifact(uri=_uri(output, run.paths), sha256=_sha256(manifest), size_bytes=size)
+    return Artifact(uri=artifact_uri(output, run.paths), sha256=_sha256(manifest), size_bytes=size)
 
 
-def _uri(output: Path, paths: Paths) -> str:
+def artifact_uri(output: Path, paths: Paths) -> str:
     """``pvc://<claim>/<path>/`` for a folder on a mounted claim, else ``file://``."""
     pvcs = Path(paths.pvcs).resolve()
     resolved = output.resolve()

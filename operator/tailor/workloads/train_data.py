@@ -468,11 +468,13 @@ class Batch:
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches (lists of example indices) of one epoch: shuffled slices, a pure function
-    of its arguments, so a resumed run sees exactly the order the interrupted one would
-    have. (Grouping batches by length saves padding too, but cost 0.02-0.04 of eval loss
-    on the APIBench benchmark; packing saves it without changing what a batch holds.)"""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    """The batches (lists of example indices) of one epoch: shuffled slices in the order
+    transformers' Trainer uses for the same seed (``randperm`` seeded with seed + epoch),
+    so runs can be compared with it. A pure function of its arguments: a resumed run sees
+    exactly the order the interrupted one would have. (Grouping batches by length saves
+    padding too, but cost 0.02-0.04 of eval loss in the APIBench benchmark; packing saves
+    it without changing what a batch holds.)"""
+    generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
