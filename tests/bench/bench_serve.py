@@ -21,7 +21,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
 SERVED = "bench"
+sys.path.insert(0, str(ROOT))
+from tests.workloads.helpers import ThreadServer  # noqa: E402
 
 
 def questions(count: int) -> list[str]:
@@ -72,31 +73,6 @@ def serve_run(quantization: str) -> Any:
             "paths": {"artifacts": "/tmp/tailor-bench"},
         }
     )
-
-
-class ThreadServer:
-    """uvicorn on 127.0.0.1 (free port) in a thread."""
-
-    def __init__(self, app: Any):
-        import uvicorn
-
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
-        )
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def server_throughput(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> float:

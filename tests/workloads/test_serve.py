@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
@@ -33,6 +31,7 @@ from tailor.api.workloads import RetrieverConfig, ServeRun
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.engine import Engine, SamplingParams, load_engine
 from tailor.workloads.serve import create_app
+from tests.workloads.helpers import ThreadServer
 
 pytestmark = pytest.mark.workloads
 
@@ -128,31 +127,6 @@ def engine(run: ServeRun) -> Iterator[Engine]:
 def metrics(engine: Engine) -> ServingMetrics:
     assert engine.metrics is not None
     return engine.metrics
-
-
-class ThreadServer:
-    """uvicorn serving an app on 127.0.0.1 (a free port) in a thread."""
-
-    def __init__(self, app: Any):
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
-        )
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

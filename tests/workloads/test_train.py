@@ -23,11 +23,10 @@ import torch
 
 from tailor.api.common import ModelSource
 from tailor.api.workloads import Paths, TrainRun
-from tailor.workloads.common import WorkloadError
+from tailor.workloads.common import WorkloadError, artifact_uri
 from tailor.workloads.models import load_tokenizer
 from tailor.workloads.train import (
     StopRequested,
-    artifact_uri,
     batch_loss,
     list_checkpoints,
     train,

@@ -129,6 +129,9 @@ class Evaluation(TailorModel):
     max_questions: int | None = Field(
         default=None, ge=1, description="Evaluate at most this many held-out questions."
     )
+    max_tokens: int = Field(
+        default=256, ge=16, le=4096, description="Longest answer generated per question."
+    )
 
 
 class RAFTJobSpec(TailorModel):

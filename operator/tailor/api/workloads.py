@@ -107,6 +107,13 @@ class ServeRun(RunBase):
     port: int = 8000
 
 
+RAFT_TRAIN_FILE = "train.jsonl"
+RAFT_VALIDATION_FILE = "validation.jsonl"
+RAFT_HOLDOUT_FILE = "holdout.jsonl"
+"""Files the RAFT data stage writes: the child FineTuneJob trains on the first two, the
+evaluation asks the held-out questions."""
+
+
 class RaftDataRun(RunBase):
     """The spec file of ``tailor.workloads.raft_data``."""
 
@@ -121,6 +128,11 @@ class EvalTarget(TailorModel):
 
     base_url: str = Field(description="e.g. http://md.ns.svc:8000/v1")
     model: str = Field(description="e.g. md or md/adapter")
+    context: Literal["protocol", "none"] = Field(
+        default="protocol",
+        description="protocol: documents as the evaluation protocol says; none: the question "
+        "alone (a closed-book baseline such as a domain fine-tune without retrieval).",
+    )
 
 
 class EvaluateRun(RunBase):

@@ -8,7 +8,14 @@ from tailor.api.common import DataSource, PvcFiles
 from tailor.api.finetunejob import DatasetSpec, FineTuneJobSpec
 from tailor.api.raftjob import RAFTJobSpec
 from tailor.api.settings import OperatorSettings
-from tailor.api.workloads import EvalTarget, EvaluateRun, RaftDataRun, RetrieverConfig
+from tailor.api.workloads import (
+    RAFT_TRAIN_FILE,
+    RAFT_VALIDATION_FILE,
+    EvalTarget,
+    EvaluateRun,
+    RaftDataRun,
+    RetrieverConfig,
+)
 from tailor.builders.common import (
     Manifest,
     Mounts,
@@ -27,9 +34,6 @@ from tailor.builders.common import (
     workload_container,
     workload_paths,
 )
-
-TRAIN_FILE = "train.jsonl"
-VALIDATION_FILE = "validation.jsonl"
 
 
 def dataset_dir(parent: Parent, settings: OperatorSettings) -> str:
@@ -108,11 +112,13 @@ def build_child_fine_tune(
         resources=recipe.resources,
         dataset=DatasetSpec(
             train=DataSource(
-                pvc=PvcFiles(claim_name=settings.artifacts_pvc, path=data_path, glob=TRAIN_FILE)
+                pvc=PvcFiles(
+                    claim_name=settings.artifacts_pvc, path=data_path, glob=RAFT_TRAIN_FILE
+                )
             ),
             validation=DataSource(
                 pvc=PvcFiles(
-                    claim_name=settings.artifacts_pvc, path=data_path, glob=VALIDATION_FILE
+                    claim_name=settings.artifacts_pvc, path=data_path, glob=RAFT_VALIDATION_FILE
                 )
             ),
             format="chat",

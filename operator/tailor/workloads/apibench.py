@@ -131,3 +131,9 @@ def chat_example(q: Question, system: str = SYSTEM) -> dict[str, Any]:
             {"role": "assistant", "content": answer_text(q)},
         ]
     }
+
+
+def raft_question(q: Question) -> dict[str, Any]:
+    """A RAFTJob question record: the gold document is the corpus entry whose id
+    (``api_call``, the knowledge base's idField) the question's gold call names."""
+    return {"question": q.question, "answer": answer_text(q), "document_id": q.api_call}

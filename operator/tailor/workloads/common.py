@@ -10,18 +10,20 @@ layout described in :mod:`tailor.api.workloads`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from tailor.api.base import describe_errors
 from tailor.api.common import DataSource, EmbeddingModelSource, ModelSource, SecretKeyRef
 from tailor.api.workloads import OwnerRef, Paths, Reporter
 
@@ -42,6 +44,11 @@ class WorkloadError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class RetryableError(WorkloadError):
+    """A failure that another attempt may not have (a store or endpoint unreachable): the
+    workload exits 1 so the Job's backoff retries it, with the reason for the operator."""
 
 
 def read_spec(model: type[RunT], argv: list[str] | None = None) -> RunT:
@@ -247,3 +254,55 @@ def write_termination_message(reason: str, message: str) -> None:
             json.dump({"reason": reason, "message": message[-3000:]}, fh)
     except OSError:
         pass
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_uri(output: Path, paths: Paths) -> str:
+    """``pvc://<claim>/<path>/`` for a folder on a mounted claim, else ``file://``."""
+    pvcs = Path(paths.pvcs).resolve()
+    resolved = output.resolve()
+    if resolved.is_relative_to(pvcs) and resolved != pvcs:
+        return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
+    return f"file://{resolved.as_posix()}/"
+
+
+def run_main(run_type: type[RunT], work: Callable[[RunT], object], argv: list[str] | None) -> int:
+    """The body of a workload's ``main``: read ``--spec FILE`` as ``run_type``, call ``work``
+    and turn failures into an exit code and a termination message for the operator:
+    2 for a user error (bad spec, bad data: retrying cannot help, the Job fails at once),
+    1 for anything else (the Job's backoff retries it)."""
+    setup_logging()
+    try:
+        run = read_spec(run_type, argv)
+    except ValidationError as exc:
+        message = "; ".join(describe_errors(exc))
+        log.error("invalid spec file: %s", message)
+        write_termination_message("InvalidSpec", message)
+        return 2
+    except OSError as exc:
+        log.error("cannot read the spec file: %s", exc)
+        write_termination_message("InvalidSpec", str(exc))
+        return 2
+    try:
+        work(run)
+    except RetryableError as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        write_termination_message(exc.reason, exc.message)
+        return 1
+    except WorkloadError as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        write_termination_message(exc.reason, exc.message)
+        return 2
+    except Exception as exc:
+        log.exception("%s failed", run_type.__name__)
+        write_termination_message("InternalError", f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0

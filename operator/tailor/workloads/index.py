@@ -46,21 +46,17 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
-from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from tailor.api.base import describe_errors
 from tailor.api.workloads import IndexRun, OwnerRef
 from tailor.workloads.chunking import Chunk, Chunker
 from tailor.workloads.common import (
     ProgressReporter,
-    WorkloadError,
+    RetryableError,
     make_reporter,
-    read_spec,
-    setup_logging,
+    run_main,
     source_files,
-    write_termination_message,
 )
 from tailor.workloads.documents import Document, read_documents
 from tailor.workloads.retriever import Embedder, load_embedder
@@ -524,42 +520,23 @@ def delete_index(run: IndexRun) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``--spec FILE`` builds the index; ``--spec FILE --delete`` removes it."""
-    setup_logging()
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_budget())
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--delete", action="store_true", help="remove the index instead")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run = read_spec(IndexRun, rest)
-    except ValidationError as exc:
-        message = "; ".join(describe_errors(exc))
-        log.error("invalid spec file: %s", message)
-        write_termination_message("InvalidSpec", message)
-        return 2
-    except OSError as exc:
-        log.error("cannot read the spec file: %s", exc)
-        write_termination_message("InvalidSpec", str(exc))
-        return 2
-    try:
-        if options.delete:
-            delete_index(run)
-        else:
-            reporter = make_reporter(run.reporter, run.owner)
-            build_index(run, reporter, metrics=IndexMetrics(run.owner, run.metrics_port))
-    except WorkloadError as exc:
-        log.error("%s: %s", exc.reason, exc.message)
-        write_termination_message(exc.reason, exc.message)
-        return 2
-    except ResponseHandlingException as exc:
-        log.error("Qdrant is unreachable: %s", exc)
-        write_termination_message("StoreUnavailable", f"Qdrant is unreachable: {exc}")
-        return 1
-    except Exception as exc:
-        log.exception("index build crashed")
-        write_termination_message("InternalError", f"{type(exc).__name__}: {exc}")
-        return 1
-    return 0
+
+    def work(run: IndexRun) -> None:
+        try:
+            if options.delete:
+                delete_index(run)
+            else:
+                reporter = make_reporter(run.reporter, run.owner)
+                build_index(run, reporter, metrics=IndexMetrics(run.owner, run.metrics_port))
+        except ResponseHandlingException as exc:
+            raise RetryableError("StoreUnavailable", f"Qdrant is unreachable: {exc}") from exc
+
+    return run_main(IndexRun, work, rest)
 
 
 if __name__ == "__main__":

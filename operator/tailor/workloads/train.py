@@ -46,9 +46,11 @@ from tailor.api.workloads import Paths, TrainRun
 from tailor.observability.training import TrainingMetrics, serve_metrics
 from tailor.workloads.common import (
     WorkloadError,
+    artifact_uri,
     make_reporter,
     read_spec,
     setup_logging,
+    sha256_file,
 )
 from tailor.workloads.models import load_causal_lm, load_tokenizer
 from tailor.workloads.train_data import (
@@ -571,7 +573,11 @@ def build_manifest(
 
     spec = run.spec
     files = [
-        {"path": str(p.relative_to(folder)), "sha256": _sha256(p), "sizeBytes": p.stat().st_size}
+        {
+            "path": str(p.relative_to(folder)),
+            "sha256": sha256_file(p),
+            "sizeBytes": p.stat().st_size,
+        }
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     ]
@@ -614,24 +620,9 @@ def build_manifest(
 def artifact_of(run: TrainRun, output: Path) -> Artifact:
     manifest = output / "manifest.json"
     size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
-    return Artifact(uri=artifact_uri(output, run.paths), sha256=_sha256(manifest), size_bytes=size)
-
-
-def artifact_uri(output: Path, paths: Paths) -> str:
-    """``pvc://<claim>/<path>/`` for a folder on a mounted claim, else ``file://``."""
-    pvcs = Path(paths.pvcs).resolve()
-    resolved = output.resolve()
-    if resolved.is_relative_to(pvcs) and resolved != pvcs:
-        return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
-    return f"file://{resolved.as_posix()}/"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return Artifact(
+        uri=artifact_uri(output, run.paths), sha256=sha256_file(manifest), size_bytes=size
+    )
 
 
 # --- the recipe ----------------------------------------------------------------------------

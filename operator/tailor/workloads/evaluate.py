@@ -1,0 +1,336 @@
+"""RAG against RAFT on held-out questions: ``python -m tailor.workloads.evaluate --spec FILE``.
+
+Asks every system (an OpenAI-compatible endpoint and model name: the base model with
+retrieval, the RAFT adapter, ...) the held-out questions the data stage set aside, and
+scores the answers. Two protocols:
+
+- ``oracle`` (the paper's): the context is the gold document among k distractors, fixed
+  per question by the data stage, so every system reads exactly the same documents;
+- ``retriever`` (end to end): the question alone goes to the ModelDeployment, whose own
+  knowledge-base retrieval supplies the context; whether the gold document was among the
+  sources is recorded per question.
+
+Matchers compare the final answer (the text after ``##Answer:``, or the whole reply):
+``exact`` and ``contains`` on normalised text (lower case, no punctuation or articles, as
+SQuAD), ``regex`` (the gold answer is a regular expression) and ``apibench`` (the same
+``torch.hub.load`` repository and model). Per-question results go to ``results.jsonl``,
+totals to ``summary.json`` and the RAFTJob's ``status.evaluation``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tailor.api.workloads import RAFT_HOLDOUT_FILE, EvalTarget, EvaluateRun
+from tailor.workloads.apibench import matches as apibench_matches
+from tailor.workloads.common import (
+    WorkloadError,
+    artifact_uri,
+    iter_jsonl,
+    make_reporter,
+    run_main,
+    sha256_file,
+)
+from tailor.workloads.raft_data import Doc, chat_record, final_answer
+
+log = logging.getLogger("tailor.workloads.evaluate")
+
+CONCURRENCY = 8
+"""Requests in flight per system: the server batches them (continuous batching)."""
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+Matcher = Callable[[str, str], bool]
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def exact(answer: str, gold: str) -> bool:
+    return normalise(answer) == normalise(gold)
+
+
+def contains(answer: str, gold: str) -> bool:
+    wanted = normalise(gold)
+    return bool(wanted) and wanted in normalise(answer)
+
+
+def regex(answer: str, gold: str) -> bool:
+    return re.search(gold, answer, re.I | re.S) is not None
+
+
+def apibench(answer: str, gold: str) -> bool:
+    return apibench_matches(answer, gold)
+
+
+MATCHERS: dict[str, Matcher] = {
+    "exact": exact,
+    "contains": contains,
+    "regex": regex,
+    "apibench": apibench,
+}
+
+
+def score(matcher: str, reply: str, gold: str) -> bool:
+    """Whether ``reply``'s final answer matches ``gold`` (apibench falls back to the whole
+    reply when the final answer holds no call: the code may sit in the reasoning)."""
+    answer = final_answer(reply)
+    if MATCHERS[matcher](answer, gold):
+        return True
+    return matcher == "apibench" and answer != reply.strip() and apibench(reply, gold)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out question and the context the paper's protocol shows with it."""
+
+    question: str
+    answer: str
+    gold_chunk_id: str
+    context: list[Doc]
+
+
+def load_holdout(dataset_dir: Path, limit: int | None = None) -> list[HeldOut]:
+    path = dataset_dir / RAFT_HOLDOUT_FILE
+    if not path.exists():
+        raise WorkloadError(
+            "DatasetNotFound", f"{path} does not exist: the data stage has not written it"
+        )
+    out = [
+        HeldOut(
+            question=r["question"],
+            answer=r["answer"],
+            gold_chunk_id=r["goldChunkId"],
+            context=[Doc.from_record(d) for d in r["context"]],
+        )
+        for _, r in iter_jsonl(path)
+    ]
+    return out[:limit] if limit else out
+
+
+@dataclass
+class Result:
+    """One question asked of one system."""
+
+    system: str
+    index: int
+    question: str
+    gold: str
+    reply: str
+    answer: str
+    correct: bool
+    gold_in_context: bool
+    seconds: float
+    error: str | None = None
+
+
+class Client:
+    """A small OpenAI chat client (httpx) with retries; one per endpoint."""
+
+    def __init__(self, base_url: str, timeout: float = 600):
+        import httpx
+
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+
+    def chat(
+        self, model: str, messages: list[dict[str, str]], max_tokens: int, retrieval: bool
+    ) -> dict[str, Any]:
+        import httpx
+
+        body = {
+            "model": model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "tailor": {"retrieval": retrieval},
+        }
+        error = ""
+        for attempt in range(4):
+            try:
+                response = self.http.post("/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 400:
+                    return dict(response.json())
+                error = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in (408, 429) and response.status_code < 500:
+                    break
+            time.sleep(2**attempt)
+        raise RuntimeError(error)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def messages_for(item: HeldOut, protocol: str, target: EvalTarget) -> tuple[list[Any], bool]:
+    """(messages, ask the server to retrieve) for one question."""
+    if target.context == "none" or protocol == "retriever":
+        question_only = chat_record(item.question, [])["messages"]
+        return question_only, target.context != "none"
+    return chat_record(item.question, item.context)["messages"], False
+
+
+def ask_all(
+    name: str,
+    target: EvalTarget,
+    items: list[HeldOut],
+    protocol: str,
+    matcher: str,
+    max_tokens: int,
+) -> list[Result]:
+    """Every question to one system, ``CONCURRENCY`` at a time."""
+    client = Client(target.base_url)
+    done = 0
+
+    def one(index: int) -> Result:
+        nonlocal done
+        item = items[index]
+        messages, retrieval = messages_for(item, protocol, target)
+        started = time.monotonic()
+        try:
+            response = client.chat(target.model, messages, max_tokens, retrieval)
+            reply = str(response["choices"][0]["message"]["content"] or "")
+            error = None
+        except RuntimeError as exc:
+            reply, response, error = "", {}, str(exc)
+        if target.context == "none":
+            in_context = False
+        elif protocol == "retriever":
+            sources = (response.get("tailor") or {}).get("sources") or []
+            in_context = any(s.get("id") == item.gold_chunk_id for s in sources)
+        else:
+            in_context = any(d.id == item.gold_chunk_id for d in item.context)
+        done += 1
+        if done % 10 == 0 or done == len(items):
+            log.info("%s: %d/%d questions answered", name, done, len(items))
+        return Result(
+            system=name,
+            index=index,
+            question=item.question,
+            gold=item.answer,
+            reply=reply,
+            answer=final_answer(reply),
+            correct=error is None and score(matcher, reply, item.answer),
+            gold_in_context=in_context,
+            seconds=round(time.monotonic() - started, 3),
+            error=error,
+        )
+
+    try:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            results = list(pool.map(one, range(len(items))))
+    finally:
+        client.close()
+    failed = [r for r in results if r.error]
+    if len(failed) == len(results):
+        raise RuntimeError(f"{name}: every request failed, e.g. {failed[0].error}")
+    return results
+
+
+def totals(results: list[Result]) -> dict[str, Any]:
+    correct = sum(r.correct for r in results)
+    return {
+        "accuracy": round(correct / len(results), 4) if results else None,
+        "correct": correct,
+        "total": len(results),
+        "goldInContext": round(sum(r.gold_in_context for r in results) / max(1, len(results)), 4),
+        "errors": sum(r.error is not None for r in results),
+        "meanSeconds": round(sum(r.seconds for r in results) / max(1, len(results)), 3),
+    }
+
+
+def evaluate(run: EvaluateRun) -> dict[str, Any]:
+    """Ask, score and write the results; returns the summary."""
+    evaluation = run.spec.evaluation
+    if evaluation.matcher == "regex":
+        for item in load_holdout(Path(run.dataset_dir)):
+            try:
+                re.compile(item.answer)
+            except re.error as exc:
+                raise WorkloadError(
+                    "InvalidQuestions",
+                    f"matcher regex: the gold answer {item.answer!r} is not a regular "
+                    f"expression ({exc}); use matcher contains or exact",
+                ) from exc
+    items = load_holdout(Path(run.dataset_dir), evaluation.max_questions)
+    if not items:
+        raise WorkloadError("DatasetNotFound", "no held-out questions to evaluate")
+    if not run.endpoints:
+        raise WorkloadError("InvalidSpec", "no system to evaluate (endpoints is empty)")
+    log.info(
+        "%d questions, protocol %s, matcher %s, systems %s",
+        len(items),
+        evaluation.protocol,
+        evaluation.matcher,
+        ", ".join(run.endpoints),
+    )
+    results: dict[str, list[Result]] = {}
+    for name, target in run.endpoints.items():
+        results[name] = ask_all(
+            name, target, items, evaluation.protocol, evaluation.matcher, evaluation.max_tokens
+        )
+        log.info("%s: accuracy %s", name, totals(results[name])["accuracy"])
+    summary = {
+        "protocol": evaluation.protocol,
+        "matcher": evaluation.matcher,
+        "questions": len(items),
+        "systems": {name: totals(rows) for name, rows in results.items()},
+    }
+    output = Path(run.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    partial = output / ".results.jsonl.partial"
+    with partial.open("w", encoding="utf-8") as fh:
+        for rows in results.values():
+            for row in rows:
+                fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+    partial.replace(output / "results.jsonl")
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def status_patch(run: EvaluateRun, summary: dict[str, Any]) -> dict[str, Any]:
+    output = Path(run.output_dir)
+    systems = summary["systems"]
+    scores = {
+        name: {key: systems[name][key] for key in ("accuracy", "correct", "total")}
+        for name in ("rag", "raft")
+        if name in systems
+    }
+    return {
+        "evaluation": {
+            **scores,
+            "protocol": summary["protocol"],
+            "artifact": {
+                "uri": artifact_uri(output, run.paths),
+                "sha256": sha256_file(output / "results.jsonl"),
+                "sizeBytes": (output / "results.jsonl").stat().st_size,
+            },
+        }
+    }
+
+
+def work(run: EvaluateRun) -> None:
+    summary = evaluate(run)
+    make_reporter(run.reporter, run.owner).report(status_patch(run, summary), final=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(EvaluateRun, work, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
