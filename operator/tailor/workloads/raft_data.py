@@ -561,6 +561,18 @@ def answer_for(q: Question, chain_of_thought: bool) -> str:
     return q.cot or built_answer(q.question, q.answer, q.gold)
 
 
+def holdout_record(q: Question, context: list[Doc]) -> dict[str, Any]:
+    """A held-out question with the context the paper's protocol shows with it."""
+    assert q.gold is not None and q.answer is not None
+    return {
+        "question": q.question,
+        "answer": q.answer,
+        "documentId": q.gold.document_id,
+        "goldChunkId": q.gold.id,
+        "context": [d.as_record() for d in context],
+    }
+
+
 def generate(run: RaftDataRun, retriever: Any = None, tokenizer: Any = None) -> Stats:
     """Build the dataset into ``run.output_dir``; returns its stats."""
     started = time.monotonic()
@@ -622,21 +634,11 @@ def generate(run: RaftDataRun, retriever: Any = None, tokenizer: Any = None) -> 
             context_tokens.append(len(tokenizer(user, add_special_tokens=False)["input_ids"]))
         else:
             context_tokens.append(sum(len(_WORD.findall(d.text)) for d in context))
-    holdout_records = []
-    for offset, q in enumerate(holdout):
-        assert q.gold is not None and q.answer is not None
-        context = context_for(
-            q.gold, distractors[len(everything) + offset], True, recipe.distractors, rng
-        )
-        holdout_records.append(
-            {
-                "question": q.question,
-                "answer": q.answer,
-                "documentId": q.gold.document_id,
-                "goldChunkId": q.gold.id,
-                "context": [d.as_record() for d in context],
-            }
-        )
+    holdout_records = [
+        holdout_record(q, context_for(q.gold, chosen, True, recipe.distractors, rng))
+        for q, chosen in zip(holdout, distractors[len(everything) :], strict=True)
+        if q.gold is not None
+    ]
 
     stats.examples = len(train_questions)
     stats.validation = len(validation)

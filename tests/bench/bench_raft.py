@@ -1,0 +1,294 @@
+"""RAFT on APIBench (Torch Hub) with the builtin SmolLM2-135M: the paper's Table 1 column.
+
+Not a test: run it by hand and read the table. Everything is Tailor's own workloads,
+in-process: the knowledge base over ``torchhub_api.jsonl`` (MiniLM, embedded Qdrant),
+``raft_data`` on ``torchhub_train.json`` questions, the trainer for two LoRA adapters on
+the same questions with the same hyperparameters (domain-specific fine-tuning, DSF: the
+question alone -> the answer; RAFT: the question with the gold document among
+distractors -> the quoted chain of thought), one serve process with both adapters and the
+knowledge base, and ``evaluate`` on ``torchhub_eval.json`` questions:
+
+- the paper's protocol (``oracle``): the gold document among k distractors, the same
+  documents for every system;
+- end to end (``retriever``): the serve workload's own retrieval (top k + 1 documents).
+
+Rows: base model 0-shot (question alone), base + RAG, DSF (question alone), DSF + RAG,
+RAFT. Matcher: APIBench's, the ``torch.hub.load`` repository and model of the answer.
+
+    .venv/bin/python tests/bench/bench_raft.py                 # CPU subset (documented)
+    .venv/bin/python tests/bench/bench_raft.py --train 837 --eval 186 --epochs 3   # full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[2]
+APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+sys.path.insert(0, str(ROOT))
+
+from tailor.api.workloads import (  # noqa: E402
+    EvaluateRun,
+    IndexRun,
+    RaftDataRun,
+    ServeRun,
+    TrainRun,
+)
+from tailor.workloads.apibench import load_questions, raft_question  # noqa: E402
+from tailor.workloads.evaluate import evaluate  # noqa: E402
+from tailor.workloads.index import build_index  # noqa: E402
+from tailor.workloads.raft_data import (  # noqa: E402
+    Question,
+    Stats,
+    chat_record,
+    context_for,
+    generate,
+    holdout_record,
+    load_chunks,
+    pick_distractors,
+    resolve_gold,
+)
+from tailor.workloads.retriever import Retriever  # noqa: E402
+from tailor.workloads.serve import create_app  # noqa: E402
+from tailor.workloads.train import train  # noqa: E402
+from tests.workloads.helpers import ThreadServer  # noqa: E402
+
+OWNER = {"kind": "RAFTJob", "namespace": "bench", "name": "raft"}
+KB_FORMAT = {
+    "json": {
+        "textFields": ["api_name", "domain", "functionality", "description", "api_call"],
+        "idField": "api_call",
+        "titleField": "api_name",
+    }
+}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def raft_spec(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "knowledgeBaseRef": {"name": "torchhub"},
+        "questions": {"source": {"pvc": {"claimName": "data", "path": "questions.jsonl"}}},
+        "raft": {"oracleProbability": args.p, "distractors": args.distractors, "seed": args.seed},
+        "fineTune": {"baseModel": {"builtin": "smollm2-135m-instruct"}},
+        "evaluation": {
+            "holdout": 0.01,  # the evaluation uses torchhub_eval.json instead
+            "matcher": "apibench",
+            "maxTokens": args.max_tokens,
+        },
+    }
+
+
+def train_adapter(work: Path, name: str, folder: str, args: argparse.Namespace) -> Path:
+    run = TrainRun.model_validate(
+        {
+            "spec": {
+                "baseModel": {"builtin": "smollm2-135m-instruct"},
+                "method": "lora",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+                "dataset": {
+                    "train": {"pvc": {"claimName": "work", "path": f"{folder}/train.jsonl"}},
+                    "validation": {
+                        "pvc": {"claimName": "work", "path": f"{folder}/validation.jsonl"}
+                    },
+                },
+                "training": {
+                    "epochs": args.epochs,
+                    "batchSize": args.batch_size,
+                    "learningRate": args.learning_rate,
+                    "maxSeqLength": 1536,
+                    "warmupRatio": 0.03,
+                    "scheduler": "cosine",
+                    "seed": args.seed,
+                },
+                "checkpoint": {"everySteps": 100000},
+            },
+            "outputDir": str(work / "adapters" / name),
+            "checkpointDir": str(work / "checkpoints" / name),
+            "paths": {"artifacts": str(work), "pvcs": str(work.parent)},
+            "reporter": {"kind": "none"},
+            "owner": {"kind": "FineTuneJob", "namespace": "bench", "name": name},
+        }
+    )
+    started = time.monotonic()
+    train(run)
+    metrics = json.loads((work / "adapters" / name / "manifest.json").read_text())["metrics"]
+    print(
+        f"trained {name}: {metrics['steps']} steps, eval loss {metrics['evalLoss']:.3f}, "
+        f"{metrics['tokensPerSecond']} tokens/s, {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    return work / "adapters" / name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=120, help="training questions")
+    parser.add_argument("--eval", type=int, default=30, help="evaluation questions")
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--p", type=float, default=0.8)
+    parser.add_argument("--distractors", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    started = time.monotonic()
+    base = args.work or Path(tempfile.mkdtemp(prefix="tailor-bench-raft-"))
+    work = base / "work"
+    paths = {"artifacts": str(work), "pvcs": str(base)}
+    train_questions = load_questions(APIBENCH / "torchhub_train.json")
+    eval_questions = load_questions(APIBENCH / "torchhub_eval.json")
+    random.Random(args.seed).shuffle(train_questions)
+    random.Random(args.seed).shuffle(eval_questions)
+    train_questions, eval_questions = train_questions[: args.train], eval_questions[: args.eval]
+
+    # The knowledge base; end to end retrieves k + 1 documents, as many as the paper's context.
+    (base / "data").mkdir(parents=True, exist_ok=True)
+    (base / "data" / "torchhub_api.jsonl").write_text((APIBENCH / "torchhub_api.jsonl").read_text())
+    index = IndexRun.model_validate(
+        {
+            "owner": {"kind": "KnowledgeBase", "namespace": "bench", "name": "torchhub"},
+            "paths": paths,
+            "reporter": {"kind": "none"},
+            "spec": {
+                "sources": [{"pvc": {"claimName": "data", "path": "torchhub_api.jsonl"}}],
+                "format": KB_FORMAT,
+                "chunking": {"strategy": "none"},
+            },
+            "target": {"alias": "torchhub", "retrieval": {"topK": args.distractors + 1}},
+        }
+    )
+    build_index(index)
+
+    # RAFT data from the training questions.
+    write_jsonl(base / "data" / "questions.jsonl", [raft_question(q) for q in train_questions])
+    spec = raft_spec(args)
+    data = RaftDataRun.model_validate(
+        {
+            "owner": OWNER,
+            "paths": paths,
+            "reporter": {"kind": "none"},
+            "spec": spec,
+            "knowledgeBase": index.target.model_dump(by_alias=True),
+            "outputDir": str(work / "raft"),
+        }
+    )
+    stats = generate(data)
+    print(
+        f"RAFT data: {stats.examples} examples, gold document in {stats.with_oracle:.0%}, "
+        f"{stats.mean_context_tokens:.0f} context words on average",
+        flush=True,
+    )
+
+    # DSF data: the same training questions, no documents, the plain answer.
+    rows = [
+        chat_record(q["question"], [], q["answer"])
+        for q in (raft_question(q) for q in train_questions)
+    ]
+    cut = max(1, len(rows) // 20)
+    write_jsonl(work / "dsf" / "train.jsonl", rows[cut:])
+    write_jsonl(work / "dsf" / "validation.jsonl", rows[:cut])
+
+    # The evaluation questions with the paper's context (gold + k distractors).
+    chunks = load_chunks(index.target, index.paths)
+    retriever = Retriever(index.target, index.paths)
+    recipe = data.spec.raft
+    held = [
+        Question(r["question"], r["answer"], r["document_id"], f"eval[{i}]")
+        for i, r in enumerate(raft_question(q) for q in eval_questions)
+    ]
+    held = resolve_gold(held, chunks, retriever, Stats())
+    rng = random.Random(args.seed)
+    distractors, _ = pick_distractors(held, chunks, recipe, retriever, rng)
+    write_jsonl(
+        work / "eval" / "holdout.jsonl",
+        [
+            holdout_record(q, context_for(q.gold, d, True, recipe.distractors, rng))
+            for q, d in zip(held, distractors, strict=True)
+            if q.gold is not None
+        ],
+    )
+
+    adapters = {
+        "dsf": train_adapter(work, "dsf", "dsf", args),
+        "raft": train_adapter(work, "raft", "raft", args),
+    }
+    serve = ServeRun.model_validate(
+        {
+            "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}},
+            "servedName": "md",
+            "adapters": [{"name": n, "path": str(p)} for n, p in adapters.items()],
+            "owner": {"kind": "ModelDeployment", "namespace": "bench", "name": "md"},
+            "paths": paths,
+            "knowledgeBase": index.target.model_dump(by_alias=True),
+        }
+    )
+    table: dict[str, dict[str, Any]] = {}
+    with ThreadServer(create_app(serve)) as server:
+        url = f"{server.url}/v1"
+        for protocol, systems in (
+            (
+                "oracle",
+                {
+                    "base (0-shot)": {"model": "md", "context": "none"},
+                    "base + RAG": {"model": "md"},
+                    "DSF": {"model": "md/dsf", "context": "none"},
+                    "DSF + RAG": {"model": "md/dsf"},
+                    "RAFT": {"model": "md/raft"},
+                },
+            ),
+            (
+                "retriever",
+                {
+                    "base + RAG": {"model": "md"},
+                    "DSF + RAG": {"model": "md/dsf"},
+                    "RAFT": {"model": "md/raft"},
+                },
+            ),
+        ):
+            spec["evaluation"]["protocol"] = protocol
+            run = EvaluateRun.model_validate(
+                {
+                    "owner": OWNER,
+                    "paths": paths,
+                    "reporter": {"kind": "none"},
+                    "spec": spec,
+                    "knowledgeBase": index.target.model_dump(by_alias=True),
+                    "datasetDir": str(work / "eval"),
+                    "endpoints": {n: {"baseUrl": url, **t} for n, t in systems.items()},
+                    "outputDir": str(work / f"evaluation-{protocol}"),
+                }
+            )
+            table[protocol] = evaluate(run)["systems"]
+
+    print(
+        f"\nAPIBench Torch Hub, {len(held)} eval questions, {stats.examples} training "
+        f"questions, SmolLM2-135M-Instruct + LoRA, matcher apibench"
+    )
+    print(f"{'system':16s} {'paper protocol':>15s} {'end to end':>11s} {'gold in context':>16s}")
+    for name, row in table["oracle"].items():
+        e2e = table["retriever"].get(name)
+        end_to_end = f"{100 * e2e['accuracy']:.1f}%" if e2e else ""
+        gold = f"{100 * e2e['goldInContext']:.0f}%" if e2e else ""
+        print(f"{name:16s} {100 * row['accuracy']:14.1f}% {end_to_end:>11s} {gold:>16s}")
+    print(f"\nresults under {work}; {time.monotonic() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
