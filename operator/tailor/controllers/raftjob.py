@@ -194,7 +194,9 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
         op.runtime.start(evaluation)
         state = op.runtime.run_state(parent.namespace, evaluation.name)
     if state is None or state.phase not in ("Succeeded", "Failed"):
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready: dict[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
         if status.get("stage") != "Evaluating" or ready.get("reason") == "StartingServer":
             op.patch_status(
                 body,
