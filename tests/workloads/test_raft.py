@@ -17,13 +17,18 @@ import pytest
 
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
 from tailor.workloads.apibench import load_documents, load_questions, raft_question
+from tailor.workloads.common import WorkloadError
 from tailor.workloads.evaluate import evaluate, normalise, score
 from tailor.workloads.index import build_index
 from tailor.workloads.raft_data import (
     ANSWER_MARK,
     BEGIN_QUOTE,
     END_QUOTE,
+    Stats,
+    Teacher,
+    final_answer,
     generate,
+    generate_questions,
     load_chunks,
     quotes,
     quotes_are_verbatim,
@@ -367,3 +372,27 @@ def test_evaluation_asks_every_system_and_scores_with_the_matcher(
         assert rag["goldInContext"] == 1.0
     else:  # the server's own retrieval (topK 3) found some gold documents, not all
         assert 0 < rag["goldInContext"] <= 1.0
+
+
+def test_a_teacher_writes_questions_and_only_verbatim_quoting_answers_are_kept(
+    server: str, knowledge_base: IndexRun
+) -> None:
+    """The served SmolLM2 as the teacher, for real: whatever it writes, an answer is kept
+    only if every quote is in its chunk and it ends with an answer line; when none is,
+    the run fails saying so instead of training on nothing."""
+    chunks = load_chunks(knowledge_base.target, knowledge_base.paths)[:3]
+    teacher = Teacher(server, None, None)  # the model name comes from GET /models
+    assert teacher.model == "md"
+    stats = Stats()
+    try:
+        kept = generate_questions(teacher, chunks, 1, stats, answer_tokens=96)
+    except WorkloadError as exc:
+        kept = []
+        assert exc.reason == "TeacherFailed" and "verbatim" in exc.message
+    finally:
+        teacher.close()
+    assert stats.teacher_answers >= 1  # questions were parsed from its replies
+    assert stats.teacher_answers_rejected == stats.teacher_answers - len(kept)
+    for q in kept:
+        assert q.gold is not None and q.cot is not None
+        assert quotes_are_verbatim(q.cot, q.gold.text) and q.answer == final_answer(q.cot)

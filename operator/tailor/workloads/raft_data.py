@@ -341,7 +341,7 @@ class Teacher:
                 found.append(line)
         return found[:count]
 
-    def answer(self, question: str, gold: Doc) -> str:
+    def answer(self, question: str, gold: Doc, max_tokens: int = 512) -> str:
         return self.chat(
             [
                 {"role": "system", "content": RAFT_SYSTEM},
@@ -351,7 +351,8 @@ class Teacher:
                     f"quoted sentence exactly as it appears in the document. End with one line "
                     f"'{ANSWER_MARK} <the answer>'.",
                 },
-            ]
+            ],
+            max_tokens,
         )
 
     def close(self) -> None:
@@ -372,32 +373,33 @@ def make_teacher(run: RaftDataRun) -> Teacher:
 
 
 def generate_questions(
-    teacher: Teacher, chunks: list[Doc], per_chunk: int, stats: Stats
+    teacher: Teacher, chunks: list[Doc], per_chunk: int, stats: Stats, answer_tokens: int = 512
 ) -> list[Question]:
     """Questions per chunk from the teacher, each answered by it with checked quotes."""
 
-    def for_chunk(doc: Doc) -> list[Question]:
-        out = []
+    def for_chunk(doc: Doc) -> tuple[list[Question], int]:
+        out, asked = [], 0
         for text in teacher.questions(doc, per_chunk):
-            cot = teacher.answer(text, doc)
-            stats.teacher_answers += 1
-            if ANSWER_MARK not in cot or not quotes_are_verbatim(cot, doc.text):
-                stats.teacher_answers_rejected += 1  # no gold answer to fall back on
-                continue
-            out.append(
-                Question(text, final_answer(cot), doc.document_id, f"chunk {doc.id}", doc, cot)
-            )
-        return out
+            cot = teacher.answer(text, doc, answer_tokens)
+            asked += 1
+            if ANSWER_MARK in cot and quotes_are_verbatim(cot, doc.text):
+                out.append(
+                    Question(text, final_answer(cot), doc.document_id, f"chunk {doc.id}", doc, cot)
+                )
+        return out, asked
 
     with ThreadPoolExecutor(TEACHER_CONCURRENCY) as pool:
         results = list(pool.map(for_chunk, chunks))
-    questions = [q for batch in results for q in batch]
+    questions = [q for batch, _ in results for q in batch]
+    stats.teacher_answers = sum(asked for _, asked in results)
+    stats.teacher_answers_rejected = stats.teacher_answers - len(questions)
     stats.teacher_questions = len(questions)
     if not questions:
         raise WorkloadError(
             "TeacherFailed",
             f"the teacher wrote {stats.teacher_answers} answers and none quoted its document "
-            "verbatim; use a stronger teacher model or give questions with answers",
+            f"verbatim with an {ANSWER_MARK} line; use a stronger teacher model or give "
+            "questions with answers (spec.questions.source)",
         )
     return questions
 
