@@ -190,7 +190,9 @@ def describe(obj: dict[str, Any]) -> str:
                 detail += f"  ETA {p['etaSeconds']}s"
     elif kind == "KnowledgeBase":
         if status.get("chunks") is not None:
-            detail = f"{status.get('documents')} docs, {status.get('chunks')} chunks, {status.get('vectors')} vectors"
+            counts = [(status.get(k), k) for k in ("documents", "chunks", "vectors")]
+            detail = ", ".join(f"{n} {k}" for n, k in counts if n is not None)
+            detail += "" if status.get("vectors") is not None else " (embedding)"
     elif kind == "PromptProfile":
         detail = f"revision {status.get('revision')}" if status.get("revision") else ""
     elif kind == "ModelDeployment":
