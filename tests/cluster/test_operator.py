@@ -243,6 +243,27 @@ def test_suspend_then_resume(kube: Kube, ns: str) -> None:
     assert get(kube, ns, "job", "pausable-train")["spec"]["suspend"] is False
 
 
+def test_a_spec_change_after_the_job_exists_is_reported_not_ignored(kube: Kube, ns: str) -> None:
+    def spec_applied() -> dict[str, Any]:
+        conditions = (get(kube, ns, "ftj", "changed").get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "SpecApplied"), {})
+
+    kube.apply(fine_tune("changed", 1, suspend=True), "-n", ns)
+    wait_for("Suspended", phase_is(kube, ns, "ftj", "changed", "Suspended"))
+    assert spec_applied()["status"] == "True"
+    template = get(kube, ns, "job", "changed-train")["spec"]["template"]
+    kube.kubectl(  # suspend is the one field a running Job takes
+        "patch", "ftj", "changed", "-n", ns, "--type=merge",
+        "-p", '{"spec":{"training":{"learningRate":0.5}}}',
+    )  # fmt: skip
+    condition = wait_for(
+        "SpecApplied=False", lambda: spec_applied().get("status") == "False" and spec_applied()
+    )
+    assert condition["reason"] == "JobImmutable"
+    assert "delete and re-create the FineTuneJob" in condition["message"]
+    assert get(kube, ns, "job", "changed-train")["spec"]["template"] == template
+
+
 def test_deleting_a_parent_removes_its_children(kube: Kube, ns: str) -> None:
     kube.apply(fine_tune("doomed", 0, suspend=True), "-n", ns)
     wait_for(

@@ -202,6 +202,10 @@ class FineTuneJobStatus(StatusBase):
     progress: Progress | None = Field(default=None, description="Progress of the run.")
     artifact: Artifact | None = Field(default=None, description="The published adapter/weights.")
     job_name: str | None = Field(default=None, description="The training Job.")
+    job_spec_hash: str | None = Field(
+        default=None,
+        description="Hash of the spec (without suspend) the training Job was created from.",
+    )
     start_time: str | None = Field(default=None, description="When training started.")
     completion_time: str | None = Field(default=None, description="When it finished.")
     attempts: int | None = Field(default=None, description="Pods started so far.")

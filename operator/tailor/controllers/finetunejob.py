@@ -14,7 +14,7 @@ import kopf
 
 from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
-from tailor.builders.common import Parent
+from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
 from tailor.controllers.context import Operator, condition, operator, syncer
 from tailor.observability.operator import RUN_SECONDS
@@ -47,6 +47,8 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     # Read the Job only when one may exist; apply children only when something must change
     # (the Job is missing, or suspend was toggled): every Job and Pod event lands here.
     state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
+    spec_hash = content_hash({k: v for k, v in body["spec"].items() if k != "suspend"})
+    job_spec_hash = status.get("jobSpecHash") if state is not None else spec_hash
     if state is None or (
         state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
     ):
@@ -84,7 +86,23 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         message if phase == "Queued" else "",
         generation,
     )
+    # A Job's pod template is immutable: a spec change after the Job exists (other than
+    # suspend) cannot reach the running training. Say so instead of ignoring it silently.
+    applied = job_spec_hash in (None, spec_hash)
+    conditions = condition(
+        conditions,
+        "SpecApplied",
+        applied,
+        "Applied" if applied else "JobImmutable",
+        ""
+        if applied
+        else "spec changed after the training Job was created; the Job keeps the spec it "
+        "started with (Job templates are immutable): delete and re-create the FineTuneJob "
+        "to train with the new spec",
+        generation,
+    )
     new["conditions"] = conditions
+    new["jobSpecHash"] = job_spec_hash or spec_hash
     if phase in ("Succeeded", "Failed") and status.get("phase") not in ("Succeeded", "Failed"):
         if state and state.start_time and state.completion_time:
             RUN_SECONDS.labels(KIND, phase).observe(
