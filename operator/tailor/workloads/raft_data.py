@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -463,13 +463,15 @@ def resolve_gold(
     return resolved
 
 
+def largest_document(chunks: list[Doc]) -> int:
+    """How many chunks the most-split document has (0 for no chunks)."""
+    return max(Counter(doc.document_id for doc in chunks).values(), default=0)
+
+
 def check_distractors(recipe: RaftRecipe, chunks: list[Doc]) -> None:
     """Every example needs k + 1 chunks outside its gold document (k distractors, plus
     one to stand in for the gold document in the 1 - P examples without it)."""
-    per_document: dict[str, int] = defaultdict(int)
-    for doc in chunks:
-        per_document[doc.document_id] += 1
-    available = len(chunks) - max(per_document.values(), default=0)
+    available = len(chunks) - largest_document(chunks)
     needed = recipe.distractors + 1
     if available < needed:
         raise WorkloadError(
@@ -496,11 +498,7 @@ def pick_distractors(
     needed = recipe.distractors + 1
     neighbours: list[list[str]] = [[] for _ in questions]
     if recipe.distractor_sampling == "hard" and needed:
-        per_document: dict[str, int] = defaultdict(int)
-        for doc in chunks:
-            per_document[doc.document_id] += 1
-        largest = max(per_document.values(), default=1)
-        top_k = min(len(chunks), needed + largest)
+        top_k = min(len(chunks), needed + largest_document(chunks))
         hits = retriever.search_batch(
             [q.question for q in questions], top_k=top_k, score_threshold=-1.0
         )
