@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -122,18 +122,24 @@ def source_files(source: DataSource, paths: Paths) -> list[Path]:
     return files
 
 
+def json_lines(
+    lines: Iterable[str], name: str, reason: str = "InvalidDataset"
+) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of JSON lines, blank lines skipped; a bad line raises
+    ``WorkloadError(reason)`` naming ``name:line``."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(reason, f"{name}:{number}: not valid JSON ({exc.msg})") from exc
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) of a JSON-lines file; a bad line raises with its number."""
+    """(line number, parsed record) of a JSON-lines file, read as it goes."""
     with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WorkloadError(
-                    "InvalidDataset", f"{path}:{number}: not valid JSON ({exc.msg})"
-                ) from exc
+        yield from json_lines(fh, str(path))
 
 
 class ProgressSink(Protocol):

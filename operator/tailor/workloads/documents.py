@@ -24,7 +24,7 @@ from typing import Any
 from tailor.api.common import DataSource
 from tailor.api.knowledgebase import DocumentFormat, JsonFormat
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, source_files
+from tailor.workloads.common import WorkloadError, json_lines, source_files
 from tailor.workloads.fetch import DEFAULT_TIMEOUT_SECONDS, fetch_source
 
 log = logging.getLogger("tailor.workloads.documents")
@@ -157,15 +157,7 @@ def parse_document(
         return
     text = _decode(data, charset)
     if kind == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WorkloadError(
-                    "InvalidDocument", f"{label}:{number}: not valid JSON ({exc.msg})"
-                ) from exc
+        for number, record in json_lines(text.splitlines(), label, "InvalidDocument"):
             yield record_document(record, record_format, label, f"{label}:{number}")
     elif kind == "json":
         try:

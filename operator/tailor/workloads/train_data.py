@@ -31,7 +31,7 @@ import torch
 from tailor.api.common import DataSource
 from tailor.api.finetunejob import DatasetSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, source_files
+from tailor.workloads.common import WorkloadError, json_lines, source_files
 
 Format = Literal["chat", "completion", "text"]
 
@@ -144,17 +144,7 @@ def parse_text(name: str, text: str, is_json: bool) -> list[tuple[str, Any]]:
                 "InvalidDataset", f"{name}:{exc.lineno}: not valid JSON ({exc.msg})"
             ) from exc
         return [(f"{name}[{i}]", item) for i, item in enumerate(items)]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{name}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(
-                "InvalidDataset", f"{name}:{number}: not valid JSON ({exc.msg})"
-            ) from exc
-    return records
+    return [(f"{name}:{number}", record) for number, record in json_lines(text.splitlines(), name)]
 
 
 def _decode(content: bytes, name: str, charset: str) -> str:
