@@ -33,3 +33,22 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
+    """A 2-layer, 64-wide Llama config over ``tokenizer``'s vocabulary: random-init models
+    that train and generate in milliseconds."""
+    from transformers import LlamaConfig
+
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    }
+    return LlamaConfig(**settings)

@@ -36,6 +36,7 @@ from tailor.workloads.engine import (
 )
 from tailor.workloads.models import load_tokenizer
 from tailor.workloads.serve import main as serve_main
+from tests.workloads.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.workloads
 
@@ -50,19 +51,9 @@ def tiny_peft_model(tokenizer: Any, folder: Path) -> tuple[Any, dict[str, str]]:
     """A 2-layer random Llama with two random (non-zero) LoRA adapters, saved and reloaded
     the way the server loads them."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, max_position_embeddings=256)
 
     def fresh() -> LlamaForCausalLM:
         torch.manual_seed(0)

@@ -32,6 +32,7 @@ from tailor.workloads.train import (
     train,
 )
 from tailor.workloads.train_data import IGNORE_INDEX, Example, collate
+from tests.workloads.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.workloads
 
@@ -77,21 +78,14 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def pvcs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A volume root holding ``models/tiny``: a 2-layer random Llama with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = load_tokenizer(SMOLLM2, Paths(artifacts="/tmp"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
+        tokenizer,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("pvcs")
