@@ -14,7 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+from tailor.data import apibench_dir  # noqa: E402
+
+APIBENCH = apibench_dir()
 
 
 @pytest.fixture(scope="session")

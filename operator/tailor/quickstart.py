@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tailor.data import apibench_dir
 from tailor.devcluster.cluster import DevCluster, state_root
 from tailor.devcluster.kube import Kube, apply_crds, wait_established
 from tailor.workloads.apibench import chat_example, load_questions, matches
@@ -41,7 +42,7 @@ def state_dir() -> Path:
 
 
 def default_data() -> Path:
-    return Path(os.environ.get("TAILOR_APIBENCH", REPO.parent / "shared" / "data" / "apibench"))
+    return apibench_dir()
 
 
 def say(text: str) -> None:

@@ -33,12 +33,13 @@ import torch
 from qdrant_client import QdrantClient
 
 from tailor.api.workloads import IndexRun
+from tailor.data import apibench_dir
 from tailor.workloads.common import builtin_path
 from tailor.workloads.index import build_index
 from tailor.workloads.retriever import Retriever, load_embedder
 from tailor.workloads.vectorstore import scroll_all
 
-APIBENCH = Path("/work/shared/data/apibench")
+APIBENCH = apibench_dir()
 FIELDS = [
     "domain",
     "api_name",

@@ -32,7 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[2]
-APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+from tailor.data import apibench_dir  # noqa: E402
+
+APIBENCH = apibench_dir()
 SERVED = "bench"
 sys.path.insert(0, str(ROOT))
 from tests.workloads.helpers import ThreadServer  # noqa: E402

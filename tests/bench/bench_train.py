@@ -50,7 +50,9 @@ from tailor.workloads.train_data import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-APIBENCH = Path(os.environ.get("TAILOR_APIBENCH", ROOT.parent / "shared" / "data" / "apibench"))
+from tailor.data import apibench_dir  # noqa: E402
+
+APIBENCH = apibench_dir()
 INSTRUCTION = re.compile(
     r"'Instruction':\s*(.*?),\s*'Output':|###Instruction:\s*(.*?)###Output:", re.S
 )

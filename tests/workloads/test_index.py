@@ -29,7 +29,9 @@ from tailor.workloads.vectorstore import AliasStore, collection_options
 
 pytestmark = pytest.mark.workloads
 
-APIBENCH = Path("/work/shared/data/apibench")
+from tailor.data import apibench_dir  # noqa: E402
+
+APIBENCH = apibench_dir()
 # text fields chosen by measurement: api_name and api_call lower retrieval quality (see report)
 TORCHHUB_FORMAT = {
     "json": {
