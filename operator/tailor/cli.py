@@ -2,8 +2,9 @@
 
 ``tailor crds`` writes (or checks) the CRDs generated from the API models, ``tailor validate``
 checks manifests offline with the same rules the API server enforces, ``tailor dev cluster``
-runs the local control plane, ``tailor operator run`` starts the operator and ``tailor up`` /
-``tailor down`` run the quickstart. Subcommands import their machinery lazily so that
+runs the local control plane, ``tailor operator run`` starts the operator, ``tailor up`` /
+``tailor down`` run the quickstart and ``tailor eval apibench`` scores answers as the RAFT
+paper does. Subcommands import their machinery lazily so that
 ``tailor validate`` stays fast and needs no cluster libraries.
 """
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ("up",): "tailor.quickstart",
         ("down",): "tailor.quickstart",
         ("status",): "tailor.quickstart",
+        ("eval", "apibench"): "tailor.workloads.apibench",
     }
     for prefix, module in delegated.items():
         if tuple(argv[: len(prefix)]) == prefix:
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("operator", help="`tailor operator run`: start the operator")
     sub.add_parser("up", help="run the quickstart end to end")
     sub.add_parser("down", help="stop everything `tailor up` started")
+    sub.add_parser("eval", help="`tailor eval apibench`: score answers as the RAFT paper does")
     args = parser.parse_args(argv)
     if args.command == "crds":
         return write_crds(args.out, args.check)
