@@ -124,7 +124,10 @@ class Evaluation(TailorModel):
     )
     matcher: Literal["exact", "contains", "regex", "apibench"] = Field(
         default="contains",
-        description="exact, contains, regex or apibench (torch.hub.load repo and model).",
+        description="exact, contains, regex or apibench (Gorilla's AST evaluation, as the RAFT "
+        "paper scores APIBench: a real API of the question's domain; exact and hallucination "
+        "rate beside it). apibench needs a knowledge base of API cards whose "
+        "format.json.metadataFields include domain (and api_call unless idField is api_call).",
     )
     max_questions: int | None = Field(
         default=None, ge=1, description="Evaluate at most this many held-out questions."
@@ -172,9 +175,19 @@ class DatasetStats(TailorModel):
 class Score(TailorModel):
     """Accuracy of one system."""
 
-    accuracy: float | None = Field(default=None, description="Share of correct answers, 0-1.")
+    accuracy: float | None = Field(
+        default=None,
+        description="Share of correct answers, 0-1 (matcher apibench: the paper's metric).",
+    )
     correct: int | None = Field(default=None, description="Correct answers.")
     total: int | None = Field(default=None, description="Questions asked.")
+    exact: float | None = Field(
+        default=None, description="matcher apibench: share of answers naming the gold API, 0-1."
+    )
+    hallucination: float | None = Field(
+        default=None,
+        description="matcher apibench: share of answers naming no API of the corpus, 0-1.",
+    )
 
 
 class EvaluationResults(TailorModel):

@@ -12,9 +12,12 @@ scores the answers. Two protocols:
 
 Matchers compare the final answer (the text after ``##Answer:``, or the whole reply):
 ``exact`` and ``contains`` on normalised text (lower case, no punctuation or articles, as
-SQuAD), ``regex`` (the gold answer is a regular expression) and ``apibench`` (the same
-``torch.hub.load`` repository and model). Per-question results go to ``results.jsonl``,
-totals to ``summary.json`` and the RAFTJob's ``status.evaluation``.
+SQuAD), ``regex`` (the gold answer is a regular expression) and ``apibench``, scored as the
+RAFT paper scores APIBench (:mod:`tailor.workloads.apibench`): the knowledge base's
+documents are the API corpus (each needs ``api_call`` and ``domain``), the gold chunk gives
+the question's gold call and domain, and every system gets accuracy (the paper's), exact
+and hallucination rate. Per-question results go to ``results.jsonl``, totals to
+``summary.json`` and the RAFTJob's ``status.evaluation``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.api.workloads import RAFT_HOLDOUT_FILE, EvalTarget, EvaluateRun
-from tailor.workloads.apibench import matches as apibench_matches
+from tailor.workloads.apibench import Corpus, Verdict
 from tailor.workloads.common import (
     WorkloadError,
     artifact_uri,
@@ -41,7 +44,7 @@ from tailor.workloads.common import (
     run_main,
     sha256_file,
 )
-from tailor.workloads.raft_data import Doc, chat_record, final_answer
+from tailor.workloads.raft_data import Doc, chat_record, final_answer, load_chunks
 
 log = logging.getLogger("tailor.workloads.evaluate")
 
@@ -72,25 +75,12 @@ def regex(answer: str, gold: str) -> bool:
     return re.search(gold, answer, re.I | re.S) is not None
 
 
-def apibench(answer: str, gold: str) -> bool:
-    return apibench_matches(answer, gold)
-
-
-MATCHERS: dict[str, Matcher] = {
-    "exact": exact,
-    "contains": contains,
-    "regex": regex,
-    "apibench": apibench,
-}
+MATCHERS: dict[str, Matcher] = {"exact": exact, "contains": contains, "regex": regex}
 
 
 def score(matcher: str, reply: str, gold: str) -> bool:
-    """Whether ``reply``'s final answer matches ``gold`` (apibench falls back to the whole
-    reply when the final answer holds no call: the code may sit in the reasoning)."""
-    answer = final_answer(reply)
-    if MATCHERS[matcher](answer, gold):
-        return True
-    return matcher == "apibench" and answer != reply.strip() and apibench(reply, gold)
+    """Whether ``reply``'s final answer matches ``gold`` under a text matcher."""
+    return MATCHERS[matcher](final_answer(reply), gold)
 
 
 @dataclass(frozen=True)
@@ -135,6 +125,9 @@ class Result:
     gold_in_context: bool
     seconds: float
     error: str | None = None
+    exact: bool = False
+    hallucination: bool = False
+    matched: str | None = None
 
 
 class Client:
@@ -184,12 +177,58 @@ def messages_for(item: HeldOut, protocol: str, target: EvalTarget) -> tuple[list
     return chat_record(item.question, item.context)["messages"], False
 
 
+Scorer = Callable[[str, HeldOut], Verdict]
+
+
+def text_scorer(matcher: str) -> Scorer:
+    return lambda reply, item: Verdict(score(matcher, reply, item.answer), False, False)
+
+
+def apibench_scorer(run: EvaluateRun) -> Scorer:
+    """Gorilla's AST evaluation with the knowledge base's documents as the API corpus."""
+    alias = run.knowledge_base.alias
+    cards: dict[str, dict[str, Any]] = {}
+    by_document: dict[str, dict[str, Any]] = {}
+    for doc in load_chunks(run.knowledge_base, run.paths):
+        card = by_document.setdefault(
+            doc.document_id,
+            {
+                **doc.metadata,
+                "api_call": doc.metadata.get("api_call") or doc.document_id,
+                "api_name": doc.title or doc.document_id,
+                "where": f"knowledge base {alias!r}, document {doc.document_id!r}",
+            },
+        )
+        cards[doc.id] = card
+    try:
+        corpus = Corpus.from_records((c["where"], c) for c in by_document.values())
+    except WorkloadError as exc:
+        raise WorkloadError(
+            "InvalidSpec",
+            f"matcher apibench: {exc.message}; index API cards with "
+            "format.json.metadataFields [domain, api_call] (or idField api_call), or use "
+            "another spec.evaluation.matcher",
+        ) from exc
+
+    def scorer(reply: str, item: HeldOut) -> Verdict:
+        card = cards.get(item.gold_chunk_id)
+        if card is None:
+            raise WorkloadError(
+                "InvalidSpec",
+                f"matcher apibench: the gold chunk {item.gold_chunk_id} of {item.question!r} "
+                f"is not in knowledge base {alias!r} (rebuilt since the data stage?)",
+            )
+        return corpus.score(reply, str(card["api_call"]), str(card["domain"]))
+
+    return scorer
+
+
 def ask_all(
     name: str,
     target: EvalTarget,
     items: list[HeldOut],
     protocol: str,
-    matcher: str,
+    scorer: Scorer,
     max_tokens: int,
 ) -> list[Result]:
     """Every question to one system, ``CONCURRENCY`` at a time."""
@@ -217,6 +256,7 @@ def ask_all(
         done += 1
         if done % 10 == 0 or done == len(items):
             log.info("%s: %d/%d questions answered", name, done, len(items))
+        verdict = scorer(reply, item) if error is None else Verdict(False, False, True)
         return Result(
             system=name,
             index=index,
@@ -224,10 +264,13 @@ def ask_all(
             gold=item.answer,
             reply=reply,
             answer=final_answer(reply),
-            correct=error is None and score(matcher, reply, item.answer),
+            correct=error is None and verdict.correct,
             gold_in_context=in_context,
             seconds=round(time.monotonic() - started, 3),
             error=error,
+            exact=verdict.exact,
+            hallucination=verdict.hallucination,
+            matched=verdict.matched,
         )
 
     try:
@@ -241,12 +284,17 @@ def ask_all(
     return results
 
 
-def totals(results: list[Result]) -> dict[str, Any]:
+def totals(results: list[Result], apibench: bool = False) -> dict[str, Any]:
+    """Accuracy and counts of one system; with ``apibench``, exact and hallucination too."""
     correct = sum(r.correct for r in results)
+    n = max(1, len(results))
+    scored = apibench and bool(results)
     return {
         "accuracy": round(correct / len(results), 4) if results else None,
         "correct": correct,
         "total": len(results),
+        "exact": round(sum(r.exact for r in results) / n, 4) if scored else None,
+        "hallucination": round(sum(r.hallucination for r in results) / n, 4) if scored else None,
         "goldInContext": round(sum(r.gold_in_context for r in results) / max(1, len(results)), 4),
         "errors": sum(r.error is not None for r in results),
         "meanSeconds": round(sum(r.seconds for r in results) / max(1, len(results)), 3),
@@ -278,17 +326,26 @@ def evaluate(run: EvaluateRun) -> dict[str, Any]:
         evaluation.matcher,
         ", ".join(run.endpoints),
     )
+    paper = evaluation.matcher == "apibench"
+    scorer = apibench_scorer(run) if paper else text_scorer(evaluation.matcher)
     results: dict[str, list[Result]] = {}
     for name, target in run.endpoints.items():
         results[name] = ask_all(
-            name, target, items, evaluation.protocol, evaluation.matcher, evaluation.max_tokens
+            name, target, items, evaluation.protocol, scorer, evaluation.max_tokens
         )
-        log.info("%s: accuracy %s", name, totals(results[name])["accuracy"])
+        score_row = totals(results[name], paper)
+        log.info(
+            "%s: accuracy %s, exact %s, hallucination %s",
+            name,
+            score_row["accuracy"],
+            score_row["exact"],
+            score_row["hallucination"],
+        )
     summary = {
         "protocol": evaluation.protocol,
         "matcher": evaluation.matcher,
         "questions": len(items),
-        "systems": {name: totals(rows) for name, rows in results.items()},
+        "systems": {name: totals(rows, paper) for name, rows in results.items()},
     }
     output = Path(run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -305,8 +362,9 @@ def evaluate(run: EvaluateRun) -> dict[str, Any]:
 def status_patch(run: EvaluateRun, summary: dict[str, Any]) -> dict[str, Any]:
     output = Path(run.output_dir)
     systems = summary["systems"]
+    keys = ("accuracy", "correct", "total", "exact", "hallucination")
     scores = {
-        name: {key: systems[name][key] for key in ("accuracy", "correct", "total")}
+        name: {key: systems[name][key] for key in keys if systems[name].get(key) is not None}
         for name in ("rag", "raft")
         if name in systems
     }

@@ -85,6 +85,7 @@ class Doc:
     title: str | None
     source: str | None
     document_id: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -225,6 +226,7 @@ def load_chunks(config: RetrieverConfig, paths: Paths) -> list[Doc]:
                 title=payload.get("title"),
                 source=payload.get("source"),
                 document_id=str(payload.get("document_id", "")),
+                metadata=dict(payload.get("metadata") or {}),
             )
         )
     positions = {str(p.id): int((p.payload or {}).get("position") or 0) for p in points}
