@@ -2,10 +2,13 @@
 
 ``up`` starts the local control plane (built from Go modules on first use), installs the
 CRDs, starts the operator with the local runtime, loads the APIBench Torch Hub data into
-ConfigMaps, applies ``docs/examples/quickstart/`` and follows every resource until the
-ModelDeployment serves. Then it shows a sample exchange, how to talk to the server, and
-the APIBench accuracy of base, base + RAG and adapter + RAG measured on the endpoint.
-Everything is reused when it already runs; ``down`` stops all of it.
+ConfigMaps, applies ``docs/examples/quickstart/`` and follows every resource (a live table
+on a terminal, changed lines only otherwise) until the ModelDeployments serve. Then it
+shows a sample exchange, the customization ladder measured on the endpoints (zero-shot,
+few-shot, RAG, LoRA + RAG: APIBench accuracy as the RAFT paper scores it, exact match,
+hallucination rate, p50 latency and cost per query; printed, and written as JSON and a PNG
+chart), and how to talk to the server. Everything is reused when it already runs; ``down``
+stops all of it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import argparse
 import concurrent.futures
 import json
 import os
+import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -28,13 +33,30 @@ from typing import Any
 from tailor.data import apibench_dir
 from tailor.devcluster.cluster import DevCluster, state_root
 from tailor.devcluster.kube import Kube, apply_crds, wait_established
-from tailor.workloads.apibench import chat_example, load_questions, matches
+from tailor.workloads.apibench import (
+    Corpus,
+    Question,
+    answer_text,
+    load_documents,
+    load_questions,
+    score_totals,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples" / "quickstart"
 NAMESPACE = "tailor-quickstart"
 DEPLOYMENT = "api-assistant"
+FEWSHOT = "api-assistant-fewshot"
 ADAPTER = "torchhub"
+EVAL_DEFAULT = 48
+"""Eval questions of the default ladder (evenly spaced over the 186; ``--eval-all``)."""
+RUNGS = (
+    # (row, ModelDeployment, model, retrieval)
+    ("zero-shot", DEPLOYMENT, DEPLOYMENT, False),
+    ("few-shot", FEWSHOT, FEWSHOT, False),
+    ("RAG", DEPLOYMENT, DEPLOYMENT, True),
+    ("LoRA + RAG", DEPLOYMENT, f"{DEPLOYMENT}/{ADAPTER}", True),
+)
 
 
 def state_dir() -> Path:
@@ -144,12 +166,55 @@ def _group_alive(pgid: int) -> bool:
 # -- data -----------------------------------------------------------------------------------
 
 
+def rag_training_examples(
+    questions: list[Question], cards: list[dict[str, Any]], seed: int = 42
+) -> list[dict[str, Any]]:
+    """Chat examples in the exact form the ModelDeployment serves: the prompt profile's
+    system text and template around three numbered API cards (rendered as the knowledge
+    base renders them), the gold card among two others at a random place; the answer is
+    the gold call and why. Trained this way the adapter learns to read its context."""
+    import yaml
+
+    from tailor.api.knowledgebase import KnowledgeBaseSpec
+    from tailor.api.promptprofile import PromptProfileSpec
+    from tailor.workloads.documents import record_document
+    from tailor.workloads.prompting import Message, build_messages
+
+    kb = KnowledgeBaseSpec.model_validate(
+        yaml.safe_load((EXAMPLES / "10-knowledgebase.yaml").read_text())["spec"]
+    )
+    profile = PromptProfileSpec.model_validate(
+        yaml.safe_load((EXAMPLES / "20-promptprofile.yaml").read_text())["spec"]
+    )
+    fmt = kb.format.json_
+    assert fmt is not None and kb.sources[0].config_map is not None
+    cm = kb.sources[0].config_map
+    source = f"configmap://{cm.name}/{cm.key}"
+    docs = [record_document(card, fmt, source, f"{source}:{n}") for n, card in enumerate(cards, 1)]
+    by_id = {d.id: d for d in docs}
+    rng = random.Random(seed)
+    examples = []
+    for q in questions:
+        gold = by_id.get(q.api_call)
+        if gold is None:
+            continue
+        context = [*rng.sample([d for d in docs if d is not gold], 2), gold]
+        rng.shuffle(context)
+        messages = build_messages(profile, [Message("user", q.question)], context)
+        turns = [m.as_dict() for m in messages]
+        examples.append({"messages": [*turns, {"role": "assistant", "content": answer_text(q)}]})
+    return examples
+
+
 def load_data(kube: Kube, data: Path) -> None:
     """ConfigMaps torchhub-api (the corpus) and torchhub-chat (chat training examples)."""
     work = state_dir() / "data"
     work.mkdir(parents=True, exist_ok=True)
     train = work / "train.jsonl"
-    examples = [chat_example(q) for q in load_questions(data / "torchhub_train.json")]
+    examples = rag_training_examples(
+        load_questions(data / "torchhub_train.json"),
+        load_documents(data / "torchhub_api.jsonl"),
+    )
     train.write_text("".join(json.dumps(e) + "\n" for e in examples))
     for name, source, key in (
         ("torchhub-api", data / "torchhub_api.jsonl", "torchhub_api.jsonl"),
@@ -211,35 +276,66 @@ def describe(obj: dict[str, Any]) -> str:
     return f"{kind:16} {obj['metadata']['name']:16} {phase:12} {detail}"[:160]
 
 
-def follow(kube: Kube, timeout: float) -> dict[str, Any]:
-    """Print progress until the ModelDeployment is Ready (or something fails)."""
+def follow(kube: Kube, timeout: float) -> dict[str, dict[str, Any]]:
+    """Follow every resource until each ModelDeployment is Ready (or something fails):
+    a live table that updates in place on a terminal, only the changed lines otherwise."""
     deadline = time.monotonic() + timeout
-    tty = sys.stdout.isatty()
-    last: list[str] = []
     started = time.monotonic()
-    while time.monotonic() < deadline:
-        items = kube.get_json("tailor", "-n", NAMESPACE)["items"]
-        lines = [describe(o) for o in sorted(items, key=lambda o: o["kind"])]
-        elapsed = f"[{time.monotonic() - started:5.0f}s]"
-        if lines != last:
-            if tty and last:
-                sys.stdout.write(f"\x1b[{len(last) + 1}A")
-            say(f"{elapsed} kubectl get tailor -n {NAMESPACE}" + ("\x1b[K" if tty else ""))
-            for line in lines:
-                say(line + ("\x1b[K" if tty else ""))
-            last = lines
-        failed = [o for o in items if (o.get("status") or {}).get("phase") in ("Failed", "Invalid")]
-        if failed:
-            raise SystemExit(
-                f"{failed[0]['kind']} {failed[0]['metadata']['name']} failed: {describe(failed[0])}"
-            )
-        md = next((o for o in items if o["kind"] == "ModelDeployment"), None)
-        if md and (md.get("status") or {}).get("phase") == "Ready":
-            return dict(md)
-        time.sleep(2)
+    live = None
+    if sys.stdout.isatty():
+        from rich.live import Live
+
+        live = Live(refresh_per_second=2, transient=False)
+        live.start()
+    shown: dict[str, str] = {}
+    try:
+        while time.monotonic() < deadline:
+            items = kube.get_json("tailor", "-n", NAMESPACE)["items"]
+            items.sort(key=lambda o: (o["kind"], o["metadata"]["name"]))
+            elapsed = time.monotonic() - started
+            if live is not None:
+                live.update(_progress_table(items, elapsed))
+            else:
+                for obj in items:
+                    key, line = f"{obj['kind']}/{obj['metadata']['name']}", describe(obj)
+                    if shown.get(key) != line:
+                        say(f"[{elapsed:5.0f}s] {line}")
+                        shown[key] = line
+            failed = [
+                o for o in items if (o.get("status") or {}).get("phase") in ("Failed", "Invalid")
+            ]
+            if failed:
+                raise SystemExit(
+                    f"{failed[0]['kind']} {failed[0]['metadata']['name']} failed: "
+                    f"{describe(failed[0])}"
+                )
+            mds = {o["metadata"]["name"]: o for o in items if o["kind"] == "ModelDeployment"}
+            wanted = {md for _, md, _, _ in RUNGS}
+            if wanted <= set(mds) and all(
+                (mds[n].get("status") or {}).get("phase") == "Ready" for n in wanted
+            ):
+                return mds
+            time.sleep(2)
+    finally:
+        if live is not None:
+            live.stop()
     raise SystemExit(
         f"timed out after {timeout:.0f}s; see {state_dir()}/operator.log and {state_dir()}/local"
     )
+
+
+def _progress_table(items: list[dict[str, Any]], elapsed: float) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"kubectl get tailor -n {NAMESPACE}   [{elapsed:.0f}s]", title_justify="left"
+    )
+    for column in ("KIND", "NAME", "PHASE", "PROGRESS"):
+        table.add_column(column, overflow="fold")
+    for obj in items:
+        parts = describe(obj).split(maxsplit=3)
+        table.add_row(*parts, *[""] * (4 - len(parts)))
+    return table
 
 
 # -- talking to the server ------------------------------------------------------------------
@@ -264,19 +360,84 @@ def chat(
         return dict(json.loads(resp.read()))
 
 
-def accuracy(
-    endpoint: str, questions: list[Any], model: str, retrieval: bool, workers: int = 16
-) -> float:
-    def one(q: Any) -> bool:
-        answer = chat(endpoint, model, q.question, retrieval)["choices"][0]["message"]["content"]
-        return matches(answer, q.api_call)
+def eval_questions(data: Path, count: int | None) -> list[Question]:
+    """``count`` eval questions evenly spaced over the file (all of them for ``None``)."""
+    questions = load_questions(data / "torchhub_eval.json")
+    if count is None or count >= len(questions):
+        return questions
+    return [questions[i * len(questions) // count] for i in range(count)]
 
+
+def measure(
+    endpoint: str,
+    model: str,
+    retrieval: bool,
+    questions: list[Question],
+    corpus: Corpus,
+    workers: int = 16,
+) -> dict[str, Any]:
+    """One rung: the paper's accuracy, exact, hallucination, p50 latency and cost per
+    query (device-seconds: the serving process is busy for the wall time of the batch)."""
+    latencies: list[float] = []
+
+    def one(q: Question) -> Any:
+        began = time.monotonic()
+        reply = chat(endpoint, model, q.question, retrieval)["choices"][0]["message"]["content"]
+        latencies.append(time.monotonic() - began)
+        return corpus.score(reply or "", q.api_call, q.domain)
+
+    began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(one, questions))
-    return sum(results) / max(len(results), 1)
+        verdicts = list(pool.map(one, questions))
+    wall = time.monotonic() - began
+    return {
+        **score_totals(verdicts),
+        "p50Seconds": round(statistics.median(latencies), 3),
+        "costDeviceSecondsPerQuery": round(wall / max(1, len(questions)), 3),
+        "wallSeconds": round(wall, 1),
+    }
 
 
-def report(endpoint: str, data: Path, eval_limit: int | None, revision: str = "") -> None:
+def chart(table: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Accuracy, exact and hallucination per rung, and accuracy against cost (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rungs = list(table)
+    fig, (bars, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.27
+    for offset, (key, label) in enumerate(
+        (("accuracy", "accuracy (paper)"), ("exact", "exact"), ("hallucination", "hallucination"))
+    ):
+        xs = [i + (offset - 1) * width for i in range(len(rungs))]
+        bars.bar(xs, [100 * table[r][key] for r in rungs], width, label=label)
+    bars.set_xticks(range(len(rungs)), rungs)
+    bars.set_ylabel("% of eval questions")
+    bars.set_ylim(0, 100)
+    bars.legend(loc="upper left", fontsize=8)
+    bars.set_title("APIBench Torch Hub, SmolLM2-135M")
+    for rung in rungs:
+        x, y = table[rung]["costDeviceSecondsPerQuery"], 100 * table[rung]["accuracy"]
+        cost.scatter([x], [y], s=60)
+        cost.annotate(rung, (x, y), textcoords="offset points", xytext=(6, 4))
+    cost.set_xlabel("cost per query (device-seconds)")
+    cost.set_ylabel("accuracy (paper's metric), %")
+    cost.set_ylim(0, 100)
+    cost.set_title("accuracy vs cost per rung")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(
+    endpoints: dict[str, str], data: Path, eval_count: int | None, revision: str = ""
+) -> None:
+    endpoint = endpoints[DEPLOYMENT]
     question = "I need to estimate the depth of objects in a single photo. Which model?"
     answer = chat(endpoint, f"{DEPLOYMENT}/{ADAPTER}", question)
     sources = [
@@ -287,39 +448,49 @@ def report(endpoint: str, data: Path, eval_limit: int | None, revision: str = ""
     say(f"  assistant: {answer['choices'][0]['message']['content'].strip()}")
     say(f"  sources:   {', '.join(map(str, sources))}")
 
-    questions = load_questions(data / "torchhub_eval.json")[: eval_limit or None]
-    # The table is a function of what is served (the deployment's revision hashes the
-    # adapters, prompt revision and index build) and of the questions: a second `make up`
-    # shows the stored table instead of asking the same 3 x 186 questions again.
-    cache = state_dir() / "accuracy.json"
+    questions = eval_questions(data, eval_count)
+    corpus = Corpus.load(data / "torchhub_api.jsonl")
+    # The table is a function of what is served (the deployments' revisions hash the
+    # adapters, prompt revisions and index build) and of the questions: a second `make up`
+    # shows the stored table instead of asking the same questions again.
+    stored_path = state_dir() / "ladder.json"
     key = f"{revision}:{len(questions)}"
-    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
     reused = stored.get("key") == key and bool(revision)
     say(
-        f"\nAPIBench Torch Hub accuracy on {len(questions)} eval questions (exact repo + model match),"
+        f"\nThe customization ladder on {len(questions)} APIBench Torch Hub eval questions"
+        + ("" if eval_count is None else " (evenly spaced; --eval-all for all 186)")
+        + ", measured on the served endpoints"
+        + (" (stored for this revision; --eval-again re-measures)" if reused else "")
+        + ":"
     )
     say(
-        "measured on the served endpoint"
-        + (
-            " (stored from the first run of this revision; --eval-again to re-measure):"
-            if reused
-            else ":"
-        )
+        "  accuracy: the RAFT paper's metric (a real Torch Hub API of the question's domain);"
+        " exact: the gold API; hallucination: no such API"
     )
-    rows = [
-        ("base", DEPLOYMENT, False),
-        ("base + RAG", DEPLOYMENT, True),
-        ("adapter + RAG", f"{DEPLOYMENT}/{ADAPTER}", True),
-    ]
-    table: dict[str, list[float]] = stored.get("rows", {}) if reused else {}
-    for label, model, retrieval in rows:
+    say(
+        f"  {'rung':12} {'accuracy':>9} {'exact':>7} {'halluc.':>8} {'p50 s':>7} {'cost/query':>11}"
+    )
+    table: dict[str, dict[str, Any]] = stored.get("rungs", {}) if reused else {}
+    for label, md, model, retrieval in RUNGS:
         if label not in table:
-            started = time.monotonic()
-            score = accuracy(endpoint, questions, model, retrieval)
-            table[label] = [score, time.monotonic() - started]
-        score, seconds = table[label]
-        say(f"  {label:15} {score * 100:6.1f}%   ({seconds:.0f}s)")
-    cache.write_text(json.dumps({"key": key, "rows": table}))
+            table[label] = measure(endpoints[md], model, retrieval, questions, corpus)
+        row = table[label]
+        say(
+            f"  {label:12} {100 * row['accuracy']:8.1f}% {100 * row['exact']:6.1f}% "
+            f"{100 * row['hallucination']:7.1f}% {row['p50Seconds']:7.2f} "
+            f"{row['costDeviceSecondsPerQuery']:9.2f} s"
+        )
+    stored_path.write_text(
+        json.dumps(
+            {"key": key, "questions": len(questions), "model": "SmolLM2-135M-Instruct",
+             "rungs": table},
+            indent=2,
+        )
+    )  # fmt: skip
+    png = state_dir() / "ladder.png"
+    pictured = chart(table, png)
+    say(f"  table: {stored_path}" + (f"   chart: {png}" if pictured else ""))
 
 
 def how_to_talk(endpoint: str, kubeconfig: Path) -> None:
@@ -365,16 +536,18 @@ def up(args: argparse.Namespace) -> int:
     load_data(kube, data)
     kube.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES))
     say("5/5 following progress (Ctrl-C stops following; everything keeps running)")
-    md = follow(kube, args.timeout)
-    endpoint = md["status"]["endpoint"]
-    say(
-        f"\nReady in {time.monotonic() - started:.0f}s: {endpoint} serves {', '.join(md['status']['models'])}"
-    )
+    mds = follow(kube, args.timeout)
+    endpoints = {name: md["status"]["endpoint"] for name, md in mds.items()}
+    say(f"\nReady in {time.monotonic() - started:.0f}s:")
+    for md in mds.values():
+        say(f"  {md['status']['endpoint']} serves {', '.join(md['status']['models'])}")
     if not args.skip_eval:
         if args.eval_again:
-            (state_dir() / "accuracy.json").unlink(missing_ok=True)
-        report(endpoint, data, args.eval_limit, md["status"].get("revision") or "")
-    how_to_talk(endpoint, cluster.kubeconfig)
+            (state_dir() / "ladder.json").unlink(missing_ok=True)
+        revision = "+".join(str(mds[n]["status"].get("revision") or "") for n in sorted(mds))
+        count = None if args.eval_all else (args.eval_limit or EVAL_DEFAULT)
+        report(endpoints, data, count, revision)
+    how_to_talk(endpoints[DEPLOYMENT], cluster.kubeconfig)
     return 0
 
 
@@ -405,9 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="run the quickstart end to end")
     p_up.add_argument("--data", default=str(default_data()), help="APIBench folder")
     p_up.add_argument("--timeout", type=float, default=3600)
-    p_up.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N")
+    p_up.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        help=f"evaluate on N evenly spaced eval questions (default {EVAL_DEFAULT})",
+    )
+    p_up.add_argument("--eval-all", action="store_true", help="evaluate on all 186")
     p_up.add_argument("--skip-eval", action="store_true")
-    p_up.add_argument("--eval-again", action="store_true", help="re-measure the accuracy table")
+    p_up.add_argument("--eval-again", action="store_true", help="re-measure the ladder")
     p_down = sub.add_parser("down", help="stop everything `up` started")
     p_down.add_argument("--purge", action="store_true", help="also delete the state")
     sub.add_parser("status", help="where every quickstart resource stands")

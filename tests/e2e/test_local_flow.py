@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from tailor.devcluster.kube import Kube
-from tailor.workloads.apibench import chat_example, load_questions
+from tailor.quickstart import chart, measure, rag_training_examples
+from tailor.workloads.apibench import Corpus, load_questions
 from tests.e2e.conftest import wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
@@ -38,7 +39,10 @@ def test_quickstart_flow_through_the_operator(
     ns = namespace
     docs = (apibench / "torchhub_api.jsonl").read_text().splitlines()[:24]
     (tmp_path / "api.jsonl").write_text("\n".join(docs) + "\n")
-    train = [chat_example(q) for q in load_questions(apibench / "torchhub_train.json")[:48]]
+    # The quickstart's own training data: RAG-format examples over these 24 cards.
+    ids = {json.loads(d)["api_call"] for d in docs}
+    asked = [q for q in load_questions(apibench / "torchhub_train.json") if q.api_call in ids]
+    train = rag_training_examples(asked[:48], [json.loads(d) for d in docs])
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in train))
     kube.kubectl(
         "create",
@@ -61,7 +65,7 @@ def test_quickstart_flow_through_the_operator(
     ftj["spec"]["training"] = {
         "maxSteps": 6,
         "batchSize": 4,
-        "maxSeqLength": 192,
+        "maxSeqLength": 384,
         "learningRate": 0.001,
     }
     ftj["spec"]["checkpoint"] = {"everySteps": 3, "keep": 1}
@@ -107,3 +111,12 @@ def test_quickstart_flow_through_the_operator(
     assert any("video" in json.dumps(s).lower() for s in sources)
     models = json.loads(urllib.request.urlopen(f"{endpoint}/models", timeout=30).read())
     assert {m["id"] for m in models["data"]} == {"api-assistant", "api-assistant/torchhub"}
+
+    # One rung of the quickstart's ladder, measured on the served endpoint.
+    corpus = Corpus.load(tmp_path / "api.jsonl")
+    row = measure(endpoint, "api-assistant/torchhub", True, asked[:4], corpus, workers=4)
+    assert row["n"] == 4 and row["p50Seconds"] > 0 and row["costDeviceSecondsPerQuery"] > 0
+    for key in ("accuracy", "exact", "hallucination"):
+        assert row[key] in (0, 0.25, 0.5, 0.75, 1)
+    assert row["accuracy"] + row["hallucination"] <= 1
+    assert chart({"LoRA + RAG": row}, tmp_path / "ladder.png")

@@ -93,6 +93,10 @@ def test_raft_job_trains_evaluates_and_serves_through_the_operator(
     for system in ("rag", "raft"):
         assert evaluation[system]["total"] == 2
         assert 0 <= evaluation[system]["correct"] <= 2
+        # matcher apibench: the paper's accuracy with exact and hallucination beside it
+        assert evaluation[system]["accuracy"] == evaluation[system]["correct"] / 2
+        assert evaluation[system]["exact"] in (0, 0.5, 1)
+        assert evaluation[system]["hallucination"] in (0, 0.5, 1)
     assert status["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/")
     child = kube.get_json("ftj", status["fineTuneJob"], "-n", ns)["status"]
     assert child["progress"]["step"] == 3  # the trainer's own report

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
-from tailor.workloads.apibench import load_documents, load_questions, raft_question
+from tailor.workloads.apibench import Corpus, load_documents, load_questions, raft_question
 from tailor.workloads.common import WorkloadError
-from tailor.workloads.evaluate import evaluate, normalise, score
+from tailor.workloads.evaluate import evaluate, load_holdout, normalise, score
 from tailor.workloads.index import build_index
 from tailor.workloads.raft_data import (
     ANSWER_MARK,
@@ -43,6 +43,7 @@ KB_FORMAT = {
         "textFields": ["api_name", "domain", "functionality", "description", "api_call"],
         "idField": "api_call",
         "titleField": "api_name",
+        "metadataFields": ["domain", "api_call"],
     }
 }
 OWNER = {"kind": "RAFTJob", "namespace": "test", "name": "raft"}
@@ -298,14 +299,6 @@ def test_questions_naming_unknown_documents_are_skipped_and_all_unknown_fails(
         ("contains", "##Reason: Eiffel Tower\n##Answer: Louvre", "Eiffel Tower", False),
         ("regex", "##Answer: 42 items", r"\b4[0-9]\b", True),
         ("regex", "##Answer: 24 items", r"\b4[0-9]\b", False),
-        ("apibench", "##Answer: torch.hub.load('pytorch/vision:v0.10.0', 'resnet50')",
-         "model = torch.hub.load('pytorch/vision', 'resnet50', pretrained=True)", True),
-        ("apibench", "##Answer: torch.hub.load('pytorch/vision', 'resnet18')",
-         "model = torch.hub.load('pytorch/vision', 'resnet50', pretrained=True)", False),
-        # No call in the answer line: the reasoning's code counts.
-        ("apibench", "##Reason: use torch.hub.load(repo_or_dir='pytorch/vision', "
-         "model='resnet50')\n##Answer: ResNet-50",
-         "torch.hub.load('pytorch/vision', 'resnet50')", True),
     ],
 )  # fmt: skip
 def test_matchers(matcher: str, reply: str, gold: str, correct: bool) -> None:
@@ -360,10 +353,21 @@ def test_evaluation_asks_every_system_and_scores_with_the_matcher(
     assert summary["protocol"] == protocol and summary["questions"] == 4
     results = records(out / "results.jsonl")
     assert len(results) == 8
-    for row in results:
+    corpus = Corpus.load(root / "pvcs" / "data" / "torchhub_api.jsonl")
+    gold_calls = {h["goldChunkId"]: h["documentId"] for h in records(Path(dataset.output_dir) / "holdout.jsonl")}  # fmt: skip
+    domains = {api.call.text: api.domain for api in corpus.apis}
+    for row, item in zip(results, [*load_holdout(Path(dataset.output_dir), 4)] * 2, strict=True):
         assert row["error"] is None and row["reply"]
-        assert row["correct"] == score("apibench", row["reply"], row["gold"])
+        gold = gold_calls[item.gold_chunk_id]
+        verdict = corpus.score(row["reply"], gold, domains[gold])  # the paper's metric
+        assert (row["correct"], row["exact"], row["hallucination"]) == (
+            verdict.correct, verdict.exact, verdict.hallucination,
+        )  # fmt: skip
     rag = summary["systems"]["rag"]
+    assert rag["exact"] == sum(r["exact"] for r in results if r["system"] == "rag") / 4
+    assert (
+        rag["hallucination"] == sum(r["hallucination"] for r in results if r["system"] == "rag") / 4
+    )
     assert rag["total"] == 4 and rag["correct"] == sum(
         r["correct"] for r in results if r["system"] == "rag"
     )

@@ -92,14 +92,9 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
 
 
 def answer_text(q: Question) -> str:
-    """The assistant turn we train on: the gold call as a one-liner, then why."""
-    calls = find_calls(q.api_call)
-    if calls and calls[0].function == "torch.hub.load" and len(calls[0].identifying()) == 2:
-        repo, model = calls[0].identifying()
-        call = f"model = torch.hub.load('{repo}', '{model}', pretrained=True)"
-    else:
-        call = q.api_call.strip()
-    return f"{call}\n{q.explanation}".strip()
+    """The assistant turn we train on: the gold call as written in the corpus card (a
+    model reading the card can copy it verbatim), then why."""
+    return f"{q.api_call.strip()}\n{q.explanation}".strip()
 
 
 def chat_example(q: Question, system: str = SYSTEM) -> dict[str, Any]:
@@ -113,10 +108,12 @@ def chat_example(q: Question, system: str = SYSTEM) -> dict[str, Any]:
     }
 
 
-def raft_question(q: Question) -> dict[str, Any]:
-    """A RAFTJob question record: the gold document is the corpus entry whose id
-    (``api_call``, the knowledge base's idField) the question's gold call names."""
-    return {"question": q.question, "answer": answer_text(q), "document_id": q.api_call}
+def raft_question(q: Question, id_field: str = "api_call") -> dict[str, Any]:
+    """A RAFTJob question record: the gold document is the corpus card whose id (the
+    knowledge base's idField: ``api_call`` for Torch Hub, ``api_name`` for HuggingFace,
+    whose calls repeat) the question's gold card has."""
+    document_id = q.api_name if id_field == "api_name" else q.api_call
+    return {"question": q.question, "answer": answer_text(q), "document_id": document_id}
 
 
 # --- scoring as published: Gorilla's AST evaluation (ast_eval_th.py, ast_eval_hf.py) ------
