@@ -449,7 +449,8 @@ def report(
     ]
     say("\nSample exchange (model api-assistant/torchhub, with RAG):")
     say(f"  user:      {question}")
-    say(f"  assistant: {answer['choices'][0]['message']['content'].strip()}")
+    reply = answer["choices"][0]["message"]["content"].strip()
+    say("  assistant: " + reply.replace("\n", "\n             "))
     say(f"  sources:   {', '.join(map(str, sources))}")
 
     questions = eval_questions(data, eval_count)
