@@ -21,7 +21,7 @@ import ast
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,46 +170,40 @@ def _value(node: ast.expr, source: str) -> str:
     return ast.get_source_segment(source, node) or ast.unparse(node)
 
 
-def _balanced_end(text: str, open_at: int) -> int | None:
-    """Index just past the ``)`` closing the ``(`` at ``open_at``, skipping strings."""
-    depth, quote, i = 0, "", open_at
-    while i < len(text):
+def _code_chars(text: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """(index, character, bracket depth after it) of each character outside string
+    literals, from ``start``."""
+    depth, quote, escaped = 0, "", False
+    for i in range(start, len(text)):
         ch = text[i]
         if quote:
-            if ch == "\\":
-                i += 1
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
             elif ch == quote:
                 quote = ""
-        elif ch in "'\"":
+            continue
+        if ch in "'\"":
             quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
+            continue
+        depth += (ch in "([{") - (ch in ")]}")
+        yield i, ch, depth
+
+
+def _balanced_end(text: str, open_at: int) -> int | None:
+    """Index just past the ``)`` closing the ``(`` at ``open_at``, skipping strings."""
+    for i, ch, depth in _code_chars(text, open_at):
+        if depth == 0 and ch in ")]}":
+            return i + 1
     return None
 
 
 def _split_arguments(inner: str) -> list[str]:
     """The top-level comma-separated pieces of an argument list."""
-    pieces, depth, quote, begin = [], 0, "", 0
-    for i, ch in enumerate(inner):
-        if quote:
-            if ch == quote and inner[i - 1] != "\\":
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            pieces.append(inner[begin:i])
-            begin = i + 1
-    pieces.append(inner[begin:])
-    return [p.strip() for p in pieces if p.strip()]
+    cuts = [i for i, ch, depth in _code_chars(inner) if ch == "," and depth == 0]
+    bounds = zip([-1, *cuts], [*cuts, len(inner)], strict=True)
+    return [piece for a, b in bounds if (piece := inner[a + 1 : b].strip())]
 
 
 def _lenient_call(span: str, function: str) -> Call:
