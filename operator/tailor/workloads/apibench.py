@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.workloads.common import WorkloadError, json_lines
+from tailor.workloads.raft_data import final_answer
 
 _INSTRUCTION = re.compile(
     r"Instruction'?\s*:\s*(?P<q>.*?)\s*(?:,\s*'Output'\s*:|\n\s*###\s*Output|$)", re.S
@@ -118,7 +119,6 @@ def raft_question(q: Question, id_field: str = "api_call") -> dict[str, Any]:
 
 # --- scoring as published: Gorilla's AST evaluation (ast_eval_th.py, ast_eval_hf.py) ------
 
-ANSWER_MARK = "##Answer:"
 _CALL_START = re.compile(r"[A-Za-z_][\w.]*\s*\(")
 
 
@@ -258,8 +258,7 @@ def extract_answer_call(reply: str) -> str:
     """The part of a reply Gorilla parses: after a chain of thought's last ``##Answer:``,
     the text after ``api_call`` (Gorilla's ``<<<api_call>>>:`` form) up to ``api_provider``
     and the last ``)``; without ``api_call``, the whole answer."""
-    _, mark, tail = reply.rpartition(ANSWER_MARK)
-    answer = tail if mark else reply
+    answer = final_answer(reply)
     if "api_call" not in answer:
         return answer.strip()
     part = answer.split("api_call", 1)[1].split("api_provider", 1)[0]
