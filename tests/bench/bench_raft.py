@@ -77,6 +77,14 @@ from tests.workloads.helpers import ThreadServer  # noqa: E402
 
 OWNER = {"kind": "RAFTJob", "namespace": "bench", "name": "raft"}
 ID_FIELD = {"torchhub": "api_call", "huggingface": "api_name"}
+# Row -> (endpoint target, adapter it needs, protocols it runs under).
+SYSTEMS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]] = {
+    "base (0-shot)": ({"model": "md", "context": "none"}, None, ("oracle",)),
+    "base + RAG": ({"model": "md"}, None, ("oracle", "retriever")),
+    "DSF": ({"model": "md/dsf", "context": "none"}, "dsf", ("oracle",)),
+    "DSF + RAG": ({"model": "md/dsf"}, "dsf", ("oracle", "retriever")),
+    "RAFT": ({"model": "md/raft"}, "raft", ("oracle", "retriever")),
+}
 PAPER = {  # RAFT paper, Table 1 (LLaMA2-7B unless named)
     "torchhub": {"base (0-shot)": 0.00, "base + RAG": 8.60, "DSF": 84.94, "DSF + RAG": 82.80,
                  "RAFT": 84.95},
@@ -197,7 +205,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated rows to run (adapters are trained only for these)",
+    )
     args = parser.parse_args()
+    chosen = [r.strip() for r in args.systems.split(",") if r.strip()]
+    if unknown := sorted(set(chosen) - set(SYSTEMS)):
+        parser.error(f"--systems: unknown {unknown}; choose from {list(SYSTEMS)}")
+    needed = {SYSTEMS[r][1] for r in chosen} - {None}
     started = time.monotonic()
     base = args.work or Path(tempfile.mkdtemp(prefix="tailor-bench-raft-"))
     work = base / "work"
@@ -274,10 +291,7 @@ def main() -> None:
         ],
     )
 
-    adapters = {
-        "dsf": train_adapter(work, "dsf", "dsf", args),
-        "raft": train_adapter(work, "raft", "raft", args),
-    }
+    adapters = {n: train_adapter(work, n, n, args) for n in ("dsf", "raft") if n in needed}
     serve = ServeRun.model_validate(
         {
             "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}},
@@ -288,29 +302,13 @@ def main() -> None:
             "knowledgeBase": index.target.model_dump(by_alias=True),
         }
     )
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, dict[str, Any]] = {"oracle": {}, "retriever": {}}
     with ThreadServer(create_app(serve)) as server:
         url = f"{server.url}/v1"
-        for protocol, systems in (
-            (
-                "oracle",
-                {
-                    "base (0-shot)": {"model": "md", "context": "none"},
-                    "base + RAG": {"model": "md"},
-                    "DSF": {"model": "md/dsf", "context": "none"},
-                    "DSF + RAG": {"model": "md/dsf"},
-                    "RAFT": {"model": "md/raft"},
-                },
-            ),
-            (
-                "retriever",
-                {
-                    "base + RAG": {"model": "md"},
-                    "DSF + RAG": {"model": "md/dsf"},
-                    "RAFT": {"model": "md/raft"},
-                },
-            ),
-        ):
+        for protocol in ("oracle", "retriever"):
+            systems = {r: SYSTEMS[r][0] for r in chosen if protocol in SYSTEMS[r][2]}
+            if not systems:
+                continue
             spec["evaluation"]["protocol"] = protocol
             run = EvaluateRun.model_validate(
                 {
@@ -341,11 +339,12 @@ def main() -> None:
             return ""
         return "/".join(f"{100 * row[k]:.1f}" for k in ("accuracy", "exact", "hallucination"))
 
-    for name, row in table["oracle"].items():
-        e2e = table["retriever"].get(name)
+    for name in chosen:
+        row, e2e = table["oracle"].get(name), table["retriever"].get(name)
         print(f"{name:15s} {cell(row):>20s} {cell(e2e):>20s} {PAPER[hub][name]:10.2f}")
-    gold = table["retriever"]["RAFT"]["goldInContext"]
-    print(f"\ngold document among the {args.distractors + 1} retrieved: {100 * gold:.1f}%")
+    if table["retriever"]:
+        gold = next(iter(table["retriever"].values()))["goldInContext"]
+        print(f"\ngold document among the {args.distractors + 1} retrieved: {100 * gold:.1f}%")
     (work / "table.json").write_text(json.dumps({"hub": hub, "args": vars(args) | {"work": str(args.work)}, "table": table}, indent=2))  # fmt: skip
     print(f"results under {work}; {time.monotonic() - started:.0f} s in all")
 
