@@ -39,7 +39,13 @@ class Training(TailorModel):
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
-    batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per device step.")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="Sequences per device step, per process; the global batch of one "
+        "optimizer step is batchSize x gradientAccumulation x processes (nodes x gpus).",
+    )
     gradient_accumulation: int = Field(
         default=1, ge=1, le=1024, description="Device steps per optimizer step."
     )
@@ -59,6 +65,11 @@ class Training(TailorModel):
     seed: int = Field(default=42, ge=0, description="Seed for initialisation and data order.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="auto: bf16 where the device supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: less memory, about a third "
+        "more compute.",
     )
 
 
