@@ -57,14 +57,12 @@ def launch(
         "TAILOR_TERMINATION_LOG": str(folder / "termination-log"),
     }
     port = port or free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+                f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
+    program = ["-m", "tailor.workloads.train", "--spec", str(spec)]
     return [
         subprocess.Popen(
-            [
-                sys.executable, "-m", "torch.distributed.run",
-                f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--node-rank={node}",
-                "--master-addr=127.0.0.1", f"--master-port={port}",
-                "-m", "tailor.workloads.train", "--spec", str(spec),
-            ],  # fmt: skip
+            [*launcher, f"--node-rank={node}", *program],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
