@@ -40,7 +40,6 @@ ENV PATH=/opt/tailor/bin:$PATH \
     HF_HOME=/home/tailor/.cache/huggingface \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 1000:1000
 WORKDIR /home/tailor

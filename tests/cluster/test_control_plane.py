@@ -89,7 +89,7 @@ def test_fake_nodes_are_ready_with_their_gpus(kube: Kube) -> None:
     gpus = {name: n["status"]["allocatable"].get("nvidia.com/gpu") for name, n in nodes.items()}
     assert gpus["cpu-0"] is None
     assert gpus["gpu-a"] == "1"
-    assert gpus["gpu-b"] == "4"
+    assert gpus["gpu-b"] == gpus["gpu-c"] == "4"
     assert nodes["gpu-b"]["metadata"]["labels"]["nvidia.com/gpu.product"] == (
         "NVIDIA-H100-80GB-HBM3"
     )
@@ -128,7 +128,7 @@ def test_job_asking_for_two_gpus_runs_on_gpu_b_and_completes(kube: Kube, namespa
         timeout=120,
     )  # fmt: skip
     pods = kube.get_json("pods", "-n", namespace, "-l", "job-name=train")["items"]
-    assert [p["spec"]["nodeName"] for p in pods] == ["gpu-b"]
+    assert [p["spec"]["nodeName"] for p in pods] in (["gpu-b"], ["gpu-c"])
     assert [p["status"]["phase"] for p in pods] == ["Succeeded"]
     status = kube.get_json("job", "train", "-n", namespace)["status"]
     assert status["succeeded"] == 1

@@ -74,7 +74,7 @@ def test_up_is_idempotent_repairs_and_down_leaves_nothing(
         )
         assert env.stdout == f"export KUBECONFIG={directory / 'kubeconfig'}\n"
         nodes = Kube(cluster.kubeconfig).kubectl("get", "nodes", "-o", "name").stdout.split()
-        assert sorted(nodes) == ["node/cpu-0", "node/gpu-a", "node/gpu-b"]
+        assert sorted(nodes) == ["node/cpu-0", "node/gpu-a", "node/gpu-b", "node/gpu-c"]
 
         scheduler = int((directory / "run" / "kube-scheduler.pid").read_text())
         os.killpg(scheduler, signal.SIGKILL)

@@ -53,6 +53,7 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.kube.kubeconfig),
             "TAILOR_IMAGE": "tailor-workloads:test",
+            "TAILOR_GPU_IMAGE": "tailor-workloads:test-cuda",
             "TAILOR_PROGRESS_INTERVAL_SECONDS": "1",
         }
         argv = [sys.executable, "-m", "tailor.cli", "operator", "run"]
@@ -167,7 +168,7 @@ def test_fine_tune_job_children_and_success_on_gpu_node(kube: Kube, ns: str) -> 
     assert labels["app.kubernetes.io/managed-by"] == "tailor"
     assert labels["tailor.dev/finetunejob"] == "two-gpus"
     pods = kube.get_json("pods", "-n", ns, "-l", "job-name=two-gpus-train")["items"]
-    assert [p["spec"]["nodeName"] for p in pods] == ["gpu-b"]
+    assert [p["spec"]["nodeName"] for p in pods] in (["gpu-b"], ["gpu-c"])
 
     role = get(kube, ns, "role", "two-gpus-train")
     assert role["rules"] == [
@@ -219,6 +220,35 @@ def test_reporting_service_account_can_patch_only_its_own_status(kube: Kube, ns:
         "auth", "can-i", "patch", "finetunejobs/reporter", "-n", ns, "--as", sa, check=False
     )
     assert spec.stdout.strip() == "no"
+
+
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 4), (2, 4)], ids=["1x4", "2x4"])
+def test_multi_gpu_training_runs_torchrun_with_one_process_per_gpu(
+    kube: Kube, ns: str, nodes: int, gpus: int
+) -> None:
+    name = f"ddp-{nodes}x{gpus}"
+    manifest = fine_tune(name, gpus)
+    manifest["spec"]["resources"]["nodes"] = nodes
+    kube.apply(manifest, "-n", ns)
+    wait_for("Succeeded", phase_is(kube, ns, "ftj", name, "Succeeded"))
+    job = get(kube, ns, "job", f"{name}-train")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[0] == "torchrun" and f"--nproc-per-node={gpus}" in command
+    assert f"--nnodes={nodes}" in command
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    assert container["image"].endswith("-cuda")  # the CUDA image for GPU pods
+    pods = kube.get_json("pods", "-n", ns, "-l", f"job-name={name}-train")["items"]
+    placed = sorted(p["spec"]["nodeName"] for p in pods if p["status"]["phase"] == "Succeeded")
+    if nodes == 1:
+        assert "--standalone" in command and job["spec"]["completionMode"] == "NonIndexed"
+        assert placed in (["gpu-b"], ["gpu-c"])
+    else:  # one pod per node, rendezvous on index 0 through the headless Service
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+        assert "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+        assert f"--master-addr={name}-train-0.{name}-train" in command
+        assert get(kube, ns, "service", f"{name}-train")["spec"]["clusterIP"] == "None"
+        assert placed == ["gpu-b", "gpu-c"]
 
 
 def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) -> None:

@@ -103,6 +103,32 @@ def test_multi_node_training_is_an_indexed_job_with_a_headless_service() -> None
     assert "--master-addr=big-train-0.big-train" in command
 
 
+def test_one_node_with_several_gpus_runs_torchrun_standalone_in_the_cuda_image() -> None:
+    spec = spec_of("finetunejob")
+    spec.resources.gpus = 4
+    settings = SETTINGS.model_copy(update={"gpu_image": "workloads:1-cuda"})
+    workload = build_training(spec, parent("FineTuneJob", "four"), settings)
+    kinds = by_kind(workload.manifests)
+    job = kinds["Job"]["spec"]
+    assert "Service" not in kinds and "completionMode" not in job
+    container = job["template"]["spec"]["containers"][0]
+    assert container["command"][:4] == [
+        "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"
+    ]  # fmt: skip
+    assert container["image"] == "workloads:1-cuda"
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_one_process_runs_the_trainer_directly(gpus: int) -> None:
+    spec = spec_of("finetunejob")
+    spec.resources.gpus = gpus
+    settings = SETTINGS.model_copy(update={"gpu_image": "workloads:1-cuda"})
+    workload = build_training(spec, parent("FineTuneJob", "one"), settings)
+    container = by_kind(workload.manifests)["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "tailor.workloads.train"]
+    assert container["image"] == ("workloads:1-cuda" if gpus else SETTINGS.image)
+
+
 def test_reporter_role_names_only_its_resource() -> None:
     workload = build_training(spec_of("finetunejob"), parent("FineTuneJob", "one"), SETTINGS)
     role = by_kind(workload.manifests)["Role"]

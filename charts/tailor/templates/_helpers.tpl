@@ -59,6 +59,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" $image.repository $tag }}
 {{- end }}
 
+{{/* The workload image of pods that request GPUs: always the CUDA variant. */}}
+{{- define "tailor.workloadsGpuImage" -}}
+{{- $image := .Values.workloads.image }}
+{{- printf "%s:%s-cuda" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+
 {{- define "tailor.qdrant.fullname" -}}
 {{- printf "%s-qdrant" (include "tailor.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

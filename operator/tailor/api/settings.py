@@ -25,6 +25,10 @@ class OperatorSettings(TailorModel):
         default="ghcr.io/tailor-dev/tailor-workloads:0.1.0",
         description="Image of the workload programs (CPU or CUDA variant).",
     )
+    gpu_image: str | None = Field(
+        default=None,
+        description="Image of workload pods that request GPUs (the CUDA variant); unset: image.",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     artifacts_pvc: str = Field(
         default="tailor-artifacts", description="Per-namespace artifacts volume claim."

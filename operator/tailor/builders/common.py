@@ -280,10 +280,11 @@ def workload_container(
     ports: list[Manifest] | None = None,
     command: list[str] | None = None,
 ) -> Manifest:
-    """The container running ``python -m tailor.workloads.<module> --spec <file>``."""
+    """The container running ``python -m tailor.workloads.<module> --spec <file>``, in the
+    CUDA image when it asks for GPUs."""
     return {
         "name": name,
-        "image": settings.image,
+        "image": (settings.gpu_image or settings.image) if resources.gpus else settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command
         or ["python", "-m", f"tailor.workloads.{module}", "--spec", f"{SPEC_DIR}/{SPEC_FILE}"],

@@ -7,6 +7,8 @@ from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import TrainRun
 from tailor.builders.common import (
+    SPEC_DIR,
+    SPEC_FILE,
     Manifest,
     Mounts,
     Parent,
@@ -53,6 +55,28 @@ def build_train_run(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSet
     )
 
 
+def launcher(name: str, nodes: int, gpus: int) -> list[str] | None:
+    """torchrun when the run has more than one process (one per GPU, on every node):
+    ``--standalone`` on one node; across nodes a static rendezvous on the pod of index 0
+    (``<job>-0.<service>``, the Indexed Job's stable hostname), ``--node-rank`` from the
+    completion index. One process (or a CPU pod) runs the trainer directly."""
+    procs = max(gpus, 1)
+    if nodes == 1 and procs == 1:
+        return None
+    program = ["-m", "tailor.workloads.train", "--spec", f"{SPEC_DIR}/{SPEC_FILE}"]
+    if nodes == 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={procs}", *program]
+    return [
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={procs}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={name}-0.{name}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        *program,
+    ]
+
+
 def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> Workload:
     """The training workload of a FineTuneJob."""
     name = child_name(parent, "train")
@@ -72,22 +96,8 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
             claim = v.get("persistentVolumeClaim", {})
             if claim.get("claimName") == spec.output.pvc.claim_name:
                 claim["readOnly"] = False
-    nodes = spec.resources.nodes
-    command = None
-    if nodes > 1:
-        procs = max(spec.resources.gpus, 1)
-        command = [
-            "torchrun",
-            f"--nnodes={nodes}",
-            f"--nproc-per-node={procs}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={name}-0.{name}",
-            f"--master-port={RENDEZVOUS_PORT}",
-            "-m",
-            "tailor.workloads.train",
-            "--spec",
-            "/etc/tailor/spec/spec.json",
-        ]
+    nodes, gpus = spec.resources.nodes, spec.resources.gpus
+    command = launcher(name, nodes, gpus)
     container = workload_container(
         settings, "trainer", "train", spec.resources, volume_mounts, command=command
     )

@@ -69,4 +69,12 @@ FAKE_NODES: tuple[dict[str, Any], ...] = (
         gpu_product="NVIDIA-H100-80GB-HBM3",
         gpu_memory_mib=81559,
     ),
+    fake_node(  # a second 4-GPU node: a 2-node x 4-GPU training Job schedules whole
+        "gpu-c",
+        cpu="32",
+        memory="256Gi",
+        gpus=4,
+        gpu_product="NVIDIA-H100-80GB-HBM3",
+        gpu_memory_mib=81559,
+    ),
 )
