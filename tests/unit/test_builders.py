@@ -294,3 +294,23 @@ def test_user_errors_surface_the_workloads_reason() -> None:
         job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]), [failed_pod]
     )
     assert (state.reason, state.message) == ("InvalidDataset", "train.jsonl:7: missing messages")
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "procs"), [(1, 0, 1), (1, 1, 1), (1, 4, 4), (2, 0, 2)])
+def test_the_local_runtime_runs_every_rank_on_its_host_under_torchrun(
+    nodes: int, gpus: int, procs: int, tmp_path: Path
+) -> None:
+    from tailor.runtime.local import RunRecord, training_processes, workload_argv
+
+    spec = spec_of("finetunejob")
+    spec.resources.nodes, spec.resources.gpus = nodes, gpus
+    workload = build_training(spec, parent("FineTuneJob", "local"), SETTINGS)
+    record = RunRecord("ns", workload.name, "train", False, processes=training_processes(workload))
+    argv = workload_argv(record, tmp_path)
+    assert record.processes == procs
+    assert argv[-3:] == ["tailor.workloads.train", "--spec", str(tmp_path / "spec.json")]
+    if procs > 1:
+        assert argv[2:4] == ["torch.distributed.run", "--standalone"]
+        assert f"--nproc-per-node={procs}" in argv
+    else:
+        assert argv[1:3] == ["-m", "tailor.workloads.train"]

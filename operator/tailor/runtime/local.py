@@ -66,6 +66,25 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def training_processes(workload: Workload) -> int:
+    """All ranks of a training run on this host: nodes x GPUs (1 for a CPU node)."""
+    if workload.module != "train":
+        return 1
+    resources = workload.run.spec.resources
+    return int(resources.nodes * max(resources.gpus, 1))
+
+
+def workload_argv(record: RunRecord, run_dir: Path) -> list[str]:
+    """The workload's command: the module, under torchrun when it has several processes
+    (as the training Job's pods run it)."""
+    argv = [sys.executable, "-m"]
+    if record.processes > 1:
+        argv += ["torch.distributed.run", "--standalone", "--nnodes=1"]
+        argv += [f"--nproc-per-node={record.processes}", "-m"]
+    argv += [f"tailor.workloads.{record.module}", "--spec", str(run_dir / SPEC_FILE)]
+    return argv + record.args
+
+
 @dataclass
 class RunRecord:
     """What the local runtime knows about one workload, persisted as JSON."""
@@ -92,6 +111,8 @@ class RunRecord:
     suspended: bool = False
     exit_codes: list[int] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
+    processes: int = 1
+    """Training processes on this host (torchrun) for a run of several GPUs or nodes."""
 
 
 class LocalRuntime(KubernetesRuntime):
@@ -160,6 +181,7 @@ class LocalRuntime(KubernetesRuntime):
                     deadline=workload.active_deadline_seconds,
                     suspended=workload.suspend,
                     args=list(workload.extra_args),
+                    processes=training_processes(workload),
                 )
                 self._prepare_files(workload, record)
             record.suspended = workload.suspend
@@ -253,9 +275,7 @@ class LocalRuntime(KubernetesRuntime):
         # A shell keeps the exit code in a file, so that an operator restarted while the
         # workload runs can still learn how it ended.
         script = 'exit_file="$1"; shift; "$@"; code=$?; echo $code > "$exit_file"; exit $code'
-        argv = ["/bin/sh", "-c", script, "sh", str(exit_file), sys.executable, "-m"]
-        argv += [f"tailor.workloads.{record.module}", "--spec", str(run_dir / SPEC_FILE)]
-        argv += record.args
+        argv = ["/bin/sh", "-c", script, "sh", str(exit_file), *workload_argv(record, run_dir)]
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
