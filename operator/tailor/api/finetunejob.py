@@ -66,6 +66,12 @@ class Training(TailorModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="auto: bf16 where the device supports it, else fp32."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="With more than one process: ddp (a full copy per process, gradients "
+        "all-reduced) or fsdp (PyTorch FSDP2: parameters, gradients and optimizer state "
+        "sharded per decoder layer; method full only, for models that do not fit one device).",
+    )
     gradient_checkpointing: bool = Field(
         default=False,
         description="Recompute activations in the backward pass: less memory, about a third "
@@ -112,6 +118,14 @@ class FineTuneRecipe(TailorModel):
             message="qlora needs a CUDA GPU: set resources.gpus >= 1 or use method lora",
             field="method",
             check=lambda m: m.method != "qlora" or m.resources.gpus > 0,
+        ),
+        Rule(
+            cel="!has(self.training) || !has(self.training.strategy) || "
+            "self.training.strategy != 'fsdp' || self.method == 'full'",
+            message="training.strategy fsdp shards full fine-tuning; use method full, or "
+            "strategy ddp for lora and qlora (adapters are small enough to copy)",
+            field="training.strategy",
+            check=lambda m: m.training.strategy != "fsdp" or m.method == "full",
         ),
     )
 

@@ -275,6 +275,37 @@ def _nf4_config(dtype: torch.dtype) -> Any:
     )
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each decoder layer a unit (its parameters gathered for its forward
+    and backward only), the rest (embeddings, norm, head) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def full_states(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights and the optimizer state of a sharded model, gathered whole on
+    the CPU of every rank (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights: dict[str, torch.Tensor] = get_model_state_dict(model, options=options)  # type: ignore[assignment]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {k: v.contiguous() for k, v in weights.items() if k in names}
+    if optimizer is None:
+        return weights, {}
+    return trainable, get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def make_optimizer(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases and norms."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -285,7 +316,7 @@ def make_optimizer(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.optim
         },
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.dtype == torch.float32 for p in trainable)
+    fused = all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter for p in trainable)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=spec.training.learning_rate, fused=fused
     )
@@ -322,9 +353,14 @@ class StepWork:
     """Tokens of the whole step, every rank's together."""
     examples: list[int] = field(default_factory=list)
     """The indices of the examples this rank trains on in the step."""
-    idle: bool = False
-    """This rank has no example in the step (the epoch's last, short step): it runs one
-    example with weight 0 so the gradient all-reduce still meets every rank."""
+    weights: list[float] = field(default_factory=list)
+    """Per micro-batch: 1, or 0 for a stand-in that only keeps the ranks in step (a rank
+    with no example in the epoch's last, short step; under FSDP, a rank with fewer
+    micro-batches than another, since every forward gathers parameters from all)."""
+
+    @property
+    def idle(self) -> bool:
+        return not any(self.weights)
 
 
 def train_step(
@@ -342,13 +378,13 @@ def train_step(
     micro-batch only, so each rank's sum is scaled by the world size; the returned value
     is this rank's part of the step's loss (the parts add up to the loss)."""
     device = _device_of(model)
-    scale = (0.0 if work.idle else world_size) / max(work.num_targets, 1)
+    scale = world_size / max(work.num_targets, 1)
     total = 0.0
     last = len(work.batches) - 1
-    for i, batch in enumerate(work.batches):
+    for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
         syncing = i == last or not hasattr(model, "no_sync")
         with nullcontext() if syncing else model.no_sync():  # type: ignore[operator]
-            loss = batch_loss(model, batch.to(device), autocast) * scale
+            loss = batch_loss(model, batch.to(device), autocast) * (scale * weight)
             (scaler.scale(loss) if scaler else loss).backward()  # type: ignore[no-untyped-call]
         total += loss.item() / world_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -406,9 +442,11 @@ def save_checkpoint(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     state: TrainState,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``step-NNNNNNNN`` atomically (temporary folder, then rename) and keep the
-    newest ``keep`` checkpoints."""
+    newest ``keep`` checkpoints. ``gathered``: the weights and optimizer state of a sharded
+    model (:func:`full_states`)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -416,10 +454,11 @@ def save_checkpoint(
     tmp = directory / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        weights, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
+        save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None,
                 "rng": torch.get_rng_state(),
@@ -453,6 +492,7 @@ def resume(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     fingerprint: str,
+    sharded: bool = False,
 ) -> TrainState:
     """Load the newest checkpoint into the model, optimizer, scheduler and RNG; a fresh
     state when there is none. Checkpoints of another spec or dataset are removed."""
@@ -473,13 +513,25 @@ def resume(
         for old in checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         return TrainState(fingerprint=fingerprint)
-    weights = load_file(str(newest / "trainable.safetensors"), device=str(_device_of(model)))
-    missing = set(trainable_state(model)) - set(weights)
+    device = "cpu" if sharded else str(_device_of(model))
+    weights = load_file(str(newest / "trainable.safetensors"), device=device)
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
     if missing:
         raise WorkloadError("CheckpointInvalid", f"{newest} lacks {sorted(missing)[:3]}")
-    model.load_state_dict(weights, strict=False)
     tensors = torch.load(newest / "state.pt", weights_only=True)
-    optimizer.load_state_dict(tensors["optimizer"])
+    if sharded:  # every rank reads the whole state and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=weights,  # type: ignore[arg-type]
+            optim_state_dict=tensors["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(tensors["optimizer"])
     scheduler.load_state_dict(tensors["scheduler"])
     if scaler and tensors["scaler"]:
         scaler.load_state_dict(tensors["scaler"])
@@ -608,14 +660,16 @@ def publish(
     state: TrainState,
     data: Datasets,
     schedule: Schedule,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Artifact, dict[str, Any]]:
     """Write the adapter (or weights), tokenizer, training log and manifest.json (last) into
-    ``<output_dir>.tmp-*`` and rename it to ``output_dir``."""
+    ``<output_dir>.tmp-*`` and rename it to ``output_dir``. ``weights``: a sharded model's,
+    gathered."""
     output = Path(run.output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{output}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
         with (tmp / "trainer_log.jsonl").open("w") as fh:
             fh.writelines(json.dumps(entry) + "\n" for entry in state.history)
@@ -676,7 +730,7 @@ def build_manifest(
         },
         "distributed": {
             "worldSize": schedule.world_size,
-            "strategy": "ddp" if schedule.world_size > 1 else "none",
+            "strategy": spec.training.strategy if schedule.world_size > 1 else "none",
             "globalBatch": schedule.global_batch,
         },
         "versions": {
@@ -781,7 +835,10 @@ def _train(
         if spec.method != "full":
             core.enable_input_require_grads()
     model = core
-    if world.distributed:
+    sharded = world.distributed and cfg.strategy == "fsdp"
+    if sharded:
+        shard(core)
+    elif world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(
@@ -805,19 +862,21 @@ def _train(
     )
 
     # 3. Resume from the newest checkpoint a previous pod left (every rank reads it).
-    state = resume(checkpoints, core, optimizer, scheduler, scaler, fingerprint)
+    state = resume(checkpoints, core, optimizer, scheduler, scaler, fingerprint, sharded)
+    # under FSDP every forward is a collective: every rank evaluates every example
+    eval_world = World() if sharded else world
     state.global_batch = schedule.global_batch
     if world.distributed:  # dropout masks differ per rank, reproducibly
         torch.manual_seed(cfg.seed + 1000 * world.rank + state.step)
     progression = Progression(run, schedule, state)
     pad_id = tokenizer.pad_token_id
     if data.validation and not state.evals:
-        eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, world)
+        eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, eval_world)
         state.evals.append(_eval_entry(0, 0.0, eval_loss))
         log.info("eval before training: loss %.4f", eval_loss)
 
     # 4. The loop: one optimizer step over gradient-accumulated micro-batches.
-    works = step_work(data.train, spec, schedule, state.step, pad_id, world.rank)
+    works = step_work(data.train, spec, schedule, state.step, pad_id, world.rank, sharded)
     for work in works:
         started = time.monotonic()
         loss = train_step(model, work, optimizer, scaler, autocast, cfg.max_grad_norm, world.size)
@@ -847,14 +906,16 @@ def _train(
 
         last = state.step == schedule.total_steps
         if data.validation and (state.step % schedule.steps_per_epoch == 0 or last):
-            eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, world)
+            eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, eval_world)
             state.evals.append(_eval_entry(state.step, schedule.epoch_of(state.step), eval_loss))
             log.info("eval at step %d: loss %.4f", state.step, eval_loss)
         if not last and (state.step % spec.checkpoint.every_steps == 0 or stop.requested):
+            gathered = full_states(core, optimizer) if sharded else None
             if world.main:
                 path = save_checkpoint(
-                    checkpoints, spec.checkpoint.keep, core, optimizer, scheduler, scaler, state
-                )
+                    checkpoints, spec.checkpoint.keep, core, optimizer, scheduler, scaler, state,
+                    gathered,
+                )  # fmt: skip
                 log.info("checkpoint %s", path.name)
             distributed.barrier()
         progression.step_done(tokens, seconds)
@@ -863,10 +924,11 @@ def _train(
             raise SystemExit(143)
 
     # 5. Publish the adapter (or weights) with its manifest (rank 0); report success.
+    weights = full_states(core, None)[0] if sharded else None
     if not world.main:
         distributed.barrier()  # until rank 0 has published
         return artifact_of(run, output)
-    artifact, manifest = publish(run, core, tokenizer, state, data, schedule)
+    artifact, manifest = publish(run, core, tokenizer, state, data, schedule, weights)
     distributed.barrier()
     log.info(
         "published %s: train loss %s, eval loss %s, %.1f tokens/s",
@@ -886,11 +948,13 @@ def step_work(
     start: int,
     pad_id: int,
     rank: int = 0,
+    even: bool = False,
 ) -> Iterator[StepWork]:
     """This rank's micro-batches of each optimizer step from ``start`` on, epoch after
     epoch. Each epoch's order depends only on the seed and the epoch, and each step's
     examples only on the order and the global batch, so a resumed run continues it at any
-    world size, and the ranks' shards of a step are disjoint and cover it."""
+    world size, and the ranks' shards of a step are disjoint and cover it. ``even``: every
+    rank runs as many micro-batches as the busiest (FSDP), stand-ins weighted 0."""
     cfg = spec.training
     order: list[list[int]] = []
     order_epoch = -1
@@ -901,22 +965,21 @@ def step_work(
             order_epoch = epoch
         chosen = order[within]
         mine = chosen[rank :: schedule.world_size]
-        idle = not mine
-        mine = mine or chosen[:1]
+        groups = [mine[at : at + cfg.batch_size] for at in range(0, len(mine), cfg.batch_size)]
+        weights = [1.0] * len(groups)
+        busiest = math.ceil(math.ceil(len(chosen) / schedule.world_size) / cfg.batch_size)
+        while not groups or (even and len(groups) < busiest):
+            groups.append(chosen[:1])
+            weights.append(0.0)
         yield StepWork(
             batches=[
-                collate(
-                    [examples[i] for i in mine[at : at + cfg.batch_size]],
-                    pad_id,
-                    cfg.packing,
-                    cfg.max_seq_length,
-                )
-                for at in range(0, len(mine), cfg.batch_size)
+                collate([examples[i] for i in g], pad_id, cfg.packing, cfg.max_seq_length)
+                for g in groups
             ],
             num_targets=sum(examples[i].num_targets for i in chosen),
             num_tokens=sum(len(examples[i]) for i in chosen),
-            examples=[] if idle else mine,
-            idle=idle,
+            examples=mine,
+            weights=weights,
         )
 
 
