@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,12 @@ import torch
 
 from tailor.api.workloads import TrainRun
 from tailor.workloads.train import list_checkpoints, train
-from tests.workloads.test_train import make_run, one_thread, pvcs  # noqa: F401 (fixtures)
+from tests.workloads.test_train import (  # noqa: F401 (one_thread and pvcs are fixtures)
+    free_port,
+    make_run,
+    one_thread,
+    pvcs,
+)
 
 pytestmark = pytest.mark.workloads
 
@@ -29,12 +33,6 @@ RECIPE: dict[str, Any] = {
     "lora": {"dropout": 0.0},
     "training": {"precision": "fp32", "epochs": 2, "batchSize": 4},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_spec(run: TrainRun, folder: Path) -> Path:

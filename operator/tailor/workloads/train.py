@@ -358,10 +358,6 @@ class StepWork:
     with no example in the epoch's last, short step; under FSDP, a rank with fewer
     micro-batches than another, since every forward gathers parameters from all)."""
 
-    @property
-    def idle(self) -> bool:
-        return not any(self.weights)
-
 
 def train_step(
     model: torch.nn.Module,
