@@ -502,3 +502,30 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
         assert kube.kubectl(*args, check=False).returncode != 0, f"{kind} {name} left behind"
     # Helm never deletes the CRDs of crds/ (that would delete every user's resources).
     assert kube.kubectl("get", "crd", crds[0], check=False).returncode == 0
+
+
+def documented_helm_installs() -> list[tuple[str, list[str]]]:
+    """Every ``helm install`` / ``helm upgrade`` line of the README and docs/ (shell blocks,
+    backslash continuations joined, comments dropped), as (where, argv after ``helm``)."""
+    import shlex
+
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", doc.read_text(), re.S):
+            joined = re.sub(r"\\\n", " ", block)
+            for line in joined.splitlines():
+                argv = shlex.split(line, comments=True)
+                if argv[:2] in (["helm", "install"], ["helm", "upgrade"]):
+                    found.append((f"{doc.relative_to(ROOT)}: {line.strip()}", argv[1:]))
+    return found
+
+
+def test_every_documented_helm_install_is_accepted_by_the_chart() -> None:
+    commands = documented_helm_installs()
+    assert any("README.md" in where for where, _ in commands)
+    for where, argv in commands:
+        # `helm template` takes install's flags: the same values, the same schema check
+        args = ["template", *argv[1:]]
+        args = [str(ROOT / a) if a.startswith("charts/") else a for a in args]
+        result = helm(*args, check=False)
+        assert result.returncode == 0, f"{where}\n{result.stderr}"

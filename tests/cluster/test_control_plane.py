@@ -184,3 +184,52 @@ def test_deleting_a_job_garbage_collects_its_pods(kube: Kube, namespace: str) ->
         "the Job's pod to be garbage-collected",
         lambda: not kube.get_json("pods", "-n", namespace, "-l", "job-name=cpu-work")["items"],
     )
+
+
+def test_a_claim_without_a_class_binds_through_the_default_provisioner(
+    kube: Kube, namespace: str, dev_cluster: DevCluster
+) -> None:
+    """The default StorageClass and the dev cluster's provisioner (SIG Storage's library):
+    a claim binds to a new hostPath volume, a pod using it schedules, and deleting the
+    claim deletes the volume and its directory (reclaim policy Delete)."""
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+    )
+
+    def bound() -> Any:
+        claim = kube.get_json("pvc", "data", "-n", namespace)
+        return claim if claim.get("status", {}).get("phase") == "Bound" else None
+
+    claim = wait_for("the claim to bind", bound)
+    assert claim["spec"]["storageClassName"] == "tailor-hostpath"  # the default class
+    volume = kube.get_json("pv", claim["spec"]["volumeName"])
+    folder = volume["spec"]["hostPath"]["path"]
+    assert folder.startswith(str(dev_cluster.dir / "volumes"))
+    assert (dev_cluster.dir / "volumes" / volume["metadata"]["name"]).is_dir()
+
+    pod = job("uses-claim")["spec"]["template"]
+    pod["spec"]["volumes"] = [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "d", "mountPath": "/d"}]
+    kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "uses-claim",
+                "namespace": namespace}, **pod})  # fmt: skip
+    wait_for(
+        "the pod to schedule",
+        lambda: kube.get_json("pod", "uses-claim", "-n", namespace)["spec"].get("nodeName"),
+    )
+    kube.kubectl("delete", "pod", "uses-claim", "-n", namespace, "--grace-period=0", "--force")
+    kube.kubectl("delete", "pvc", "data", "-n", namespace)
+
+    def volume_gone() -> bool:
+        names = kube.kubectl("get", "pv", "-o", "name").stdout.split()
+        return f"persistentvolume/{volume['metadata']['name']}" not in names
+
+    wait_for("the volume to be deleted", volume_gone)
+    assert not (dev_cluster.dir / "volumes" / volume["metadata"]["name"]).exists()

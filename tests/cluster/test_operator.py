@@ -95,22 +95,8 @@ def operator_process(
 
 @pytest.fixture
 def ns(kube: Kube, namespace: str, operator_process: OperatorProcess) -> str:
-    """A test namespace whose artifacts claim binds to a pre-made volume (the dev cluster
-    has no storage provisioner)."""
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": f"{namespace}-artifacts"},
-            "spec": {
-                "capacity": {"storage": "50Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "hostPath": {"path": f"/tmp/tailor-test-volumes/{namespace}"},
-                "claimRef": {"namespace": namespace, "name": "tailor-artifacts"},
-                "persistentVolumeReclaimPolicy": "Retain",
-            },
-        }
-    )
+    """A test namespace (its artifacts claim binds through the dev cluster's default
+    StorageClass and provisioner)."""
     return namespace
 
 

@@ -1,7 +1,7 @@
 """Build the dev cluster's binaries from Go modules, once per version.
 
-etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok are
-compiled with the local Go toolchain (CGO_ENABLED=0, -trimpath) from the small
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok and the
+hostPath volume provisioner are compiled with the local Go toolchain (CGO_ENABLED=0, -trimpath) from the small
 wrapper modules under ``go/`` (kwok with ``go install``), with version ldflags so
 that each binary reports its real release. Results are cached under
 ``${XDG_CACHE_HOME:-~/.cache}/tailor/devcluster/<component>-<version>/``; a
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -32,6 +33,9 @@ GO_DIR = Path(__file__).resolve().parent / "go"
 ETCD_VERSION = "v3.6.16"
 KUBERNETES_VERSION = "v1.36.4"
 KWOK_VERSION = "v0.8.0"
+# The dev cluster's dynamic volume provisioner (go/provisioner) on SIG Storage's
+# sig-storage-lib-external-provisioner; the cache key also hashes our sources.
+PROVISIONER_LIBRARY = "v13.1.0"
 
 
 class BuildError(RuntimeError):
@@ -58,7 +62,21 @@ KUBERNETES = Component(
     ("kube-apiserver", "kube-controller-manager", "kube-scheduler"),
 )
 KWOK = Component("kwok", KWOK_VERSION, ("kwok",))
-COMPONENTS = (ETCD, KWOK, KUBERNETES)
+
+
+def _sources_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("main.go", "go.mod", "go.sum"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+PROVISIONER = Component(
+    "hostpath-provisioner",
+    f"{PROVISIONER_LIBRARY}-{_sources_digest(GO_DIR / 'provisioner')}",
+    ("hostpath-provisioner",),
+)
+COMPONENTS = (ETCD, KWOK, KUBERNETES, PROVISIONER)
 
 
 def cache_root() -> Path:
@@ -127,6 +145,9 @@ def _go_commands(component: Component, out: Path) -> list[tuple[list[str], Path]
         ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"
         package = f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"
         return [([go, "install", "-ldflags", ldflags, package], out)]
+    if component is PROVISIONER:
+        argv = [go, "build", "-o", str(out / "hostpath-provisioner"), "-ldflags", "-s -w", "."]
+        return [(argv, GO_DIR / "provisioner")]
     commands = [f"./cmd/{binary}" for binary in component.binaries]
     argv = [go, "build", "-o", str(out) + os.sep, "-ldflags", _kubernetes_ldflags(), *commands]
     return [(argv, GO_DIR / "kube")]

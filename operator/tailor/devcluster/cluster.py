@@ -4,7 +4,8 @@ A ``DevCluster`` owns one state directory (``pki/``, ``etcd/`` data, ``conf/``
 component kubeconfigs, ``logs/<component>.log``, ``run/<component>.pid``,
 ``state.json`` and the admin ``kubeconfig``). ``up`` starts etcd,
 kube-apiserver (TLS, RBAC, service-account token signing), kube-controller-manager,
-kube-scheduler and kwok on free 127.0.0.1 ports, each detached in its own
+kube-scheduler, kwok and a hostPath volume provisioner (with the default
+StorageClass ``tailor-hostpath``) on free 127.0.0.1 ports, each detached in its own
 process group, creates the fake nodes and waits until the API is ready, the
 nodes are Ready and the default ServiceAccount exists. ``up`` on a healthy
 cluster does nothing; ``down`` stops every process the directory's cluster
@@ -37,7 +38,14 @@ from tailor.devcluster import build
 from tailor.devcluster.nodes import FAKE_NODES
 from tailor.devcluster.pki import Pki, ensure_pki
 
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "hostpath-provisioner",
+)
 PORT_NAMES = (
     "etcd",
     "etcd-peer",
@@ -45,7 +53,64 @@ PORT_NAMES = (
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    "hostpath-provisioner",
 )
+# The default StorageClass: claims without a class get one, and the dev cluster's
+# provisioner (go/provisioner, SIG Storage's provisioner library) binds each to a new
+# hostPath volume under <state dir>/volumes/, deleted with its claim.
+STORAGE_CLASS = "tailor-hostpath"
+PROVISIONER = "tailor.dev/hostpath"
+PROVISIONER_USER = "tailor:hostpath-provisioner"
+STORAGE_RBAC: list[dict[str, Any]] = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": PROVISIONER_USER},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["persistentvolumes"],
+                "verbs": ["get", "list", "watch", "create", "delete"],
+            },
+            {
+                "apiGroups": [""],
+                "resources": ["persistentvolumeclaims"],
+                "verbs": ["get", "list", "watch", "update"],
+            },
+            {
+                "apiGroups": ["storage.k8s.io"],
+                "resources": ["storageclasses"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "update", "patch"]},
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": PROVISIONER_USER},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": PROVISIONER_USER,
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": PROVISIONER_USER}
+        ],
+    },
+    {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": STORAGE_CLASS,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+        },
+        "provisioner": PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    },
+]  # fmt: skip
 STAGES_DIR = Path(__file__).resolve().parent / "stages"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -198,6 +263,7 @@ class DevCluster:
                 self._wait("etcd", deadline, self._etcd_healthy)
             elif name == "kube-apiserver":
                 self._wait("kube-apiserver", deadline, self._apiserver_ready)
+                self._create_storage()
         for name in COMPONENTS[2:]:
             self._wait(name, deadline, functools.partial(self._component_healthy, name))
         self._create_nodes()
@@ -275,6 +341,14 @@ class DevCluster:
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
                 *(f"--config={stage}" for stage in sorted(STAGES_DIR.glob("*.yaml"))),
+            ]
+        if name == "hostpath-provisioner":
+            return [
+                str(binary),
+                f"-kubeconfig={kubeconfig}",
+                f"-dir={self.dir / 'volumes'}",
+                f"-provisioner={PROVISIONER}",
+                f"-metrics-port={ports[name]}",
             ]
         common = [
             str(binary),
@@ -404,7 +478,7 @@ class DevCluster:
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         server = f"https://127.0.0.1:{port}"
         _write_kubeconfig(self.kubeconfig, server, self.pki, "admin", inline=True)
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        for name in COMPONENTS[2:]:
             _write_kubeconfig(
                 self.conf_dir / f"{name}.kubeconfig", server, self.pki, name, inline=False
             )
@@ -441,6 +515,8 @@ class DevCluster:
             return False
         if name == "kwok":
             return _http_ok(f"http://127.0.0.1:{port}/healthz", None)
+        if name == "hostpath-provisioner":
+            return _http_ok(f"http://127.0.0.1:{port}/metrics", None)
         return _http_ok(f"https://127.0.0.1:{port}/healthz", _unverified_tls())
 
     def _etcd_healthy(self) -> bool:
@@ -456,16 +532,30 @@ class DevCluster:
         except (OSError, KeyError, ValueError, urllib.error.URLError, ssl.SSLError):
             return False
 
+    def _create_storage(self) -> None:
+        """The provisioner's ClusterRole and binding, and the default StorageClass."""
+        paths = {
+            "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            "StorageClass": "/apis/storage.k8s.io/v1/storageclasses",
+        }
+        for obj in STORAGE_RBAC:
+            self._create(paths[obj["kind"]], obj)
+
     def _create_nodes(self) -> None:
         for node in FAKE_NODES:
-            try:
-                self.api("/api/v1/nodes", "POST", node)
-            except urllib.error.HTTPError as error:
-                if error.code != 409:  # already exists
-                    raise ClusterError(
-                        f"creating node {node['metadata']['name']}: "
-                        f"{error.read().decode(errors='replace')}"
-                    ) from error
+            self._create("/api/v1/nodes", node)
+
+    def _create(self, path: str, obj: dict[str, Any]) -> None:
+        """POST one object; one that already exists is fine."""
+        try:
+            self.api(path, "POST", obj)
+        except urllib.error.HTTPError as error:
+            if error.code != 409:
+                raise ClusterError(
+                    f"creating {obj['kind']} {obj['metadata']['name']}: "
+                    f"{error.read().decode(errors='replace')}"
+                ) from error
 
     def _nodes_ready(self) -> bool:
         wanted = {n["metadata"]["name"] for n in FAKE_NODES}

@@ -30,6 +30,8 @@ CLIENTS: dict[str, tuple[str, str | None]] = {
     "kube-controller-manager": ("system:kube-controller-manager", None),
     "kube-scheduler": ("system:kube-scheduler", None),
     "kwok": ("kwok", "system:masters"),
+    # bound to the ClusterRole of cluster.STORAGE_RBAC: volumes, claims, classes, events
+    "hostpath-provisioner": ("tailor:hostpath-provisioner", None),
     "front-proxy-client": ("front-proxy-client", None),
 }
 
