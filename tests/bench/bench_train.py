@@ -1,20 +1,30 @@
-"""Benchmark of the fine-tuning workload against transformers' Trainer + peft, measured in
-the same process on the same model (builtin SmolLM2-135M-Instruct), data and
-hyperparameters. Not a test: run it by hand and read the table.
+"""Benchmark of the fine-tuning workload against TRL's SFTTrainer + peft, measured in the
+same process on the same model (builtin SmolLM2-135M-Instruct), data and hyperparameters,
+on equal terms. Not a test: run it by hand and read the table.
 
 Data: chat examples built from APIBench's Torch Hub split (``torchhub_train.json``:
 the instruction as the user turn, the gold ``api_call`` as the assistant answer), variable
 length; validation from ``torchhub_eval.json``. Both trainers get the same tokenized
 examples (SmolLM2's chat template, loss on assistant tokens only) in the same order (Tailor
 shuffles as the Trainer does for a seed), LoRA r=16 on q/k/v/o, batch 8, one epoch, cosine
-schedule, bf16 (autocast for the baseline).
+schedule.
 
-Throughput is training tokens (real, unpadded) over the time spent in training steps:
-``train_runtime`` for the Trainer (evaluation and checkpoints off), the trainer's own
-step time for Tailor. Evaluation loss is computed afterwards by one shared function on
-both adapters, over the same validation examples, in float32.
+Equal terms: the same dtype (``--precision bf16``: both load the frozen base in bf16, keep
+the LoRA weights in float32 and run under bf16 autocast), no padding on either side (Tailor
+packs each batch's examples into rows with position ids restarting per example; the
+baseline uses TRL's padding-free batches, the whole batch flattened into one row the same
+way), and the same timed span: from the start of the training loop to the end of the last
+step, collation of every batch included, evaluation and checkpoints outside it (Tailor's
+``trainSeconds``; a TrainerCallback's ``on_train_begin`` to ``on_train_end`` for TRL).
+What the baseline does not get is Tailor's own CPU choice of float32 attention inside
+bf16 autocast (see ``register_fp32_attention``): it runs the model's default SDPA, as a
+TRL user would. ``--ablation`` adds Tailor without packing and TRL with padded batches.
 
-    .venv/bin/python tests/bench/bench_train.py --examples 200 --eval-examples 40
+Throughput is training tokens (real, unpadded) over that span. Evaluation loss is computed
+afterwards by one shared function on both adapters, over the same validation examples, in
+float32.
+
+    .venv/bin/python tests/bench/bench_train.py --examples 200 --eval-examples 40 --rounds 2
 
 Target: Tailor at least 1.3x the baseline's tokens/s at equal or better eval loss.
 """
@@ -34,10 +44,12 @@ import json
 import math
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from tailor.api.workloads import TrainRun
 from tailor.workloads.models import load_tokenizer, resolve_model_dir
@@ -56,6 +68,7 @@ APIBENCH = apibench_dir()
 INSTRUCTION = re.compile(
     r"'Instruction':\s*(.*?),\s*'Output':|###Instruction:\s*(.*?)###Output:", re.S
 )
+BASELINE = "TRL SFTTrainer (padding-free)"
 LORA = {
     "r": 16,
     "alpha": 32,
@@ -135,44 +148,57 @@ def run_tailor(work: Path, out: Path, args: argparse.Namespace, packing: bool) -
     return {"tokens": metrics["tokens"], "seconds": metrics["trainSeconds"], "model": model}
 
 
-def load_base() -> Any:
+def load_base(dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
     from tailor.api.common import ModelSource
     from tailor.api.workloads import Paths
 
     name, _ = resolve_model_dir(ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/"))
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
-def run_baseline(
-    out: Path, args: argparse.Namespace, train_set: list[Example], tokenizer: Any
+class Span(TrainerCallback):  # type: ignore[misc]
+    """The span of the training steps, from the start of the loop (before the first
+    batch is collated) to the end of the last step: the span Tailor's ``trainSeconds``
+    covers (collation included; evaluation and checkpoints outside)."""
+
+    seconds = 0.0
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def run_trl(
+    out: Path,
+    args: argparse.Namespace,
+    train_set: list[Example],
+    tokenizer: Any,
+    padding_free: bool,
 ) -> dict[str, Any]:
-    """transformers' Trainer + peft as its documentation sets them up for causal-LM SFT:
-    shuffled batches padded by DataCollatorForSeq2Seq, labels -100 outside the answer."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    """TRL's SFTTrainer as its documentation sets it up for LoRA SFT on pre-tokenized
+    data: the frozen base in the same dtype as Tailor's (bf16, LoRA weights float32,
+    autocast), loss on the answer tokens only (a ``labels`` column), and with
+    ``padding_free`` each batch flattened into one row with position ids restarting per
+    example (TRL's padding-free batches; the model masks every example off from the
+    others), else batches right-padded to their longest example."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
 
-    model = get_peft_model(
-        load_base(),
-        LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=LORA["targetModules"],
-            task_type="CAUSAL_LM",
-        ),
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    dataset = Dataset.from_list(
+        [
+            # TRL's labels are not shifted (the model shifts them); Tailor's targets are
+            {"input_ids": e.input_ids, "labels": [IGNORE_INDEX, *e.targets[:-1]]}
+            for e in train_set
+        ]
     )
-    features = [
-        {
-            "input_ids": e.input_ids,
-            "attention_mask": [1] * len(e),
-            "labels": [IGNORE_INDEX, *e.targets[:-1]],  # the Trainer shifts labels itself
-        }
-        for e in train_set
-    ]
-    training_args = TrainingArguments(
-        output_dir=str(out / "baseline"),
+    config = SFTConfig(
+        output_dir=str(out / "trl"),
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
@@ -189,17 +215,30 @@ def run_baseline(
         report_to="none",
         dataloader_pin_memory=False,
         disable_tqdm=True,
+        padding_free=padding_free,
+        max_length=None if padding_free else 512,  # the examples are already at most 512
+        model_init_kwargs=None,
+        dataset_num_proc=None,
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=features,  # type: ignore[arg-type]
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    span = Span()
+    trainer = SFTTrainer(
+        model=load_base(dtype),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["targetModules"],
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[span],
     )
-    result = trainer.train()
+    trainer.train()
     return {
         "tokens": sum(len(e) for e in train_set) * args.epochs,
-        "seconds": result.metrics["train_runtime"],
+        "seconds": span.seconds,
         "model": trainer.model,
     }
 
@@ -255,10 +294,13 @@ def main() -> None:
     base_loss = eval_loss(load_base(), data.validation, tokenizer.pad_token_id)
     trainers = {
         "tailor (packing)": lambda out: run_tailor(work, out, args, packing=True),
-        "transformers Trainer + peft": lambda out: run_baseline(out, args, data.train, tokenizer),
+        BASELINE: lambda out: run_trl(out, args, data.train, tokenizer, padding_free=True),
     }
     if args.ablation:
         trainers["tailor (no packing)"] = lambda out: run_tailor(work, out, args, packing=False)
+        trainers["TRL SFTTrainer (padded)"] = lambda out: run_trl(
+            out, args, data.train, tokenizer, padding_free=False
+        )
     names = list(trainers)
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     # Rounds alternate the order (A B, B A, ...) so a machine that gets busier or quieter
@@ -274,7 +316,7 @@ def main() -> None:
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    base_rate = mean([rate for rate, _ in rows["transformers Trainer + peft"]])
+    base_rate = mean([rate for rate, _ in rows[BASELINE]])
     print(f"\n{'trainer':30s} {'tokens/s':>9s} {'ratio':>6s} {'eval loss':>9s} {'perplexity':>10s}")
     print(
         f"{'base model (no training)':30s} {'':>9s} {'':>6s} {base_loss:9.4f} "

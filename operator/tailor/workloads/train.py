@@ -614,11 +614,11 @@ class Progression:
             self.metrics.tokens_per_second.set(progress.tokens_per_second)
         if torch.cuda.is_available():
             self.metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
-        self.reporter.report({"phase": "Running", "progress": _wire(progress)})
+        self.reporter.report({"progress": _wire(progress)})
 
     def finished(self, artifact: Artifact) -> None:
         self.reporter.report(
-            {"phase": "Succeeded", "artifact": _wire(artifact), "progress": _wire(self.progress())},
+            {"artifact": _wire(artifact), "progress": _wire(self.progress())},
             final=True,
         )
 
@@ -774,9 +774,7 @@ def _train(
         log.info("artifact %s is already published", output)
         artifact = artifact_of(run, output)
         if world.main:
-            make_reporter(run.reporter, run.owner).report(
-                {"phase": "Succeeded", "artifact": _wire(artifact)}, final=True
-            )
+            make_reporter(run.reporter, run.owner).report({"artifact": _wire(artifact)}, final=True)
         return artifact
     if world.main:
         for stale in output.parent.glob(f"{output.name}.tmp-*"):
@@ -872,9 +870,14 @@ def _train(
         log.info("eval before training: loss %.4f", eval_loss)
 
     # 4. The loop: one optimizer step over gradient-accumulated micro-batches.
+    # A step's time includes collating its batches (the generator collates lazily), so
+    # tokensPerSecond counts everything a step costs, as a Trainer's train_runtime does.
     works = step_work(data.train, spec, schedule, state.step, pad_id, world.rank, sharded)
-    for work in works:
+    while True:
         started = time.monotonic()
+        work = next(works, None)
+        if work is None:
+            break
         loss = train_step(model, work, optimizer, scaler, autocast, cfg.max_grad_norm, world.size)
         scheduler.step()
         if world.distributed:  # every rank's part, and whether any rank was told to stop
