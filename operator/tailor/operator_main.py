@@ -2,7 +2,9 @@
 
 Tailor's own finalizer (``tailor.dev/finalizer``) and annotation prefix (``tailor.dev``)
 mark what it owns; it runs standalone (one replica, no peering objects), serves a
-liveness endpoint and Prometheus metrics, and logs one line per event.
+liveness endpoint and Prometheus metrics, and logs one line per event. Reconciles run on
+the work queue's threads (``TAILOR_WORKERS``, default 16), and every unfinished resource
+is reconciled again every ``TAILOR_RESYNC_SECONDS`` (default 300).
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    settings.execution.max_workers = int(os.environ.get("TAILOR_WORKERS", "32"))
+    # kopf's handlers only enqueue (the reconciles run on the work queue's own threads),
+    # except a KnowledgeBase's deletion handler: a few threads are plenty.
+    settings.execution.max_workers = 8
+    context.operator().queue  # noqa: B018  (its threads start with the operator)
     settings.batching.worker_limit = 1000
 
 
@@ -93,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
 
     instrument_api_clients()
     api_client = load_api_client()
-    context.OPERATOR = context.Operator(settings, make_runtime(settings, api_client), api_client)
+    context.OPERATOR = context.Operator(
+        settings, make_runtime(settings, api_client), api_client, namespaces=args.namespace
+    )
     _load_handlers()
+    context.OPERATOR.start_resync()
     if args.metrics_port:
         start_http_server(args.metrics_port)
     log.info(

@@ -112,7 +112,8 @@ def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
     assert settings.image == env["TAILOR_IMAGE"] and settings.metrics_port == 9090
     assert settings.artifacts_pvc == "tailor-artifacts" and settings.runtime == "kubernetes"
     fields = {f"TAILOR_{name.upper()}" for name in OperatorSettings.model_fields}
-    assert {k for k in env if k.startswith("TAILOR_")} - fields == {"TAILOR_WORKERS"}
+    assert {k for k in env if k.startswith("TAILOR_")} <= fields
+    assert settings.workers == 16 and settings.resync_seconds == 300
     assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]  # read-only root
     service = objects["Service"][0]
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics"}]

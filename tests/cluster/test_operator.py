@@ -354,6 +354,23 @@ def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
     wait_for("Ready again", phase_is(kube, ns, "md", "api-assistant", "Ready"))
 
 
+def test_zero_replicas_is_an_idle_state_and_scaling_up_serves(kube: Kube, ns: str) -> None:
+    """``replicas: 0`` is valid: the Deployment scales to zero and the phase is Idle (not
+    Progressing forever); scaling up makes it Ready."""
+    md = example("modeldeployment", autoscaling=None, replicas=0, adapters=[])
+    md["spec"].pop("knowledgeBaseRef", None)
+    md["spec"].pop("promptProfileRef", None)
+    kube.apply(md, "-n", ns)
+    idle = wait_for("Idle", phase_is(kube, ns, "md", "api-assistant", "Idle"))
+    ready = next(c for c in idle["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ScaledToZero"
+    assert "spec.replicas" in ready["message"]
+    assert get(kube, ns, "deploy", "api-assistant")["spec"]["replicas"] == 0
+    kube.kubectl("patch", "md", "api-assistant", "-n", ns, "--type=merge",
+                 "-p", '{"spec":{"replicas":1}}')  # fmt: skip
+    wait_for("Ready", phase_is(kube, ns, "md", "api-assistant", "Ready"), timeout=120)
+
+
 def test_invalid_template_marks_the_profile_invalid(kube: Kube, ns: str) -> None:
     pp = example("promptprofile")
     pp["spec"]["template"] = "{{ question "
@@ -440,3 +457,89 @@ def test_bad_spec_is_rejected_before_the_operator_sees_it(kube: Kube, ns: str) -
     result = kube.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest), check=False)
     assert result.returncode != 0
     assert "spec.lora.r" in result.stderr
+
+
+def retries(op: OperatorProcess, kind: str) -> float:
+    for line in op.metrics().splitlines():
+        if line.startswith(f'tailor_operator_workqueue_retries_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_status_write_refused_on_job_completion_is_retried_until_it_lands(
+    kube: Kube, ns: str, operator_process: OperatorProcess
+) -> None:
+    """The API server itself refuses the write of phase Succeeded (a ValidatingAdmission
+    Policy, CEL) while the training Job completes. kopf never retries event handlers and
+    nothing else touches the FineTuneJob afterwards: only the work queue's retries can
+    bring it to Succeeded once the policy is gone."""
+    policy = f"refuse-success-{ns}"
+    kube.apply(
+        [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": {"name": policy},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {
+                        "resourceRules": [
+                            {
+                                "apiGroups": ["tailor.dev"],
+                                "apiVersions": ["*"],
+                                "operations": ["UPDATE"],
+                                "resources": ["finetunejobs/status"],
+                            }
+                        ]
+                    },
+                    "matchConditions": [
+                        {"name": "this-test", "expression": f"object.metadata.namespace == '{ns}'"}
+                    ],
+                    "validations": [
+                        {
+                            "expression": "!has(object.status.phase) || "
+                            "object.status.phase != 'Succeeded'",
+                            "message": "injected failure: phase Succeeded refused",
+                        }
+                    ],
+                },
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": {"name": policy},
+                "spec": {"policyName": policy, "validationActions": ["Deny"]},
+            },
+        ]
+    )
+    try:
+        time.sleep(2)  # the API server's policy informer picks it up
+        wait_for("the operator's metrics", lambda: _serving(operator_process))
+        before = retries(operator_process, "FineTuneJob")
+        kube.apply(fine_tune("refused", 0), "-n", ns)
+
+        def job_complete() -> bool:
+            job = kube.get_json("job", "refused-train", "-n", ns) if _exists(kube, ns) else {}
+            conds = (job.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Complete" and c["status"] == "True" for c in conds)
+
+        wait_for("the Job to complete", job_complete)
+        wait_for("a refused write and its retry",
+                 lambda: retries(operator_process, "FineTuneJob") >= before + 2)  # fmt: skip
+        assert get(kube, ns, "ftj", "refused")["status"]["phase"] != "Succeeded"
+    finally:
+        kube.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                     policy, "--ignore-not-found")  # fmt: skip
+    wait_for("Succeeded after the retries", phase_is(kube, ns, "ftj", "refused", "Succeeded"))
+
+
+def _exists(kube: Kube, ns: str) -> bool:
+    names = kube.kubectl("get", "jobs", "-n", ns, "-o", "name").stdout.split()
+    return "job.batch/refused-train" in names
+
+
+def _serving(op: OperatorProcess) -> bool:
+    try:
+        return bool(op.metrics())
+    except OSError:
+        return False

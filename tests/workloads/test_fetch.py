@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,16 @@ def test_http_errors_name_the_status(server: str) -> None:
     with pytest.raises(WorkloadError, match="HTTP 404") as error:
         fetch_url(f"{server}/missing", allow_private_addresses=True, allow_insecure_http=True)
     assert error.value.reason == "FetchFailed"
+
+
+@pytest.mark.parametrize("field", ["phase", "conditions", "observedGeneration"])
+def test_a_workload_cannot_report_a_field_the_operator_owns(field: str) -> None:
+    """One writer of phase: workloads report progress and their own fields only."""
+    from tailor.workloads.common import ProgressReporter
+
+    sent: list[dict[str, Any]] = []
+    reporter = ProgressReporter(sent.append, 0)
+    reporter.report({"progress": {"step": 1}})
+    with pytest.raises(ValueError, match=f"status.{field}: written by the operator alone"):
+        reporter.report({field: "Running", "progress": {"step": 2}}, final=True)
+    assert sent == [{"progress": {"step": 1}}]

@@ -129,7 +129,12 @@ class ModelDeploymentSpec(TailorModel):
     cache: Cache = Field(default_factory=Cache, description="Response cache.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
     auth: Auth | None = Field(default=None, description="Require an API key.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas without autoscaling.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Replicas without autoscaling; 0 scales the server to zero (phase Idle).",
+    )
     autoscaling: Autoscaling | None = Field(default=None, description="Scale on load.")
     resources: Resources = Field(default_factory=Resources, description="Compute per replica.")
 
@@ -152,8 +157,9 @@ class ModelDeploymentSpec(TailorModel):
 class ModelDeploymentStatus(StatusBase):
     """Observed state of a ModelDeployment."""
 
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
-        default=None, description="Pending, Progressing, Ready, Degraded or Failed."
+    phase: Literal["Pending", "Progressing", "Ready", "Idle", "Degraded", "Failed"] | None = Field(
+        default=None,
+        description="Pending, Progressing, Ready, Idle (scaled to 0 replicas), Degraded or Failed.",
     )
     replicas: int | None = Field(default=None, description="Desired replicas.")
     ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")

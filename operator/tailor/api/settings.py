@@ -45,6 +45,15 @@ class OperatorSettings(TailorModel):
         default=5.0, ge=0, description="Least time between two progress patches of a workload."
     )
     run_as_user: int = Field(default=1000, description="UID of workload containers.")
+    workers: int = Field(
+        default=16, ge=1, description="Threads that run reconciles off the operator's work queue."
+    )
+    resync_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="Every so often each unfinished resource is reconciled again even without "
+        "an event (0: never).",
+    )
     local_state_dir: str = Field(
         default="", description="local runtime: where volumes, logs and processes live."
     )

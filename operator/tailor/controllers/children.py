@@ -8,6 +8,7 @@ references.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import kopf
@@ -31,7 +32,7 @@ def owners_of(labels: dict[str, str]) -> list[tuple[str, str]]:
 def _route(labels: dict[str, str], namespace: str) -> None:
     op = operator()
     for kind, name in owners_of(labels):
-        op.sync(kind, namespace, name)
+        op.enqueue(kind, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
@@ -69,22 +70,28 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
 # (namespace, kind, name) of a referenced object -> {(dependent kind, dependent name)},
 # kept from the watch events of ModelDeployments and RAFTJobs (no list calls needed).
 _DEPENDENTS: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+_DEPENDENTS_LOCK = threading.Lock()  # kopf runs event handlers on several threads
 
 
 def _index_references(kind: str, body: dict[str, Any], deleted: bool) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    for (ref_namespace, _, _), dependents in _DEPENDENTS.items():
-        if ref_namespace == namespace:
-            dependents.discard((kind, name))
-    if not deleted:
-        for ref_kind, ref_name in references(body):
-            _DEPENDENTS.setdefault((namespace, ref_kind, ref_name), set()).add((kind, name))
+    with _DEPENDENTS_LOCK:
+        for key, dependents in list(_DEPENDENTS.items()):
+            if key[0] == namespace:
+                dependents.discard((kind, name))
+                if not dependents:
+                    del _DEPENDENTS[key]
+        if not deleted:
+            for ref_kind, ref_name in references(body):
+                _DEPENDENTS.setdefault((namespace, ref_kind, ref_name), set()).add((kind, name))
 
 
 def _notify_dependents(kind: str, namespace: str, name: str) -> None:
     op = operator()
-    for dep_kind, dep_name in sorted(_DEPENDENTS.get((namespace, kind, name), ())):
-        op.sync(dep_kind, namespace, dep_name)
+    with _DEPENDENTS_LOCK:
+        dependents = sorted(_DEPENDENTS.get((namespace, kind, name), ()))
+    for dep_kind, dep_name in dependents:
+        op.enqueue(dep_kind, namespace, dep_name)
 
 
 _SEEN: dict[tuple[str, str, str], tuple[Any, ...]] = {}
@@ -112,7 +119,7 @@ def _watch_tailor_kind(kind: str) -> None:
         _notify_dependents(kind, namespace, name)
         for owner_kind, owner in owners_of(labels):
             if owner_kind != kind:
-                operator().sync(owner_kind, namespace, owner)
+                operator().enqueue(owner_kind, namespace, owner)
 
 
 for _kind in ("FineTuneJob", "KnowledgeBase", "PromptProfile", "RAFTJob", "ModelDeployment"):

@@ -3,32 +3,37 @@ status writing with conditions, events and metrics.
 
 Reconciliation is level-triggered: ``sync(kind, namespace, name)`` reads the object,
 works out where it stands from its children, applies what is missing and writes status.
-Parent handlers, child (Job, Pod, Deployment) events and dependency changes all call it,
-serialised per object, so the outcome never depends on which event arrived first.
+Parent handlers, child (Job, Pod, Deployment) events, dependency changes and the periodic
+resync only ``enqueue`` the object; the work queue (:mod:`tailor.controllers.workqueue`)
+runs one sync per object at a time, coalesces events that arrive meanwhile and retries
+failures with backoff, so the outcome never depends on which event arrived first and no
+event's work is lost to an error.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
+from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
 from tailor.runtime.base import Runtime
 
 log = logging.getLogger("tailor.operator")
 
 SyncFn = Callable[["Operator", dict[str, Any]], None]
+# Phases after which only a spec change (a new generation) gives a resync anything to do.
+FINAL = frozenset({"Succeeded", "Failed", "Invalid", "Valid"})
 SYNCERS: dict[str, SyncFn] = {}
 
 
@@ -53,9 +58,64 @@ class Operator:
     settings: OperatorSettings
     runtime: Runtime
     api_client: client.ApiClient
-    _locks: dict[tuple[str, str, str], threading.Lock] = field(
-        default_factory=lambda: defaultdict(threading.Lock)
-    )
+    namespaces: list[str] = field(default_factory=list)
+    """Watched namespaces; empty: cluster-wide."""
+    _queue: WorkQueue | None = None
+    _start: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def queue(self) -> WorkQueue:
+        with self._start:
+            if self._queue is None:
+                self._queue = WorkQueue(lambda key: self.sync(*key), self.settings.workers)
+            return self._queue
+
+    def enqueue(self, kind: str, namespace: str, name: str) -> None:
+        """Reconcile one object soon (coalesced, retried on failure)."""
+        self.queue.add((kind, namespace, name))
+
+    def start_resync(self) -> threading.Thread | None:
+        """Every ``resync_seconds``, enqueue each object that is not finished."""
+        interval = self.settings.resync_seconds
+        if not interval:
+            return None
+        thread = threading.Thread(target=self._resync_loop, name="tailor-resync", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._queue is not None:
+            self._queue.stop()
+
+    def _resync_loop(self) -> None:
+        while not self._stop.wait(self.settings.resync_seconds):
+            try:
+                self.resync()
+            except Exception as exc:  # the next round tries again
+                log.warning("resync failed: %s", exc)
+
+    def resync(self) -> int:
+        """Enqueue every object not in a final phase, or whose spec was not yet handled."""
+        count = 0
+        for kind in SYNCERS:
+            for body in self.list_all(kind):
+                meta, status = body["metadata"], body.get("status") or {}
+                settled = status.get("phase") in FINAL and status.get(
+                    "observedGeneration"
+                ) == meta.get("generation")
+                if not settled:
+                    self.enqueue(kind, meta["namespace"], meta["name"])
+                    count += 1
+        return count
+
+    def list_all(self, kind: str) -> list[dict[str, Any]]:
+        """Every object of ``kind`` in the watched namespaces."""
+        if self.namespaces:
+            return [obj for ns in self.namespaces for obj in self.list(kind, ns)]
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, KINDS[kind].plural)
+        return cast(list[dict[str, Any]], cast(dict[str, Any], result)["items"])
 
     @property
     def custom(self) -> client.CustomObjectsApi:
@@ -104,16 +164,48 @@ class Operator:
         if "phase" in status and status["phase"] != old.get("phase"):
             reason, message = _phase_reason(status)
             warning = status["phase"] in ("Failed", "Invalid", "Degraded")
-            kopf.event(
+            self.event(
                 body,
-                type="Warning" if warning else "Normal",
-                reason=reason or status["phase"],
-                message=message or f"{kind} is {status['phase']}",
+                "Warning" if warning else "Normal",
+                reason or status["phase"],
+                message or f"{kind} is {status['phase']}",
             )
 
+    def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a Kubernetes Event about ``body`` (best effort, as kopf's are). Reconciles
+        run on the work queue's threads, outside kopf's handler context, so they post
+        through the API client rather than ``kopf.event``."""
+        meta = body["metadata"]
+        stamp = dt.datetime.now(dt.UTC)
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "tailor-operator"},
+            "reportingComponent": "tailor.dev/operator",
+            "reportingInstance": os.environ.get("HOSTNAME", "tailor-operator"),
+            "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1,
+        }
+        try:
+            client.CoreV1Api(self.api_client).create_namespaced_event(meta["namespace"], event)
+        except ApiException as exc:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
+                        meta["name"], exc.reason)  # fmt: skip
+
     def sync(self, kind: str, namespace: str, name: str) -> None:
-        """Reconcile one object now (serialised per object)."""
-        with self._locks[(kind, namespace, name)], reconciling(kind):
+        """Reconcile one object now; the work queue runs one per object at a time."""
+        with reconciling(kind):
             body = self.get(kind, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return

@@ -124,4 +124,4 @@ def _seconds(start: str, end: str) -> float:
 @kopf.on.update(GROUP, VERSION, "finetunejobs")
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)

@@ -121,11 +121,11 @@ def sync_knowledge_base(op: Operator, body: dict[str, Any]) -> None:
         if ready_build:
             phase = "Ready"  # the previous index keeps serving
             if status.get("readyBuild") == ready_build and _last_build_ok(status):
-                kopf.event(
+                op.event(
                     body,
-                    type="Warning",
-                    reason="IndexBuildFailed",
-                    message=f"{message}; build {ready_build} keeps serving",
+                    "Warning",
+                    "IndexBuildFailed",
+                    f"{message}; build {ready_build} keeps serving",
                 )
         else:
             phase = "Failed"
@@ -151,7 +151,7 @@ def _refresh_due(spec: KnowledgeBaseSpec, status: dict[str, Any]) -> bool:
 @kopf.on.update(GROUP, VERSION, "knowledgebases")
 @kopf.on.resume(GROUP, VERSION, "knowledgebases")
 def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)
 
 
 @kopf.timer(
@@ -164,7 +164,7 @@ def reconcile(namespace: str, name: str, **_: Any) -> None:
     when=lambda spec, **_: bool((spec or {}).get("refresh")),
 )
 def refresh(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)
 
 
 @kopf.on.delete(GROUP, VERSION, "knowledgebases")

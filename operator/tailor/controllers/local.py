@@ -31,7 +31,7 @@ def _poll(kind: str) -> None:
         when=_local_and_unfinished,
     )
     def poll(namespace: str, name: str, **_: Any) -> None:
-        operator().sync(kind, namespace, name)
+        operator().enqueue(kind, namespace, name)
 
 
 for _kind in ("FineTuneJob", "KnowledgeBase", "RAFTJob", "ModelDeployment"):

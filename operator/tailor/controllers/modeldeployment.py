@@ -133,7 +133,10 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
     rolled = bool(
         state and state.revision == workload.revision and state.updated_replicas >= replicas
     )
-    if not rolled:
+    idle = spec.replicas == 0 and spec.autoscaling is None
+    if idle and rolled and replicas == 0:
+        phase, reason = "Idle", "ScaledToZero"  # a valid state: nothing to serve until scaled up
+    elif not rolled:
         phase, reason = "Progressing", "RollingOut"
     elif ready >= max(replicas, 1):
         phase, reason = "Ready", "Available"
@@ -142,6 +145,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
     else:
         phase, reason = "Progressing", "Starting"
     message = f"{ready}/{replicas} replicas ready, revision {workload.revision}"
+    if phase == "Idle":
+        message = f"scaled to 0 replicas (spec.replicas), revision {workload.revision}"
     conditions = condition(conditions, "Ready", ready >= 1, reason, message, generation)
     conditions = condition(
         conditions, "Progressing", phase == "Progressing", reason, message, generation
@@ -171,4 +176,4 @@ def _message(status: dict[str, Any], type_: str) -> str:
 @kopf.on.update(GROUP, VERSION, "modeldeployments")
 @kopf.on.resume(GROUP, VERSION, "modeldeployments")
 def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)

@@ -88,4 +88,4 @@ def sync_prompt_profile(op: Operator, body: dict[str, Any]) -> None:
 @kopf.on.update(GROUP, VERSION, "promptprofiles")
 @kopf.on.resume(GROUP, VERSION, "promptprofiles")
 def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)

@@ -236,4 +236,4 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
 @kopf.on.update(GROUP, VERSION, "raftjobs")
 @kopf.on.resume(GROUP, VERSION, "raftjobs")
 def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().sync(KIND, namespace, name)
+    operator().enqueue(KIND, namespace, name)

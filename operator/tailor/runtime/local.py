@@ -184,7 +184,8 @@ class LocalRuntime(KubernetesRuntime):
                     processes=training_processes(workload),
                 )
                 self._prepare_files(workload, record)
-            record.suspended = workload.suspend
+            # a server scaled to zero runs no process, as a Deployment of 0 replicas
+            record.suspended = workload.suspend or (workload.server and _replicas(workload) == 0)
             self._save(record)
             self._advance(record)
 
@@ -427,10 +428,11 @@ class LocalRuntime(KubernetesRuntime):
             self._advance(record)
             endpoint = f"http://127.0.0.1:{record.port}/v1"
             ready = record.pid is not None and self._ready(record.port)
+            wanted = 0 if record.suspended else 1
             return ServerState(
-                replicas=1,
-                ready_replicas=1 if ready else 0,
-                updated_replicas=1,
+                replicas=wanted,
+                ready_replicas=1 if ready and wanted else 0,
+                updated_replicas=wanted,
                 endpoint=endpoint,
                 revision=record.revision,
                 message=record.message or ("loading the model" if record.pid else ""),
@@ -472,3 +474,12 @@ class LocalRuntime(KubernetesRuntime):
                     if record.phase not in ("Succeeded", "Failed"):
                         record.phase = "Pending"
                     self._save(record)
+
+
+def _replicas(workload: Workload) -> int | None:
+    """The replicas a server workload's Deployment asks for (None: left to an HPA)."""
+    for manifest in workload.manifests:
+        if manifest["kind"] == "Deployment":
+            value = manifest["spec"].get("replicas")
+            return None if value is None else int(value)
+    return None

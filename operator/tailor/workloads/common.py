@@ -148,6 +148,11 @@ class ProgressSink(Protocol):
     def __call__(self, patch: dict[str, Any]) -> None: ...
 
 
+# The status fields the operator alone writes (it derives them from the workload's Job),
+# so that a phase has one writer and never flaps between two.
+OPERATOR_FIELDS = frozenset({"phase", "conditions", "observedGeneration"})
+
+
 class ProgressReporter:
     """Send status patches to the owner, at most one per ``min_interval_seconds``.
 
@@ -164,6 +169,11 @@ class ProgressReporter:
         self.failures = 0
 
     def report(self, patch: dict[str, Any], final: bool = False) -> None:
+        if owned := OPERATOR_FIELDS & patch.keys():
+            raise ValueError(
+                f"status.{', status.'.join(sorted(owned))}: written by the operator alone; "
+                "a workload reports progress and its own fields"
+            )
         self._pending = patch
         now = time.monotonic()
         if final or now - self._last >= self.min_interval:

@@ -104,9 +104,10 @@ class IndexStats:
         return self.chunks / self.seconds if self.seconds > 0 else 0.0
 
     def status(self, phase: str) -> dict[str, Any]:
-        """The KnowledgeBase status patch; ``collection`` is the active one while indexing."""
+        """The KnowledgeBase status patch; ``collection`` is the active one while indexing.
+        ``phase`` is where the build stands (Indexing, Ready); the status phase itself is
+        the operator's alone to write."""
         patch: dict[str, Any] = {
-            "phase": phase,
             "documents": self.documents,
             "chunks": self.chunks,
             "embedded": self.embedded,
