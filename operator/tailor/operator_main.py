@@ -2,7 +2,10 @@
 
 Tailor's own finalizer (``tailor.dev/finalizer``) and annotation prefix (``tailor.dev``)
 mark what it owns; it runs standalone (one replica, no peering objects), serves a
-liveness endpoint and Prometheus metrics, and logs one line per event. Reconciles run on
+liveness endpoint and Prometheus metrics, and logs one line per event. With
+``--leader-election`` (the chart's default, two replicas) it reconciles only while it holds
+the Lease ``tailor-operator`` (:mod:`tailor.controllers.leader`); a standby answers its
+liveness probe and waits. Reconciles run on
 the work queue's threads (``TAILOR_WORKERS``, default 16), and every unfinished resource
 is reconciled again every ``TAILOR_RESYNC_SECONDS`` (default 300).
 """
@@ -11,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -84,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=int(os.environ.get("TAILOR_OPERATOR_HEALTH_PORT", "8080")),
     )
+    run.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("TAILOR_LEADER_ELECTION", "").lower() in ("1", "true", "yes"),
+        help="run as one of several replicas: reconcile only while holding the Lease",
+    )
+    run.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("TAILOR_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE"),
+        help="namespace of the Lease (default: the pod's, else default)",
+    )
+    run.add_argument("--lease-name", default=os.environ.get("TAILOR_LEASE_NAME", "tailor-operator"))
     run.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -102,9 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         settings, make_runtime(settings, api_client), api_client, namespaces=args.namespace
     )
     _load_handlers()
-    context.OPERATOR.start_resync()
     if args.metrics_port:
         start_http_server(args.metrics_port)
+    elector = None
+    if args.leader_election:
+        from tailor.controllers.leader import LeaderElector
+
+        elector = LeaderElector(api_client, args.lease_namespace or "default", args.lease_name)
+        with _standby_health(args.health_port):  # a standby is alive, not leading
+            elector.acquire()
+    context.OPERATOR.start_resync()
     log.info(
         "starting: runtime=%s namespaces=%s metrics=:%s health=:%s",
         settings.runtime,
@@ -112,15 +137,45 @@ def main(argv: list[str] | None = None) -> int:
         args.metrics_port,
         args.health_port,
     )
-    asyncio.run(
-        kopf.operator(
-            standalone=True,
-            clusterwide=not args.namespace,
-            namespaces=args.namespace,
-            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    try:
+        asyncio.run(
+            kopf.operator(
+                standalone=True,
+                clusterwide=not args.namespace,
+                namespaces=args.namespace,
+                liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+            )
         )
-    )
+    finally:
+        context.OPERATOR.stop()
+        if elector is not None:
+            elector.release()
     return 0
+
+
+@contextlib.contextmanager
+def _standby_health(port: int) -> Iterator[None]:
+    """Answer /healthz while standing by (kopf serves it once this replica leads)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path.startswith("/healthz") else 404)
+            self.end_headers()
+            self.wfile.write(b"standby\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health) if port else None
+    if server is not None:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 __all__ = ["controllers", "main"]

@@ -73,18 +73,38 @@ def test_helm_lint_passes_with_defaults_and_with_every_toggle() -> None:
 
 
 # ----------------------------------------------------------------- rendering
+def test_one_replica_without_leader_election_and_never_two() -> None:
+    single = by_kind(render({"operator": {"leaderElection": False, "replicas": 1}}))
+    deployment = single["Deployment"][0]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert "PodDisruptionBudget" not in single and "Role" not in single
+    refused = helm("template", "t", str(CHART), values={"operator": {"leaderElection": False,
+                   "replicas": 2}}, check=False)  # fmt: skip
+    assert refused.returncode != 0 and "needs operator.leaderElection" in refused.stderr
+
+
 def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
     objects = by_kind(render())
     assert sorted(objects) == [
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
     ]
     deployment = objects["Deployment"][0]
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # two replicas, one leading through a Lease; a PDB keeps one through disruptions
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+    assert objects["PodDisruptionBudget"][0]["spec"]["minAvailable"] == 1
+    (lease_role,) = objects["Role"]
+    assert {r["resources"][0] for r in lease_role["rules"]} == {"leases"}
+    assert lease_role["rules"][1]["resourceNames"] == ["tailor"]
+    assert "--leader-election" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == objects["ServiceAccount"][0]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -129,7 +149,7 @@ def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
         )
     )["Deployment"]
     env = {
-        e["name"]: e["value"]
+        e["name"]: e.get("value")
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     settings = OperatorSettings.from_env(env)
@@ -140,9 +160,16 @@ def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
 
 def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
     objects = by_kind(render({"watchNamespaces": ["team-a", "team-b"]}))
-    roles = {r["metadata"]["namespace"]: r for r in objects["Role"]}
+    lease = "tailor-leader-election"  # the leader-election Role, in the release namespace
+    roles = {
+        r["metadata"]["namespace"]: r for r in objects["Role"] if r["metadata"]["name"] != lease
+    }
     assert sorted(roles) == ["team-a", "team-b"]
-    bindings = {b["metadata"]["namespace"]: b for b in objects["RoleBinding"]}
+    bindings = {
+        b["metadata"]["namespace"]: b
+        for b in objects["RoleBinding"]
+        if b["metadata"]["name"] != lease
+    }
     assert sorted(bindings) == ["team-a", "team-b"]
     for binding in bindings.values():
         assert binding["subjects"] == [
@@ -473,7 +500,9 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
         established = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
         assert established["Established"] == "True"
     deployment = kube.get_json("deployment", fullname, "-n", chart_namespace)
-    assert deployment["status"]["readyReplicas"] == 1
+    assert deployment["status"]["readyReplicas"] == 2  # the leader and a standby
+    pdb = kube.get_json("pdb", fullname, "-n", chart_namespace)
+    assert pdb["spec"]["minAvailable"] == 1
     sa = kube.get_json("serviceaccount", fullname, "-n", chart_namespace)
     assert sa["metadata"]["labels"]["app.kubernetes.io/instance"] == release
     role = kube.get_json("clusterrole", fullname)
@@ -490,6 +519,10 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
     assert can("patch", "finetunejobs.tailor.dev", "--subresource=status", "-n", "default") == "yes"
     assert can("get", "secrets", "-n", "default") == "no"
     assert can("delete", "deployments.apps", "-n", "default") == "no"
+    lease = f"leases.coordination.k8s.io/{fullname}"
+    assert can("update", lease, "-n", chart_namespace) == "yes"
+    assert can("update", "leases.coordination.k8s.io/other", "-n", chart_namespace) == "no"
+    assert can("get", lease, "-n", "default") == "no"
 
     helm("uninstall", release, "--namespace", chart_namespace, "--wait", kube=kube)
     for kind, name, namespaced in (

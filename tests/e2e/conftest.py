@@ -35,6 +35,7 @@ def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
         "TAILOR_LOCAL_STATE_DIR": str(state),
         "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
         "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
+        "TAILOR_CLEANUP_TIMEOUT_SECONDS": "20",
     }
     argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
     argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
@@ -73,3 +74,54 @@ def wait_phase(
             raise AssertionError(f"{kind}/{name} failed: {obj.get('status')}")
         time.sleep(1)
     raise AssertionError(f"{kind}/{name} not in {phases} after {timeout}s: {obj.get('status')}")
+
+
+# Where each phase stands in a resource's life; a phase with a lower rank than one seen
+# before (with the spec unchanged) is a flap, e.g. a KnowledgeBase Ready, then Indexing.
+PHASE_RANK = {
+    "Pending": 0,
+    "Queued": 1,
+    "Indexing": 1,
+    "Progressing": 1,
+    "Running": 2,
+    "Ready": 3,
+    "Succeeded": 3,
+}
+
+
+class PhaseWatch:
+    """``kubectl get KIND NAME --watch``: every phase an object's status goes through, as
+    the API server delivers each change (not a poll that could miss one)."""
+
+    def __init__(self, kube: Kube, ns: str, kind: str, name: str) -> None:
+        from tailor.devcluster.tools import kubectl_path
+
+        self.what = f"{kind}/{name}"
+        env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+        template = '{.metadata.generation} {.status.phase}{"\\n"}'
+        argv = [str(kubectl_path()), "get", kind, "-n", ns, "--watch"]
+        argv += ["--field-selector", f"metadata.name={name}"]  # may not exist yet
+        self.proc = subprocess.Popen(
+            [*argv, "-o", f"jsonpath={template}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def phases(self) -> list[str]:
+        """The distinct successive phases seen so far (stops the watch)."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        seen: list[str] = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and (not seen or seen[-1] != parts[1]):
+                seen.append(parts[1])
+        return seen
+
+    def assert_monotonic(self) -> list[str]:
+        seen = self.phases()
+        ranks = [PHASE_RANK[p] for p in seen]
+        assert ranks == sorted(ranks), f"{self.what} went backwards: {' -> '.join(seen)}"
+        return seen

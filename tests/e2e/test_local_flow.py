@@ -19,7 +19,7 @@ import yaml
 from tailor.devcluster.kube import Kube
 from tailor.quickstart import chart, measure, rag_training_examples
 from tailor.workloads.apibench import Corpus, load_questions
-from tests.e2e.conftest import wait_phase
+from tests.e2e.conftest import PhaseWatch, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
@@ -70,6 +70,11 @@ def test_quickstart_flow_through_the_operator(
     }
     ftj["spec"]["checkpoint"] = {"everySteps": 3, "keep": 1}
     md = manifest("40-modeldeployment.yaml")
+    watches = [
+        PhaseWatch(kube, ns, "kb", "torchhub-docs"),
+        PhaseWatch(kube, ns, "ftj", "torchhub-lora"),
+        PhaseWatch(kube, ns, "md", "api-assistant"),
+    ]
     kube.apply(
         [manifest("10-knowledgebase.yaml"), manifest("20-promptprofile.yaml"), ftj, md], "-n", ns
     )
@@ -91,6 +96,9 @@ def test_quickstart_flow_through_the_operator(
     assert (adapter_dir / "manifest.json").exists()
 
     ready = wait_phase(kube, ns, "md", "api-assistant", {"Ready"}, timeout=600)
+    # One writer of phase: through the whole life of each, no phase goes backwards.
+    kb_phases, ftj_phases, _ = (w.assert_monotonic() for w in watches)
+    assert kb_phases[-1] == "Ready" and ftj_phases[-1] == "Succeeded"
     endpoint = ready["status"]["endpoint"]
     assert endpoint.startswith("http://127.0.0.1:")
     body = {

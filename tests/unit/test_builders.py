@@ -296,6 +296,33 @@ def test_user_errors_surface_the_workloads_reason() -> None:
     assert (state.reason, state.message) == ("InvalidDataset", "train.jsonl:7: missing messages")
 
 
+def test_a_completed_training_job_succeeds_only_with_the_trainers_verified_artifact() -> None:
+    from tailor.controllers.finetunejob import require_artifact
+
+    complete = job([{"type": "Complete", "status": "True"}], succeeded=2)
+    report = '{"reason": "ArtifactPublished", "message": "pvc://a", "artifact": {"sha256": "ab", "files": 7}}'
+
+    def done(message: str | None, exit_code: int = 0) -> dict[str, Any]:
+        terminated: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed"}
+        if message is not None:
+            terminated["message"] = message
+        return pod("Succeeded", containerStatuses=[{"state": {"terminated": terminated}}])
+
+    # rank 0 of a two-node Job reported; the other pod wrote nothing
+    state = require_artifact(run_state_from_job(complete, [done(None), done(report)]))
+    assert state is not None and state.phase == "Succeeded"
+    assert state.result and state.result["artifact"] == {"sha256": "ab", "files": 7}
+    for pods in ([done(None)], [done("not json")], [done('{"reason": "Completed"}')], []):
+        missing = require_artifact(run_state_from_job(complete, pods))
+        assert missing is not None and (missing.phase, missing.reason) == (
+            "Failed",
+            "ArtifactMissing",
+        )
+        assert "manifest.json" in missing.message
+    running = run_state_from_job(job(active=1), [pod("Running")])
+    assert require_artifact(running) is running and require_artifact(None) is None
+
+
 @pytest.mark.parametrize(("nodes", "gpus", "procs"), [(1, 0, 1), (1, 1, 1), (1, 4, 4), (2, 0, 2)])
 def test_the_local_runtime_runs_every_rank_on_its_host_under_torchrun(
     nodes: int, gpus: int, procs: int, tmp_path: Path

@@ -432,3 +432,35 @@ def test_builtin_smollm2_lora_learns_and_the_adapter_changes_generations(
     after = answer(PeftModel.from_pretrained(base, tmp_path / "out").eval())
     assert after != before
     assert after.startswith("The dog says woof"), (before, after)
+
+
+def test_a_finished_run_vouches_for_its_artifact_in_the_termination_message(
+    tmp_path: Path, pvcs: Path
+) -> None:
+    """The operator calls a FineTuneJob Succeeded only on this report: the trainer re-reads
+    what it published against manifest.json before it exits 0."""
+    from tailor.workloads.common import WorkloadError, sha256_file
+    from tailor.workloads.train import verify_artifact
+
+    run = make_run(tmp_path / "r", pvcs, training={"maxSteps": 3, "epochs": 1})
+    process = run_workload(run, tmp_path)
+    output = process.communicate(timeout=600)[0].decode()
+    assert process.returncode == 0, output
+    out = Path(run.output_dir)
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["reason"] == "ArtifactPublished"
+    assert report["artifact"]["sha256"] == sha256_file(out / "manifest.json")
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert report["artifact"]["files"] == len(files) > 0
+
+    weights = out / next(f["path"] for f in files if f["path"].endswith(".safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WorkloadError, match="sha256 differs") as corrupt:
+        verify_artifact(out)
+    assert corrupt.value.reason == "ArtifactCorrupt"
+    (out / "manifest.json").unlink()
+    with pytest.raises(WorkloadError) as missing:
+        verify_artifact(out)
+    assert missing.value.reason == "ArtifactMissing"

@@ -48,6 +48,12 @@ class OperatorSettings(TailorModel):
     workers: int = Field(
         default=16, ge=1, description="Threads that run reconciles off the operator's work queue."
     )
+    cleanup_timeout_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a KnowledgeBase's deletion retries removing its collections "
+        "(e.g. Qdrant unreachable) before it lets the object go and names what was left.",
+    )
     resync_seconds: float = Field(
         default=300.0,
         ge=0,

@@ -1,13 +1,15 @@
 """FineTuneJob controller: apply the training workload and mirror its state in status.
 
 Phases: Pending (starting), Queued (unschedulable, with the scheduler's message), Running,
-Succeeded (artifact published), Failed (BackoffLimitExceeded, DeadlineExceeded, or the
-trainer's own reason such as InvalidDataset), Suspended. Progress fields are written by
+Succeeded (artifact published and verified by the trainer, reported in its termination
+message), Failed (BackoffLimitExceeded, DeadlineExceeded, ArtifactMissing, or the trainer's
+own reason such as InvalidDataset), Suspended. Progress fields are written by
 the trainer itself through its per-run ServiceAccount; the operator owns the phase.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -18,6 +20,7 @@ from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
 from tailor.controllers.context import Operator, condition, operator, syncer
 from tailor.observability.operator import RUN_SECONDS
+from tailor.runtime.base import RunState
 
 KIND = "FineTuneJob"
 
@@ -56,6 +59,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         op.runtime.start(workload)
         if state is not None:
             state = op.runtime.run_state(parent.namespace, workload.name)
+    state = require_artifact(state)
     phase = state.phase if state else "Pending"
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
@@ -75,6 +79,9 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     if phase == "Succeeded":
         artifact = dict(status.get("artifact") or {})
         artifact["uri"] = artifact_uri(spec, parent, op.settings)
+        reported = ((state.result if state else None) or {}).get("artifact") or {}
+        if reported.get("sha256"):
+            artifact["sha256"] = reported["sha256"]
         new["artifact"] = artifact
         message = f"artifact published at {artifact['uri']}"
     conditions = condition(conditions, "Ready", phase == "Succeeded", reason, message, generation)
@@ -109,6 +116,23 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
                 _seconds(state.start_time, state.completion_time)
             )
     op.patch_status(body, new)
+
+
+def require_artifact(state: RunState | None) -> RunState | None:
+    """A completed training Job is Succeeded only if its trainer reported the artifact it
+    published and verified (manifest.json present, every file's sha256 as listed); a Job
+    that completes without that report is Failed with reason ArtifactMissing."""
+    if state is None or state.phase != "Succeeded":
+        return state
+    if ((state.result or {}).get("artifact") or {}).get("sha256"):
+        return state
+    return replace(
+        state,
+        phase="Failed",
+        reason="ArtifactMissing",
+        message="the training Job completed but its trainer reported no verified artifact "
+        "(manifest.json with checksums): see the trainer's log",
+    )
 
 
 def _seconds(start: str, end: str) -> float:

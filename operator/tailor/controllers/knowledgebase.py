@@ -135,6 +135,15 @@ def sync_knowledge_base(op: Operator, body: dict[str, Any]) -> None:
     op.patch_status(body, new)
 
 
+def _left_behind(body: dict[str, Any]) -> str:
+    """The collections a KnowledgeBase's deletion would remove, in words."""
+    status = body.get("status") or {}
+    url = (((body.get("spec") or {}).get("store") or {}).get("qdrant") or {}).get("url")
+    where = f"Qdrant {url}" if url else "the embedded Qdrant on the artifacts volume"
+    alias = status.get("alias") or body["metadata"]["name"]
+    return f"collections of alias {alias} (active {status.get('collection') or 'none'}) in {where}"
+
+
 def _last_build_ok(status: dict[str, Any]) -> bool:
     for cond in status.get("conditions") or []:
         if cond.get("type") == "LastBuildSucceeded":
@@ -167,13 +176,35 @@ def refresh(namespace: str, name: str, **_: Any) -> None:
     operator().enqueue(KIND, namespace, name)
 
 
+SKIP_CLEANUP = "tailor.dev/skip-cleanup"
+
+
 @kopf.on.delete(GROUP, VERSION, "knowledgebases")
 def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-    """Delete the collections this KnowledgeBase created, then let it go."""
+    """Delete the collections this KnowledgeBase created, then let it go; give up after
+    ``cleanup_timeout_seconds`` (an unreachable Qdrant must not block deletion forever),
+    or at once with the annotation ``tailor.dev/skip-cleanup: "true"``, leaving an Event
+    that names what was left behind."""
     op = operator()
     status = body.get("status") or {}
     if not status.get("build"):
         return  # nothing was ever indexed
+    left = _left_behind(body)
+    if (body["metadata"].get("annotations") or {}).get(SKIP_CLEANUP) == "true":
+        kopf.event(body, type="Warning", reason="CleanupSkipped",
+                   message=f"{SKIP_CLEANUP}: {left} left in place")  # fmt: skip
+        return
+    deleting = _parse_time(body["metadata"].get("deletionTimestamp"))
+    waited = (dt.datetime.now(dt.UTC) - deleting).total_seconds() if deleting else 0.0
+    if waited > op.settings.cleanup_timeout_seconds:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="CleanupAbandoned",
+            message=f"gave up after {waited:.0f}s: {left} left behind; delete it by hand",
+        )
+        op.runtime.stop(namespace, child_name(Parent.from_body(body), "cleanup"))
+        return
     ns = op.runtime.get("v1", "Namespace", "", namespace)
     if ns is None or (ns.get("status") or {}).get("phase") == "Terminating":
         return  # the namespace and its artifacts volume go away as a whole
@@ -199,11 +230,23 @@ def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any
         op.runtime.start(workload)
         raise kopf.TemporaryError(f"removing collections of {name}", delay=3)
     if state.phase == "Failed":
-        kopf.event(
-            body, type="Warning", reason="CleanupFailed", message=state.message or state.reason
+        message = f"removing {left} failed: {state.message or state.reason}; retrying"
+        kopf.event(body, type="Warning", reason="CleanupFailed", message=message)
+        op.patch_status(
+            body,
+            {
+                "conditions": condition(
+                    status.get("conditions"),
+                    "CleanupFailed",
+                    True,
+                    state.reason or "CleanupFailed",
+                    message,
+                )
+            },
         )
         op.runtime.stop(namespace, workload.name)
-        raise kopf.TemporaryError(f"cleanup of {name} failed; retrying", delay=30)
+        delay = min(30.0, max(1.0, op.settings.cleanup_timeout_seconds / 10))
+        raise kopf.TemporaryError(f"cleanup of {name} failed; retrying", delay=delay)
     if state.phase != "Succeeded":
         raise kopf.TemporaryError(f"removing collections of {name}", delay=3)
     retriever = retriever_config(spec, parent, op.settings)

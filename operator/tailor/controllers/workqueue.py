@@ -26,19 +26,9 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from tailor.observability.operator import QUEUE_ADDS, QUEUE_DEPTH, QUEUE_RETRIES
 
 log = logging.getLogger("tailor.operator")
-
-QUEUE_DEPTH = Gauge("tailor_operator_workqueue_depth", "Keys waiting in the work queue.")
-QUEUE_ADDS = Counter(
-    "tailor_operator_workqueue_adds_total",
-    "Keys added to the work queue, by outcome (queued, coalesced, requeued after a sync).",
-    ["outcome"],
-)
-QUEUE_RETRIES = Counter(
-    "tailor_operator_workqueue_retries_total", "Syncs retried after an error, by kind.", ["kind"]
-)
 
 
 class WorkQueue:

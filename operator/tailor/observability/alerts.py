@@ -141,7 +141,7 @@ GROUPS: tuple[RuleGroup, ...] = (
                     "max by (kind, namespace, name) (\n"
                     '    label_replace(tailor_operator_queued_for_seconds, "estimate", "gauge", "", "")\n'
                     "  or\n"
-                    '    label_replace(time() - min_over_time(timestamp(tailor_operator_queued_for_seconds)[6h:1m]), "estimate", "observed", "", "")\n'
+                    '    label_replace((time() - min_over_time(timestamp(tailor_operator_queued_for_seconds)[6h:1m])) and on (kind, namespace, name) tailor_operator_queued_for_seconds, "estimate", "observed", "", "")\n'
                     ") > $queuedSeconds"
                 ),
                 summary="{{ $labels.kind }} {{ $labels.namespace }}/{{ $labels.name }} is queued.",

@@ -26,6 +26,18 @@ RECONCILE_SECONDS = Histogram(
     ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+QUEUE_DEPTH = Gauge("tailor_operator_workqueue_depth", "Keys waiting in the work queue.")
+QUEUE_ADDS = Counter(
+    "tailor_operator_workqueue_adds_total",
+    "Keys added to the work queue, by outcome (queued, coalesced, requeued after a sync).",
+    ["outcome"],
+)
+QUEUE_RETRIES = Counter(
+    "tailor_operator_workqueue_retries_total", "Syncs retried after an error, by kind.", ["kind"]
+)
+
+
+IS_LEADER = Gauge("tailor_operator_leader", "1 while this replica holds the operator's Lease.")
 RESOURCES = Gauge("tailor_operator_resources", "Resources by kind and phase.", ["kind", "phase"])
 PHASE_TRANSITIONS = Counter(
     "tailor_operator_phase_transitions_total",

@@ -26,6 +26,9 @@ class RunState:
     start_time: str | None = None
     completion_time: str | None = None
     attempts: int = 0
+    result: dict[str, Any] | None = None
+    """What the workload reported when it succeeded (its termination message, e.g. the
+    trainer's verified artifact), None if it reported nothing."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def run_state_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> RunSt
     attempts = sum(int(status.get(k) or 0) for k in ("active", "succeeded", "failed"))
     start, done = status.get("startTime"), status.get("completionTime")
     if "Complete" in conditions:
-        return RunState("Succeeded", "Completed", "", start, done, attempts)
+        return RunState("Succeeded", "Completed", "", start, done, attempts, _result(pods))
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed:
         reason = failed.get("reason") or "Failed"
@@ -110,6 +113,24 @@ def run_state_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> RunSt
 def _now_of(condition: dict[str, Any]) -> str | None:
     value = condition.get("lastTransitionTime")
     return str(value) if value else None
+
+
+def _result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The report a succeeded workload container wrote to /dev/termination-log (exit 0,
+    a JSON object); with several pods (a multi-node Job), the one rank 0 wrote."""
+    import json
+
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") == 0 and terminated.get("message"):
+                try:
+                    data = json.loads(terminated["message"])
+                except ValueError:
+                    continue
+                if isinstance(data, dict) and data.get("artifact"):
+                    return data
+    return None
 
 
 def _termination_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:

@@ -126,7 +126,13 @@ class KubernetesRuntime:
         failed_by_policy = any(
             c.get("reason") == "PodFailurePolicy" for c in status.get("conditions") or []
         )
-        needs_pods = (not finished and status.get("active")) or failed_by_policy
+        complete = any(
+            c.get("type") == "Complete" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        # pods say why a run is queued, which user error failed it, and what a succeeded
+        # workload reported (the trainer's verified artifact)
+        needs_pods = (not finished and status.get("active")) or failed_by_policy or complete
         pods = self.pods_of_job(namespace, name) if needs_pods else []
         return run_state_from_job(job, pods)
 

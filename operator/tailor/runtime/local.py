@@ -113,6 +113,8 @@ class RunRecord:
     args: list[str] = field(default_factory=list)
     processes: int = 1
     """Training processes on this host (torchrun) for a run of several GPUs or nodes."""
+    result: dict[str, Any] | None = None
+    """The termination message of a run that exited 0 (a pod's, in a cluster)."""
 
 
 class LocalRuntime(KubernetesRuntime):
@@ -362,6 +364,7 @@ class LocalRuntime(KubernetesRuntime):
             record.exit_codes.append(code)
             record.pid = None
             if code == 0 and not record.server:
+                record.result = self._termination_data(record) or None
                 self._finish(record, "Succeeded", "Completed", "")
                 self._save(record)
                 return
@@ -389,12 +392,17 @@ class LocalRuntime(KubernetesRuntime):
         self._save(record)
 
     def _termination(self, record: RunRecord) -> tuple[str, str]:
+        data = self._termination_data(record)
+        return str(data.get("reason", "")), str(data.get("message", ""))
+
+    def _termination_data(self, record: RunRecord) -> dict[str, Any]:
+        """What the workload wrote to its termination log (as a pod's container would)."""
         path = self.root / record.namespace / "runs" / record.name / "termination-log"
         try:
             data = json.loads(path.read_text())
-            return str(data.get("reason", "")), str(data.get("message", ""))
         except (OSError, ValueError):
-            return "", ""
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _finish(self, record: RunRecord, phase: str, reason: str, message: str) -> None:
         record.phase, record.reason, record.message = phase, reason, message
@@ -418,6 +426,7 @@ class LocalRuntime(KubernetesRuntime):
                 record.start_time,
                 record.completion_time,
                 record.attempts,
+                record.result,
             )
 
     def server_state(self, namespace: str, name: str) -> ServerState | None:

@@ -994,13 +994,34 @@ def _eval_entry(step: int, epoch: float, loss: float) -> dict[str, float]:
 # --- the program ---------------------------------------------------------------------------
 
 
-def write_termination_message(reason: str, message: str) -> None:
-    """Tell Kubernetes why the pod ended (the operator reads it into a condition)."""
+def write_termination_message(reason: str, message: str, **extra: Any) -> None:
+    """Tell Kubernetes why the pod ended (the operator reads it into a condition, and on
+    success takes the verified artifact from it)."""
     path = Path(os.environ.get("TAILOR_TERMINATION_LOG", TERMINATION_LOG))
     try:
-        path.write_text(json.dumps({"reason": reason, "message": message[:3500]}))
+        path.write_text(json.dumps({"reason": reason, "message": message[:3000], **extra}))
     except OSError:
         pass  # not in a pod, or not writable: the log line is enough
+
+
+def verify_artifact(output: Path) -> dict[str, Any]:
+    """Re-read a published artifact against its manifest: every listed file present with
+    its size and sha256. Returns what the operator needs to call the run Succeeded."""
+    manifest_path = output / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WorkloadError("ArtifactMissing", f"{manifest_path}: {exc}") from exc
+    for entry in manifest.get("files") or []:
+        path = output / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["sizeBytes"]:
+            raise WorkloadError("ArtifactCorrupt", f"{path}: missing or of the wrong size")
+        if sha256_file(path) != entry["sha256"]:
+            raise WorkloadError("ArtifactCorrupt", f"{path}: sha256 differs from the manifest")
+    return {
+        "sha256": sha256_file(manifest_path),
+        "files": len(manifest.get("files") or []),
+    }
 
 
 def limit_cpu_threads() -> None:
@@ -1034,7 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequested()
     previous = stop.install()
     try:
-        train(run, stop)
+        artifact = train(run, stop)
+        if World.from_env().main:  # rank 0 published it; it alone vouches for it
+            verified = verify_artifact(Path(run.output_dir))
+            write_termination_message("ArtifactPublished", artifact.uri, artifact=verified)
     except WorkloadError as exc:
         log.error("%s: %s", exc.reason, exc.message)
         write_termination_message(exc.reason, exc.message)
