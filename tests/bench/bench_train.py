@@ -18,7 +18,8 @@ step, collation of every batch included, evaluation and checkpoints outside it (
 ``trainSeconds``; a TrainerCallback's ``on_train_begin`` to ``on_train_end`` for TRL).
 What the baseline does not get is Tailor's own CPU choice of float32 attention inside
 bf16 autocast (see ``register_fp32_attention``): it runs the model's default SDPA, as a
-TRL user would. ``--ablation`` adds Tailor without packing and TRL with padded batches.
+TRL user would. ``--ablation`` adds Tailor without packing, TRL with padded batches, and
+TRL given Tailor's float32 attention (to show how much of the gap that choice is).
 
 Throughput is training tokens (real, unpadded) over that span. Evaluation loss is computed
 afterwards by one shared function on both adapters, over the same validation examples, in
@@ -178,6 +179,7 @@ def run_trl(
     train_set: list[Example],
     tokenizer: Any,
     padding_free: bool,
+    fp32_attention: bool = False,
 ) -> dict[str, Any]:
     """TRL's SFTTrainer as its documentation sets it up for LoRA SFT on pre-tokenized
     data: the frozen base in the same dtype as Tailor's (bf16, LoRA weights float32,
@@ -221,8 +223,13 @@ def run_trl(
         dataset_num_proc=None,
     )
     span = Span()
+    model = load_base(dtype)
+    if fp32_attention:  # the ablation: Tailor's CPU attention choice given to the baseline
+        from tailor.workloads.train import register_fp32_attention
+
+        model.set_attn_implementation(register_fp32_attention())
     trainer = SFTTrainer(
-        model=load_base(dtype),
+        model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -300,6 +307,9 @@ def main() -> None:
         trainers["tailor (no packing)"] = lambda out: run_tailor(work, out, args, packing=False)
         trainers["TRL SFTTrainer (padded)"] = lambda out: run_trl(
             out, args, data.train, tokenizer, padding_free=False
+        )
+        trainers["TRL (padding-free, fp32 attn)"] = lambda out: run_trl(
+            out, args, data.train, tokenizer, padding_free=True, fp32_attention=True
         )
     names = list(trainers)
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
