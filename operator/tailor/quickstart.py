@@ -526,7 +526,9 @@ def up(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"APIBench data not found in {data}; pass --data DIR or set TAILOR_APIBENCH"
         )
-    say("1/5 local control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok, volume provisioner)")
+    say(
+        "1/5 local control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok, volume provisioner)"
+    )
     cluster = DevCluster(state_root() / "quickstart")
     cluster.up(timeout=600, log=lambda line: say(f"    {line}"))
     kube = Kube(cluster.kubeconfig)

@@ -19,7 +19,7 @@ from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
 from tailor.controllers.context import Operator, condition, operator, syncer
-from tailor.observability.operator import RUN_SECONDS
+from tailor.observability.operator import PHASES, RUN_SECONDS
 from tailor.runtime.base import RunState
 
 KIND = "FineTuneJob"
@@ -45,6 +45,16 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         op.patch_status(body, invalid_status(body, error))
         return
     assert isinstance(spec, FineTuneJobSpec)
+    if (
+        status.get("jobName")
+        and status.get("phase") in ("Succeeded", "Failed")
+        and status.get("observedGeneration") == meta.get("generation")
+    ):
+        # Settled: the Job finished and its template is immutable, so the pod events that
+        # follow (garbage collection) change nothing; do not read the Job and its pods again
+        # (nor start a new training if someone deleted the finished Job).
+        PHASES.record(KIND, meta["namespace"], meta["name"], status["phase"])
+        return
     parent = Parent.from_body(body)
     workload = build_training(spec, parent, op.settings)
     # Read the Job only when one may exist; apply children only when something must change

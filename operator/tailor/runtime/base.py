@@ -8,6 +8,8 @@ processes. Controllers never look at either directly, so phases mean the same ev
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -115,36 +117,35 @@ def _now_of(condition: dict[str, Any]) -> str | None:
     return str(value) if value else None
 
 
-def _result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The report a succeeded workload container wrote to /dev/termination-log (exit 0,
-    a JSON object); with several pods (a multi-node Job), the one rank 0 wrote."""
-    import json
-
+def _termination_messages(pods: list[dict[str, Any]], exit_code: int) -> Iterator[str]:
+    """What workload containers that exited with ``exit_code`` wrote to
+    /dev/termination-log, pod by pod."""
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (cs.get("state") or {}).get("terminated") or {}
-            if terminated.get("exitCode") == 0 and terminated.get("message"):
-                try:
-                    data = json.loads(terminated["message"])
-                except ValueError:
-                    continue
-                if isinstance(data, dict) and data.get("artifact"):
-                    return data
+            if terminated.get("exitCode") == exit_code and terminated.get("message"):
+                yield str(terminated["message"])
+
+
+def _result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The report a succeeded workload wrote (exit 0, a JSON object with an artifact); with
+    several pods (a multi-node Job), the one rank 0 wrote."""
+    for text in _termination_messages(pods, 0):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("artifact"):
+            return data
     return None
 
 
 def _termination_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     """(reason, message) a failed workload container wrote to /dev/termination-log."""
-    import json
-
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (cs.get("state") or {}).get("terminated") or {}
-            text = terminated.get("message")
-            if terminated.get("exitCode") == 2 and text:
-                try:
-                    data = json.loads(text)
-                    return str(data.get("reason", "WorkloadError")), str(data.get("message", ""))
-                except ValueError:
-                    return "WorkloadError", text.strip()[-1000:]
+    for text in _termination_messages(pods, 2):
+        try:
+            data = json.loads(text)
+            return str(data.get("reason", "WorkloadError")), str(data.get("message", ""))
+        except ValueError:
+            return "WorkloadError", text.strip()[-1000:]
     return None
