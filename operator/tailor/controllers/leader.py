@@ -66,7 +66,6 @@ class LeaderElector:
         self.on_lost = on_lost or (lambda: os._exit(1))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.transitions = 0
 
     # -- one round ------------------------------------------------------------------------
 
@@ -121,7 +120,6 @@ class LeaderElector:
             if exc.status == 409:  # someone else wrote it since we read it
                 return False
             raise
-        self.transitions = transitions
         return True
 
     def _read(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class WorkQueue:
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), key))
             self._cond.notify()
 
-    def _add_locked(self, key: Hashable) -> None:
+    def _add_locked(self, key: Hashable, outcome: str = "queued") -> None:
         if key in self._queued:
             QUEUE_ADDS.labels("coalesced").inc()
             return
@@ -81,7 +81,7 @@ class WorkQueue:
             return
         self._queued.add(key)
         self._queue.append(key)
-        QUEUE_ADDS.labels("queued").inc()
+        QUEUE_ADDS.labels(outcome).inc()
         QUEUE_DEPTH.set(len(self._queue))
         self._cond.notify()
 
@@ -138,5 +138,4 @@ class WorkQueue:
                     self._active.discard(key)
                     if key in self._dirty:
                         self._dirty.discard(key)
-                        QUEUE_ADDS.labels("requeued").inc()
-                        self._add_locked(key)
+                        self._add_locked(key, "requeued")
