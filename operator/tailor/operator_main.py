@@ -45,6 +45,19 @@ def _load_handlers() -> None:
     )
 
 
+def _quiet_watch_handlers(record: logging.LogRecord) -> bool:
+    """Drop kopf's "Handler 'pod_event' succeeded." lines: the watch handlers run for every
+    event of every object (a line per pod event in a burst) and only cache and enqueue.
+    The operator logs each phase change instead; ``--verbose`` keeps everything."""
+    message = record.getMessage()
+    return not (
+        record.levelno == logging.INFO
+        and message.startswith("Handler '")
+        and message.endswith("' succeeded.")
+        and ("-dependents'" in message or "_event'" in message)
+    )
+
+
 def make_runtime(settings: OperatorSettings, api_client: Any) -> Any:
     if settings.runtime == "local":
         from tailor.runtime.local import LocalRuntime
@@ -109,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("kopf.objects").addFilter(_quiet_watch_handlers)
     settings = OperatorSettings.from_env()
     if args.runtime:
         settings.runtime = args.runtime
     from tailor.runtime.kubernetes import load_api_client
 
     instrument_api_clients()
-    api_client = load_api_client()
+    api_client = load_api_client(pool_size=settings.workers + 16)
     context.OPERATOR = context.Operator(
         settings, make_runtime(settings, api_client), api_client, namespaces=args.namespace
     )

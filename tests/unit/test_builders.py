@@ -281,6 +281,13 @@ def test_run_state_from_job() -> None:
     queued = run_state_from_job(job(active=1), [unschedulable])
     assert queued.phase == "Queued" and "Insufficient nvidia.com/gpu" in queued.message
     assert run_state_from_job(job(active=1), [pod("Running")]).phase == "Running"
+    assert run_state_from_job(job(active=1), [pod()]).phase == "Pending"
+    # the pod finished but the Job controller has not marked the Job yet: still Running,
+    # not back to Pending (a phase never goes backwards)
+    assert run_state_from_job(job(active=1), [pod("Succeeded")]).phase == "Running"
+    assert run_state_from_job(job(active=1, failed=1), [pod()]).phase == "Running"
+    counting = job(active=0, uncountedTerminatedPods={"succeeded": ["uid-1"]})
+    assert run_state_from_job(counting, []).phase == "Running"
     assert run_state_from_job({"spec": {"suspend": True}, "status": {}}, []).phase == "Suspended"
 
 

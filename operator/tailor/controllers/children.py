@@ -29,26 +29,47 @@ def owners_of(labels: dict[str, str]) -> list[tuple[str, str]]:
     return out
 
 
-def _route(labels: dict[str, str], namespace: str) -> None:
+def _route(kind: str, event: dict[str, Any], labels: dict[str, str], namespace: str) -> None:
+    """Keep the child's body in the watch cache, then sync every Tailor owner it names.
+
+    The watch handlers are coroutines: they only touch memory (the cache, the queue's
+    lock for an instant), so they run on kopf's event loop instead of a hop to its
+    thread pool per event."""
     op = operator()
-    for kind, name in owners_of(labels):
-        op.enqueue(kind, namespace, name)
+    remember(kind, event)
+    for owner_kind, name in owners_of(labels):
+        op.enqueue(owner_kind, namespace, name)
+
+
+def remember(kind: str, event: dict[str, Any]) -> None:
+    """Put a watch event's body in the operator's cache (or drop it when DELETED)."""
+    body = event.get("object") or {}
+    meta = body.get("metadata") or {}
+    if event.get("type") == "DELETED":
+        operator().cache.delete(kind, meta.get("namespace") or "", meta.get("name") or "")
+    else:
+        operator().cache.put(kind, body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
-    _route(labels, namespace)
+async def job_event(
+    event: dict[str, Any], labels: dict[str, str], namespace: str, **_: Any
+) -> None:
+    _route("Job", event, labels, namespace)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def pod_event(labels: dict[str, str], namespace: str, body: dict[str, Any], **_: Any) -> None:
-    # Only the changes a phase depends on: scheduling, running, terminated.
-    _route(labels, namespace)
+async def pod_event(
+    event: dict[str, Any], labels: dict[str, str], namespace: str, **_: Any
+) -> None:
+    _route("Pod", event, labels, namespace)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-def deployment_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
-    _route(labels, namespace)
+async def deployment_event(
+    event: dict[str, Any], labels: dict[str, str], namespace: str, **_: Any
+) -> None:
+    _route("Deployment", event, labels, namespace)
 
 
 def references(body: dict[str, Any]) -> set[tuple[str, str]]:
@@ -97,15 +118,40 @@ def _notify_dependents(kind: str, namespace: str, name: str) -> None:
 _SEEN: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
 
+def needs_sync(type_: str | None, body: dict[str, Any]) -> bool:
+    """Whether a Tailor object's own watch event asks for a reconcile: first seen (created,
+    or listed when the watch starts: kopf's resume), or a spec the operator has not handled
+    yet (``metadata.generation`` ahead of ``status.observedGeneration``). Status writes (the
+    operator's own, a workload's progress) do not; children's events and the periodic
+    resync cover the rest."""
+    if type_ in (None, "ADDED"):
+        return True
+    generation = (body.get("metadata") or {}).get("generation")
+    return generation != (body.get("status") or {}).get("observedGeneration")
+
+
 def _watch_tailor_kind(kind: str) -> None:
-    """On a change of phase (or published version) of a Tailor object, sync its dependents
-    and its Tailor owner (a RAFTJob's child FineTuneJob moves the RAFTJob along)."""
+    """The one watch handler of a Tailor kind: cache the body, reconcile the object when
+    :func:`needs_sync` says so, and on a change of phase (or published version) sync its
+    dependents and its Tailor owner (a RAFTJob's child FineTuneJob moves the RAFTJob
+    along). A watch handler rather than kopf's create/update/resume handlers: those write
+    kopf's state annotations on every object, two extra API requests per object the
+    level-triggered reconcile does not need (it keeps ``observedGeneration`` instead)."""
 
     @kopf.on.event(GROUP, VERSION, KINDS[kind].plural, id=f"{kind.lower()}-dependents")
-    def changed(
-        body: dict[str, Any], namespace: str, name: str, labels: dict[str, str], type: str, **_: Any
+    async def changed(
+        event: dict[str, Any],
+        body: dict[str, Any],
+        namespace: str,
+        name: str,
+        labels: dict[str, str],
+        type: str | None,
+        **_: Any,
     ) -> None:
         key = (kind, namespace, name)
+        remember(kind, event)
+        if type != "DELETED" and needs_sync(type, body):
+            operator().enqueue(kind, namespace, name)
         if kind in ("ModelDeployment", "RAFTJob"):
             _index_references(kind, body, deleted=type == "DELETED")
         status = body.get("status") or {}

@@ -28,6 +28,7 @@ from tailor.api.settings import OperatorSettings
 from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
 from tailor.runtime.base import Runtime
+from tailor.runtime.cache import WatchCache
 
 log = logging.getLogger("tailor.operator")
 
@@ -60,9 +61,16 @@ class Operator:
     api_client: client.ApiClient
     namespaces: list[str] = field(default_factory=list)
     """Watched namespaces; empty: cluster-wide."""
+    cache: WatchCache = field(default_factory=WatchCache)
+    """Latest bodies from the watches (:mod:`tailor.runtime.cache`), shared with the
+    runtime, which reads Jobs, pods and Deployments from it."""
     _queue: WorkQueue | None = None
     _start: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if hasattr(self.runtime, "cache"):
+            self.runtime.cache = self.cache
 
     @property
     def queue(self) -> WorkQueue:
@@ -122,6 +130,11 @@ class Operator:
         return client.CustomObjectsApi(self.api_client)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object from the watch cache; a GET (cached too) when the watch has not
+        delivered it yet."""
+        cached = self.cache.get(kind, namespace, name)
+        if cached is not None:
+            return cached
         try:
             obj = self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, KINDS[kind].plural, name
@@ -130,6 +143,7 @@ class Operator:
             if exc.status == 404:
                 return None
             raise
+        self.cache.put(kind, obj)
         return cast(dict[str, Any], obj)
 
     def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
@@ -147,7 +161,7 @@ class Operator:
             PHASES.record(kind, meta["namespace"], meta["name"], old.get("phase"))
             return
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            written = self.custom.patch_namespaced_custom_object_status(
                 GROUP,
                 VERSION,
                 meta["namespace"],
@@ -157,11 +171,26 @@ class Operator:
             )
         except ApiException as exc:
             if exc.status == 404:
+                self.cache.delete(kind, meta["namespace"], meta["name"])
                 return  # deleted meanwhile
             raise
+        # Written through: the next sync (a child's event may trigger it before this
+        # patch's own watch event arrives) sees the new status.
+        self.cache.put(kind, cast(dict[str, Any], written))
         phase = status.get("phase", old.get("phase"))
         PHASES.record(kind, meta["namespace"], meta["name"], phase)
-        if "phase" in status and status["phase"] != old.get("phase"):
+        if phase != old.get("phase"):
+            reason, message = _phase_reason(status)
+            log.info("%s %s/%s: %s -> %s (%s)%s", kind, meta["namespace"], meta["name"],
+                     old.get("phase") or "new", phase, reason or "-",
+                     f": {message}" if message else "")  # fmt: skip
+        # An Event per phase change, except the first Pending (every object starts there;
+        # the event would only add a request per object to a burst).
+        if (
+            "phase" in status
+            and status["phase"] != old.get("phase")
+            and not (status["phase"] == "Pending" and not old.get("phase"))
+        ):
             reason, message = _phase_reason(status)
             warning = status["phase"] in ("Failed", "Invalid", "Degraded")
             self.event(

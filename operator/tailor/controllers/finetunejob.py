@@ -12,13 +12,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import kopf
-
-from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
-from tailor.controllers.context import Operator, condition, operator, syncer
+from tailor.controllers.context import Operator, changed, condition, syncer
 from tailor.observability.operator import PHASES, RUN_SECONDS
 from tailor.runtime.base import RunState
 
@@ -73,6 +71,14 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     phase = state.phase if state else "Pending"
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
+    if (
+        status.get("phase") == "Running"
+        and phase in ("Pending", "Queued")
+        and status.get("observedGeneration") == meta.get("generation")
+    ):
+        # Never back from Running at the same spec: a retry's pod waiting for a node, or a
+        # Job whose pod finished before the Job controller counted it, is still running.
+        phase, reason, message = "Running", "Running", ""
     conditions = status.get("conditions")
     generation = meta.get("generation")
     new: dict[str, Any] = {
@@ -125,7 +131,19 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
             RUN_SECONDS.labels(KIND, phase).observe(
                 _seconds(state.start_time, state.completion_time)
             )
-    op.patch_status(body, new)
+    op.patch_status(body, without_first_attempt_news(status, new))
+
+
+def without_first_attempt_news(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` without ``startTime`` and ``attempts`` when they are all that changed and
+    the run is still on its first attempt in the same phase: the Job controller sets them
+    between the operator's Pending and Running writes, and a write of its own would cost a
+    request per FineTuneJob for no news (the next phase change carries them). A retry
+    (attempts 2 and up) is written at once."""
+    if new.get("phase") != old.get("phase") or int(new.get("attempts") or 0) > 1:
+        return new
+    rest = {k: v for k, v in new.items() if k not in ("startTime", "attempts")}
+    return new if changed(old, rest) else rest
 
 
 def require_artifact(state: RunState | None) -> RunState | None:
@@ -152,10 +170,3 @@ def _seconds(start: str, end: str) -> float:
         return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
 
     return max(0.0, (parse(end) - parse(start)).total_seconds())
-
-
-@kopf.on.create(GROUP, VERSION, "finetunejobs")
-@kopf.on.update(GROUP, VERSION, "finetunejobs")
-@kopf.on.resume(GROUP, VERSION, "finetunejobs")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().enqueue(KIND, namespace, name)

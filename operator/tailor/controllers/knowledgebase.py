@@ -156,13 +156,6 @@ def _refresh_due(spec: KnowledgeBaseSpec, status: dict[str, Any]) -> bool:
     return bool(spec.refresh and due and dt.datetime.now(dt.UTC) >= due)
 
 
-@kopf.on.create(GROUP, VERSION, "knowledgebases")
-@kopf.on.update(GROUP, VERSION, "knowledgebases")
-@kopf.on.resume(GROUP, VERSION, "knowledgebases")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().enqueue(KIND, namespace, name)
-
-
 @kopf.timer(
     GROUP,
     VERSION,

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import kopf
-
-from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.knowledgebase import KnowledgeBaseSpec
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.builders.common import Parent
 from tailor.builders.knowledgebase import retriever_config
 from tailor.builders.modeldeployment import ResolvedRefs, build_serving, served_models
-from tailor.controllers.context import Operator, condition, operator, syncer
+from tailor.controllers.context import Operator, condition, syncer
 
 KIND = "ModelDeployment"
 
@@ -170,10 +168,3 @@ def _message(status: dict[str, Any], type_: str) -> str:
         if cond.get("type") == type_:
             return str(cond.get("message") or "")
     return ""
-
-
-@kopf.on.create(GROUP, VERSION, "modeldeployments")
-@kopf.on.update(GROUP, VERSION, "modeldeployments")
-@kopf.on.resume(GROUP, VERSION, "modeldeployments")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().enqueue(KIND, namespace, name)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import kopf
-
-from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.promptprofile import PromptProfileSpec
 from tailor.builders.common import Parent
 from tailor.builders.promptprofile import (
@@ -17,7 +15,7 @@ from tailor.builders.promptprofile import (
     revision_config_map_name,
     template_errors,
 )
-from tailor.controllers.context import Operator, condition, now, operator, syncer
+from tailor.controllers.context import Operator, condition, now, syncer
 
 KIND = "PromptProfile"
 
@@ -82,10 +80,3 @@ def sync_prompt_profile(op: Operator, body: dict[str, Any]) -> None:
             ),
         },
     )
-
-
-@kopf.on.create(GROUP, VERSION, "promptprofiles")
-@kopf.on.update(GROUP, VERSION, "promptprofiles")
-@kopf.on.resume(GROUP, VERSION, "promptprofiles")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().enqueue(KIND, namespace, name)

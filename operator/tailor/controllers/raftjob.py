@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import kopf
-
-from tailor.api import GROUP, KINDS, VERSION, ManifestError, parse_spec
+from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.knowledgebase import KnowledgeBaseSpec
 from tailor.api.raftjob import RAFTJobSpec
 from tailor.api.workloads import EvalTarget
@@ -25,7 +23,7 @@ from tailor.builders.raftjob import (
     child_fine_tune_name,
     eval_deployment_name,
 )
-from tailor.controllers.context import Operator, condition, operator, syncer
+from tailor.controllers.context import Operator, condition, syncer
 
 KIND = "RAFTJob"
 
@@ -230,10 +228,3 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
             artifact=artifact,
         ),
     )
-
-
-@kopf.on.create(GROUP, VERSION, "raftjobs")
-@kopf.on.update(GROUP, VERSION, "raftjobs")
-@kopf.on.resume(GROUP, VERSION, "raftjobs")
-def reconcile(namespace: str, name: str, **_: Any) -> None:
-    operator().enqueue(KIND, namespace, name)

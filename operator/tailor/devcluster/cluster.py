@@ -205,6 +205,26 @@ class DevCluster:
                 shutil.rmtree(self.dir)
             return stopped
 
+    def restart(self, name: str, timeout: float = 120.0, grace: float = 10.0) -> float:
+        """Stop one component and start it again on its ports; returns the seconds until it
+        is healthy again (a chaos drill: ``restart("kube-apiserver")``)."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; choose from {list(COMPONENTS)}")
+        started = time.monotonic()
+        with self._locked():
+            pid = self._pid(name)
+            if pid is not None:
+                _terminate(pid, grace)
+            binaries = build.ensure_binaries(_stderr)
+            self._start(name, self._command(name, binaries[name], self._ports()))
+            check = (
+                self._apiserver_ready
+                if name == "kube-apiserver"
+                else functools.partial(self._component_healthy, name)
+            )
+            self._wait(name, started + timeout, check)
+        return time.monotonic() - started
+
     def status(self) -> list[ComponentStatus]:
         result = []
         for name in COMPONENTS:

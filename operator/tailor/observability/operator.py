@@ -132,9 +132,25 @@ def reconciling(kind: str) -> Iterator[None]:
 
 API_REQUESTS = Counter(
     "tailor_operator_api_requests_total",
-    "Requests the operator sent to the Kubernetes API, by client library and method.",
-    ["client", "method"],
+    "Requests the operator sent to the Kubernetes API, by client library, method and "
+    "resource (plural, with its subresource: finetunejobs/status).",
+    ["client", "method", "resource"],
 )
+
+
+def resource_of(url: object) -> str:
+    """The resource a Kubernetes API URL addresses: ``jobs``, ``finetunejobs/status``."""
+    from urllib.parse import urlsplit
+
+    parts = [p for p in urlsplit(str(url)).path.split("/") if p]
+    if "namespaces" in parts:
+        at = parts.index("namespaces")
+        rest = parts[at + 2 :] if len(parts) > at + 2 else ["namespaces"]
+    else:
+        rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if not rest:
+        return ""
+    return rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
 
 
 def instrument_api_clients() -> None:
@@ -151,7 +167,8 @@ def instrument_api_clients() -> None:
 
     @functools.wraps(original_rest)
     def counted_rest(self: object, method: str, *args: object, **kwargs: object) -> object:
-        API_REQUESTS.labels("kubernetes", method.upper()).inc()
+        url = args[0] if args else kwargs.get("url", "")
+        API_REQUESTS.labels("kubernetes", method.upper(), resource_of(url)).inc()
         return original_rest(self, method, *args, **kwargs)  # type: ignore[arg-type,no-untyped-call]
 
     counted_rest._tailor_counted = True  # type: ignore[attr-defined]
@@ -163,7 +180,8 @@ def instrument_api_clients() -> None:
     async def counted_aio(
         self: aiohttp.ClientSession, method: str, *args: object, **kwargs: object
     ) -> object:
-        API_REQUESTS.labels("kopf", method.upper()).inc()
+        url = args[0] if args else kwargs.get("url", "")
+        API_REQUESTS.labels("kopf", method.upper(), resource_of(url)).inc()
         return await original_aio(self, method, *args, **kwargs)  # type: ignore[arg-type]
 
     aiohttp.ClientSession._request = counted_aio  # type: ignore[method-assign,assignment]

@@ -107,7 +107,16 @@ def run_state_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> RunSt
                 return RunState(
                     "Queued", "Unschedulable", cond.get("message", ""), start, None, attempts
                 )
-    if any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+    # Running from the first pod that runs until the Job itself finishes: a pod that has
+    # terminated while the Job controller has not yet marked the Job (or a retry's pod not
+    # yet started) does not send the run back to Pending.
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    started = sum(int(status.get(k) or 0) for k in ("succeeded", "failed", "ready")) + sum(
+        len(uncounted.get(k) or []) for k in ("succeeded", "failed")
+    )
+    if started or any(
+        (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in pods
+    ):
         return RunState("Running", "Running", "", start, None, attempts)
     return RunState("Pending", "Starting", "", start, None, attempts)
 

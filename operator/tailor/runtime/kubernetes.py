@@ -9,6 +9,7 @@ Job therefore only updates what Kubernetes lets change (``suspend``).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from kubernetes import client, config
@@ -18,19 +19,37 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Manifest, Workload, artifacts_pvc
-from tailor.runtime.base import RunState, ServerState, run_state_from_job
+from tailor.runtime.base import (
+    RunState,
+    ServerState,
+    _result,
+    _termination_reason,
+    run_state_from_job,
+)
+from tailor.runtime.cache import WatchCache
 
 log = logging.getLogger("tailor.runtime.kubernetes")
 FIELD_MANAGER = "tailor"
+WORKLOAD_KINDS = ("Job", "Deployment")
+# Applies of a workload's prerequisites, shared by every sync thread (bounded).
+_APPLY_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tailor-apply")
 
 
-def load_api_client() -> client.ApiClient:
-    """An API client from the in-cluster service account or the local kubeconfig."""
+def load_api_client(pool_size: int | None = None) -> client.ApiClient:
+    """An API client from the in-cluster service account or the local kubeconfig, with
+    ``pool_size`` kept-alive connections (at least as many as the threads that use it:
+    urllib3 closes a connection it has no room for, and the next request pays a new TLS
+    handshake)."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    if pool_size:
+        configuration.connection_pool_maxsize = max(
+            pool_size, configuration.connection_pool_maxsize or 0
+        )
+    return client.ApiClient(configuration)
 
 
 class KubernetesRuntime:
@@ -42,6 +61,19 @@ class KubernetesRuntime:
         self.dynamic = DynamicClient(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
         self._prepared: set[str] = set()
+        self.cache: WatchCache | None = None
+        """The operator's watch cache (set by the operator): Jobs, pods and Deployments are
+        read from it, and what this runtime applies is written through to it."""
+
+    def _cached(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """``kind``/``name`` from the watch cache, else from the API server (then cached)."""
+        if self.cache is not None and (body := self.cache.get(kind, namespace, name)):
+            return body
+        api_version = {"Job": "batch/v1", "Deployment": "apps/v1"}[kind]
+        body = self.get(api_version, kind, namespace, name)
+        if body is not None and self.cache is not None:
+            self.cache.put(kind, body)
+        return body
 
     def _resource(self, api_version: str, kind: str) -> Any:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
@@ -67,8 +99,14 @@ class KubernetesRuntime:
             namespace=meta.get("namespace"),
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
+            # the decoded JSON as it is: the default wraps it in ResourceInstance objects
+            # first, which a burst pays for on every child of every object
+            serializer=lambda _client, data: data,
         )
-        return cast(dict[str, Any], result.to_dict())
+        body = cast(dict[str, Any], result)
+        if self.cache is not None and manifest["kind"] in ("Job", "Deployment"):
+            self.cache.put(manifest["kind"], body)
+        return body
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -86,10 +124,20 @@ class KubernetesRuntime:
             pass
 
     def start(self, workload: Workload) -> None:
+        """Apply a workload's objects: what its pods need (ServiceAccount, Role,
+        RoleBinding, ConfigMap, Service) side by side, then the Job or Deployment that
+        starts the pods (a pod created before its ServiceAccount exists is refused, and
+        the Job controller backs off). Side by side, a new FineTuneJob's Job exists after
+        two round trips to the API server instead of five."""
+        needed = [m for m in workload.manifests if m["kind"] not in WORKLOAD_KINDS]
+        if len(needed) > 1:
+            list(_APPLY_POOL.map(self.apply, needed))  # raises the first error
+        elif needed:
+            self.apply(needed[0])
         for manifest in workload.manifests:
             if manifest["kind"] == "Job":
                 self._apply_job(manifest)
-            else:
+            elif manifest["kind"] in WORKLOAD_KINDS:
                 self.apply(manifest)
 
     def _apply_job(self, job: Manifest) -> None:
@@ -115,7 +163,7 @@ class KubernetesRuntime:
         return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
 
     def run_state(self, namespace: str, name: str) -> RunState | None:
-        job = self.get("batch/v1", "Job", namespace, name)
+        job = self._cached("Job", namespace, name)
         if job is None:
             return None
         status = job.get("status") or {}
@@ -133,11 +181,23 @@ class KubernetesRuntime:
         # pods say why a run is queued, which user error failed it, and what a succeeded
         # workload reported (the trainer's verified artifact)
         needs_pods = (not finished and status.get("active")) or failed_by_policy or complete
-        pods = self.pods_of_job(namespace, name) if needs_pods else []
-        return run_state_from_job(job, pods)
+        if not needs_pods:
+            return run_state_from_job(job, [])
+        # Pods come from the watch cache: for a running Job a late pod event only delays a
+        # Queued message. A finished Job's verdict reads its pods' termination messages
+        # (the trainer's artifact report, a user error's reason), and the pod and Job
+        # watches are separate streams: the Job's Complete may arrive before the pod's
+        # terminated state, so without the message in the cache the pods are listed.
+        if self.cache is not None:
+            pods = self.cache.pods_of_job(namespace, name)
+            if not (failed_by_policy or complete):
+                return run_state_from_job(job, pods)
+            if (complete and _result(pods)) or (failed_by_policy and _termination_reason(pods)):
+                return run_state_from_job(job, pods)
+        return run_state_from_job(job, self.pods_of_job(namespace, name))
 
     def server_state(self, namespace: str, name: str) -> ServerState | None:
-        deployment = self.get("apps/v1", "Deployment", namespace, name)
+        deployment = self._cached("Deployment", namespace, name)
         if deployment is None:
             return None
         status = deployment.get("status") or {}
