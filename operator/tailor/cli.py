@@ -85,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         ("up",): "tailor.quickstart",
         ("down",): "tailor.quickstart",
         ("status",): "tailor.quickstart",
+        ("example-data",): "tailor.quickstart",
         ("eval", "apibench"): "tailor.workloads.apibench",
     }
     for prefix, module in delegated.items():
         if tuple(argv[: len(prefix)]) == prefix:
             rest = argv[len(prefix) :]
             return _delegate(
-                module, list(prefix[-1:]) + rest if prefix[0] in ("up", "down", "status") else rest
+                module,
+                list(prefix[-1:]) + rest
+                if prefix[0] in ("up", "down", "status", "example-data")
+                else rest,
             )
 
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__.split("\n\n")[0])
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("operator", help="`tailor operator run`: start the operator")
     sub.add_parser("up", help="run the quickstart end to end")
     sub.add_parser("down", help="stop everything `tailor up` started")
+    sub.add_parser("example-data", help="create the ConfigMaps docs/examples read")
     sub.add_parser("eval", help="`tailor eval apibench`: score answers as the RAFT paper does")
     args = parser.parse_args(argv)
     if args.command == "crds":

@@ -39,6 +39,7 @@ from tailor.workloads.apibench import (
     answer_text,
     load_documents,
     load_questions,
+    raft_question,
     score_totals,
 )
 
@@ -207,11 +208,20 @@ def rag_training_examples(
     return examples
 
 
-def load_data(kube: Kube, data: Path) -> None:
-    """ConfigMaps torchhub-api (the corpus) and torchhub-chat (chat training examples)."""
+def load_data(kube: Kube, data: Path, namespace: str = NAMESPACE) -> None:
+    """ConfigMaps torchhub-api (the corpus), torchhub-chat (chat training examples) and
+    torchhub-questions (RAFTJob question records): what the quickstart and every file in
+    docs/examples read."""
     work = state_dir() / "data"
     work.mkdir(parents=True, exist_ok=True)
     train = work / "train.jsonl"
+    raft = work / "questions.jsonl"
+    raft.write_text(
+        "".join(
+            json.dumps(raft_question(q), separators=(",", ":")) + "\n"
+            for q in load_questions(data / "torchhub_train.json")
+        )
+    )
     # A seeded sample of the 837 training questions: a ConfigMap holds at most 1 MiB, and
     # 40 steps of 4 sequences read fewer than this many examples anyway.
     questions = load_questions(data / "torchhub_train.json")
@@ -223,6 +233,7 @@ def load_data(kube: Kube, data: Path) -> None:
     for name, source, key in (
         ("torchhub-api", data / "torchhub_api.jsonl", "torchhub_api.jsonl"),
         ("torchhub-chat", train, "train.jsonl"),
+        ("torchhub-questions", raft, "questions.jsonl"),
     ):
         manifest = kube.kubectl(
             "create",
@@ -230,7 +241,7 @@ def load_data(kube: Kube, data: Path) -> None:
             name,
             f"--from-file={key}={source}",
             "-n",
-            NAMESPACE,
+            namespace,
             "--dry-run=client",
             "-o",
             "json",
@@ -579,6 +590,19 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def example_data(args: argparse.Namespace) -> int:
+    """``tailor example-data``: the ConfigMaps docs/examples read, in a namespace of the
+    current kubeconfig's cluster."""
+    import os
+
+    kubeconfig = (
+        args.kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    )
+    load_data(Kube(Path(kubeconfig)), Path(args.data), args.namespace)
+    say(f"ConfigMaps torchhub-api, torchhub-chat, torchhub-questions in {args.namespace}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -597,8 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     p_down = sub.add_parser("down", help="stop everything `up` started")
     p_down.add_argument("--purge", action="store_true", help="also delete the state")
     sub.add_parser("status", help="where every quickstart resource stands")
+    p_data = sub.add_parser(
+        "example-data", help="create the ConfigMaps docs/examples read (corpus, chats, questions)"
+    )
+    p_data.add_argument("-n", "--namespace", default="default")
+    p_data.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG")
+    p_data.add_argument("--data", default=str(default_data()), help="APIBench folder")
     args = parser.parse_args(argv)
     try:
-        return {"up": up, "down": down, "status": status}[args.command](args)
+        commands = {"up": up, "down": down, "status": status, "example-data": example_data}
+        return commands[args.command](args)
     except urllib.error.URLError as exc:
         raise SystemExit(f"the server did not answer: {exc}") from exc
