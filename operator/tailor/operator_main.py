@@ -68,11 +68,30 @@ def make_runtime(settings: OperatorSettings, api_client: Any) -> Any:
     return KubernetesRuntime(settings, api_client)
 
 
+class KnowledgeBaseEssence(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base, built only for KnowledgeBases. For every event of every watched
+    object kopf deep-copies the body into an "essence" to diff it against the last one its
+    change handlers saw; only KnowledgeBase has such handlers (its deletion handler and
+    refresh timer): every other kind reconciles from its watch handler and
+    ``observedGeneration``. Skipping the copy for Jobs, Pods and the other kinds saved
+    about a tenth of the operator's CPU in the burst benchmark."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        if body.get("kind") != "KnowledgeBase":
+            return None
+        return super().build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: Any) -> Any:
+        if body.get("kind") != "KnowledgeBase":
+            return None
+        return super().fetch(body=body)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "tailor.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tailor.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = KnowledgeBaseEssence(
         prefix="tailor.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
