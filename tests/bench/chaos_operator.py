@@ -7,7 +7,8 @@ row each:
   is SIGKILLed a third of the way into the burst. Takeover: from the kill to the standby
   reporting ``tailor_operator_leader 1``.
 - ``restart-apiserver``: the same two replicas; kube-apiserver is restarted a third of the
-  way in. Takeover: seconds until the API server is healthy again.
+  way in. Outage: seconds until the API server is healthy again (a leader that cannot
+  renew its Lease for 10 s exits, and the row says whether it did).
 - ``refuse-success``: one operator; a ValidatingAdmissionPolicy refuses every status write
   that sets ``phase: Succeeded`` until every child Job has completed (each sync the Job's
   completion triggers fails), then the policy is removed: the retries must get through.
@@ -177,7 +178,11 @@ def restart_apiserver(
 ) -> dict[str, Any]:
     replicas = two_replicas(kube, ns, logs)
     try:
-        return burst(kube, ns, count, lambda: cluster.restart("kube-apiserver"), replicas)
+        row = burst(kube, ns, count, lambda: cluster.restart("kube-apiserver"), replicas)
+        # A leader that cannot renew its Lease within 10 s exits (no two writers); the
+        # standby then takes over once the API server is back.
+        row["leader_exited"] = replicas[0].proc.poll() is not None
+        return row
     finally:
         for replica in replicas:
             replica.stop(signal.SIGKILL)
@@ -291,7 +296,10 @@ def main() -> None:
             rows[drill] = refuse_success(kube, ns, args.count, logs)
         print(f"  {rows[drill]}", flush=True)
     print()
-    header = ("drill", "Succeeded", "duplicates", "unreconciled", "takeover s", "retries", "wall s")
+    header = (
+        "drill", "Succeeded", "duplicates", "unreconciled", "takeover / outage s", "retries",
+        "wall s",
+    )  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for drill, row in rows.items():
