@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from tailor.devcluster.cluster import DevCluster, state_root  # noqa: E402
 from tailor.devcluster.kube import Kube  # noqa: E402
 from tests.cluster.test_ha import Replica  # noqa: E402
-from tests.cluster.test_operator import fine_tune  # noqa: E402
+from tests.cluster.test_operator import fine_tune, refuse_success  # noqa: E402
 
 DRILLS = ("kill-leader", "restart-apiserver", "refuse-success")
 
@@ -188,44 +188,9 @@ def restart_apiserver(
             replica.stop(signal.SIGKILL)
 
 
-def refuse_success(kube: Kube, ns: str, count: int, logs: Path) -> dict[str, Any]:
+def refuse_success_drill(kube: Kube, ns: str, count: int, logs: Path) -> dict[str, Any]:
     policy = f"chaos-refuse-success-{ns}"
-    refusal = [
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicy",
-            "metadata": {"name": policy},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": ["tailor.dev"],
-                            "apiVersions": ["*"],
-                            "operations": ["UPDATE"],
-                            "resources": ["finetunejobs/status"],
-                        }
-                    ]
-                },
-                "matchConditions": [
-                    {"name": "this-drill", "expression": f"object.metadata.namespace == '{ns}'"}
-                ],
-                "validations": [
-                    {
-                        "expression": "!has(object.status.phase) || "
-                        "object.status.phase != 'Succeeded'",
-                        "message": "chaos drill: phase Succeeded refused",
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": {"name": policy},
-            "spec": {"policyName": policy, "validationActions": ["Deny"]},
-        },
-    ]
+    refusal = refuse_success(policy, ns, "chaos drill: phase Succeeded refused")
     kube.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(m) for m in refusal))
     time.sleep(2)  # the API server's policy informer picks it up
     replica = Replica(kube, ns, logs / f"{ns}.log")  # with leader election, alone
@@ -293,7 +258,7 @@ def main() -> None:
         elif drill == "restart-apiserver":
             rows[drill] = restart_apiserver(kube, cluster, ns, args.count, logs)
         else:
-            rows[drill] = refuse_success(kube, ns, args.count, logs)
+            rows[drill] = refuse_success_drill(kube, ns, args.count, logs)
         print(f"  {rows[drill]}", flush=True)
     print()
     header = (

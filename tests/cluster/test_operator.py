@@ -466,6 +466,47 @@ def retries(op: OperatorProcess, kind: str) -> float:
     return 0.0
 
 
+def refuse_success(policy: str, ns: str, message: str) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy (and its binding) under which the API server refuses
+    every FineTuneJob status write in ``ns`` that sets ``phase: Succeeded``."""
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["tailor.dev"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["finetunejobs/status"],
+                        }
+                    ]
+                },
+                "matchConditions": [
+                    {"name": "this-namespace", "expression": f"object.metadata.namespace == '{ns}'"}
+                ],
+                "validations": [
+                    {
+                        "expression": "!has(object.status.phase) || "
+                        "object.status.phase != 'Succeeded'",
+                        "message": message,
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {"policyName": policy, "validationActions": ["Deny"]},
+        },
+    ]
+
+
 def test_a_status_write_refused_on_job_completion_is_retried_until_it_lands(
     kube: Kube, ns: str, operator_process: OperatorProcess
 ) -> None:
@@ -474,44 +515,7 @@ def test_a_status_write_refused_on_job_completion_is_retried_until_it_lands(
     nothing else touches the FineTuneJob afterwards: only the work queue's retries can
     bring it to Succeeded once the policy is gone."""
     policy = f"refuse-success-{ns}"
-    kube.apply(
-        [
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicy",
-                "metadata": {"name": policy},
-                "spec": {
-                    "failurePolicy": "Fail",
-                    "matchConstraints": {
-                        "resourceRules": [
-                            {
-                                "apiGroups": ["tailor.dev"],
-                                "apiVersions": ["*"],
-                                "operations": ["UPDATE"],
-                                "resources": ["finetunejobs/status"],
-                            }
-                        ]
-                    },
-                    "matchConditions": [
-                        {"name": "this-test", "expression": f"object.metadata.namespace == '{ns}'"}
-                    ],
-                    "validations": [
-                        {
-                            "expression": "!has(object.status.phase) || "
-                            "object.status.phase != 'Succeeded'",
-                            "message": "injected failure: phase Succeeded refused",
-                        }
-                    ],
-                },
-            },
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicyBinding",
-                "metadata": {"name": policy},
-                "spec": {"policyName": policy, "validationActions": ["Deny"]},
-            },
-        ]
-    )
+    kube.apply(refuse_success(policy, ns, "injected failure: phase Succeeded refused"))
     try:
         time.sleep(2)  # the API server's policy informer picks it up
         wait_for("the operator's metrics", lambda: _serving(operator_process))
