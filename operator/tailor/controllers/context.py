@@ -132,19 +132,19 @@ class Operator:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object from the watch cache; a GET (cached too) when the watch has not
         delivered it yet."""
-        cached = self.cache.get(kind, namespace, name)
-        if cached is not None:
-            return cached
-        try:
-            obj = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, KINDS[kind].plural, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        self.cache.put(kind, obj)
-        return cast(dict[str, Any], obj)
+
+        def fetch() -> dict[str, Any] | None:
+            try:
+                obj = self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, KINDS[kind].plural, name
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return cast(dict[str, Any], obj)
+
+        return self.cache.get_or_fetch(kind, namespace, name, fetch)
 
     def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
         result = self.custom.list_namespaced_custom_object(
@@ -179,25 +179,21 @@ class Operator:
         self.cache.put(kind, cast(dict[str, Any], written))
         phase = status.get("phase", old.get("phase"))
         PHASES.record(kind, meta["namespace"], meta["name"], phase)
-        if phase != old.get("phase"):
-            reason, message = _phase_reason(status)
-            log.info("%s %s/%s: %s -> %s (%s)%s", kind, meta["namespace"], meta["name"],
-                     old.get("phase") or "new", phase, reason or "-",
-                     f": {message}" if message else "")  # fmt: skip
+        if phase == old.get("phase"):
+            return
+        reason, message = _phase_reason(status)
+        log.info("%s %s/%s: %s -> %s (%s)%s", kind, meta["namespace"], meta["name"],
+                 old.get("phase") or "new", phase, reason or "-",
+                 f": {message}" if message else "")  # fmt: skip
         # An Event per phase change, except the first Pending (every object starts there;
         # the event would only add a request per object to a burst).
-        if (
-            "phase" in status
-            and status["phase"] != old.get("phase")
-            and not (status["phase"] == "Pending" and not old.get("phase"))
-        ):
-            reason, message = _phase_reason(status)
-            warning = status["phase"] in ("Failed", "Invalid", "Degraded")
+        if not (phase == "Pending" and not old.get("phase")):
+            warning = phase in ("Failed", "Invalid", "Degraded")
             self.event(
                 body,
                 "Warning" if warning else "Normal",
-                reason or status["phase"],
-                message or f"{kind} is {status['phase']}",
+                reason or phase,
+                message or f"{kind} is {phase}",
             )
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:

@@ -16,6 +16,7 @@ event has not arrived yet, as after a restart) is the caller's to fill with a GE
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 Key = tuple[str, str, str]
@@ -92,6 +93,23 @@ class WatchCache:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             return self._objects.get((kind, namespace, name))
+
+    def get_or_fetch(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        fetch: Callable[[], dict[str, Any] | None],
+    ) -> dict[str, Any] | None:
+        """The cached body, else ``fetch()`` (a GET; None: not found), cached as well."""
+        cached = self.get(kind, namespace, name)
+        if cached is not None:
+            return cached
+        body = fetch()
+        if body is not None:
+            self.put(kind, body)
+            return self.get(kind, namespace, name)
+        return None
 
     def pods_of_job(self, namespace: str, job: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -30,7 +30,8 @@ from tailor.runtime.cache import WatchCache
 
 log = logging.getLogger("tailor.runtime.kubernetes")
 FIELD_MANAGER = "tailor"
-WORKLOAD_KINDS = ("Job", "Deployment")
+WORKLOAD_KINDS = {"Job": "batch/v1", "Deployment": "apps/v1"}
+"""The kinds that start a workload's pods (applied after their prerequisites), by apiVersion."""
 # Applies of a workload's prerequisites, shared by every sync thread (bounded).
 _APPLY_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tailor-apply")
 
@@ -67,13 +68,12 @@ class KubernetesRuntime:
 
     def _cached(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """``kind``/``name`` from the watch cache, else from the API server (then cached)."""
-        if self.cache is not None and (body := self.cache.get(kind, namespace, name)):
-            return body
-        api_version = {"Job": "batch/v1", "Deployment": "apps/v1"}[kind]
-        body = self.get(api_version, kind, namespace, name)
-        if body is not None and self.cache is not None:
-            self.cache.put(kind, body)
-        return body
+        api_version = WORKLOAD_KINDS[kind]
+        if self.cache is None:
+            return self.get(api_version, kind, namespace, name)
+        return self.cache.get_or_fetch(
+            kind, namespace, name, lambda: self.get(api_version, kind, namespace, name)
+        )
 
     def _resource(self, api_version: str, kind: str) -> Any:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
@@ -104,7 +104,7 @@ class KubernetesRuntime:
             serializer=lambda _client, data: data,
         )
         body = cast(dict[str, Any], result)
-        if self.cache is not None and manifest["kind"] in ("Job", "Deployment"):
+        if self.cache is not None and manifest["kind"] in WORKLOAD_KINDS:
             self.cache.put(manifest["kind"], body)
         return body
 
