@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from threading import Lock
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 RECONCILES = Counter(
     "tailor_operator_reconciliations_total",
@@ -49,11 +51,6 @@ QUEUED_SECONDS = Histogram(
     "Time runs spent Queued (unschedulable) before they started, by kind.",
     ["kind"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
-)
-QUEUED_NOW = Gauge(
-    "tailor_operator_queued_for_seconds",
-    "How long each currently queued run has waited.",
-    ["kind", "namespace", "name"],
 )
 RUN_SECONDS = Histogram(
     "tailor_operator_run_duration_seconds",
@@ -101,17 +98,49 @@ class PhaseBook:
     def _tick_queue(self, key: tuple[str, str, str], phase: str | None) -> None:
         now = time.monotonic()
         if phase == "Queued":
-            since = self._queued_since.setdefault(key, now)
-            QUEUED_NOW.labels(*key).set(now - since)
+            self._queued_since.setdefault(key, now)
         elif key in self._queued_since:
             QUEUED_SECONDS.labels(key[0]).observe(now - self._queued_since.pop(key))
-            QUEUED_NOW.remove(*key)
+
+    def queued_for(self) -> list[tuple[tuple[str, str, str], float]]:
+        """How long each run now Queued has waited, measured now (at scrape time): a run
+        that no event touches while it waits still shows its wait growing."""
+        now = time.monotonic()
+        with self._lock:
+            return [(key, now - since) for key, since in self._queued_since.items()]
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         self.record(kind, namespace, name, None)
 
 
 PHASES = PhaseBook()
+
+
+class QueuedFor(Collector):
+    """``tailor_operator_queued_for_seconds``, computed from the PhaseBook at each scrape."""
+
+    def __init__(self, book: PhaseBook) -> None:
+        self._book = book
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for key, seconds in self._book.queued_for():
+            family.add_metric(list(key), seconds)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "tailor_operator_queued_for_seconds",
+            "How long each currently queued run has waited.",
+            labels=["kind", "namespace", "name"],
+        )
+
+
+REGISTRY.register(QueuedFor(PHASES))
 
 
 @contextmanager
