@@ -26,6 +26,7 @@ from tailor.devcluster.kube import (
     delete_namespace,
     wait_established,
 )
+from tailor.devcluster.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO / "crds"
@@ -39,6 +40,27 @@ def dev_cluster() -> Iterator[DevCluster]:
     yield cluster
     if os.environ.get("TAILOR_KEEP_CLUSTER") != "1":
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The dev S3 server (SeaweedFS), started once per session."""
+    server = S3Server(state_root() / "s3-pytest")
+    server.up()
+    yield server
+    if os.environ.get("TAILOR_KEEP_CLUSTER") != "1":
+        server.down()
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh bucket for one test, deleted with its objects afterwards (SeaweedFS gives
+    each bucket volumes of its own)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{secrets.token_hex(3)}"
+    s3_server.create_bucket(name)
+    yield name
+    s3_server.delete_bucket(name)
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,30 @@ def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
     assert settings.create_artifacts_pvc is False
 
 
+def test_the_s3_store_reaches_the_operator_and_its_secret_by_name_only() -> None:
+    s3 = {
+        "bucket": "ml-artifacts",
+        "endpoint": "http://minio.minio.svc:9000",
+        "secretName": "s3-keys",
+    }
+    (deployment,) = by_kind(render({"artifacts": {"store": "s3", "s3": s3}}))["Deployment"]
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    settings = OperatorSettings.from_env(env)
+    assert (settings.artifacts_store, settings.s3_bucket, settings.s3_prefix) == (
+        "s3",
+        "ml-artifacts",
+        "tailor",
+    )
+    assert settings.s3_endpoint == "http://minio.minio.svc:9000"
+    assert settings.s3_secret == "s3-keys"
+    (default,) = by_kind(render({}))["Deployment"]
+    names = {e["name"] for e in default["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "TAILOR_S3_BUCKET" not in names  # the pvc store by default
+
+
 def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
     objects = by_kind(render({"watchNamespaces": ["team-a", "team-b"]}))
     lease = "tailor-leader-election"  # the leader-election Role, in the release namespace
@@ -358,6 +382,8 @@ BAD_VALUES = [
         "'/workloads/image/variant': value must be one of 'cpu', 'cuda'",
     ),
     ({"artifacts": {"size": "lots"}}, "at '/artifacts/size'"),
+    ({"artifacts": {"store": "s3"}}, "at '/artifacts/s3/bucket': minLength"),
+    ({"artifacts": {"store": "gcs"}}, "at '/artifacts/store'"),
     (
         {"prometheusRule": {"thresholds": {"servingErrorRatio": 5}}},
         "'/prometheusRule/thresholds/servingErrorRatio': maximum: got 5, want 1",

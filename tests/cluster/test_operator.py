@@ -215,6 +215,8 @@ def test_multi_gpu_training_runs_torchrun_with_one_process_per_gpu(
     name = f"ddp-{nodes}x{gpus}"
     manifest = fine_tune(name, gpus)
     manifest["spec"]["resources"]["nodes"] = nodes
+    if nodes > 1:  # pods on two nodes share the artifacts claim: it must be ReadWriteMany
+        kube.apply(artifacts_claim("ReadWriteMany"), "-n", ns)
     kube.apply(manifest, "-n", ns)
     wait_for("Succeeded", phase_is(kube, ns, "ftj", name, "Succeeded"))
     job = get(kube, ns, "job", f"{name}-train")
@@ -235,6 +237,51 @@ def test_multi_gpu_training_runs_torchrun_with_one_process_per_gpu(
         assert f"--master-addr={name}-train-0.{name}-train" in command
         assert get(kube, ns, "service", f"{name}-train")["spec"]["clusterIP"] == "None"
         assert placed == ["gpu-b", "gpu-c"]
+
+
+def artifacts_claim(mode: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "tailor-artifacts"},
+        "spec": {"accessModes": [mode], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+
+
+def test_a_multi_node_run_on_a_read_write_once_claim_is_refused_with_the_fix(
+    kube: Kube, ns: str
+) -> None:
+    manifest = fine_tune("two-nodes", 1)
+    manifest["spec"]["resources"]["nodes"] = 2
+    kube.apply(manifest, "-n", ns)  # the operator creates the claim: ReadWriteOnce
+
+    def refused() -> Any:
+        status = get(kube, ns, "ftj", "two-nodes").get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return ready if ready.get("reason") == "ReadWriteManyRequired" else None
+
+    ready = wait_for("ReadWriteManyRequired", refused)
+    assert get(kube, ns, "ftj", "two-nodes")["status"]["phase"] == "Pending"
+    for fix in (
+        "ReadWriteMany",
+        "artifacts.store=s3",
+        "spec.resources.nodes to 1",
+        "['ReadWriteOnce']",
+    ):
+        assert fix in ready["message"], ready["message"]
+    assert kube.get_json("jobs", "-n", ns)["items"] == []  # nothing that could never start
+    # The fix: a ReadWriteMany claim, then any spec change (or the next resync) starts it.
+    kube.kubectl("delete", "pvc", "tailor-artifacts", "-n", ns, "--wait=true", timeout=60)
+    kube.apply(artifacts_claim("ReadWriteMany"), "-n", ns)
+    kube.kubectl(
+        "patch", "ftj", "two-nodes", "-n", ns, "--type=merge",
+        "-p", '{"spec":{"training":{"epochs":3}}}',
+    )  # fmt: skip
+    try:
+        wait_for("Succeeded", phase_is(kube, ns, "ftj", "two-nodes", "Succeeded"))
+    except AssertionError:
+        raise AssertionError(get(kube, ns, "ftj", "two-nodes").get("status")) from None
+    assert get(kube, ns, "job", "two-nodes-train")["spec"]["completions"] == 2
 
 
 def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) -> None:

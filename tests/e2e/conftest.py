@@ -26,6 +26,12 @@ def free_port() -> int:
 
 @pytest.fixture
 def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
+    yield from run_local_operator(kube, tmp_path, {})
+
+
+def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> Iterator[Path]:
+    """``tailor operator run --runtime local`` with ``settings`` (TAILOR_* variables) until
+    the generator is closed; yields the local runtime's state folder."""
     state = tmp_path / "local"
     log = tmp_path / "operator.log"
     env = {
@@ -36,6 +42,7 @@ def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
         "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
         "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
         "TAILOR_CLEANUP_TIMEOUT_SECONDS": "20",
+        **settings,
     }
     argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
     argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
@@ -58,6 +65,19 @@ def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
         print(log.read_text()[-20000:])
         for attempt in sorted(state.glob("*/runs/*/attempt-*.log")):
             print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
+
+
+def chat(endpoint: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    """POST an OpenAI chat completion to a served endpoint (``.../v1``); the decoded answer."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{endpoint}/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    answer: dict[str, Any] = json.loads(urllib.request.urlopen(request, timeout=timeout).read())
+    return answer
 
 
 def wait_phase(

@@ -19,7 +19,7 @@ import yaml
 from tailor.devcluster.kube import Kube
 from tailor.quickstart import chart, measure, rag_training_examples
 from tailor.workloads.apibench import Corpus, load_questions
-from tests.e2e.conftest import PhaseWatch, wait_phase
+from tests.e2e.conftest import PhaseWatch, chat, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
@@ -107,12 +107,7 @@ def test_quickstart_flow_through_the_operator(
         "max_tokens": 24,
         "temperature": 0,
     }
-    request = urllib.request.Request(
-        f"{endpoint}/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
-    answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    answer = chat(endpoint, body)
     assert answer["choices"][0]["message"]["content"].strip()
     sources = answer["tailor"]["sources"]
     assert sources and answer["tailor"]["retrieval"] == "ok"

@@ -348,3 +348,71 @@ def test_the_local_runtime_runs_every_rank_on_its_host_under_torchrun(
         assert f"--nproc-per-node={procs}" in argv
     else:
         assert argv[1:3] == ["-m", "tailor.workloads.train"]
+
+
+S3 = OperatorSettings(
+    artifacts_store="s3",
+    s3_bucket="models",
+    s3_prefix="team-a",
+    s3_endpoint="https://s3.example.com",
+    s3_secret="s3-keys",
+)
+
+
+def volumes_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in manifest["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_s3_store_trains_in_scratch_with_the_keys_mounted_and_publishes_an_s3_uri() -> None:
+    spec = spec_of("finetunejob", resources={"nodes": 2, "gpus": 1, "cpu": "1", "memory": "1Gi"})
+    workload = build_training(spec, parent("FineTuneJob", "t"), S3)
+    job = by_kind(workload.manifests)["Job"]
+    volumes = volumes_of(job)
+    assert volumes["artifacts"] == {"name": "artifacts", "emptyDir": {}}  # no shared claim
+    claims = [v for v in volumes.values() if "persistentVolumeClaim" in v]
+    assert claims == []
+    secret = next(v for v in volumes.values() if "secret" in v)
+    assert secret["secret"]["secretName"] == "s3-keys"
+    store = workload.run.paths.store
+    assert (store.bucket, store.prefix, store.secret_name) == ("models", "team-a", "s3-keys")
+    assert store.credentials_dir == "/etc/tailor/secrets/s3-keys"
+    # keys by reference only: the spec names the Secret's keys, it has no field for values
+    assert {"access_key_id", "secret_access_key"}.isdisjoint(type(store).model_fields)
+    from tailor.builders.finetunejob import artifact_uri
+
+    assert artifact_uri(spec, parent("FineTuneJob", "t"), S3) == (
+        "s3://models/team-a/finetunejob/t/uid-1/model"
+    )
+    # the pvc store keeps the claim
+    pvc = volumes_of(
+        by_kind(build_training(spec, parent("FineTuneJob", "t"), SETTINGS).manifests)["Job"]
+    )
+    assert pvc["artifacts"]["persistentVolumeClaim"]["claimName"] == "tailor-artifacts"
+
+
+def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
+    spec: ModelDeploymentSpec = spec_of(
+        "modeldeployment", knowledgeBaseRef=None, promptProfileRef=None
+    )
+    refs = ResolvedRefs(adapters=[("torchhub", "s3://models/team-a/finetunejob/t/u/model")])
+    workload = build_serving(spec, parent("ModelDeployment", "md"), S3, refs)
+    adapter = workload.run.adapters[0]
+    assert adapter.path == "/artifacts/finetunejob/t/u/model"
+    assert adapter.uri == "s3://models/team-a/finetunejob/t/u/model"
+    deployment = by_kind(workload.manifests)["Deployment"]
+    assert volumes_of(deployment)["artifacts"] == {"name": "artifacts", "emptyDir": {}}
+    with pytest.raises(ValueError, match="not in the artifact store"):
+        uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3)
+
+
+def test_s3_store_needs_a_bucket() -> None:
+    with pytest.raises(ValueError, match="s3Bucket"):
+        OperatorSettings(artifacts_store="s3")
+
+
+def test_created_artifacts_claim_has_the_configured_access_mode() -> None:
+    from tailor.builders.common import artifacts_pvc
+
+    rwx = OperatorSettings(artifacts_access_mode="ReadWriteMany")
+    assert artifacts_pvc(rwx, "ns")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert artifacts_pvc(SETTINGS, "ns")["spec"]["accessModes"] == ["ReadWriteOnce"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -52,3 +53,28 @@ def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
         **overrides,
     }
     return LlamaConfig(**settings)
+
+
+def tiny_model_volume(root: Path) -> Path:
+    """A volume root holding ``models/tiny``: a 2-layer random Llama with SmolLM2's
+    tokenizer (fast to train, real code paths)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+    from tailor.workloads.models import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/tmp")
+    )
+    config = tiny_llama_config(
+        tokenizer,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "models" / "tiny")
+    tokenizer.save_pretrained(root / "models" / "tiny")
+    return root

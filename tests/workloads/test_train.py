@@ -32,7 +32,7 @@ from tailor.workloads.train import (
     train,
 )
 from tailor.workloads.train_data import IGNORE_INDEX, Example, collate
-from tests.workloads.helpers import tiny_llama_config
+from tests.workloads.helpers import tiny_model_volume
 
 pytestmark = pytest.mark.workloads
 
@@ -77,21 +77,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pvcs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A volume root holding ``models/tiny``: a 2-layer random Llama with SmolLM2's tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    tokenizer = load_tokenizer(SMOLLM2, Paths(artifacts="/tmp"))
-    config = tiny_llama_config(
-        tokenizer,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("pvcs")
-    LlamaForCausalLM(config).save_pretrained(root / "models" / "tiny")
-    tokenizer.save_pretrained(root / "models" / "tiny")
-    return root
+    """A volume root holding ``models/tiny`` (see helpers.tiny_model_volume)."""
+    return tiny_model_volume(tmp_path_factory.mktemp("pvcs"))
 
 
 def make_run(tmp_path: Path, pvcs: Path, **changes: Any) -> TrainRun:

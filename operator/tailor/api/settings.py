@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tailor.api.base import TailorModel
 
@@ -35,10 +35,35 @@ class OperatorSettings(TailorModel):
     )
     artifacts_size: str = Field(default="50Gi", description="Size of a created artifacts volume.")
     artifacts_storage_class: str | None = Field(default=None, description="Its storage class.")
+    artifacts_access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce",
+        description="Access mode of a created artifacts volume: ReadWriteMany (with a class "
+        "that supports it) lets multi-node training and replicas on several nodes share it.",
+    )
     create_artifacts_pvc: bool = Field(
         default=True, description="Create the artifacts volume in a namespace when missing."
     )
     artifacts_mount: str = Field(default="/artifacts", description="Mount path in pods.")
+    artifacts_store: Literal["pvc", "s3"] = Field(
+        default="pvc",
+        description="pvc: artifacts on the namespace's claim (ReadWriteMany when pods of one "
+        "run or deployment can land on several nodes); s3: in an S3-compatible bucket, each "
+        "pod working in its own scratch folder.",
+    )
+    s3_bucket: str = Field(default="", description="s3 store: the bucket.")
+    s3_prefix: str = Field(default="tailor", description="s3 store: key prefix.")
+    s3_endpoint: str | None = Field(
+        default=None, description="s3 store: endpoint URL (MinIO, Ceph, GCS, SeaweedFS)."
+    )
+    s3_region: str = Field(default="us-east-1", description="s3 store: region.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="path", description="s3 store: path or virtual-host addressing."
+    )
+    s3_secret: str | None = Field(
+        default=None,
+        description="s3 store: Secret (in each namespace) with AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY; unset: the pods' own credentials (IRSA, workload identity).",
+    )
     serve_port: int = Field(default=8000, description="Port of the OpenAI-compatible servers.")
     metrics_port: int = Field(default=9090, description="Prometheus port of workload pods.")
     progress_interval_seconds: float = Field(
@@ -63,6 +88,14 @@ class OperatorSettings(TailorModel):
     local_state_dir: str = Field(
         default="", description="local runtime: where volumes, logs and processes live."
     )
+
+    @model_validator(mode="after")
+    def _store_complete(self) -> OperatorSettings:
+        if self.artifacts_store == "s3" and not self.s3_bucket:
+            raise ValueError(
+                "artifactsStore s3 needs s3Bucket (TAILOR_S3_BUCKET; Helm: artifacts.s3.bucket)"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

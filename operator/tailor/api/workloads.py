@@ -33,10 +33,39 @@ class OwnerRef(TailorModel):
     uid: str = ""
 
 
+class ObjectStore(TailorModel):
+    """An S3-compatible bucket that holds the artifacts (AWS S3, GCS's S3 API, MinIO, Ceph
+    RGW, SeaweedFS). Credentials are files of a mounted Secret, never values here."""
+
+    bucket: str = Field(min_length=3, description="Bucket name.")
+    prefix: str = Field(default="", description="Key prefix of every artifact (no leading /).")
+    endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL; unset: AWS's for the region."
+    )
+    region: str = Field(default="us-east-1", description="Region (signing).")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="path", description="path: endpoint/bucket/key (MinIO, SeaweedFS, Ceph)."
+    )
+    secret_name: str | None = Field(
+        default=None, description="Secret with the keys below; unset: the SDK's default chain."
+    )
+    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    credentials_dir: str | None = Field(
+        default=None, description="Where that Secret is mounted (one file per key)."
+    )
+
+
 class Paths(TailorModel):
     """Where the runtime mounted volumes."""
 
-    artifacts: str = Field(description="Root of the artifacts volume.")
+    artifacts: str = Field(
+        description="Root of the artifacts volume; with an object store, local scratch that "
+        "mirrors the bucket (same relative paths)."
+    )
+    store: ObjectStore | None = Field(
+        default=None, description="Where artifacts live when not on the volume itself."
+    )
     config_maps: str = Field(default="/etc/tailor/configmaps", description="ConfigMap mounts.")
     pvcs: str = Field(default="/mnt/pvc", description="PersistentVolumeClaim mounts.")
     secrets: str = Field(default="/etc/tailor/secrets", description="Secret mounts.")
@@ -93,6 +122,10 @@ class ServedAdapter(TailorModel):
 
     name: str
     path: str
+    uri: str | None = Field(
+        default=None,
+        description="s3:// artifact: downloaded to path (checked against its upload) at start.",
+    )
 
 
 class ServeRun(RunBase):

@@ -25,7 +25,7 @@ from tailor.api.common import (
     SecretKeyRef,
 )
 from tailor.api.settings import OperatorSettings
-from tailor.api.workloads import OwnerRef, Paths, Reporter
+from tailor.api.workloads import ObjectStore, OwnerRef, Paths, Reporter
 
 Manifest = dict[str, Any]
 
@@ -111,9 +111,49 @@ def artifact_dir(parent: Parent) -> str:
     return f"{parent.kind.lower()}/{parent.name}/{parent.uid}"
 
 
-def artifact_uri(settings: OperatorSettings, parent: Parent, sub: str = "") -> str:
-    path = artifact_dir(parent) + (f"/{sub}" if sub else "")
+def store_uri(settings: OperatorSettings, path: str) -> str:
+    """The URI of a path under the artifacts root: ``s3://<bucket>/<prefix>/<path>`` with
+    the s3 store, ``pvc://<claim>/<path>`` with the pvc store."""
+    if settings.artifacts_store == "s3":
+        key = "/".join(p for p in (settings.s3_prefix.strip("/"), path) if p)
+        return f"s3://{settings.s3_bucket}/{key}"
     return f"pvc://{settings.artifacts_pvc}/{path}"
+
+
+def artifact_uri(settings: OperatorSettings, parent: Parent, sub: str = "") -> str:
+    return store_uri(settings, artifact_dir(parent) + (f"/{sub}" if sub else ""))
+
+
+def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str | None]:
+    """(path inside a pod, claim to mount or None) of a ``pvc://<claim>/<path>`` or the
+    store's ``s3://<bucket>/<prefix>/<path>`` artifact URI (downloaded to that path)."""
+    if uri.startswith("s3://") and settings.artifacts_store == "s3":
+        base = store_uri(settings, "").rstrip("/") + "/"
+        if not uri.startswith(base):
+            raise ValueError(f"{uri} is not in the artifact store ({base})")
+        return f"{settings.artifacts_mount}/{uri[len(base) :]}".rstrip("/"), None
+    if not uri.startswith("pvc://"):
+        raise ValueError(f"unsupported artifact uri {uri}")
+    claim, _, path = uri[len("pvc://") :].partition("/")
+    if claim == settings.artifacts_pvc:
+        return f"{settings.artifacts_mount}/{path}".rstrip("/"), claim
+    return f"/mnt/pvc/{claim}/{path}".rstrip("/"), claim
+
+
+def object_store(settings: OperatorSettings) -> ObjectStore | None:
+    """What a workload needs to reach the s3 store (credentials by Secret mount only)."""
+    if settings.artifacts_store != "s3":
+        return None
+    secret = settings.s3_secret
+    return ObjectStore(
+        bucket=settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        addressing_style=settings.s3_addressing_style,
+        secret_name=secret,
+        credentials_dir=f"{SECRETS_DIR}/{secret}" if secret else None,
+    )
 
 
 def workload_paths(settings: OperatorSettings) -> Paths:
@@ -122,6 +162,7 @@ def workload_paths(settings: OperatorSettings) -> Paths:
         config_maps=CONFIG_MAPS_DIR,
         pvcs=PVCS_DIR,
         secrets=SECRETS_DIR,
+        store=object_store(settings),
     )
 
 
@@ -190,11 +231,21 @@ def volumes_and_mounts(
     mounts: Mounts,
     spec_config_map_name: str,
     artifacts_read_only: bool = False,
+    artifacts_volume: bool = False,
 ) -> tuple[list[Manifest], list[Manifest]]:
-    """Pod volumes and container mounts: spec, artifacts, sources, models, secrets, scratch."""
+    """Pod volumes and container mounts: spec, artifacts, sources, models, secrets, scratch.
+
+    The artifacts root is the namespace's claim with the pvc store, and a scratch folder
+    (emptyDir) mirroring the bucket with the s3 store, unless ``artifacts_volume`` (an
+    embedded knowledge base, whose Qdrant files live on the claim with either store)."""
+    on_claim = settings.artifacts_store == "pvc" or artifacts_volume
+    if settings.artifacts_store == "s3" and settings.s3_secret:
+        mounts.secrets.add(settings.s3_secret)
     volumes: list[Manifest] = [
         {"name": "spec", "configMap": {"name": spec_config_map_name}},
-        {"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifacts_pvc}},
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifacts_pvc}}
+        if on_claim
+        else {"name": "artifacts", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
     ]
@@ -203,7 +254,7 @@ def volumes_and_mounts(
         {
             "name": "artifacts",
             "mountPath": settings.artifacts_mount,
-            "readOnly": artifacts_read_only,
+            "readOnly": artifacts_read_only and on_claim,
         },
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": "/home/tailor/.cache"},
@@ -214,11 +265,12 @@ def volumes_and_mounts(
         container_mounts.append(
             {"name": vol, "mountPath": f"{CONFIG_MAPS_DIR}/{cm}", "readOnly": True}
         )
-    for pvc in sorted(mounts.pvcs - {settings.artifacts_pvc}):
+    shared = {settings.artifacts_pvc} if on_claim else set()
+    for pvc in sorted(mounts.pvcs - shared):
         vol = _volume_name("pvc", pvc)
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": pvc, "readOnly": True}})
         container_mounts.append({"name": vol, "mountPath": f"{PVCS_DIR}/{pvc}", "readOnly": True})
-    if settings.artifacts_pvc in mounts.pvcs:
+    if settings.artifacts_pvc in mounts.pvcs and on_claim:
         container_mounts.append(
             {
                 "name": "artifacts",
@@ -346,7 +398,7 @@ def reporter_rbac(parent: Parent, name: str, component: str, plural: str) -> lis
 def artifacts_pvc(settings: OperatorSettings, namespace: str) -> Manifest:
     """The namespace's artifacts volume claim (not owned: it outlives every resource)."""
     spec: Manifest = {
-        "accessModes": ["ReadWriteOnce"],
+        "accessModes": [settings.artifacts_access_mode],
         "resources": {"requests": {"storage": settings.artifacts_size}},
     }
     if settings.artifacts_storage_class:

@@ -22,6 +22,7 @@ from tailor.builders.common import (
     reporter,
     reporter_rbac,
     spec_config_map,
+    store_uri,
     volumes_and_mounts,
     workload_container,
     workload_paths,
@@ -40,7 +41,7 @@ def output_dir(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings
 def artifact_uri(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> str:
     if spec.output.pvc:
         return f"pvc://{spec.output.pvc.claim_name}/{spec.output.pvc.path}".rstrip("/")
-    return f"pvc://{settings.artifacts_pvc}/{artifact_dir(parent)}/model"
+    return store_uri(settings, f"{artifact_dir(parent)}/model")
 
 
 def build_train_run(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> TrainRun:

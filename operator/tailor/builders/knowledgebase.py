@@ -76,7 +76,9 @@ def build_index(
         .add_model(spec.embedding.model)
         .add_secret(spec.store.qdrant.api_key_secret_ref)
     )
-    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name)
+    volumes, volume_mounts = volumes_and_mounts(
+        settings, mounts, name, artifacts_volume=not spec.store.qdrant.url
+    )
     pod = {
         "serviceAccountName": rbac_name,
         "securityContext": pod_security_context(settings),

@@ -23,6 +23,7 @@ from tailor.builders.common import (
     pod_placement,
     pod_security_context,
     spec_config_map,
+    uri_to_path,
     volumes_and_mounts,
     workload_container,
     workload_paths,
@@ -40,16 +41,6 @@ class ResolvedRefs:
     prompt_config_map: str | None = None
     knowledge_base: RetrieverConfig | None = None
     knowledge_base_version: str | None = None
-
-
-def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str]:
-    """(path inside a pod, claim name) of a ``pvc://<claim>/<path>`` artifact URI."""
-    if not uri.startswith("pvc://"):
-        raise ValueError(f"unsupported artifact uri {uri}")
-    claim, _, path = uri[len("pvc://") :].partition("/")
-    if claim == settings.artifacts_pvc:
-        return f"{settings.artifacts_mount}/{path}".rstrip("/"), claim
-    return f"/mnt/pvc/{claim}/{path}".rstrip("/"), claim
 
 
 def served_models(spec: ModelDeploymentSpec, parent: Parent) -> list[str]:
@@ -71,9 +62,9 @@ def build_serving(
     adapters = []
     for adapter_name, uri in refs.adapters:
         path, claim = uri_to_path(uri, settings)
-        if claim != settings.artifacts_pvc:
+        if claim and claim != settings.artifacts_pvc:
             mounts.pvcs.add(claim)
-        adapters.append(ServedAdapter(name=adapter_name, path=path))
+        adapters.append(ServedAdapter(name=adapter_name, path=path, uri=None if claim else uri))
     if spec.auth:
         mounts.add_secret(spec.auth.api_key_secret_ref)
     if refs.knowledge_base:
@@ -91,7 +82,12 @@ def build_serving(
         port=settings.serve_port,
     )
     volumes, volume_mounts = volumes_and_mounts(
-        settings, mounts, spec_name, artifacts_read_only=True
+        settings,
+        mounts,
+        spec_name,
+        artifacts_read_only=True,
+        # an embedded knowledge base is read from its files on the claim
+        artifacts_volume=bool(refs.knowledge_base and refs.knowledge_base.path),
     )
     if refs.prompt_config_map:
         volumes.append({"name": "prompt", "configMap": {"name": refs.prompt_config_map}})

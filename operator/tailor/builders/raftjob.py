@@ -51,7 +51,9 @@ def _job(
     mounts: Mounts,
 ) -> Workload:
     rbac = child_name(parent, "raft")
-    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name)
+    # RAFT's data and evaluation stages stay on the claim with either store: they read an
+    # embedded knowledge base's files and the data the child FineTuneJob trains on.
+    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name, artifacts_volume=True)
     pod = {
         "serviceAccountName": rbac,
         "securityContext": pod_security_context(settings),

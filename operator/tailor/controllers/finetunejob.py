@@ -64,6 +64,24 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
     ):
         op.runtime.prepare_namespace(parent.namespace)
+        problem = unshared_storage(op, spec, parent.namespace) if state is None else None
+        if problem:
+            op.patch_status(
+                body,
+                {
+                    "phase": "Pending",
+                    "observedGeneration": meta.get("generation"),
+                    "conditions": condition(
+                        status.get("conditions"),
+                        "Ready",
+                        False,
+                        "ReadWriteManyRequired",
+                        problem,
+                        meta.get("generation"),
+                    ),
+                },
+            )
+            return
         op.runtime.start(workload)
         if state is not None:
             state = op.runtime.run_state(parent.namespace, workload.name)
@@ -132,6 +150,34 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
                 _seconds(state.start_time, state.completion_time)
             )
     op.patch_status(body, without_first_attempt_news(status, new))
+
+
+def unshared_storage(op: Operator, spec: FineTuneJobSpec, namespace: str) -> str | None:
+    """Why a multi-node run cannot start on the pvc store: every node's pod mounts the
+    artifacts claim, and a ReadWriteOnce claim attaches to one node only (EBS, Persistent
+    Disk, Azure Disk), so the pods of other nodes would never start. None when it can."""
+    nodes = spec.resources.nodes
+    if nodes <= 1 or op.settings.artifacts_store != "pvc" or op.settings.runtime != "kubernetes":
+        return None
+    name = op.settings.artifacts_pvc
+    claim = op.runtime.get("v1", "PersistentVolumeClaim", namespace, name)
+    if claim is None:
+        return None  # not created here (createArtifactsPvc off): its pods will say
+    modes = (
+        (claim.get("status") or {}).get("accessModes")
+        or (claim.get("spec") or {}).get("accessModes")
+        or []
+    )
+    if "ReadWriteMany" in modes:
+        return None
+    return (
+        f"spec.resources.nodes is {nodes}: the pod of every node mounts the artifacts "
+        f"claim {namespace}/{name}, whose access modes {modes} let only one node attach it, "
+        "so the other nodes' pods would never start. Fix: give the claim ReadWriteMany "
+        "(Helm: artifacts.accessMode=ReadWriteMany with an RWX storageClass such as EFS, "
+        "Filestore, Azure Files or NFS; delete the old claim), use the s3 artifact store "
+        "(Helm: artifacts.store=s3), or set spec.resources.nodes to 1"
+    )
 
 
 def without_first_attempt_news(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

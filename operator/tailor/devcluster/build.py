@@ -67,7 +67,8 @@ KWOK = Component("kwok", KWOK_VERSION, ("kwok",))
 def _sources_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for name in ("main.go", "go.mod", "go.sum"):
-        digest.update((folder / name).read_bytes())
+        if (folder / name).exists():
+            digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:10]
 
 
@@ -76,7 +77,16 @@ PROVISIONER = Component(
     f"{PROVISIONER_LIBRARY}-{_sources_digest(GO_DIR / 'provisioner')}",
     ("hostpath-provisioner",),
 )
+# The dev S3 server (tailor.devcluster.s3): SeaweedFS at a commit the module proxy serves;
+# go/seaweedfs pins it (a wrapper module, since SeaweedFS's go.mod has a replace).
+SEAWEEDFS_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
+SEAWEEDFS = Component(
+    "seaweedfs", f"{SEAWEEDFS_VERSION}-{_sources_digest(GO_DIR / 'seaweedfs')}", ("weed",)
+)
 COMPONENTS = (ETCD, KWOK, KUBERNETES, PROVISIONER)
+"""What the control plane needs; ``build`` (the Makefile's devcluster-build) also builds
+SEAWEEDFS for the object-store tests."""
+ALL_COMPONENTS = (*COMPONENTS, SEAWEEDFS)
 
 
 def cache_root() -> Path:
@@ -94,11 +104,14 @@ def is_built(component: Component) -> bool:
     return all(os.access(folder / b, os.X_OK) for b in component.binaries)
 
 
-def ensure_binaries(log: Callable[[str], None] | None = None) -> dict[str, Path]:
+def ensure_binaries(
+    log: Callable[[str], None] | None = None,
+    components: tuple[Component, ...] = COMPONENTS,
+) -> dict[str, Path]:
     """Build every missing component and return ``{binary name: path}``."""
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     paths: dict[str, Path] = {}
-    for component in COMPONENTS:
+    for component in components:
         if not is_built(component):
             with _build_lock():
                 if not is_built(component):  # another process may have built it meanwhile
@@ -145,6 +158,14 @@ def _go_commands(component: Component, out: Path) -> list[tuple[list[str], Path]
         ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"
         package = f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"
         return [([go, "install", "-ldflags", ldflags, package], out)]
+    if component is SEAWEEDFS:
+        package = "github.com/seaweedfs/seaweedfs/weed"
+        return [
+            (
+                [go, "build", "-o", str(out / "weed"), "-ldflags", "-s -w", package],
+                GO_DIR / "seaweedfs",
+            )
+        ]
     if component is PROVISIONER:
         argv = [go, "build", "-o", str(out / "hostpath-provisioner"), "-ldflags", "-s -w", "."]
         return [(argv, GO_DIR / "provisioner")]

@@ -12,8 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tailor.devcluster.build import BuildError, ensure_binaries
+from tailor.devcluster.build import ALL_COMPONENTS, BuildError, ensure_binaries
 from tailor.devcluster.cluster import ClusterError, DevCluster, default_dir
+from tailor.devcluster.s3 import S3Server
 
 
 def main(argv: list[str]) -> int:
@@ -23,12 +24,20 @@ def main(argv: list[str]) -> int:
         if args.command == "up":
             cluster.up(timeout=args.timeout)
             print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")
+            if args.s3:
+                s3 = S3Server(cluster.dir / "s3")
+                s3.up(buckets=(args.bucket,))
+                print(
+                    f"# S3 (SeaweedFS): {s3.endpoint}, bucket {args.bucket}; keys in {s3.dir}/credentials.json"
+                )
+                print(f"export TAILOR_S3_ENDPOINT={s3.endpoint}")
             return 0
         if args.command == "build":
-            for binary, path in ensure_binaries().items():
+            for binary, path in ensure_binaries(components=ALL_COMPONENTS).items():
                 print(f"{binary}\t{path}")
             return 0
         if args.command == "down":
+            S3Server(cluster.dir / "s3").down()
             stopped = cluster.down(purge=args.purge)
             print(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
             return 0
@@ -74,11 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         "up", parents=[common], help="build if needed, start, wait for readiness"
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    up.add_argument(
+        "--s3", action="store_true", help="also start an S3 server (SeaweedFS) for artifacts"
+    )
+    up.add_argument("--bucket", default="tailor", help="bucket the S3 server creates")
     down = commands.add_parser("down", parents=[common], help="stop every process of the cluster")
     down.add_argument(
         "--purge", action="store_true", help="also delete the state directory (data, certs, logs)"
     )
     commands.add_parser("status", parents=[common], help="components, health and memory")
     commands.add_parser("env", parents=[common], help="print export KUBECONFIG=...")
-    commands.add_parser("build", parents=[common], help="only build (or find) the binaries")
+    commands.add_parser(
+        "build", parents=[common], help="only build (or find) the binaries (with SeaweedFS)"
+    )
     return parser

@@ -228,10 +228,15 @@ class LocalRuntime(KubernetesRuntime):
         spec = pattern.sub(lambda m: '"' + prefixes[m.group(1)], json.dumps(workload.run.wire()))
         data = json.loads(spec)
         data["paths"] = {  # the roots the workload joins names to
-            "artifacts": str(self.volume_dir(namespace, self.settings.artifacts_pvc)),
+            # the claim's folder, or with the s3 store the run's scratch folder
+            "artifacts": prefixes.get(
+                self.settings.artifacts_mount,
+                str(self.volume_dir(namespace, self.settings.artifacts_pvc)),
+            ),
             "configMaps": str(self.root / namespace / "configmaps"),
             "pvcs": str(self.root / namespace / "volumes"),
             "secrets": str(self.root / namespace / "secrets"),
+            "store": data["paths"].get("store"),  # its credentialsDir rewritten above
         }
         if data.get("metricsPort"):  # many workloads share one host: no fixed ports
             data["metricsPort"] = _free_port()

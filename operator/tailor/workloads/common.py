@@ -282,12 +282,24 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_uri(output: Path, paths: Paths) -> str:
-    """``pvc://<claim>/<path>/`` for a folder on a mounted claim, else ``file://``."""
+    """``s3://<bucket>/<prefix>/<path>/`` with an object store, ``pvc://<claim>/<path>/`` for
+    a folder on a mounted claim, else ``file://``."""
     pvcs = Path(paths.pvcs).resolve()
     resolved = output.resolve()
+    root = Path(paths.artifacts).resolve()
+    if paths.store and resolved.is_relative_to(root):
+        key = "/".join(
+            p for p in (paths.store.prefix.strip("/"), relative_key(resolved, root)) if p
+        )
+        return f"s3://{paths.store.bucket}/{key}/"
     if resolved.is_relative_to(pvcs) and resolved != pvcs:
         return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
     return f"file://{resolved.as_posix()}/"
+
+
+def relative_key(path: Path, root: Path) -> str:
+    """A folder's path under the artifacts root, as the object store names it."""
+    return path.resolve().relative_to(root.resolve()).as_posix()
 
 
 def run_main(run_type: type[RunT], work: Callable[[RunT], object], argv: list[str] | None) -> int:

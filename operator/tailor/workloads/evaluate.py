@@ -45,6 +45,7 @@ from tailor.workloads.common import (
     sha256_file,
 )
 from tailor.workloads.raft_data import Doc, chat_record, final_answer, load_chunks
+from tailor.workloads.storage import store_of
 
 log = logging.getLogger("tailor.workloads.evaluate")
 
@@ -383,6 +384,9 @@ def status_patch(run: EvaluateRun, summary: dict[str, Any]) -> dict[str, Any]:
 
 def work(run: EvaluateRun) -> None:
     summary = evaluate(run)
+    store = store_of(run.paths)
+    if store:  # results and summary also land in the bucket
+        store.push(run.output_dir)
     make_reporter(run.reporter, run.owner).report(status_patch(run, summary), final=True)
 
 

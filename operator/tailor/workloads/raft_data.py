@@ -57,6 +57,7 @@ from tailor.workloads.common import (
     run_main,
     sha256_file,
 )
+from tailor.workloads.storage import store_of
 
 log = logging.getLogger("tailor.workloads.raft_data")
 
@@ -744,6 +745,9 @@ def work(run: RaftDataRun) -> None:
         stats.mean_context_tokens,
         run.output_dir,
     )
+    store = store_of(run.paths)
+    if store:  # the dataset also lands in the bucket (marker last); the claim keeps its copy
+        store.push(run.output_dir)
     reporter = make_reporter(run.reporter, run.owner)
     reporter.report(status_patch(run, stats), final=True)
 

@@ -42,7 +42,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tailor.api.base import describe_errors
 from tailor.api.workloads import ServeRun
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.common import WorkloadError, read_secret, read_spec, setup_logging
+from tailor.workloads.common import (
+    RetryableError,
+    WorkloadError,
+    read_secret,
+    read_spec,
+    setup_logging,
+)
 from tailor.workloads.engine import (
     Chunk,
     Engine,
@@ -61,6 +67,7 @@ from tailor.workloads.prompting import (
     last_user_message,
     merge_parameters,
 )
+from tailor.workloads.storage import store_of
 
 log = logging.getLogger("tailor.workloads.serve")
 
@@ -944,6 +951,20 @@ def _model_card(server: Server, model: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ entry point
+def pull_adapters(run: ServeRun) -> None:
+    """Adapters published to the object store, downloaded into this pod (each file checked
+    against the upload's marker) before anything loads."""
+    store = store_of(run.paths)
+    for adapter in run.adapters:
+        if adapter.uri and adapter.uri.startswith("s3://"):
+            if store is None:
+                raise WorkloadError(
+                    "AdapterNotFound",
+                    f"adapter {adapter.name} is at {adapter.uri} but no object store is set",
+                )
+            store.pull(store.relative(adapter.path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until stopped. Exit codes: 0 stopped, 2 a problem the user can fix (invalid
     spec, missing adapter or secret, nf4 without a GPU), 1 anything else."""
@@ -954,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     failure: list[BaseException] = []
     try:
         run = read_spec(ServeRun, argv)
+        pull_adapters(run)
         check_adapters(run.adapters)
         metrics = ServingMetrics(run.served_name)
 
@@ -965,6 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         log.error("invalid spec file: %s", "; ".join(describe_errors(exc)))
         return 2
+    except RetryableError as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        return 1
     except WorkloadError as exc:
         log.error("%s: %s", exc.reason, exc.message)
         return 2

@@ -46,6 +46,7 @@ from tailor.api.workloads import Paths, Reporter, TrainRun
 from tailor.observability.training import TrainingMetrics, serve_metrics
 from tailor.workloads import distributed
 from tailor.workloads.common import (
+    RetryableError,
     WorkloadError,
     artifact_uri,
     make_reporter,
@@ -55,6 +56,8 @@ from tailor.workloads.common import (
 )
 from tailor.workloads.distributed import World
 from tailor.workloads.models import load_causal_lm, load_tokenizer
+from tailor.workloads.storage import MARKER as STORE_MARKER
+from tailor.workloads.storage import Store, store_of
 from tailor.workloads.train_data import (
     IGNORE_INDEX,
     Batch,
@@ -539,6 +542,37 @@ def resume(
     return state
 
 
+def pull_newest_checkpoint(store: Store, directory: Path, world: World) -> None:
+    """With an object store: the newest complete checkpoint in the bucket, downloaded into
+    this pod's checkpoint folder (once per node, by its local rank 0) unless already there.
+    An upload that never finished has no marker and is not a checkpoint."""
+    if world.local_rank == 0:
+        names = [
+            n for n in store.complete_children(store.relative(directory))
+            if n.startswith(CHECKPOINT_PREFIX)
+        ]  # fmt: skip
+        if names:
+            newest = max(names, key=lambda n: int(n.removeprefix(CHECKPOINT_PREFIX)))
+            store.pull(f"{store.relative(directory)}/{newest}")
+            log.info(
+                "checkpoint %s downloaded from %s", newest, store.uri(store.relative(directory))
+            )
+    distributed.barrier()
+
+
+def push_checkpoint(store: Store, path: Path, keep: int) -> None:
+    """Upload a checkpoint (marker last), then remove the bucket's checkpoints beyond the
+    newest ``keep``, as on the volume."""
+    store.push(path)
+    parent = store.relative(path.parent)
+    names = sorted(
+        (n for n in store.complete_children(parent) if n.startswith(CHECKPOINT_PREFIX)),
+        key=lambda n: int(n.removeprefix(CHECKPOINT_PREFIX)),
+    )
+    for old in names[:-keep]:
+        store.delete(f"{parent}/{old}")
+
+
 def saved_global_batch(directory: Path, fingerprint: str) -> int:
     """The examples per step of the newest checkpoint of this recipe, or 0 without one."""
     checkpoints = list_checkpoints(directory)
@@ -770,6 +804,15 @@ def _train(
 ) -> Artifact:
     spec, cfg = run.spec, run.spec.training
     output = Path(run.output_dir)
+    store = store_of(run.paths)
+    # the artifact goes to the bucket unless spec.output names a claim of the user's
+    publish_to = store if store and store.holds(output) else None
+    if publish_to and world.main:
+        uploaded = publish_to.marker(publish_to.relative(output)) is not None
+        if uploaded and not (output / "manifest.json").exists():  # an earlier pod published it
+            publish_to.pull(publish_to.relative(output))
+        elif not uploaded and (output / "manifest.json").exists():  # its upload did not finish
+            publish_to.push(output)
     if (output / "manifest.json").exists():  # a retried pod after the artifact was published
         log.info("artifact %s is already published", output)
         artifact = artifact_of(run, output)
@@ -793,6 +836,8 @@ def _train(
         raise WorkloadError("ModelLoadFailed", f"cannot load the tokenizer: {exc}") from exc
     data = tokenize_datasets(records, tokenizer, cfg.max_seq_length)
     checkpoints = Path(run.checkpoint_dir)
+    if store:  # each pod has its own scratch: bring the newest complete checkpoint there
+        pull_newest_checkpoint(store, checkpoints, world)
     fingerprint = fingerprint_of(spec, data)
     schedule = Schedule.plan(
         len(data.train), spec, world.size, saved_global_batch(checkpoints, fingerprint)
@@ -916,6 +961,8 @@ def _train(
                     gathered,
                 )  # fmt: skip
                 log.info("checkpoint %s", path.name)
+                if store:
+                    push_checkpoint(store, path, spec.checkpoint.keep)
             distributed.barrier()
         progression.step_done(tokens, seconds)
         if stop.requested and not last:
@@ -926,8 +973,10 @@ def _train(
     weights = full_states(core, None)[0] if sharded else None
     if not world.main:
         distributed.barrier()  # until rank 0 has published
-        return artifact_of(run, output)
+        return Artifact(uri=artifact_uri(output, run.paths))
     artifact, manifest = publish(run, core, tokenizer, state, data, schedule, weights)
+    if publish_to:  # files first, the completion marker last: never half an artifact
+        publish_to.push(output)
     distributed.barrier()
     log.info(
         "published %s: train loss %s, eval loss %s, %.1f tokens/s",
@@ -1004,10 +1053,25 @@ def write_termination_message(reason: str, message: str, **extra: Any) -> None:
         pass  # not in a pod, or not writable: the log line is enough
 
 
-def verify_artifact(output: Path) -> dict[str, Any]:
+def verify_artifact(output: Path, store: Store | None = None) -> dict[str, Any]:
     """Re-read a published artifact against its manifest: every listed file present with
-    its size and sha256. Returns what the operator needs to call the run Succeeded."""
+    its size and sha256; with an object store, also its upload complete in the bucket with
+    the same checksums. Returns what the operator needs to call the run Succeeded."""
     manifest_path = output / "manifest.json"
+    if store:
+        marker = store.marker(store.relative(output))
+        uploaded = {e["path"]: e["sha256"] for e in (marker or {}).get("files") or []}
+        local = {
+            p.relative_to(output).as_posix(): sha256_file(p)
+            for p in output.rglob("*")
+            if p.is_file() and p.name != STORE_MARKER
+        }
+        if uploaded != local:
+            raise WorkloadError(
+                "ArtifactIncomplete",
+                f"{store.uri(store.relative(output))} does not hold the artifact's files "
+                f"completely ({len(uploaded)} of {len(local)} uploaded with matching sha256)",
+            )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
@@ -1057,8 +1121,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = train(run, stop)
         if World.from_env().main:  # rank 0 published it; it alone vouches for it
-            verified = verify_artifact(Path(run.output_dir))
+            store = store_of(run.paths)
+            output = Path(run.output_dir)
+            verified = verify_artifact(output, store if store and store.holds(output) else None)
             write_termination_message("ArtifactPublished", artifact.uri, artifact=verified)
+    except RetryableError as exc:  # the store unreachable: another attempt may succeed
+        log.error("%s: %s", exc.reason, exc.message)
+        write_termination_message(exc.reason, exc.message)
+        return 1
     except WorkloadError as exc:
         log.error("%s: %s", exc.reason, exc.message)
         write_termination_message(exc.reason, exc.message)

@@ -1,0 +1,307 @@
+"""Artifacts in S3-compatible object storage (AWS S3, GCS's S3 API, MinIO, Ceph RGW,
+SeaweedFS), through boto3.
+
+The bucket mirrors the artifacts volume: the folder ``<artifacts>/<rel>`` of a workload is
+the key prefix ``<prefix>/<rel>/`` of the bucket, so builders, status URIs and workloads
+name the same paths with either store. A folder is uploaded file by file and then a
+**completion marker** (``tailor-upload.json``: every file with its sha256 and size) is
+written last; a folder without its marker (an upload killed half-way) is never taken as an
+artifact, and a download checks every file against the marker before the folder appears
+(downloaded into a temporary folder, renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tailor.api.workloads import ObjectStore, Paths
+from tailor.workloads.common import (
+    RetryableError,
+    WorkloadError,
+    artifact_uri,
+    relative_key,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+MARKER = "tailor-upload.json"
+"""Written last into every uploaded folder: the list of its files with checksums."""
+
+MULTIPART_BYTES = 64 << 20
+"""Files above this go up and down in parts, several at once (boto3's transfer manager)."""
+
+CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden"}
+
+
+class Store:
+    """One bucket and prefix; paths are relative to the artifacts root."""
+
+    def __init__(self, config: ObjectStore, root: str | Path):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.config = config
+        self.root = Path(root)
+        self.prefix = config.prefix.strip("/")
+        key_id, secret = self._credentials()
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.endpoint,
+            region_name=config.region,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=Config(
+                s3={"addressing_style": config.addressing_style},
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=16,
+                # Checksums only where the server asks: several S3-compatible servers
+                # reject the newer default trailing checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_BYTES,
+            multipart_chunksize=MULTIPART_BYTES // 4,
+            max_concurrency=8,
+        )
+
+    # -- names ------------------------------------------------------------------------------
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        """The access key pair from the mounted Secret's files (None: the SDK's chain)."""
+        cfg = self.config
+        if not cfg.secret_name:
+            return None, None
+        folder = Path(cfg.credentials_dir or f"/etc/tailor/secrets/{cfg.secret_name}")
+        values = []
+        for key in (cfg.access_key_id_key, cfg.secret_access_key_key):
+            try:
+                values.append((folder / key).read_text().strip())
+            except OSError as exc:
+                raise WorkloadError(
+                    "StoreCredentialsMissing",
+                    f"the object store's Secret {cfg.secret_name} has no key {key} "
+                    f"({exc.strerror}); add it (kubectl create secret generic "
+                    f"{cfg.secret_name} --from-literal={key}=...)",
+                ) from exc
+        return values[0], values[1]
+
+    def holds(self, local: str | Path) -> bool:
+        """Whether a local path is under the artifacts root (so the bucket mirrors it)."""
+        return Path(local).resolve().is_relative_to(self.root.resolve())
+
+    def relative(self, local: str | Path) -> str:
+        """The path of a local folder under the artifacts root, as the bucket names it."""
+        if not self.holds(local):
+            raise ValueError(f"{local} is not under the artifacts root {self.root}")
+        return relative_key(Path(local), self.root)
+
+    def key(self, rel: str) -> str:
+        rel = rel.strip("/")
+        return "/".join(p for p in (self.prefix, rel) if p)
+
+    def uri(self, rel: str) -> str:
+        return artifact_uri(self.root / rel, Paths(artifacts=str(self.root), store=self.config))
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _explain(self, exc: Exception, doing: str) -> WorkloadError:
+        """A store failure as the reason and message the operator puts in a condition."""
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        cfg = self.config
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in CREDENTIAL_ERRORS or code == "403":
+                where = (
+                    f"the Secret {cfg.secret_name} (keys {cfg.access_key_id_key}, "
+                    f"{cfg.secret_access_key_key})"
+                    if cfg.secret_name
+                    else "the SDK's default credentials (no Secret is set)"
+                )
+                return WorkloadError(
+                    "StoreCredentialsInvalid",
+                    f"{doing}: the object store refused {where} ({code}) for bucket "
+                    f"{cfg.bucket}; fix the keys or the bucket policy",
+                )
+            if code == "NoSuchBucket":
+                return WorkloadError(
+                    "StoreBucketMissing",
+                    f"{doing}: bucket {cfg.bucket} does not exist at "
+                    f"{cfg.endpoint or 'AWS'}; create it or fix the store's bucket",
+                )
+            return RetryableError("StoreError", f"{doing}: {code}: {exc}")
+        if isinstance(exc, EndpointConnectionError):
+            return RetryableError(
+                "StoreUnreachable", f"{doing}: cannot reach {cfg.endpoint}: {exc}"
+            )
+        return RetryableError("StoreError", f"{doing}: {exc}")
+
+    def _call(self, doing: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WorkloadError:
+            raise
+        except Exception as exc:  # botocore's errors, connection errors
+            raise self._explain(exc, doing) from exc
+
+    # -- folders ----------------------------------------------------------------------------
+
+    def marker(self, rel: str) -> dict[str, Any] | None:
+        """The completion marker of a folder, or None when it is absent (not uploaded, or
+        an upload that did not finish)."""
+        from botocore.exceptions import ClientError
+
+        key = f"{self.key(rel)}/{MARKER}"
+        try:
+            body = self.client.get_object(Bucket=self.config.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
+                return None
+            raise self._explain(exc, f"reading {self.uri(rel)}") from exc
+        except Exception as exc:
+            raise self._explain(exc, f"reading {self.uri(rel)}") from exc
+        marker: dict[str, Any] = json.loads(body)
+        return marker
+
+    def push(self, local: str | Path, rel: str | None = None) -> dict[str, Any]:
+        """Upload a folder: its files (several at once), then the marker. An earlier marker
+        at the same place is removed first, so a replaced folder is never half-complete
+        under an old marker. Returns the marker."""
+        folder = Path(local)
+        rel = self.relative(folder) if rel is None else rel.strip("/")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+        entries: list[dict[str, Any]] = [
+            {
+                "path": p.relative_to(folder).as_posix(),
+                "sha256": sha256_file(p),
+                "sizeBytes": p.stat().st_size,
+            }
+            for p in files
+        ]
+        bucket, base = self.config.bucket, self.key(rel)
+        doing = f"uploading {folder} to {self.uri(rel)}"
+        self._call(doing, self.client.delete_object, Bucket=bucket, Key=f"{base}/{MARKER}")
+
+        def upload(entry: dict[str, Any]) -> None:
+            self._call(
+                doing,
+                self.client.upload_file,
+                str(folder / entry["path"]),
+                bucket,
+                f"{base}/{entry['path']}",
+                Config=self.transfer,
+            )
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(upload, entries))
+        total = sum(int(e["sizeBytes"]) for e in entries)
+        marker: dict[str, Any] = {
+            "files": entries,
+            "sizeBytes": total,
+            "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        body = json.dumps(marker, indent=1).encode()
+        self._call(doing, self.client.put_object, Bucket=bucket, Key=f"{base}/{MARKER}", Body=body)
+        log.info("uploaded %d files (%d bytes) to %s", len(entries), total, self.uri(rel))
+        return marker
+
+    def pull(self, rel: str, local: str | Path | None = None) -> Path:
+        """Download a complete folder into ``local`` (default: the same path under the
+        artifacts root), every file checked against the marker. A folder already there with
+        the same marker is kept (nothing downloaded). Missing or incomplete: an error."""
+        rel = rel.strip("/")
+        target = Path(local) if local is not None else self.root / rel
+        marker = self.marker(rel)
+        if marker is None:
+            raise WorkloadError(
+                "ArtifactMissing",
+                f"{self.uri(rel)} has no complete upload (no {MARKER}): it was never "
+                "published, or its upload did not finish",
+            )
+        have = target / MARKER
+        if have.is_file() and json.loads(have.read_text()).get("files") == marker["files"]:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.pull-{uuid.uuid4().hex[:8]}"
+        bucket, base = self.config.bucket, self.key(rel)
+        doing = f"downloading {self.uri(rel)}"
+
+        def download(entry: dict[str, Any]) -> None:
+            path = tmp / entry["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._call(
+                doing,
+                self.client.download_file,
+                bucket,
+                f"{base}/{entry['path']}",
+                str(path),
+                Config=self.transfer,
+            )
+            if sha256_file(path) != entry["sha256"]:
+                raise WorkloadError(
+                    "ArtifactCorrupt",
+                    f"{self.uri(rel)}{entry['path']}: sha256 differs from its {MARKER}",
+                )
+
+        try:
+            tmp.mkdir()
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(download, marker["files"]))
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloaded %s to %s", self.uri(rel), target)
+        return target
+
+    def complete_children(self, rel: str) -> list[str]:
+        """Names of the complete folders directly under ``rel`` (e.g. checkpoints)."""
+        prefix = self.key(rel) + "/" if self.key(rel) else ""
+        names: set[str] = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        doing = f"listing {self.uri(rel)}"
+        for page in self._call(
+            doing, lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=prefix))
+        ):
+            for item in page.get("Contents") or []:
+                child, _, name = item["Key"][len(prefix) :].partition("/")
+                if name == MARKER:
+                    names.add(child)
+        return sorted(names)
+
+    def delete(self, rel: str) -> int:
+        """Remove a folder: its marker first (so it stops being complete), then the rest."""
+        bucket, base = self.config.bucket, self.key(rel)
+        doing = f"deleting {self.uri(rel)}"
+        self._call(doing, self.client.delete_object, Bucket=bucket, Key=f"{base}/{MARKER}")
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = [
+            item["Key"]
+            for page in self._call(
+                doing, lambda: list(paginator.paginate(Bucket=bucket, Prefix=base + "/"))
+            )
+            for item in page.get("Contents") or []
+        ]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(doing, self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+        return len(keys)
+
+
+def store_of(paths: Paths) -> Store | None:
+    """The run's object store, or None when artifacts live on the mounted volume."""
+    return Store(paths.store, paths.artifacts) if paths.store else None

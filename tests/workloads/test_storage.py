@@ -1,0 +1,242 @@
+"""The object store on a real S3 server (the dev cluster's SeaweedFS): folders go up with
+their completion marker last and come down checked; an upload killed half-way is never an
+artifact; a corrupted object, wrong keys and a missing bucket fail with the fix named. Then
+the trainer through the store: checkpoints and the adapter in the bucket, and a pod killed
+after a checkpoint resumes, on an empty scratch folder, from the bucket's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tailor.api.workloads import ObjectStore, Paths, TrainRun
+from tailor.devcluster.s3 import S3Server
+from tailor.workloads.common import WorkloadError
+from tailor.workloads.storage import MARKER, Store
+from tailor.workloads.train import train
+from tests.workloads.helpers import tiny_model_volume
+
+pytestmark = pytest.mark.workloads
+
+
+def keys_dir(tmp_path: Path, server: S3Server, secret: str | None = None) -> Path:
+    """A mounted Secret: one file per key."""
+    folder = tmp_path / "secrets" / "s3-keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    creds = server.credentials
+    (folder / "AWS_ACCESS_KEY_ID").write_text(creds.access_key_id)
+    (folder / "AWS_SECRET_ACCESS_KEY").write_text(secret or creds.secret_access_key)
+    return folder
+
+
+def store_config(tmp_path: Path, server: S3Server, bucket: str, **changes: str) -> ObjectStore:
+    return ObjectStore(
+        bucket=bucket,
+        prefix="tailor",
+        endpoint=server.endpoint,
+        secret_name="s3-keys",
+        credentials_dir=str(keys_dir(tmp_path, server, changes.pop("secret", None))),
+        **changes,
+    )
+
+
+def a_folder(root: Path, rel: str, size: int = 3 << 20) -> Path:
+    folder = root / rel
+    (folder / "sub").mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(os.urandom(size))
+    (folder / "sub" / "config.json").write_text('{"r": 8}')
+    return folder
+
+
+def test_a_folder_goes_up_with_its_marker_last_and_comes_down_checked(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    store = Store(store_config(tmp_path, s3_server, bucket), tmp_path / "a")
+    folder = a_folder(tmp_path / "a", "finetunejob/x/u1/model")
+    marker = store.push(folder)
+    assert {e["path"] for e in marker["files"]} == {"weights.bin", "sub/config.json"}
+    assert store.uri("finetunejob/x/u1/model") == f"s3://{bucket}/tailor/finetunejob/x/u1/model/"
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    assert f"tailor/finetunejob/x/u1/model/{MARKER}" in keys
+
+    other = Store(store_config(tmp_path, s3_server, bucket), tmp_path / "b")  # another pod
+    pulled = other.pull("finetunejob/x/u1/model")
+    assert pulled == tmp_path / "b" / "finetunejob/x/u1/model"
+    assert (pulled / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
+    assert (pulled / "sub" / "config.json").read_text() == '{"r": 8}'
+    stamp = (pulled / "weights.bin").stat().st_mtime_ns
+    other.pull("finetunejob/x/u1/model")  # already there with the same marker: kept
+    assert (pulled / "weights.bin").stat().st_mtime_ns == stamp
+    assert other.complete_children("finetunejob/x/u1") == ["model"]
+
+
+UPLOAD_AND_DIE = """
+import sys, time
+from pathlib import Path
+from tailor.api.workloads import ObjectStore
+from tailor.workloads import storage
+
+config = ObjectStore.model_validate_json(sys.argv[1])
+store = storage.Store(config, sys.argv[2])
+real = store.client.upload_file
+def slow(*args, **kwargs):  # each file lands, then the process dawdles before the next
+    real(*args, **kwargs)
+    print("uploaded", args[2], flush=True)
+    time.sleep(30)
+store.client.upload_file = slow
+store.push(Path(sys.argv[2]) / "raftjob/r/u/data")
+"""
+
+
+def test_an_upload_killed_half_way_is_never_taken_as_complete(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    config = store_config(tmp_path, s3_server, bucket)
+    folder = a_folder(tmp_path, "raftjob/r/u/data", size=1 << 20)
+    (folder / "more.bin").write_bytes(os.urandom(1 << 20))
+    process = subprocess.Popen(
+        [sys.executable, "-c", UPLOAD_AND_DIE, config.model_dump_json(), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()  # the first file is in the bucket
+    assert line.startswith("uploaded"), line + process.stdout.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.endswith(line.split()[-1].rsplit("/", 1)[-1]) for k in keys)  # part is there
+    store = Store(config, tmp_path / "reader")
+    assert store.marker("raftjob/r/u/data") is None
+    assert store.complete_children("raftjob/r/u") == []
+    with pytest.raises(WorkloadError) as missing:
+        store.pull("raftjob/r/u/data")
+    assert missing.value.reason == "ArtifactMissing"
+    assert MARKER in missing.value.message and "did not finish" in missing.value.message
+    assert not (tmp_path / "reader" / "raftjob/r/u/data").exists()
+
+
+def test_a_corrupted_object_fails_the_download_and_leaves_nothing(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    store = Store(store_config(tmp_path, s3_server, bucket), tmp_path / "a")
+    store.push(a_folder(tmp_path / "a", "m"))
+    s3_server.client().put_object(Bucket=bucket, Key="tailor/m/weights.bin", Body=b"tampered")
+    reader = Store(store_config(tmp_path, s3_server, bucket), tmp_path / "b")
+    with pytest.raises(WorkloadError) as corrupt:
+        reader.pull("m")
+    assert corrupt.value.reason == "ArtifactCorrupt" and "weights.bin" in corrupt.value.message
+    assert not (tmp_path / "b" / "m").exists()
+    assert list((tmp_path / "b").iterdir()) == []  # no temporary folder left either
+
+
+def test_wrong_keys_and_a_missing_bucket_name_the_fix(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    wrong = Store(store_config(tmp_path, s3_server, bucket, secret="not-the-key"), tmp_path)
+    with pytest.raises(WorkloadError) as refused:
+        wrong.push(a_folder(tmp_path, "x"))
+    assert refused.value.reason == "StoreCredentialsInvalid"
+    assert "Secret s3-keys" in refused.value.message
+    assert "AWS_SECRET_ACCESS_KEY" in refused.value.message
+    assert "not-the-key" not in refused.value.message  # never the value
+
+    absent = Store(store_config(tmp_path, s3_server, "no-such-bucket-here"), tmp_path)
+    with pytest.raises(WorkloadError) as no_bucket:
+        absent.marker("x")
+    assert no_bucket.value.reason == "StoreBucketMissing"
+    assert "no-such-bucket-here" in no_bucket.value.message
+
+    (tmp_path / "secrets" / "s3-keys" / "AWS_ACCESS_KEY_ID").unlink()  # a key not in the Secret
+    config = ObjectStore(
+        bucket=bucket,
+        endpoint=s3_server.endpoint,
+        secret_name="s3-keys",
+        credentials_dir=str(tmp_path / "secrets" / "s3-keys"),
+    )
+    with pytest.raises(WorkloadError) as missing_key:
+        Store(config, tmp_path)
+    assert missing_key.value.reason == "StoreCredentialsMissing"
+    assert "AWS_ACCESS_KEY_ID" in missing_key.value.message
+
+
+# ------------------------------------------------------------------------------ trainer
+
+
+def s3_run(scratch: Path, pvcs: Path, config: ObjectStore, **training: int) -> TrainRun:
+    """The tiny-Llama LoRA run of test_train.py, with its artifacts in the bucket."""
+    from tests.workloads.test_train import make_run
+
+    run = make_run(scratch, pvcs, training=training, checkpoint={"everySteps": 5, "keep": 2})
+    rel = "finetunejob/ftj1/u1"
+    return run.model_copy(
+        update={
+            "output_dir": str(scratch / rel / "model"),
+            "checkpoint_dir": str(scratch / rel / "checkpoints"),
+            "paths": Paths(artifacts=str(scratch), pvcs=str(pvcs), store=config),
+        }
+    )
+
+
+def test_training_publishes_to_the_bucket_and_a_killed_pod_resumes_from_it(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    from tests.workloads.test_train import run_workload
+
+    pvcs = tiny_model_volume(tmp_path / "pvcs")
+    config = store_config(tmp_path, s3_server, bucket)
+    first = s3_run(tmp_path / "pod-1", pvcs, config, maxSteps=60, epochs=1)
+    process = run_workload(first, tmp_path)
+    store = Store(config, tmp_path / "reader")
+    deadline = time.monotonic() + 300
+    while not store.complete_children("finetunejob/ftj1/u1/checkpoints"):
+        assert process.poll() is None, process.communicate()[0].decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in the bucket within 5 minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the node goes away with its scratch folder
+    process.communicate(timeout=60)
+    uploaded = store.complete_children("finetunejob/ftj1/u1/checkpoints")
+    newest = max(int(n.removeprefix("step-")) for n in uploaded)
+    assert store.marker("finetunejob/ftj1/u1/model") is None  # not published yet
+
+    second = s3_run(tmp_path / "pod-2", pvcs, config, maxSteps=60, epochs=1)  # empty scratch
+    artifact = train(second)
+    assert artifact.uri == f"s3://{bucket}/tailor/finetunejob/ftj1/u1/model/"
+    model = store.pull("finetunejob/ftj1/u1/model")
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["metrics"]["resumedFromStep"] >= newest
+    assert manifest["metrics"]["steps"] == 60
+    assert (model / "adapter_config.json").is_file()
+    # the bucket keeps the newest `keep` checkpoints, as the volume does
+    assert len(store.complete_children("finetunejob/ftj1/u1/checkpoints")) <= 2
+
+    from tailor.workloads.train import verify_artifact
+
+    verified = verify_artifact(Path(second.output_dir), Store(config, tmp_path / "pod-2"))
+    assert verified["files"] == len(manifest["files"])
+
+
+def test_a_restarted_dev_server_keeps_its_objects_and_still_takes_new_ones(tmp_path: Path) -> None:
+    server = S3Server(tmp_path / "s3")
+    try:
+        server.up(buckets=("keep",))
+        store = Store(store_config(tmp_path, server, "keep"), tmp_path / "a")
+        store.push(a_folder(tmp_path / "a", "before", size=1 << 16))
+        server.down()
+        server.up()  # same ports again: SeaweedFS's master state still matches its volumes
+        again = Store(store_config(tmp_path, server, "keep"), tmp_path / "b")
+        assert (again.pull("before") / "sub" / "config.json").read_text() == '{"r": 8}'
+        server.create_bucket("new-bucket")  # growing volumes for a new collection works
+        fresh = Store(store_config(tmp_path, server, "new-bucket"), tmp_path / "a")
+        fresh.push(tmp_path / "a" / "before")
+        assert fresh.complete_children("") == ["before"]
+    finally:
+        server.down()
