@@ -55,6 +55,14 @@ class ObjectStore(TailorModel):
         default=None, description="Where that Secret is mounted (one file per key)."
     )
 
+    def key(self, path: str) -> str:
+        """The object key of a path under the artifacts root: ``<prefix>/<path>``."""
+        return "/".join(p for p in (self.prefix.strip("/"), path.strip("/")) if p)
+
+    def uri(self, path: str) -> str:
+        """``s3://<bucket>/<prefix>/<path>``."""
+        return f"s3://{self.bucket}/{self.key(path)}"
+
 
 class Paths(TailorModel):
     """Where the runtime mounted volumes."""

@@ -114,9 +114,9 @@ def artifact_dir(parent: Parent) -> str:
 def store_uri(settings: OperatorSettings, path: str) -> str:
     """The URI of a path under the artifacts root: ``s3://<bucket>/<prefix>/<path>`` with
     the s3 store, ``pvc://<claim>/<path>`` with the pvc store."""
-    if settings.artifacts_store == "s3":
-        key = "/".join(p for p in (settings.s3_prefix.strip("/"), path) if p)
-        return f"s3://{settings.s3_bucket}/{key}"
+    store = object_store(settings)
+    if store:
+        return store.uri(path)
     return f"pvc://{settings.artifacts_pvc}/{path}"
 
 

@@ -288,10 +288,7 @@ def artifact_uri(output: Path, paths: Paths) -> str:
     resolved = output.resolve()
     root = Path(paths.artifacts).resolve()
     if paths.store and resolved.is_relative_to(root):
-        key = "/".join(
-            p for p in (paths.store.prefix.strip("/"), relative_key(resolved, root)) if p
-        )
-        return f"s3://{paths.store.bucket}/{key}/"
+        return paths.store.uri(relative_key(resolved, root)) + "/"
     if resolved.is_relative_to(pvcs) and resolved != pvcs:
         return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
     return f"file://{resolved.as_posix()}/"

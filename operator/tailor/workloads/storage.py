@@ -26,7 +26,6 @@ from tailor.api.workloads import ObjectStore, Paths
 from tailor.workloads.common import (
     RetryableError,
     WorkloadError,
-    artifact_uri,
     relative_key,
     sha256_file,
 )
@@ -52,7 +51,6 @@ class Store:
 
         self.config = config
         self.root = Path(root)
-        self.prefix = config.prefix.strip("/")
         key_id, secret = self._credentials()
         self.client = boto3.session.Session().client(
             "s3",
@@ -108,11 +106,11 @@ class Store:
         return relative_key(Path(local), self.root)
 
     def key(self, rel: str) -> str:
-        rel = rel.strip("/")
-        return "/".join(p for p in (self.prefix, rel) if p)
+        return self.config.key(rel)
 
     def uri(self, rel: str) -> str:
-        return artifact_uri(self.root / rel, Paths(artifacts=str(self.root), store=self.config))
+        """The folder's URI, as ``status.artifact.uri`` names it (with a trailing /)."""
+        return self.config.uri(rel) + "/"
 
     # -- errors -----------------------------------------------------------------------------
 
