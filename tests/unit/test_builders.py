@@ -330,6 +330,28 @@ def test_a_completed_training_job_succeeds_only_with_the_trainers_verified_artif
     assert require_artifact(running) is running and require_artifact(None) is None
 
 
+@pytest.mark.parametrize(
+    ("path", "reason", "report"),
+    [
+        ("dataset.artifact.sha256", "DatasetMissing", {"dataset": {"artifact": {"sha256": "ab"}}}),
+        ("evaluation.artifact.sha256", "EvaluationMissing", {"evaluation": {"artifact": {"sha256": "cd"}}}),
+    ],
+)  # fmt: skip
+def test_a_raft_stage_job_is_done_only_with_its_workloads_report(
+    path: str, reason: str, report: dict[str, Any]
+) -> None:
+    from tailor.runtime.base import RunState, require_report
+
+    done = RunState(phase="Succeeded", result=report)
+    assert require_report(done, path, reason, "m") is done
+    for result in (None, {}, {"reason": "Completed"}, {path.split(".")[0]: {"artifact": {}}},
+                   {path.split(".")[0]: "not an object"}):  # fmt: skip
+        failed = require_report(RunState(phase="Succeeded", result=result), path, reason, "m")
+        assert failed is not None and (failed.phase, failed.reason) == ("Failed", reason)
+    running = RunState(phase="Running")
+    assert require_report(running, path, reason, "m") is running
+
+
 @pytest.mark.parametrize(("nodes", "gpus", "procs"), [(1, 0, 1), (1, 1, 1), (1, 4, 4), (2, 0, 2)])
 def test_the_local_runtime_runs_every_rank_on_its_host_under_torchrun(
     nodes: int, gpus: int, procs: int, tmp_path: Path

@@ -17,8 +17,9 @@ import pytest
 
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
 from tailor.workloads.apibench import Corpus, load_documents, load_questions, raft_question
-from tailor.workloads.common import WorkloadError
+from tailor.workloads.common import WorkloadError, sha256_file
 from tailor.workloads.evaluate import evaluate, load_holdout, normalise, score
+from tailor.workloads.evaluate import work as evaluate_work
 from tailor.workloads.index import build_index
 from tailor.workloads.raft_data import (
     ANSWER_MARK,
@@ -224,6 +225,18 @@ def run_module(module: str, spec: Any, tmp_path: Path) -> tuple[int, dict[str, s
     return result.returncode, message
 
 
+def test_the_data_workload_reports_its_dataset_last_for_the_operator(
+    root: Path, knowledge_base: IndexRun, tmp_path: Path
+) -> None:
+    run = data_run(root, knowledge_base, out="reported")
+    code, message = run_module("raft_data", run, tmp_path)
+    assert code == 0, message
+    out = Path(run.output_dir)
+    assert message["reason"] == "DataGenerated"
+    assert message["dataset"]["artifact"]["sha256"] == sha256_file(out / "manifest.json")
+    assert message["dataset"]["examples"] == len(records(out / "train.jsonl"))
+
+
 def test_an_oracle_share_outside_0_1_is_refused_naming_the_field(
     root: Path, knowledge_base: IndexRun, tmp_path: Path
 ) -> None:
@@ -400,3 +413,36 @@ def test_a_teacher_writes_questions_and_only_verbatim_quoting_answers_are_kept(
     for q in kept:
         assert q.gold is not None and q.cot is not None
         assert quotes_are_verbatim(q.cot, q.gold.text) and q.answer == final_answer(q.cot)
+
+
+def test_the_evaluation_reports_its_scores_last_for_the_operator(
+    root: Path,
+    dataset: RaftDataRun,
+    knowledge_base: IndexRun,
+    server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("TAILOR_TERMINATION_LOG", str(log))
+    out = root / "artifacts" / "evaluation-reported"
+    run = EvaluateRun.model_validate(
+        {
+            "owner": OWNER,
+            "paths": paths(root),
+            "reporter": {"kind": "none"},
+            "spec": dataset.spec.model_dump(by_alias=True),
+            "knowledgeBase": knowledge_base.target.model_dump(by_alias=True),
+            "datasetDir": dataset.output_dir,
+            "endpoints": {"rag": {"baseUrl": server, "model": "md"}},
+            "outputDir": str(out),
+        }
+    )
+    evaluate_work(run)
+    message = json.loads(log.read_text())
+    assert message["reason"] == "Evaluated"
+    report = message["evaluation"]
+    assert report["artifact"]["sha256"] == sha256_file(out / "results.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert report["rag"]["accuracy"] == summary["systems"]["rag"]["accuracy"]
+    assert report["rag"]["total"] == 4

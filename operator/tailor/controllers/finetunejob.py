@@ -9,7 +9,6 @@ the trainer itself through its per-run ServiceAccount; the operator owns the pha
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
@@ -18,7 +17,7 @@ from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
 from tailor.controllers.context import Operator, changed, condition, syncer
 from tailor.observability.operator import PHASES, RUN_SECONDS
-from tailor.runtime.base import RunState
+from tailor.runtime.base import RunState, require_report
 
 KIND = "FineTuneJob"
 
@@ -196,15 +195,11 @@ def require_artifact(state: RunState | None) -> RunState | None:
     """A completed training Job is Succeeded only if its trainer reported the artifact it
     published and verified (manifest.json present, every file's sha256 as listed); a Job
     that completes without that report is Failed with reason ArtifactMissing."""
-    if state is None or state.phase != "Succeeded":
-        return state
-    if ((state.result or {}).get("artifact") or {}).get("sha256"):
-        return state
-    return replace(
+    return require_report(
         state,
-        phase="Failed",
-        reason="ArtifactMissing",
-        message="the training Job completed but its trainer reported no verified artifact "
+        "artifact.sha256",
+        "ArtifactMissing",
+        "the training Job completed but its trainer reported no verified artifact "
         "(manifest.json with checksums): see the trainer's log",
     )
 

@@ -1,5 +1,8 @@
 """RAFTJob controller: GeneratingData (a Job), Training (a child FineTuneJob), Evaluating
 (a child ModelDeployment serving base + RAFT adapter, then an evaluation Job), Succeeded.
+A stage's Job counts as done only with its workload's report (the dataset's, the scores'
+checksum) in its termination message; a Job that completes without one fails the RAFTJob
+(DatasetMissing, EvaluationMissing).
 
 Every stage is derived from the children that exist, so a restarted operator continues
 where the previous one stopped; ``status.stage`` shows it to users.
@@ -24,6 +27,7 @@ from tailor.builders.raftjob import (
     eval_deployment_name,
 )
 from tailor.controllers.context import Operator, condition, syncer
+from tailor.runtime.base import require_report
 
 KIND = "RAFTJob"
 
@@ -102,6 +106,13 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
     if state is None:
         op.runtime.start(data)
         state = op.runtime.run_state(parent.namespace, data.name)
+    state = require_report(
+        state,
+        "dataset.artifact.sha256",
+        "DatasetMissing",
+        "the data Job completed but reported no dataset (manifest.json with its checksum): "
+        "see the raft_data log",
+    )
     if state is None or state.phase != "Succeeded":
         if state is not None and state.phase == "Failed":
             op.patch_status(
@@ -191,6 +202,13 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
     if state is None:
         op.runtime.start(evaluation)
         state = op.runtime.run_state(parent.namespace, evaluation.name)
+    state = require_report(
+        state,
+        "evaluation.artifact.sha256",
+        "EvaluationMissing",
+        "the evaluation Job completed but reported no scores (results.jsonl with its "
+        "checksum): see the evaluate log",
+    )
     if state is None or state.phase not in ("Succeeded", "Failed"):
         ready: dict[str, Any] = next(
             (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}

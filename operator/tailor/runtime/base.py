@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from tailor.builders.common import Manifest, Workload
@@ -31,6 +31,22 @@ class RunState:
     result: dict[str, Any] | None = None
     """What the workload reported when it succeeded (its termination message, e.g. the
     trainer's verified artifact), None if it reported nothing."""
+
+
+def require_report(state: RunState | None, path: str, reason: str, message: str) -> RunState | None:
+    """A completed Job is Succeeded only if its workload's termination message, which it
+    writes once its output is in place, holds a non-empty value at ``path`` (dotted, e.g.
+    ``artifact.sha256``); otherwise the run is Failed with ``reason``, so a Job that exits 0
+    without doing its work (a wrong command, a writer killed after the fact) is never
+    taken for success."""
+    if state is None or state.phase != "Succeeded":
+        return state
+    value: Any = state.result
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value:
+        return state
+    return replace(state, phase="Failed", reason=reason, message=message)
 
 
 @dataclass(frozen=True)

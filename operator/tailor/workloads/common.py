@@ -260,14 +260,16 @@ def termination_log_path() -> str | None:
     return "/dev/termination-log" if os.path.exists("/dev/termination-log") else None
 
 
-def write_termination_message(reason: str, message: str) -> None:
-    """Record ``{"reason", "message"}`` for the operator; best effort (never raises)."""
+def write_termination_message(reason: str, message: str, **extra: Any) -> None:
+    """Record ``{"reason", "message", **extra}`` for the operator, which reads it into a
+    condition on failure and, on success, takes the workload's report from it (the
+    trainer's verified artifact, the evaluator's scores); best effort (never raises)."""
     path = termination_log_path()
     if path is None:
         return
     try:
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"reason": reason, "message": message[-3000:]}, fh)
+            json.dump({"reason": reason, "message": message[-3000:], **extra}, fh)
     except OSError:
         pass
 

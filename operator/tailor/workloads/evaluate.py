@@ -43,6 +43,7 @@ from tailor.workloads.common import (
     make_reporter,
     run_main,
     sha256_file,
+    write_termination_message,
 )
 from tailor.workloads.raft_data import Doc, chat_record, final_answer, load_chunks
 from tailor.workloads.storage import store_of
@@ -387,7 +388,10 @@ def work(run: EvaluateRun) -> None:
     store = store_of(run.paths)
     if store:  # results and summary also land in the bucket
         store.push(run.output_dir)
-    make_reporter(run.reporter, run.owner).report(status_patch(run, summary), final=True)
+    patch = status_patch(run, summary)
+    make_reporter(run.reporter, run.owner).report(patch, final=True)
+    # last: the operator calls the RAFTJob Succeeded only with this report
+    write_termination_message("Evaluated", patch["evaluation"]["artifact"]["uri"], **patch)
 
 
 def main(argv: list[str] | None = None) -> int:

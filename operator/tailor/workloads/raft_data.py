@@ -56,6 +56,7 @@ from tailor.workloads.common import (
     read_secret,
     run_main,
     sha256_file,
+    write_termination_message,
 )
 from tailor.workloads.storage import store_of
 
@@ -748,8 +749,10 @@ def work(run: RaftDataRun) -> None:
     store = store_of(run.paths)
     if store:  # the dataset also lands in the bucket (marker last); the claim keeps its copy
         store.push(run.output_dir)
-    reporter = make_reporter(run.reporter, run.owner)
-    reporter.report(status_patch(run, stats), final=True)
+    patch = status_patch(run, stats)
+    make_reporter(run.reporter, run.owner).report(patch, final=True)
+    # last: the operator takes the stage as done only with this report
+    write_termination_message("DataGenerated", patch["dataset"]["artifact"]["uri"], **patch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from tailor.workloads.common import (
     read_spec,
     setup_logging,
     sha256_file,
+    write_termination_message,
 )
 from tailor.workloads.distributed import World
 from tailor.workloads.models import load_causal_lm, load_tokenizer
@@ -71,7 +72,6 @@ from tailor.workloads.train_data import (
 
 log = logging.getLogger("tailor.workloads.train")
 
-TERMINATION_LOG = "/dev/termination-log"
 CHECKPOINT_PREFIX = "step-"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -1041,16 +1041,6 @@ def _eval_entry(step: int, epoch: float, loss: float) -> dict[str, float]:
 
 
 # --- the program ---------------------------------------------------------------------------
-
-
-def write_termination_message(reason: str, message: str, **extra: Any) -> None:
-    """Tell Kubernetes why the pod ended (the operator reads it into a condition, and on
-    success takes the verified artifact from it)."""
-    path = Path(os.environ.get("TAILOR_TERMINATION_LOG", TERMINATION_LOG))
-    try:
-        path.write_text(json.dumps({"reason": reason, "message": message[:3000], **extra}))
-    except OSError:
-        pass  # not in a pod, or not writable: the log line is enough
 
 
 def verify_artifact(output: Path, store: Store | None = None) -> dict[str, Any]:
