@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ("status",): "tailor.quickstart",
         ("example-data",): "tailor.quickstart",
         ("eval", "apibench"): "tailor.workloads.apibench",
+        ("store",): "tailor.workloads.storage",
     }
     for prefix, module in delegated.items():
         if tuple(argv[: len(prefix)]) == prefix:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `tailor up` started")
     sub.add_parser("example-data", help="create the ConfigMaps docs/examples read")
     sub.add_parser("eval", help="`tailor eval apibench`: score answers as the RAFT paper does")
+    sub.add_parser("store", help="`tailor store push FOLDER s3://bucket/key/`: upload a model")
     args = parser.parse_args(argv)
     if args.command == "crds":
         return write_crds(args.out, args.check)

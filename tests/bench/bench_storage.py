@@ -12,6 +12,12 @@ On the dev S3 server (SeaweedFS, started here on 127.0.0.1), a SmolLM2-size arti
 Passes alternate (baseline, store, baseline, ...) and the median of each is kept. The goal
 (issue 17) is a ratio of at least 0.8 both ways.
 
+Then the model cache: the builtin SmolLM2-135M (its safetensors folder) is pushed to the
+bucket and loaded as a ``uri: s3://...`` base model by a "first replica" (empty cache: the
+folder is downloaded and checked) and a "second replica" sharing that cache (one GET of
+the marker), each timed for the fetch alone and for fetch + ``from_pretrained``. Goal:
+the second replica's start >= 10x faster.
+
     .venv/bin/python tests/bench/bench_storage.py [--megabytes 270] [--repeat 3]
 """
 
@@ -25,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tailor.api.workloads import ObjectStore
+from tailor.api.common import ModelSource
+from tailor.api.workloads import ObjectStore, Paths
 from tailor.devcluster.cluster import state_root
 from tailor.devcluster.s3 import S3Server
-from tailor.workloads.storage import Store
+from tailor.workloads.models import load_causal_lm, materialize_gguf
+from tailor.workloads.storage import Store, pull_model
 
 
 def make_artifact(folder: Path, megabytes: int) -> int:
@@ -105,9 +113,42 @@ def main() -> None:
         for way in ("up", "down"):
             ratio = median[f"raw {way}"] / median[f"store {way}"]
             print(f"store / raw speed, {way}: {ratio:.2f} (goal >= 0.8)")
+        model_cache(config, work, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         server.down()
+
+
+def model_cache(config: ObjectStore, work: Path, repeat: int) -> None:
+    from tailor.workloads.common import builtin_path
+
+    folder = materialize_gguf(Path(builtin_path("smollm2-135m-instruct")))
+    Store(config.model_copy(update={"prefix": ""}), folder.parent).push(folder, "models/smollm2")
+    source = ModelSource(uri="s3://bench/models/smollm2/")
+    paths = Paths(artifacts=str(work / "scratch"), store=config)
+    times: dict[str, list[float]] = {
+        k: [] for k in ("first fetch", "second fetch", "first start", "second start")
+    }
+    for i in range(repeat):
+        os.environ["TAILOR_MODEL_CACHE"] = str(work / f"cache-{i}")
+        for replica in ("first", "second"):
+            started = time.perf_counter()
+            pull_model(("bench", "models/smollm2"), paths)
+            times[f"{replica} fetch"].append(time.perf_counter() - started)
+        shutil.rmtree(work / f"cache-{i}")
+        for replica in ("first", "second"):
+            started = time.perf_counter()
+            load_causal_lm(source, paths)
+            times[f"{replica} start"].append(time.perf_counter() - started)
+        shutil.rmtree(work / f"cache-{i}")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
+    print(f"model cache: SmolLM2-135M, {size:.0f} MB as s3://bench/models/smollm2/; medians")
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for key, seconds in median.items():
+        print(f"{key:<13} {seconds:>8.3f} s")
+    for step in ("fetch", "start"):
+        ratio = median[f"first {step}"] / median[f"second {step}"]
+        print(f"second replica / first, {step}: {ratio:.1f}x faster (goal >= 10x)")
 
 
 if __name__ == "__main__":

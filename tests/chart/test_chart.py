@@ -182,6 +182,19 @@ def test_the_s3_store_reaches_the_operator_and_its_secret_by_name_only() -> None
     assert "TAILOR_S3_BUCKET" not in names  # the pvc store by default
 
 
+def test_a_model_cache_claim_reaches_the_operator() -> None:
+    values = {"workloads": {"modelCache": {"claimName": "model-cache"}}}
+    (deployment,) = by_kind(render(values))["Deployment"]
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert OperatorSettings.from_env(env).model_cache_claim == "model-cache"
+    (default,) = by_kind(render({}))["Deployment"]
+    names = {e["name"] for e in default["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "TAILOR_MODEL_CACHE_CLAIM" not in names
+
+
 def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
     objects = by_kind(render({"watchNamespaces": ["team-a", "team-b"]}))
     lease = "tailor-leader-election"  # the leader-election Role, in the release namespace

@@ -438,3 +438,37 @@ def test_created_artifacts_claim_has_the_configured_access_mode() -> None:
     rwx = OperatorSettings(artifacts_access_mode="ReadWriteMany")
     assert artifacts_pvc(rwx, "ns")["spec"]["accessModes"] == ["ReadWriteMany"]
     assert artifacts_pvc(SETTINGS, "ns")["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_model_uris_mount_what_they_name_and_a_cache_claim_is_shared() -> None:
+    from tailor.api.common import ModelSource
+
+    hub = ModelSource(uri="hf://HuggingFaceTB/SmolLM2-135M-Instruct@v1.0")
+    assert hub.hub is not None and (hub.hub.repo, hub.hub.revision) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "v1.0",
+    )
+    assert ModelSource(uri="hf://a/b").hub.revision == "main"  # type: ignore[union-attr]
+    claim = ModelSource(uri="pvc://models/llama/7b/").claim
+    assert claim is not None and (claim.claim_name, claim.path) == ("models", "llama/7b")
+    assert ModelSource(uri="s3://team-models/base/x/").s3 == ("team-models", "base/x")
+    assert ModelSource(builtin="smollm2-135m-instruct").s3 is None
+
+    spec = spec_of("finetunejob", baseModel={"uri": "pvc://models/llama"})
+    cached = OperatorSettings(model_cache_claim="model-cache")
+    job = by_kind(build_training(spec, parent("FineTuneJob", "t"), cached).manifests)["Job"]
+    volumes = volumes_of(job)
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in volumes.values()
+        if "persistentVolumeClaim" in v
+    ]
+    assert "models" in claims  # the pvc:// base model's claim is mounted
+    assert volumes["cache"] == {
+        "name": "cache",
+        "persistentVolumeClaim": {"claimName": "model-cache"},
+    }
+    mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "cache", "mountPath": "/home/tailor/.cache"} in mounts
+    plain = by_kind(build_training(spec, parent("FineTuneJob", "t"), SETTINGS).manifests)["Job"]
+    assert volumes_of(plain)["cache"] == {"name": "cache", "emptyDir": {}}

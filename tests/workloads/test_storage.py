@@ -240,3 +240,49 @@ def test_a_restarted_dev_server_keeps_its_objects_and_still_takes_new_ones(tmp_p
         assert fresh.complete_children("") == ["before"]
     finally:
         server.down()
+
+
+def test_an_s3_model_source_is_fetched_once_into_the_cache_and_loads(
+    tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tailor.api.common import ModelSource
+    from tailor.workloads.models import load_causal_lm
+
+    model = tiny_model_volume(tmp_path / "src") / "models" / "tiny"
+    creds = s3_server.credentials
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": creds.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": creds.secret_access_key,
+    }
+    uri = f"s3://{bucket}/models/tiny/"
+    push = subprocess.run(
+        [sys.executable, "-m", "tailor.cli", "store", "push", str(model), uri,
+         "--endpoint", s3_server.endpoint],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert push.returncode == 0, push.stderr
+    assert f"to {uri}" in push.stdout
+
+    monkeypatch.setenv("TAILOR_MODEL_CACHE", str(tmp_path / "cache"))
+    paths = Paths(
+        artifacts=str(tmp_path / "scratch"), store=store_config(tmp_path, s3_server, bucket)
+    )
+    source = ModelSource(uri=uri)
+    loaded = load_causal_lm(source, paths)
+    assert loaded.config.num_hidden_layers == 2
+    cached = tmp_path / "cache" / "s3" / bucket / "models" / "tiny"
+    weights = cached / "model.safetensors"
+    assert weights.read_bytes() == (model / "model.safetensors").read_bytes()
+    stamp = weights.stat().st_ino, weights.stat().st_mtime_ns
+    load_causal_lm(source, paths)  # a second pod on the same cache: nothing downloaded
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == stamp
+
+    with pytest.raises(WorkloadError) as missing:
+        load_causal_lm(ModelSource(uri=f"s3://{bucket}/models/none/"), paths)
+    assert missing.value.reason == "ModelNotFound"
+    assert "tailor store push" in missing.value.message
+    with pytest.raises(WorkloadError) as no_store:
+        load_causal_lm(source, Paths(artifacts=str(tmp_path / "scratch")))
+    assert no_store.value.reason == "ModelStoreMissing"
+    assert "artifacts.store" in no_store.value.message

@@ -102,6 +102,14 @@ class PvcPath(TailorModel):
     )
 
 
+MODEL_URI = (
+    "^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
+    "|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^.]|[.][^.]|[.][.][^/])+"
+    "|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/([^.]|[.][^.]|[.][.][^/])*)?)$"
+)
+"""The model URIs Tailor reads (RE2 and Python alike): no ``..`` path segment."""
+
+
 class _ModelSource(TailorModel):
     huggingface: HuggingFaceModel | None = Field(
         default=None, description="Load from the Hugging Face Hub."
@@ -110,18 +118,59 @@ class _ModelSource(TailorModel):
         default=None,
         description="Load from a volume: a Hugging Face format folder or a single .gguf file.",
     )
-
-    rules = (
-        Rule(
-            cel=cel_exactly_one("builtin", "huggingface", "pvc"),
-            message="set exactly one of builtin, huggingface or pvc",
-            check=lambda m: exactly_one(m, "builtin", "huggingface", "pvc"),
+    uri: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "The model by URI, as KServe names storage: hf://org/name[@revision] (the Hub), "
+            "s3://bucket/path/ (a folder Tailor uploaded, e.g. a full fine-tune's artifact; "
+            "read with the operator's S3 connection and checked against its upload marker) "
+            "or pvc://claim/path."
         ),
     )
 
+    rules = (
+        Rule(
+            cel=cel_exactly_one("builtin", "huggingface", "pvc", "uri"),
+            message="set exactly one of builtin, huggingface, pvc or uri",
+            check=lambda m: exactly_one(m, "builtin", "huggingface", "pvc", "uri"),
+        ),
+        Rule(
+            cel=f"!has(self.uri) || self.uri.matches('{MODEL_URI}')",
+            message="uri must be hf://org/name[@revision], s3://bucket/path/ or "
+            "pvc://claim/path (no '..' segment)",
+            check=lambda m: m.uri is None or re.match(MODEL_URI, m.uri) is not None,
+            field="uri",
+        ),
+    )
+
+    @property
+    def hub(self) -> HuggingFaceModel | None:
+        """The Hub repository, from ``huggingface`` or an ``hf://`` uri."""
+        if self.huggingface or not (self.uri or "").startswith("hf://"):
+            return self.huggingface
+        repo, _, revision = (self.uri or "")[len("hf://") :].partition("@")
+        return HuggingFaceModel(repo=repo, revision=revision or "main")
+
+    @property
+    def claim(self) -> PvcPath | None:
+        """The volume path, from ``pvc`` or a ``pvc://`` uri."""
+        if self.pvc or not (self.uri or "").startswith("pvc://"):
+            return self.pvc
+        name, _, path = (self.uri or "")[len("pvc://") :].partition("/")
+        return PvcPath(claim_name=name, path=path.strip("/"))
+
+    @property
+    def s3(self) -> tuple[str, str] | None:
+        """(bucket, key of the folder) of an ``s3://`` uri."""
+        if not (self.uri or "").startswith("s3://"):
+            return None
+        bucket, _, key = (self.uri or "")[len("s3://") :].partition("/")
+        return bucket, key.strip("/")
+
 
 class ModelSource(_ModelSource):
-    """Where a language model comes from: exactly one of builtin, huggingface or pvc."""
+    """Where a language model comes from: exactly one of builtin, huggingface, pvc or uri."""
 
     builtin: Literal["smollm2-135m-instruct"] | None = Field(
         default=None,
@@ -133,7 +182,7 @@ class ModelSource(_ModelSource):
 
 
 class EmbeddingModelSource(_ModelSource):
-    """Where an embedding model comes from: exactly one of builtin, huggingface or pvc."""
+    """Where an embedding model comes from: exactly one of builtin, huggingface, pvc or uri."""
 
     builtin: Literal["minilm-l6-v2"] | None = Field(
         default=None,

@@ -64,6 +64,13 @@ class OperatorSettings(TailorModel):
         description="s3 store: Secret (in each namespace) with AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY; unset: the pods' own credentials (IRSA, workload identity).",
     )
+    model_cache_claim: str | None = Field(
+        default=None,
+        description="A claim (in each namespace that runs workloads) mounted as every "
+        "workload pod's cache folder: the Hub's cache (keyed by repo, revision and file "
+        "hash), converted GGUF weights and s3:// models, each fetched once and shared by "
+        "the pods that mount it (ReadWriteMany: across nodes). Unset: a cache per pod.",
+    )
     serve_port: int = Field(default=8000, description="Port of the OpenAI-compatible servers.")
     metrics_port: int = Field(default=9090, description="Prometheus port of workload pods.")
     progress_interval_seconds: float = Field(

@@ -205,10 +205,11 @@ class Mounts:
         return self
 
     def add_model(self, model: ModelSource | EmbeddingModelSource | None) -> Mounts:
-        if model and model.pvc:
-            self.pvcs.add(model.pvc.claim_name)
-        if model and model.huggingface and model.huggingface.token_secret_ref:
-            self.secrets.add(model.huggingface.token_secret_ref.name)
+        claim, hub = (model.claim, model.hub) if model else (None, None)
+        if claim:
+            self.pvcs.add(claim.claim_name)
+        if hub and hub.token_secret_ref:
+            self.secrets.add(hub.token_secret_ref.name)
         return self
 
     def add_pvc(self, pvc: PvcPath | None) -> Mounts:
@@ -247,7 +248,9 @@ def volumes_and_mounts(
         if on_claim
         else {"name": "artifacts", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
+        {"name": "cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
+        if settings.model_cache_claim
+        else {"name": "cache", "emptyDir": {}},
     ]
     container_mounts: list[Manifest] = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},

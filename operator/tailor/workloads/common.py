@@ -77,16 +77,22 @@ def builtin_path(name: str) -> Path:
 
 
 def model_path(source: ModelSource | EmbeddingModelSource, paths: Paths) -> Path | str:
-    """A local path for builtin and pvc sources; the repo id for huggingface sources."""
+    """A local path for builtin, pvc and s3 sources (an s3 folder is downloaded into the
+    model cache first); the repo id for Hub sources."""
     if source.builtin:
         return builtin_path(source.builtin)
-    if source.pvc:
-        path = Path(paths.pvcs) / source.pvc.claim_name / source.pvc.path
+    if claim := source.claim:
+        path = Path(paths.pvcs) / claim.claim_name / claim.path
         if not path.exists():
             raise WorkloadError("ModelNotFound", f"model path {path} does not exist")
         return path
-    assert source.huggingface is not None
-    return source.huggingface.repo
+    if source.s3:
+        from tailor.workloads.storage import pull_model
+
+        return pull_model(source.s3, paths)
+    hub = source.hub
+    assert hub is not None
+    return hub.repo
 
 
 def read_secret(ref: SecretKeyRef, paths: Paths) -> str:

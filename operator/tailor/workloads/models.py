@@ -65,12 +65,12 @@ def resolve_model_dir(source: ModelSource, paths: Paths) -> tuple[str, dict[str,
     """(name or path for ``from_pretrained``, extra keyword arguments) of a ModelSource."""
     location = model_path(source, paths)
     kwargs: dict[str, Any] = {}
-    if source.huggingface:
-        kwargs["revision"] = source.huggingface.revision
-        if source.huggingface.token_secret_ref:
-            kwargs["token"] = read_secret(source.huggingface.token_secret_ref, paths)
-        if source.huggingface.file:
-            kwargs["gguf_file"] = source.huggingface.file
+    if hub := source.hub:
+        kwargs["revision"] = hub.revision
+        if hub.token_secret_ref:
+            kwargs["token"] = read_secret(hub.token_secret_ref, paths)
+        if hub.file:
+            kwargs["gguf_file"] = hub.file
         return str(location), kwargs
     path = Path(location)
     if path.suffix == ".gguf":

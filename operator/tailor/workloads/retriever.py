@@ -152,7 +152,7 @@ def load_embedder(embedding: Embedding, paths: Paths, device: str | None = None)
         if cache_key in _embedders:
             return _embedders[cache_key]
         kwargs: dict[str, Any] = {"device": device}
-        source = embedding.model.huggingface
+        source = embedding.model.hub
         if source is not None:
             kwargs["revision"] = source.revision
             if source.token_secret_ref is not None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -303,3 +304,83 @@ class Store:
 def store_of(paths: Paths) -> Store | None:
     """The run's object store, or None when artifacts live on the mounted volume."""
     return Store(paths.store, paths.artifacts) if paths.store else None
+
+
+def pull_model(location: tuple[str, str], paths: Paths) -> Path:
+    """An ``s3://<bucket>/<key>/`` model folder, downloaded once into the model cache
+    (``<cache>/s3/<bucket>/<key>``) and checked against its upload marker; later loads,
+    by this pod or any pod sharing the cache, read it after one small GET of the marker.
+    Pods that ask at once wait on a file lock for the first download instead of fetching
+    a copy each. The bucket is read with the run's S3 connection (endpoint, region,
+    credentials Secret)."""
+    import fcntl
+
+    from tailor.workloads.models import cache_root
+
+    bucket, key = location
+    uri = f"s3://{bucket}/{key}/"
+    if paths.store is None:
+        raise WorkloadError(
+            "ModelStoreMissing",
+            f"the model {uri} is in S3 but this cluster has no S3 connection: set the "
+            "operator's artifacts.store to s3 with artifacts.s3.endpoint and "
+            "artifacts.s3.secret (Helm values), or load the model from pvc:// or hf://",
+        )
+    root = cache_root() / "s3" / bucket
+    store = Store(paths.store.model_copy(update={"bucket": bucket, "prefix": ""}), root)
+    lock = root / f"{key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            return store.pull(key)
+        except WorkloadError as exc:
+            if exc.reason != "ArtifactMissing":
+                raise
+            raise WorkloadError(
+                "ModelNotFound",
+                f"{uri} holds no complete upload ({MARKER} missing): publish the model "
+                "there with a FineTuneJob (output in the s3 store) or `tailor store push`",
+            ) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tailor store push FOLDER s3://bucket/key/``: upload a folder the way Tailor's
+    workloads do (files, then the completion marker), so a model of your own can be a
+    ``uri: s3://...`` model source. Credentials come from the AWS SDK's usual chain
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role)."""
+    import argparse
+
+    from tailor.workloads.common import setup_logging
+
+    parser = argparse.ArgumentParser(prog="tailor store", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="upload a folder with its completion marker")
+    push.add_argument("folder", type=Path)
+    push.add_argument("uri", help="s3://bucket/key/")
+    push.add_argument("--endpoint", help="S3 endpoint URL (MinIO, SeaweedFS, Ceph, GCS)")
+    push.add_argument("--region", default="us-east-1")
+    push.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="path")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if not args.uri.startswith("s3://") or "/" not in args.uri[len("s3://") :].strip("/"):
+        parser.error(f"uri: {args.uri!r} is not s3://bucket/key/")
+    if not args.folder.is_dir():
+        parser.error(f"folder: {args.folder} is not a folder")
+    bucket, _, key = args.uri[len("s3://") :].partition("/")
+    config = ObjectStore(
+        bucket=bucket,
+        endpoint=args.endpoint,
+        region=args.region,
+        addressing_style=args.addressing_style,
+    )
+    try:
+        marker = Store(config, args.folder).push(args.folder, key)
+    except WorkloadError as exc:
+        print(f"{exc.reason}: {exc.message}", file=sys.stderr)
+        return 2
+    size = sum(f["sizeBytes"] for f in marker["files"])
+    print(
+        f"uploaded {len(marker['files'])} files ({size / 1e6:.1f} MB) to s3://{bucket}/{key.strip('/')}/"
+    )
+    return 0
