@@ -27,6 +27,7 @@ from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
+from tailor.runtime import rest
 from tailor.runtime.base import Runtime
 from tailor.runtime.cache import WatchCache
 
@@ -122,12 +123,11 @@ class Operator:
         """Every object of ``kind`` in the watched namespaces."""
         if self.namespaces:
             return [obj for ns in self.namespaces for obj in self.list(kind, ns)]
-        result = self.custom.list_cluster_custom_object(GROUP, VERSION, KINDS[kind].plural)
-        return cast(list[dict[str, Any]], cast(dict[str, Any], result)["items"])
+        result = rest.request(self.api_client, "GET", self._path(kind))
+        return cast(list[dict[str, Any]], result["items"])
 
-    @property
-    def custom(self) -> client.CustomObjectsApi:
-        return client.CustomObjectsApi(self.api_client)
+    def _path(self, kind: str, namespace: str | None = None, name: str = "") -> str:
+        return rest.path(f"{GROUP}/{VERSION}", KINDS[kind].plural, namespace, name)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object from the watch cache; a GET (cached too) when the watch has not
@@ -135,22 +135,17 @@ class Operator:
 
         def fetch() -> dict[str, Any] | None:
             try:
-                obj = self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, KINDS[kind].plural, name
-                )
+                return rest.request(self.api_client, "GET", self._path(kind, namespace, name))
             except ApiException as exc:
                 if exc.status == 404:
                     return None
                 raise
-            return cast(dict[str, Any], obj)
 
         return self.cache.get_or_fetch(kind, namespace, name, fetch)
 
     def list(self, kind: str, namespace: str) -> list[dict[str, Any]]:
-        result = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, KINDS[kind].plural
-        )
-        return cast(list[dict[str, Any]], cast(dict[str, Any], result)["items"])
+        result = rest.request(self.api_client, "GET", self._path(kind, namespace))
+        return cast(list[dict[str, Any]], result["items"])
 
     def patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
         """Merge ``status`` into the object's status; emit an event on a phase change."""
@@ -161,13 +156,12 @@ class Operator:
             PHASES.record(kind, meta["namespace"], meta["name"], old.get("phase"))
             return
         try:
-            written = self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                meta["namespace"],
-                KINDS[kind].plural,
-                meta["name"],
+            written = rest.request(
+                self.api_client,
+                "PATCH",
+                self._path(kind, meta["namespace"], meta["name"]) + "/status",
                 {"status": status},
+                content_type=rest.MERGE_PATCH,
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -176,7 +170,7 @@ class Operator:
             raise
         # Written through: the next sync (a child's event may trigger it before this
         # patch's own watch event arrives) sees the new status.
-        self.cache.put(kind, cast(dict[str, Any], written))
+        self.cache.put(kind, written)
         phase = status.get("phase", old.get("phase"))
         PHASES.record(kind, meta["namespace"], meta["name"], phase)
         if phase == old.get("phase"):
@@ -223,7 +217,9 @@ class Operator:
             "count": 1,
         }
         try:
-            client.CoreV1Api(self.api_client).create_namespaced_event(meta["namespace"], event)
+            rest.request(
+                self.api_client, "POST", rest.path("v1", "events", meta["namespace"]), event
+            )
         except ApiException as exc:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
                         meta["name"], exc.reason)  # fmt: skip

@@ -19,6 +19,7 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Manifest, Workload, artifacts_pvc
+from tailor.runtime import rest
 from tailor.runtime.base import (
     RunState,
     ServerState,
@@ -60,7 +61,6 @@ class KubernetesRuntime:
         self.settings = settings
         self.api_client = api_client or load_api_client()
         self.dynamic = DynamicClient(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
         self._prepared: set[str] = set()
         self.cache: WatchCache | None = None
         """The operator's watch cache (set by the operator): Jobs, pods and Deployments are
@@ -82,8 +82,11 @@ class KubernetesRuntime:
         if namespace in self._prepared or not self.settings.create_artifacts_pvc:
             return
         try:
-            self.core.create_namespaced_persistent_volume_claim(
-                namespace, artifacts_pvc(self.settings, namespace)
+            rest.request(
+                self.api_client,
+                "POST",
+                rest.path("v1", "persistentvolumeclaims", namespace),
+                artifacts_pvc(self.settings, namespace),
             )
         except ApiException as exc:
             if exc.status != 409:
@@ -159,8 +162,13 @@ class KubernetesRuntime:
             )
 
     def pods_of_job(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={name}")
-        return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
+        pods = rest.request(
+            self.api_client,
+            "GET",
+            rest.path("v1", "pods", namespace),
+            query={"labelSelector": f"job-name={name}"},
+        )
+        return cast(list[dict[str, Any]], pods.get("items") or [])
 
     def run_state(self, namespace: str, name: str) -> RunState | None:
         job = self._cached("Job", namespace, name)

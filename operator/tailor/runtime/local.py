@@ -35,6 +35,7 @@ from kubernetes import client
 
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import SPEC_DIR, SPEC_FILE, Manifest, Workload
+from tailor.runtime import rest
 from tailor.runtime.base import RunState, ServerState
 from tailor.runtime.kubernetes import KubernetesRuntime
 
@@ -248,19 +249,19 @@ class LocalRuntime(KubernetesRuntime):
 
     def _write_config_map(self, namespace: str, name: str) -> Path:
         target = self.root / namespace / "configmaps" / name
-        cm = self.core.read_namespaced_config_map(name, namespace)
+        cm = rest.request(self.api_client, "GET", rest.path("v1", "configmaps", namespace, name))
         target.mkdir(parents=True, exist_ok=True)
-        for key, text in (cm.data or {}).items():
+        for key, text in (cm.get("data") or {}).items():
             (target / key).write_text(text)
-        for key, blob in (cm.binary_data or {}).items():
+        for key, blob in (cm.get("binaryData") or {}).items():
             (target / key).write_bytes(base64.b64decode(blob))
         return target
 
     def _write_secret(self, namespace: str, name: str) -> Path:
         target = self.root / namespace / "secrets" / name
-        secret = self.core.read_namespaced_secret(name, namespace)
+        secret = rest.request(self.api_client, "GET", rest.path("v1", "secrets", namespace, name))
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for key, value in (secret.data or {}).items():
+        for key, value in (secret.get("data") or {}).items():
             path = target / key
             path.write_bytes(base64.b64decode(value))
             path.chmod(0o600)
