@@ -139,19 +139,22 @@ def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics"}]
 
 
-def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
-    (deployment,) = by_kind(
-        render(
-            {
-                "workloads": {"image": {"variant": "cuda", "tag": "1.2.3"}},
-                "artifacts": {"storageClass": "fast", "size": "200Gi", "create": False},
-            }
-        )
-    )["Deployment"]
-    env = {
+def operator_env(values: dict[str, Any]) -> dict[str, str | None]:
+    """The operator container's environment as the chart renders it with ``values``."""
+    (deployment,) = by_kind(render(values))["Deployment"]
+    return {
         e["name"]: e.get("value")
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
+
+
+def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
+    env = operator_env(
+        {
+            "workloads": {"image": {"variant": "cuda", "tag": "1.2.3"}},
+            "artifacts": {"storageClass": "fast", "size": "200Gi", "create": False},
+        }
+    )
     settings = OperatorSettings.from_env(env)
     assert settings.image == "ghcr.io/tailor-dev/tailor-workloads:1.2.3-cuda"
     assert settings.artifacts_storage_class == "fast" and settings.artifacts_size == "200Gi"
@@ -164,12 +167,7 @@ def test_the_s3_store_reaches_the_operator_and_its_secret_by_name_only() -> None
         "endpoint": "http://minio.minio.svc:9000",
         "secretName": "s3-keys",
     }
-    (deployment,) = by_kind(render({"artifacts": {"store": "s3", "s3": s3}}))["Deployment"]
-    env = {
-        e["name"]: e.get("value")
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    settings = OperatorSettings.from_env(env)
+    settings = OperatorSettings.from_env(operator_env({"artifacts": {"store": "s3", "s3": s3}}))
     assert (settings.artifacts_store, settings.s3_bucket, settings.s3_prefix) == (
         "s3",
         "ml-artifacts",
@@ -177,22 +175,20 @@ def test_the_s3_store_reaches_the_operator_and_its_secret_by_name_only() -> None
     )
     assert settings.s3_endpoint == "http://minio.minio.svc:9000"
     assert settings.s3_secret == "s3-keys"
-    (default,) = by_kind(render({}))["Deployment"]
-    names = {e["name"] for e in default["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert "TAILOR_S3_BUCKET" not in names  # the pvc store by default
+    assert "TAILOR_S3_BUCKET" not in operator_env({})  # the pvc store by default
+    # the pvc store with an S3 connection (s3:// sources, runs with output.store: s3)
+    settings = OperatorSettings.from_env(operator_env({"artifacts": {"s3": s3}}))
+    assert (settings.artifacts_store, settings.s3_bucket, settings.s3_secret) == (
+        "pvc",
+        "ml-artifacts",
+        "s3-keys",
+    )
 
 
 def test_a_model_cache_claim_reaches_the_operator() -> None:
-    values = {"workloads": {"modelCache": {"claimName": "model-cache"}}}
-    (deployment,) = by_kind(render(values))["Deployment"]
-    env = {
-        e["name"]: e.get("value")
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = operator_env({"workloads": {"modelCache": {"claimName": "model-cache"}}})
     assert OperatorSettings.from_env(env).model_cache_claim == "model-cache"
-    (default,) = by_kind(render({}))["Deployment"]
-    names = {e["name"] for e in default["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert "TAILOR_MODEL_CACHE_CLAIM" not in names
+    assert "TAILOR_MODEL_CACHE_CLAIM" not in operator_env({})
 
 
 def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:

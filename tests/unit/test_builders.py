@@ -423,8 +423,60 @@ def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
     assert adapter.uri == "s3://models/team-a/finetunejob/t/u/model"
     deployment = by_kind(workload.manifests)["Deployment"]
     assert volumes_of(deployment)["artifacts"] == {"name": "artifacts", "emptyDir": {}}
-    with pytest.raises(ValueError, match="not in the artifact store"):
-        uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3)
+    # another bucket (or a run that chose the s3 store on a pvc cluster): fetched into
+    # the model cache with the connection; a pvc run's adapter: the claim, mounted
+    assert uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3) == ("", None)
+    with pytest.raises(ValueError, match="no S3 connection"):
+        uri_to_path("s3://elsewhere/finetunejob/t/u/model", SETTINGS)
+    mixed = ResolvedRefs(
+        adapters=[("a", "pvc://tailor-artifacts/finetunejob/p/u/model"), ("b", "s3://x/y/")]
+    )
+    served = build_serving(spec, parent("ModelDeployment", "md"), S3, mixed)
+    assert [(a.path, a.uri) for a in served.run.adapters] == [
+        ("/mnt/pvc/tailor-artifacts/finetunejob/p/u/model", None),
+        ("", "s3://x/y/"),
+    ]
+    mounted = volumes_of(by_kind(served.manifests)["Deployment"])
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in mounted.values() if "persistentVolumeClaim" in v]  # fmt: skip
+    assert claims == ["tailor-artifacts"]
+    on_pvc = build_serving(
+        spec,
+        parent("ModelDeployment", "md"),
+        OperatorSettings(s3_bucket="models", s3_secret="s3-keys"),
+        ResolvedRefs(adapters=[("b", "s3://models/team-a/finetunejob/t/u/model")]),
+    )
+    assert [(a.path, a.uri) for a in on_pvc.run.adapters] == [
+        ("", "s3://models/team-a/finetunejob/t/u/model")
+    ]
+    secrets = [v["secret"]["secretName"] for v in volumes_of(by_kind(on_pvc.manifests)["Deployment"]).values() if "secret" in v]  # fmt: skip
+    assert secrets == ["s3-keys"]
+
+
+def test_a_run_can_choose_its_own_store() -> None:
+    from tailor.builders.finetunejob import artifact_uri
+
+    connected = OperatorSettings(s3_bucket="models", s3_prefix="team-a", s3_secret="s3-keys")
+    spec = spec_of(
+        "finetunejob",
+        output={"store": "s3"},
+        resources={"nodes": 2, "gpus": 1, "cpu": "1", "memory": "1Gi"},
+    )
+    own = connected.for_store(spec.output.store)
+    assert own.artifacts_store == "s3" and connected.artifacts_store == "pvc"
+    job = by_kind(build_training(spec, parent("FineTuneJob", "t"), own).manifests)["Job"]
+    assert volumes_of(job)["artifacts"] == {"name": "artifacts", "emptyDir": {}}
+    assert artifact_uri(spec, parent("FineTuneJob", "t"), own).startswith("s3://models/team-a/")
+    assert connected.for_store(None) is connected
+    assert connected.store_problem("spec.output.store") is None
+    problem = OperatorSettings().for_store("s3").store_problem("spec.output.store")
+    assert problem is not None and "artifacts.s3.bucket" in problem
+    assert "spec.output.store" in problem
+    with pytest.raises(ValueError, match="drop store"):
+        spec_of("finetunejob", output={"store": "s3", "pvc": {"claimName": "out"}})
+    raft: RAFTJobSpec = spec_of("raftjob", output={"store": "s3"})
+    child = build_child_fine_tune(raft, parent("RAFTJob", "r"), connected.for_store("s3"))
+    assert child["spec"]["output"]["store"] == "s3"
+    assert child["spec"]["dataset"]["train"]["uri"].startswith("s3://models/team-a/raftjob/r/")
 
 
 def test_s3_store_needs_a_bucket() -> None:
@@ -472,3 +524,44 @@ def test_model_uris_mount_what_they_name_and_a_cache_claim_is_shared() -> None:
     assert {"name": "cache", "mountPath": "/home/tailor/.cache"} in mounts
     plain = by_kind(build_training(spec, parent("FineTuneJob", "t"), SETTINGS).manifests)["Job"]
     assert volumes_of(plain)["cache"] == {"name": "cache", "emptyDir": {}}
+
+
+def test_data_uris_mount_what_they_name_and_a_raft_child_reads_its_data_from_the_bucket() -> None:
+    from tailor.api.common import DataSource
+
+    files = DataSource(uri="pvc://docs/handbook/").files
+    assert files is not None and (files.claim_name, files.path, files.glob) == (
+        "docs",
+        "handbook",
+        "**/*",
+    )
+    assert DataSource(uri="s3://data/team/train.jsonl").s3 == ("data", "team/train.jsonl")
+    assert DataSource(uri="s3://data/team/").s3 == ("data", "team/")
+    for bad in ("s3://data/a/../b", "gs://data/a", "pvc://Docs/x", "s3://d"):
+        with pytest.raises(ValueError, match="uri must be"):
+            DataSource(uri=bad)
+
+    # an s3:// dataset on a cluster whose store is pvc: the connection's keys are mounted
+    connected = OperatorSettings(s3_bucket="models", s3_secret="s3-keys")
+    spec = spec_of("finetunejob", dataset={"train": {"uri": "s3://data/team/train.jsonl"}})
+    workload = build_training(spec, parent("FineTuneJob", "t"), connected)
+    secrets = [v["secret"]["secretName"] for v in volumes_of(by_kind(workload.manifests)["Job"]).values() if "secret" in v]  # fmt: skip
+    assert secrets == ["s3-keys"]
+    assert workload.run.paths.store is None and workload.run.paths.s3 is not None
+    assert workload.run.paths.s3.credentials_dir == "/etc/tailor/secrets/s3-keys"
+    plain = build_training(spec_of("finetunejob"), parent("FineTuneJob", "t"), connected)
+    assert not [v for v in volumes_of(by_kind(plain.manifests)["Job"]).values() if "secret" in v]
+
+    # the s3 store: RAFT's child FineTuneJob reads its files from the bucket, no claim
+    raft: RAFTJobSpec = spec_of("raftjob")
+    ftj = build_child_fine_tune(raft, parent("RAFTJob", "r"), S3)
+    assert ftj["spec"]["dataset"]["train"]["uri"] == (
+        "s3://models/team-a/raftjob/r/uid-1/data/train.jsonl"
+    )
+    assert "pvc" not in ftj["spec"]["dataset"]["train"]
+    assert ftj["spec"]["dataset"]["validation"]["uri"].endswith("/data/validation.jsonl")
+    child = build_training(
+        FineTuneJobSpec.model_validate(ftj["spec"]), parent("FineTuneJob", "r-ft"), S3
+    )
+    volumes = volumes_of(by_kind(child.manifests)["Job"]).values()
+    assert [v for v in volumes if "persistentVolumeClaim" in v] == []

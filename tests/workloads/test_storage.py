@@ -285,4 +285,76 @@ def test_an_s3_model_source_is_fetched_once_into_the_cache_and_loads(
     with pytest.raises(WorkloadError) as no_store:
         load_causal_lm(source, Paths(artifacts=str(tmp_path / "scratch")))
     assert no_store.value.reason == "ModelStoreMissing"
-    assert "artifacts.store" in no_store.value.message
+    assert "artifacts.s3.bucket" in no_store.value.message
+    # the connection alone (a pvc store) reads s3:// models too
+    connected = Paths(artifacts=str(tmp_path / "claim"), s3=paths.store)
+    assert load_causal_lm(source, connected).config.num_hidden_layers == 2
+
+
+def test_data_by_s3_uri_one_object_a_folder_and_a_checked_tailor_dataset(
+    tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Datasets by URI: an object another tool put there, a folder of them, and one file of
+    a folder Tailor uploaded (a RAFTJob's dataset), checked against its marker; a FineTuneJob
+    and a KnowledgeBase read them like files of a claim."""
+    from tailor.api.common import DataSource
+    from tailor.api.knowledgebase import DocumentFormat
+    from tailor.workloads.documents import read_documents
+    from tailor.workloads.train_data import read_raw
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    raw = s3_server.client()
+    lines = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    raw.put_object(
+        Bucket=bucket, Key="in/train.jsonl", Body="\n".join(json.dumps(x) for x in lines)
+    )
+    raw.put_object(Bucket=bucket, Key="docs/a.md", Body=b"# Alpha\n\nThe alpha document.")
+    raw.put_object(Bucket=bucket, Key="docs/sub/b.txt", Body=b"The beta document.")
+    raw.put_object(Bucket=bucket, Key="docs/", Body=b"")  # a console's folder placeholder
+    # with a pvc store: only the connection, no artifact store
+    paths = Paths(artifacts=str(tmp_path / "claim"), s3=store_config(tmp_path, s3_server, bucket))
+
+    records = read_raw(DataSource(uri=f"s3://{bucket}/in/train.jsonl"), paths)
+    assert [r for _, r in records] == lines
+    docs = list(read_documents([DataSource(uri=f"s3://{bucket}/docs/")], DocumentFormat(), paths))
+    assert sorted(d.source for d in docs) == [
+        f"s3://{bucket}/docs/a.md",
+        f"s3://{bucket}/docs/sub/b.txt",
+    ]
+    assert any("beta" in d.text for d in docs)
+    same = list(read_documents([DataSource(uri=f"s3://{bucket}/docs")], DocumentFormat(), paths))
+    assert len(same) == len(docs)  # a key with no object of its own is a folder
+
+    # one file of a folder Tailor uploaded: checked against the marker
+    store = Store(store_config(tmp_path, s3_server, bucket), tmp_path / "writer")
+    data = tmp_path / "writer" / "raftjob" / "r" / "u" / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    (data / "validation.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    store.push(data)
+    uri = f"s3://{bucket}/tailor/raftjob/r/u/data/train.jsonl"
+    assert [r for _, r in read_raw(DataSource(uri=uri), paths)] == [lines[0]]
+    raw.put_object(
+        Bucket=bucket, Key="tailor/raftjob/r/u/data/train.jsonl", Body=json.dumps(lines[2])
+    )
+    with pytest.raises(WorkloadError) as corrupt:
+        read_raw(DataSource(uri=uri), paths)
+    assert corrupt.value.reason == "ArtifactCorrupt"
+    assert "train.jsonl" in corrupt.value.message
+
+    with pytest.raises(WorkloadError) as nothing:
+        read_raw(DataSource(uri=f"s3://{bucket}/none/"), paths)
+    assert nothing.value.reason == "SourceNotFound"
+    assert f"s3://{bucket}/none/" in nothing.value.message
+    with pytest.raises(WorkloadError) as large:
+        read_raw(DataSource(uri=f"s3://{bucket}/docs/", max_bytes=10), paths)
+    assert large.value.reason == "SourceTooLarge"
+    assert "maxBytes" in large.value.message
+    with pytest.raises(WorkloadError) as unconnected:
+        read_raw(DataSource(uri=f"s3://{bucket}/in/train.jsonl"), Paths(artifacts="/x"))
+    assert unconnected.value.reason == "DataStoreMissing"
+    assert "artifacts.s3.bucket" in unconnected.value.message

@@ -102,12 +102,32 @@ class PvcPath(TailorModel):
     )
 
 
+_S3_URI = "s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^.]|[.][^.]|[.][.][^/])+"
+_PVC_URI = "pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/([^.]|[.][^.]|[.][.][^/])*)?"
 MODEL_URI = (
     "^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
-    "|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^.]|[.][^.]|[.][.][^/])+"
-    "|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/([^.]|[.][^.]|[.][.][^/])*)?)$"
+    f"|{_S3_URI}|{_PVC_URI})$"
 )
 """The model URIs Tailor reads (RE2 and Python alike): no ``..`` path segment."""
+
+DATA_URI = f"^({_S3_URI}|{_PVC_URI})$"
+"""The data URIs Tailor reads: an S3 object or folder, or a path on a claim."""
+
+
+def split_s3_uri(uri: str | None) -> tuple[str, str] | None:
+    """(bucket, key) of an ``s3://bucket/key`` uri (the key's slashes kept), else None."""
+    if not (uri or "").startswith("s3://"):
+        return None
+    bucket, _, key = (uri or "")[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def split_pvc_uri(uri: str | None) -> tuple[str, str] | None:
+    """(claim, path) of a ``pvc://claim/path`` uri, else None."""
+    if not (uri or "").startswith("pvc://"):
+        return None
+    name, _, path = (uri or "")[len("pvc://") :].partition("/")
+    return name, path.strip("/")
 
 
 class _ModelSource(TailorModel):
@@ -155,18 +175,16 @@ class _ModelSource(TailorModel):
     @property
     def claim(self) -> PvcPath | None:
         """The volume path, from ``pvc`` or a ``pvc://`` uri."""
-        if self.pvc or not (self.uri or "").startswith("pvc://"):
+        parts = split_pvc_uri(self.uri)
+        if self.pvc or parts is None:
             return self.pvc
-        name, _, path = (self.uri or "")[len("pvc://") :].partition("/")
-        return PvcPath(claim_name=name, path=path.strip("/"))
+        return PvcPath(claim_name=parts[0], path=parts[1])
 
     @property
     def s3(self) -> tuple[str, str] | None:
         """(bucket, key of the folder) of an ``s3://`` uri."""
-        if not (self.uri or "").startswith("s3://"):
-            return None
-        bucket, _, key = (self.uri or "")[len("s3://") :].partition("/")
-        return bucket, key.strip("/")
+        parts = split_s3_uri(self.uri)
+        return (parts[0], parts[1].strip("/")) if parts else None
 
 
 class ModelSource(_ModelSource):
@@ -215,12 +233,22 @@ class PvcFiles(PvcPath):
 
 
 class DataSource(TailorModel):
-    """Where data comes from: exactly one of configMap, pvc, url or inline."""
+    """Where data comes from: exactly one of configMap, pvc, uri, url or inline."""
 
     config_map: ConfigMapKey | None = Field(
         default=None, description="Small files stored in a ConfigMap (up to 1 MiB in all)."
     )
     pvc: PvcFiles | None = Field(default=None, description="Files on a PersistentVolumeClaim.")
+    uri: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "Data by URI: s3://bucket/key (one object) or s3://bucket/folder/ (every object "
+            "under it), read with the operator's S3 connection (artifacts.s3 in the Helm "
+            "values) and checked against Tailor's upload marker when the folder has one; "
+            "or pvc://claim/path (a file, or every file of a folder)."
+        ),
+    )
     url: str | None = Field(
         default=None,
         max_length=2048,
@@ -255,9 +283,16 @@ class DataSource(TailorModel):
 
     rules = (
         Rule(
-            cel=cel_exactly_one("configMap", "pvc", "url", "inline"),
-            message="set exactly one of configMap, pvc, url or inline",
-            check=lambda m: exactly_one(m, "config_map", "pvc", "url", "inline"),
+            cel=cel_exactly_one("configMap", "pvc", "uri", "url", "inline"),
+            message="set exactly one of configMap, pvc, uri, url or inline",
+            check=lambda m: exactly_one(m, "config_map", "pvc", "uri", "url", "inline"),
+        ),
+        Rule(
+            cel=f"!has(self.uri) || self.uri.matches('{DATA_URI}')",
+            message="uri must be s3://bucket/key, s3://bucket/folder/ or pvc://claim/path "
+            "(no '..' segment)",
+            check=lambda m: m.uri is None or re.match(DATA_URI, m.uri) is not None,
+            field="uri",
         ),
         Rule(
             cel="!has(self.url) || self.url.startsWith('https://') || self.allowInsecureHttp",
@@ -266,6 +301,19 @@ class DataSource(TailorModel):
             check=lambda m: m.url is None or m.url.startswith("https://") or m.allow_insecure_http,
         ),
     )
+
+    @property
+    def files(self) -> PvcFiles | None:
+        """The claim's files, from ``pvc`` or a ``pvc://`` uri (a file, or a folder's files)."""
+        parts = split_pvc_uri(self.uri)
+        if self.pvc or parts is None:
+            return self.pvc
+        return PvcFiles(claim_name=parts[0], path=parts[1])
+
+    @property
+    def s3(self) -> tuple[str, str] | None:
+        """(bucket, key) of an ``s3://`` uri; a key ending in / names a folder."""
+        return split_s3_uri(self.uri)
 
 
 class Toleration(TailorModel):

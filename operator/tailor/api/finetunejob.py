@@ -160,13 +160,45 @@ class DatasetSpec(TailorModel):
     )
 
 
-class Output(TailorModel):
+class RunOutput(TailorModel):
+    """Which artifact store a run writes to."""
+
+    store: Literal["pvc", "s3"] | None = Field(
+        default=None,
+        description="This run's artifact store, overriding the cluster's (Helm: "
+        "artifacts.store): pvc, the namespace's artifacts claim; s3, the operator's S3 "
+        "connection (artifacts.s3; each pod works in a scratch folder, so the pods of a "
+        "multi-node run mount no shared claim). Unset: the cluster's store.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.store) == has(oldSelf.store) && "
+            "(!has(self.store) || self.store == oldSelf.store)",
+            message="store is immutable; create a new run to write elsewhere",
+            field="store",
+            transition=True,
+            check=lambda new, old: new.store == old.store,
+        ),
+    )
+
+
+class Output(RunOutput):
     """Where the artifact is written."""
 
     pvc: PvcPath | None = Field(
         default=None,
         description="Volume and path; default the namespace's artifacts volume "
-        "under finetunejob/<name>/<uid>/.",
+        "under finetunejob/<name>/<uid>/ (or the bucket's, with the s3 store).",
+    )
+
+    rules = RunOutput.rules + (
+        Rule(
+            cel="!has(self.pvc) || !has(self.store) || self.store == 'pvc'",
+            message="pvc names a claim to write to: drop store, or drop pvc to write to s3",
+            field="store",
+            check=lambda m: m.pvc is None or m.store in (None, "pvc"),
+        ),
     )
 
 

@@ -20,7 +20,7 @@ from tailor.api.common import (
     SecretKeyRef,
     StatusBase,
 )
-from tailor.api.finetunejob import FineTuneRecipe
+from tailor.api.finetunejob import FineTuneRecipe, RunOutput
 
 
 class QuestionFields(TailorModel):
@@ -147,6 +147,11 @@ class RAFTJobSpec(TailorModel):
     evaluation: Evaluation = Field(default_factory=Evaluation, description="The comparison.")
     resources: Resources = Field(
         default_factory=Resources, description="Compute for the data and evaluation Jobs."
+    )
+    output: RunOutput = Field(
+        default_factory=RunOutput,
+        description="The artifact store of the dataset, the child FineTuneJob's adapter "
+        "and the evaluation (unset: the cluster's).",
     )
 
     rules = (

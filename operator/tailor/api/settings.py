@@ -104,6 +104,22 @@ class OperatorSettings(TailorModel):
             )
         return self
 
+    def for_store(self, store: str | None) -> OperatorSettings:
+        """These settings with a run's own artifact store (``spec.output.store``)."""
+        if store is None or store == self.artifacts_store:
+            return self
+        return self.model_copy(update={"artifacts_store": store})
+
+    def store_problem(self, field: str) -> str | None:
+        """Why a run's s3 store cannot work here (no S3 connection), naming ``field``."""
+        if self.artifacts_store == "s3" and not self.s3_bucket:
+            return (
+                f"{field} is s3 but the operator has no S3 connection: set artifacts.s3.bucket, "
+                "artifacts.s3.endpoint and artifacts.s3.secret in the Helm values "
+                f"(TAILOR_S3_BUCKET, ...), or remove {field} to use the cluster's store"
+            )
+        return None
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
         """Settings from ``TAILOR_<FIELD>`` variables (e.g. TAILOR_IMAGE, TAILOR_RUNTIME)."""

@@ -74,6 +74,11 @@ class Paths(TailorModel):
     store: ObjectStore | None = Field(
         default=None, description="Where artifacts live when not on the volume itself."
     )
+    s3: ObjectStore | None = Field(
+        default=None,
+        description="The cluster's S3 connection, for s3:// models, data and adapters (the "
+        "bucket comes from each uri); set whenever the operator has one, with either store.",
+    )
     config_maps: str = Field(default="/etc/tailor/configmaps", description="ConfigMap mounts.")
     pvcs: str = Field(default="/mnt/pvc", description="PersistentVolumeClaim mounts.")
     secrets: str = Field(default="/etc/tailor/secrets", description="Secret mounts.")
@@ -129,7 +134,10 @@ class ServedAdapter(TailorModel):
     """An adapter folder resolved by the operator."""
 
     name: str
-    path: str
+    path: str = Field(
+        description="Where the pod reads it; empty for an s3:// folder outside the run's "
+        "artifact store, fetched into the model cache at start."
+    )
     uri: str | None = Field(
         default=None,
         description="s3:// artifact: downloaded to path (checked against its upload) at start.",

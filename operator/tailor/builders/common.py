@@ -125,24 +125,38 @@ def artifact_uri(settings: OperatorSettings, parent: Parent, sub: str = "") -> s
 
 
 def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str | None]:
-    """(path inside a pod, claim to mount or None) of a ``pvc://<claim>/<path>`` or the
-    store's ``s3://<bucket>/<prefix>/<path>`` artifact URI (downloaded to that path)."""
-    if uri.startswith("s3://") and settings.artifacts_store == "s3":
-        base = store_uri(settings, "").rstrip("/") + "/"
-        if not uri.startswith(base):
-            raise ValueError(f"{uri} is not in the artifact store ({base})")
-        return f"{settings.artifacts_mount}/{uri[len(base) :]}".rstrip("/"), None
+    """(path inside a pod, claim to mount or None) of an artifact URI: a path under the
+    artifacts root for the store's own ``s3://<bucket>/<prefix>/<path>`` (downloaded
+    there) and the pvc store's claim; ``/mnt/pvc/<claim>/<path>`` for any other claim
+    (the artifacts claim too when this cluster's store is s3: a run that chose the pvc
+    store wrote it); "" for any other ``s3://`` folder (a run that chose the s3 store on a
+    pvc cluster), which the pod fetches into its model cache with the S3 connection."""
+    if uri.startswith("s3://"):
+        base = store_uri(settings, "").rstrip("/") + "/" if settings.artifacts_store == "s3" else ""
+        if base and uri.startswith(base):
+            return f"{settings.artifacts_mount}/{uri[len(base) :]}".rstrip("/"), None
+        if s3_connection(settings) is None:
+            raise ValueError(f"{uri} is in S3 but the operator has no S3 connection")
+        return "", None
     if not uri.startswith("pvc://"):
         raise ValueError(f"unsupported artifact uri {uri}")
     claim, _, path = uri[len("pvc://") :].partition("/")
-    if claim == settings.artifacts_pvc:
+    if claim == settings.artifacts_pvc and settings.artifacts_store == "pvc":
         return f"{settings.artifacts_mount}/{path}".rstrip("/"), claim
-    return f"/mnt/pvc/{claim}/{path}".rstrip("/"), claim
+    return f"{PVCS_DIR}/{claim}/{path}".rstrip("/"), claim
 
 
 def object_store(settings: OperatorSettings) -> ObjectStore | None:
     """What a workload needs to reach the s3 store (credentials by Secret mount only)."""
     if settings.artifacts_store != "s3":
+        return None
+    return s3_connection(settings)
+
+
+def s3_connection(settings: OperatorSettings) -> ObjectStore | None:
+    """The operator's S3 connection (endpoint, region, credentials Secret) whether or not
+    it holds the artifacts: s3:// models, data and adapters are read with it."""
+    if not settings.s3_bucket:
         return None
     secret = settings.s3_secret
     return ObjectStore(
@@ -163,6 +177,7 @@ def workload_paths(settings: OperatorSettings) -> Paths:
         pvcs=PVCS_DIR,
         secrets=SECRETS_DIR,
         store=object_store(settings),
+        s3=s3_connection(settings),
     )
 
 
@@ -193,6 +208,8 @@ class Mounts:
     config_maps: set[str] = field(default_factory=set)
     pvcs: set[str] = field(default_factory=set)
     secrets: set[str] = field(default_factory=set)
+    s3: bool = False
+    """Something is read from s3:// (the S3 connection's Secret is mounted)."""
 
     def add_sources(self, sources: Iterable[DataSource | None]) -> Mounts:
         for source in sources:
@@ -200,8 +217,9 @@ class Mounts:
                 continue
             if source.config_map:
                 self.config_maps.add(source.config_map.name)
-            if source.pvc:
-                self.pvcs.add(source.pvc.claim_name)
+            if source.files:
+                self.pvcs.add(source.files.claim_name)
+            self.s3 = self.s3 or source.s3 is not None
         return self
 
     def add_model(self, model: ModelSource | EmbeddingModelSource | None) -> Mounts:
@@ -210,6 +228,7 @@ class Mounts:
             self.pvcs.add(claim.claim_name)
         if hub and hub.token_secret_ref:
             self.secrets.add(hub.token_secret_ref.name)
+        self.s3 = self.s3 or bool(model and model.s3)
         return self
 
     def add_pvc(self, pvc: PvcPath | None) -> Mounts:
@@ -240,7 +259,7 @@ def volumes_and_mounts(
     (emptyDir) mirroring the bucket with the s3 store, unless ``artifacts_volume`` (an
     embedded knowledge base, whose Qdrant files live on the claim with either store)."""
     on_claim = settings.artifacts_store == "pvc" or artifacts_volume
-    if settings.artifacts_store == "s3" and settings.s3_secret:
+    if (settings.artifacts_store == "s3" or mounts.s3) and settings.s3_secret:
         mounts.secrets.add(settings.s3_secret)
     volumes: list[Manifest] = [
         {"name": "spec", "configMap": {"name": spec_config_map_name}},

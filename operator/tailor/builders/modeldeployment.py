@@ -62,8 +62,9 @@ def build_serving(
     adapters = []
     for adapter_name, uri in refs.adapters:
         path, claim = uri_to_path(uri, settings)
-        if claim and claim != settings.artifacts_pvc:
+        if claim and not path.startswith(settings.artifacts_mount + "/"):
             mounts.pvcs.add(claim)
+        mounts.s3 = mounts.s3 or not claim
         adapters.append(ServedAdapter(name=adapter_name, path=path, uri=None if claim else uri))
     if spec.auth:
         mounts.add_secret(spec.auth.api_key_secret_ref)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tailor.api import API_VERSION
 from tailor.api.common import DataSource, PvcFiles
-from tailor.api.finetunejob import DatasetSpec, FineTuneJobSpec
+from tailor.api.finetunejob import DatasetSpec, FineTuneJobSpec, Output
 from tailor.api.raftjob import RAFTJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import (
@@ -30,6 +30,7 @@ from tailor.builders.common import (
     reporter,
     reporter_rbac,
     spec_config_map,
+    store_uri,
     volumes_and_mounts,
     workload_container,
     workload_paths,
@@ -99,6 +100,15 @@ def child_fine_tune_name(parent: Parent) -> str:
     return child_name(parent, "ft")
 
 
+def _dataset_file(settings: OperatorSettings, data_path: str, name: str) -> DataSource:
+    """One file of the generated dataset as the child FineTuneJob reads it: from the bucket
+    with the s3 store (checked against the dataset's upload marker, so the training pods
+    mount no claim and may run on several nodes), else from the artifacts claim."""
+    if settings.artifacts_store == "s3":
+        return DataSource(uri=store_uri(settings, f"{data_path}/{name}"))
+    return DataSource(pvc=PvcFiles(claim_name=settings.artifacts_pvc, path=data_path, glob=name))
+
+
 def build_child_fine_tune(
     spec: RAFTJobSpec, parent: Parent, settings: OperatorSettings
 ) -> Manifest:
@@ -113,18 +123,11 @@ def build_child_fine_tune(
         checkpoint=recipe.checkpoint,
         resources=recipe.resources,
         dataset=DatasetSpec(
-            train=DataSource(
-                pvc=PvcFiles(
-                    claim_name=settings.artifacts_pvc, path=data_path, glob=RAFT_TRAIN_FILE
-                )
-            ),
-            validation=DataSource(
-                pvc=PvcFiles(
-                    claim_name=settings.artifacts_pvc, path=data_path, glob=RAFT_VALIDATION_FILE
-                )
-            ),
+            train=_dataset_file(settings, data_path, RAFT_TRAIN_FILE),
+            validation=_dataset_file(settings, data_path, RAFT_VALIDATION_FILE),
             format="chat",
         ),
+        output=Output(store=spec.output.store),
     )
     return {
         "apiVersion": API_VERSION,

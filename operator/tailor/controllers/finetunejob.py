@@ -13,6 +13,7 @@ from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
+from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Parent, content_hash
 from tailor.builders.finetunejob import artifact_uri, build_training
 from tailor.controllers.context import Operator, changed, condition, syncer
@@ -53,7 +54,8 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         PHASES.record(KIND, meta["namespace"], meta["name"], status["phase"])
         return
     parent = Parent.from_body(body)
-    workload = build_training(spec, parent, op.settings)
+    settings = op.settings.for_store(spec.output.store)
+    workload = build_training(spec, parent, settings)
     # Read the Job only when one may exist; apply children only when something must change
     # (the Job is missing, or suspend was toggled): every Job and Pod event lands here.
     state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
@@ -63,7 +65,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
     ):
         op.runtime.prepare_namespace(parent.namespace)
-        problem = unshared_storage(op, spec, parent.namespace) if state is None else None
+        problem = storage_problem(op, settings, spec, parent.namespace) if state is None else None
         if problem:
             op.patch_status(
                 body,
@@ -74,8 +76,8 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
                         status.get("conditions"),
                         "Ready",
                         False,
-                        "ReadWriteManyRequired",
-                        problem,
+                        problem[0],
+                        problem[1],
                         meta.get("generation"),
                     ),
                 },
@@ -111,7 +113,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
             new["completionTime"] = state.completion_time
     if phase == "Succeeded":
         artifact = dict(status.get("artifact") or {})
-        artifact["uri"] = artifact_uri(spec, parent, op.settings)
+        artifact["uri"] = artifact_uri(spec, parent, settings)
         reported = ((state.result if state else None) or {}).get("artifact") or {}
         if reported.get("sha256"):
             artifact["sha256"] = reported["sha256"]
@@ -151,14 +153,29 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     op.patch_status(body, without_first_attempt_news(status, new))
 
 
-def unshared_storage(op: Operator, spec: FineTuneJobSpec, namespace: str) -> str | None:
+def storage_problem(
+    op: Operator, settings: OperatorSettings, spec: FineTuneJobSpec, namespace: str
+) -> tuple[str, str] | None:
+    """(reason, message) of why the run's artifact store cannot hold it, or None: an s3
+    store without an S3 connection (StoreNotConfigured), or a multi-node run on a claim one
+    node only can attach (ReadWriteManyRequired)."""
+    missing = settings.store_problem("spec.output.store")
+    if missing:
+        return "StoreNotConfigured", missing
+    unshared = unshared_storage(op, settings, spec, namespace)
+    return ("ReadWriteManyRequired", unshared) if unshared else None
+
+
+def unshared_storage(
+    op: Operator, settings: OperatorSettings, spec: FineTuneJobSpec, namespace: str
+) -> str | None:
     """Why a multi-node run cannot start on the pvc store: every node's pod mounts the
     artifacts claim, and a ReadWriteOnce claim attaches to one node only (EBS, Persistent
     Disk, Azure Disk), so the pods of other nodes would never start. None when it can."""
     nodes = spec.resources.nodes
-    if nodes <= 1 or op.settings.artifacts_store != "pvc" or op.settings.runtime != "kubernetes":
+    if nodes <= 1 or settings.artifacts_store != "pvc" or settings.runtime != "kubernetes":
         return None
-    name = op.settings.artifacts_pvc
+    name = settings.artifacts_pvc
     claim = op.runtime.get("v1", "PersistentVolumeClaim", namespace, name)
     if claim is None:
         return None  # not created here (createArtifactsPvc off): its pods will say
@@ -175,7 +192,8 @@ def unshared_storage(op: Operator, spec: FineTuneJobSpec, namespace: str) -> str
         "so the other nodes' pods would never start. Fix: give the claim ReadWriteMany "
         "(Helm: artifacts.accessMode=ReadWriteMany with an RWX storageClass such as EFS, "
         "Filestore, Azure Files or NFS; delete the old claim), use the s3 artifact store "
-        "(Helm: artifacts.store=s3), or set spec.resources.nodes to 1"
+        "(Helm: artifacts.store=s3, or spec.output.store: s3 for this run), or set "
+        "spec.resources.nodes to 1"
     )
 
 

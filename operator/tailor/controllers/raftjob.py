@@ -78,6 +78,11 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
     kb_spec = parse_spec(KINDS["KnowledgeBase"], kb["spec"])
     assert isinstance(kb_spec, KnowledgeBaseSpec)
     retriever = retriever_config(kb_spec, Parent.from_body(kb), op.settings)
+    settings = op.settings.for_store(spec.output.store)
+    problem = settings.store_problem("spec.output.store")
+    if problem:
+        op.patch_status(body, _status(body, "Failed", "Failed", "StoreNotConfigured", problem))
+        return
     op.runtime.prepare_namespace(parent.namespace)
 
     # Stage 1: training data.
@@ -101,7 +106,7 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
                 return
         else:
             teacher_url = teacher.url
-    data = build_data_stage(spec, parent, op.settings, retriever, teacher_url)
+    data = build_data_stage(spec, parent, settings, retriever, teacher_url)
     state = op.runtime.run_state(parent.namespace, data.name)
     if state is None:
         op.runtime.start(data)
@@ -138,7 +143,7 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
     ftj_name = child_fine_tune_name(parent)
     ftj = op.get("FineTuneJob", parent.namespace, ftj_name)
     if ftj is None:
-        op.runtime.apply(build_child_fine_tune(spec, parent, op.settings))
+        op.runtime.apply(build_child_fine_tune(spec, parent, settings))
         ftj = op.get("FineTuneJob", parent.namespace, ftj_name) or {}
     ftj_status = ftj.get("status") or {}
     if ftj_status.get("phase") != "Succeeded":
@@ -197,7 +202,7 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
         )
         for system in spec.evaluation.compare
     }
-    evaluation = build_evaluation_stage(spec, parent, op.settings, retriever, endpoints)
+    evaluation = build_evaluation_stage(spec, parent, settings, retriever, endpoints)
     state = op.runtime.run_state(parent.namespace, evaluation.name)
     if state is None:
         op.runtime.start(evaluation)

@@ -238,6 +238,7 @@ class LocalRuntime(KubernetesRuntime):
             "pvcs": str(self.root / namespace / "volumes"),
             "secrets": str(self.root / namespace / "secrets"),
             "store": data["paths"].get("store"),  # its credentialsDir rewritten above
+            "s3": data["paths"].get("s3"),
         }
         if data.get("metricsPort"):  # many workloads share one host: no fixed ports
             data["metricsPort"] = _free_port()

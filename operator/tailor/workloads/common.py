@@ -107,25 +107,42 @@ def read_secret(ref: SecretKeyRef, paths: Paths) -> str:
 
 
 def source_files(source: DataSource, paths: Paths) -> list[Path]:
-    """Local files of a configMap or pvc source, sorted; inline and url are not files."""
+    """Local files of a configMap, pvc or uri source, sorted; inline and url are not files."""
+    return source_listing(source, paths)[2]
+
+
+def source_listing(source: DataSource, paths: Paths) -> tuple[Path, str, list[Path]]:
+    """(local root, the URI that root stands for, files sorted) of a configMap, pvc or uri
+    source: a file's label is the URI plus its path under the root. s3:// sources are
+    downloaded first (into this pod's scratch folder)."""
+    files: list[Path]
     if source.config_map:
-        root = Path(paths.config_maps) / source.config_map.name
+        root = shown = Path(paths.config_maps) / source.config_map.name
+        label = f"configmap://{source.config_map.name}/"
         if source.config_map.key:
             files = [root / source.config_map.key]
         else:
             files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    elif source.pvc:
-        root = Path(paths.pvcs) / source.pvc.claim_name / source.pvc.path
-        if root.is_file():
-            files = [root]
+    elif source.files:
+        claim = source.files
+        root = Path(paths.pvcs) / claim.claim_name
+        label = f"pvc://{claim.claim_name}/"
+        shown = root / claim.path
+        if shown.is_file():
+            files = [shown]
         else:
-            files = sorted(p for p in root.glob(source.pvc.glob) if p.is_file())
+            files = sorted(p for p in shown.glob(claim.glob) if p.is_file())
+    elif source.s3:
+        from tailor.workloads.storage import pull_data
+
+        root, files = pull_data(source.s3, paths, source.max_bytes)
+        return root, f"s3://{source.s3[0]}/", files
     else:
-        return []
+        return Path(), "", []
     missing = [str(f) for f in files if not f.exists()]
     if missing or not files:
-        raise WorkloadError("SourceNotFound", f"no files found for source: {missing or root}")
-    return files
+        raise WorkloadError("SourceNotFound", f"no files found for source: {missing or shown}")
+    return root, label, files
 
 
 def json_lines(

@@ -24,7 +24,7 @@ from typing import Any
 from tailor.api.common import DataSource
 from tailor.api.knowledgebase import DocumentFormat, JsonFormat
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, json_lines, source_files
+from tailor.workloads.common import WorkloadError, json_lines, source_listing
 from tailor.workloads.fetch import DEFAULT_TIMEOUT_SECONDS, fetch_source
 
 log = logging.getLogger("tailor.workloads.documents")
@@ -113,30 +113,15 @@ def _read_source(
             fetched.content, kind, source.url, record_format, charset=fetched.charset
         )
         return
-    root = _source_root(source, paths)
-    for path in source_files(source, paths):
-        label = _file_label(source, root, path)
+    root, base, files = source_listing(source, paths)
+    for path in files:
+        label = base + path.relative_to(root).as_posix()
         data = path.read_bytes()
         if path.suffix.lower() not in SUFFIX_FORMATS and b"\x00" in data[:8192]:
             log.warning("skipping %s: binary file of unknown format", label)
             continue
         kind = SUFFIX_FORMATS.get(path.suffix.lower(), "text")
         yield from parse_document(data, kind, label, record_format)
-
-
-def _source_root(source: DataSource, paths: Paths) -> Path:
-    if source.config_map is not None:
-        return Path(paths.config_maps) / source.config_map.name
-    assert source.pvc is not None
-    return Path(paths.pvcs) / source.pvc.claim_name
-
-
-def _file_label(source: DataSource, root: Path, path: Path) -> str:
-    relative = path.relative_to(root).as_posix()
-    if source.config_map is not None:
-        return f"configmap://{source.config_map.name}/{relative}"
-    assert source.pvc is not None
-    return f"pvc://{source.pvc.claim_name}/{relative}"
 
 
 def _suffix(url: str) -> str:

@@ -179,7 +179,8 @@ def build_index(
     alias = run.target.alias
     stats = IndexStats(alias=alias)
     for source in run.spec.sources:  # fail fast on missing files, before loading the model
-        source_files(source, run.paths)
+        if source.s3 is None:  # (an s3:// source is listed when it is read: one download)
+            source_files(source, run.paths)
     embedder = load_embedder(run.spec.embedding, run.paths)
     chunker = Chunker(embedder.tokenizer, run.spec.chunking, embedder.max_tokens)
     settings = json.dumps(

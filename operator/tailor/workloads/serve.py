@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tailor.api.base import describe_errors
+from tailor.api.common import split_s3_uri
 from tailor.api.workloads import ServeRun
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.common import (
@@ -67,7 +68,7 @@ from tailor.workloads.prompting import (
     last_user_message,
     merge_parameters,
 )
-from tailor.workloads.storage import store_of
+from tailor.workloads.storage import pull_model, store_of
 
 log = logging.getLogger("tailor.workloads.serve")
 
@@ -956,13 +957,14 @@ def pull_adapters(run: ServeRun) -> None:
     against the upload's marker) before anything loads."""
     store = store_of(run.paths)
     for adapter in run.adapters:
-        if adapter.uri and adapter.uri.startswith("s3://"):
-            if store is None:
-                raise WorkloadError(
-                    "AdapterNotFound",
-                    f"adapter {adapter.name} is at {adapter.uri} but no object store is set",
-                )
+        location = split_s3_uri(adapter.uri)
+        if location is None:
+            continue
+        if store is not None and adapter.path and store.holds(adapter.path):
             store.pull(store.relative(adapter.path))
+        else:  # written by a run with its own store: fetched once into the model cache
+            bucket, key = location
+            adapter.path = str(pull_model((bucket, key.strip("/")), run.paths))
 
 
 def main(argv: list[str] | None = None) -> int:

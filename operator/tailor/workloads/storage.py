@@ -267,6 +267,24 @@ class Store:
         log.info("downloaded %s to %s", self.uri(rel), target)
         return target
 
+    def objects(self, key: str, exact: bool = False) -> list[tuple[str, int]]:
+        """(key, size) of the bucket's objects under a raw key prefix (this Store's prefix
+        not applied); ``exact``: only the object named ``key`` itself. Folder placeholders
+        (keys ending in /) and completion markers are left out."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        doing = f"listing s3://{self.config.bucket}/{key}"
+        pages = self._call(
+            doing, lambda: list(paginator.paginate(Bucket=self.config.bucket, Prefix=key))
+        )
+        return [
+            (item["Key"], int(item["Size"]))
+            for page in pages
+            for item in page.get("Contents") or []
+            if not item["Key"].endswith("/")
+            and item["Key"].rsplit("/", 1)[-1] != MARKER
+            and (not exact or item["Key"] == key)
+        ]
+
     def complete_children(self, rel: str) -> list[str]:
         """Names of the complete folders directly under ``rel`` (e.g. checkpoints)."""
         prefix = self.key(rel) + "/" if self.key(rel) else ""
@@ -306,6 +324,82 @@ def store_of(paths: Paths) -> Store | None:
     return Store(paths.store, paths.artifacts) if paths.store else None
 
 
+def _bucket(paths: Paths, bucket: str, root: Path, uri: str, reason: str) -> Store:
+    """A Store on ``bucket`` (no prefix) with the run's S3 connection, rooted at ``root``."""
+    connection = paths.s3 or paths.store
+    if connection is None:
+        raise WorkloadError(
+            reason,
+            f"{uri} is in S3 but this cluster has no S3 connection: set artifacts.s3.bucket, "
+            "artifacts.s3.endpoint and artifacts.s3.secret in the Helm values (the store "
+            "can stay pvc), or read it from pvc://",
+        )
+    return Store(connection.model_copy(update={"bucket": bucket, "prefix": ""}), root)
+
+
+def pull_data(location: tuple[str, str], paths: Paths, max_bytes: int) -> tuple[Path, list[Path]]:
+    """The files of an ``s3://`` data source, downloaded into this pod's scratch folder:
+    one object (``s3://bucket/key``) or every object under a folder (``s3://bucket/dir/``,
+    or a key with no object of its own). A folder Tailor uploaded (it has the completion
+    marker, e.g. a RAFTJob's dataset) is downloaded whole and checked file by file; one
+    file of such a folder is checked against its entry. Returns (the local folder that
+    mirrors the bucket, the files sorted); nothing there or more than ``max_bytes`` in all:
+    an error naming the uri."""
+    import tempfile
+
+    bucket, key = location
+    uri = f"s3://{bucket}/{key}"
+    root = Path(tempfile.gettempdir()) / "tailor-data" / bucket
+    store = _bucket(paths, bucket, root, uri, "DataStoreMissing")
+    doing = f"reading {uri}"
+    folder = key.rstrip("/")
+    objects = [] if key.endswith("/") else store.objects(key, exact=True)
+    if not objects:
+        if store.marker(folder) is not None:
+            target = store.pull(folder)
+            files = sorted(p for p in target.rglob("*") if p.is_file() and p.name != MARKER)
+            return root, _within(files, max_bytes, uri)
+        objects = store.objects(folder + "/" if folder else "")
+    if not objects:
+        raise WorkloadError("SourceNotFound", f"{uri} holds no objects; check the bucket and key")
+    total = sum(size for _, size in objects)
+    if total > max_bytes:
+        raise WorkloadError(
+            "SourceTooLarge",
+            f"{uri} holds {total} bytes, more than maxBytes {max_bytes}; raise maxBytes",
+        )
+    expected: dict[str, str] = {}
+    if len(objects) == 1 and "/" in objects[0][0]:  # one file of a Tailor folder?
+        parent, _, name = objects[0][0].rpartition("/")
+        marker = store.marker(parent)
+        if marker:
+            expected = {
+                f"{parent}/{e['path']}": e["sha256"] for e in marker["files"] if e["path"] == name
+            }
+    files = []
+    for object_key, _ in objects:
+        path = root / object_key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store._call(doing, store.client.download_file, bucket, object_key, str(path))
+        if object_key in expected and sha256_file(path) != expected[object_key]:
+            raise WorkloadError(
+                "ArtifactCorrupt", f"s3://{bucket}/{object_key}: sha256 differs from its {MARKER}"
+            )
+        files.append(path)
+    log.info("downloaded %d objects (%d bytes) of %s", len(files), total, uri)
+    return root, sorted(files)
+
+
+def _within(files: list[Path], max_bytes: int, uri: str) -> list[Path]:
+    total = sum(p.stat().st_size for p in files)
+    if total > max_bytes:
+        raise WorkloadError(
+            "SourceTooLarge",
+            f"{uri} holds {total} bytes, more than maxBytes {max_bytes}; raise maxBytes",
+        )
+    return files
+
+
 def pull_model(location: tuple[str, str], paths: Paths) -> Path:
     """An ``s3://<bucket>/<key>/`` model folder, downloaded once into the model cache
     (``<cache>/s3/<bucket>/<key>``) and checked against its upload marker; later loads,
@@ -319,15 +413,8 @@ def pull_model(location: tuple[str, str], paths: Paths) -> Path:
 
     bucket, key = location
     uri = f"s3://{bucket}/{key}/"
-    if paths.store is None:
-        raise WorkloadError(
-            "ModelStoreMissing",
-            f"the model {uri} is in S3 but this cluster has no S3 connection: set the "
-            "operator's artifacts.store to s3 with artifacts.s3.endpoint and "
-            "artifacts.s3.secret (Helm values), or load the model from pvc:// or hf://",
-        )
-    root = cache_root() / "s3" / bucket
-    store = Store(paths.store.model_copy(update={"bucket": bucket, "prefix": ""}), root)
+    store = _bucket(paths, bucket, cache_root() / "s3" / bucket, uri, "ModelStoreMissing")
+    root = store.root
     lock = root / f"{key}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as handle:
