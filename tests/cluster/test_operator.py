@@ -284,6 +284,24 @@ def test_a_multi_node_run_on_a_read_write_once_claim_is_refused_with_the_fix(
     assert get(kube, ns, "job", "two-nodes-train")["spec"]["completions"] == 2
 
 
+def test_a_run_asking_for_the_s3_store_without_a_connection_says_what_to_set(
+    kube: Kube, ns: str
+) -> None:
+    manifest = fine_tune("own-store", 1)
+    manifest["spec"]["output"] = {"store": "s3"}
+    kube.apply(manifest, "-n", ns)  # this operator has no S3 connection
+
+    def refused() -> Any:
+        status = get(kube, ns, "ftj", "own-store").get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return ready if ready.get("reason") == "StoreNotConfigured" else None
+
+    ready = wait_for("StoreNotConfigured", refused)
+    for fix in ("spec.output.store", "artifacts.s3.bucket", "Helm"):
+        assert fix in ready["message"], ready["message"]
+    assert kube.get_json("jobs", "-n", ns)["items"] == []
+
+
 def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) -> None:
     kube.apply(fine_tune("eight-gpus", 8), "-n", ns)
     ftj = wait_for("Queued", phase_is(kube, ns, "ftj", "eight-gpus", "Queued"))

@@ -1,13 +1,16 @@
 """The s3 artifact store through the operator (local runtime) and a real S3 server
 (SeaweedFS): a LoRA run publishes its adapter and checkpoints to the bucket, and a
 ModelDeployment serves that adapter downloaded from the bucket into its own scratch
-folder; the keys reach the workloads only as a mounted Secret."""
+folder; the keys reach the workloads only as a mounted Secret. Then a pvc cluster with an
+S3 connection: one run trains on data by s3:// URI and picks the s3 store for itself, and
+a ModelDeployment of that cluster serves its adapter fetched into the model cache."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,17 +37,26 @@ def s3_operator(kube: Kube, tmp_path: Path, s3_server: S3Server, bucket: str) ->
     )
 
 
-def test_an_adapter_goes_through_the_bucket_from_training_to_serving(
-    kube: Kube, namespace: str, s3_server: S3Server, bucket: str, s3_operator: Path
-) -> None:
-    ns = namespace
-    keys = s3_server.credentials
-    kube.kubectl(
-        "create", "secret", "generic", "s3-keys", "-n", ns,
-        f"--from-literal=AWS_ACCESS_KEY_ID={keys.access_key_id}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={keys.secret_access_key}",
-    )  # fmt: skip
-    chats = [
+@pytest.fixture
+def connected_operator(
+    kube: Kube, tmp_path: Path, s3_server: S3Server, bucket: str
+) -> Iterator[Path]:
+    yield from run_local_operator(
+        kube,
+        tmp_path,
+        {
+            "TAILOR_ARTIFACTS_STORE": "pvc",
+            "TAILOR_S3_BUCKET": bucket,
+            "TAILOR_S3_PREFIX": "team",
+            "TAILOR_S3_ENDPOINT": s3_server.endpoint,
+            "TAILOR_S3_SECRET": "s3-keys",
+            "TAILOR_MODEL_CACHE": str(tmp_path / "model-cache"),
+        },
+    )
+
+
+def code_word_chats() -> list[dict[str, Any]]:
+    return [
         {
             "messages": [
                 {"role": "user", "content": f"Say the code word ({i})."},
@@ -53,6 +65,83 @@ def test_an_adapter_goes_through_the_bucket_from_training_to_serving(
         }
         for i in range(16)
     ]
+
+
+def s3_keys_secret(kube: Kube, ns: str, server: S3Server) -> None:
+    keys = server.credentials
+    kube.kubectl(
+        "create", "secret", "generic", "s3-keys", "-n", ns,
+        f"--from-literal=AWS_ACCESS_KEY_ID={keys.access_key_id}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={keys.secret_access_key}",
+    )  # fmt: skip
+
+
+def test_one_run_picks_the_s3_store_and_reads_its_data_by_uri_on_a_pvc_cluster(
+    kube: Kube,
+    namespace: str,
+    s3_server: S3Server,
+    bucket: str,
+    connected_operator: Path,
+    tmp_path: Path,
+) -> None:
+    ns = namespace
+    s3_keys_secret(kube, ns, s3_server)
+    body = "\n".join(json.dumps(c) for c in code_word_chats())
+    s3_server.client().put_object(Bucket=bucket, Key="in/chats.jsonl", Body=body.encode())
+    ftj = {
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "own-store"},
+        "spec": {
+            "baseModel": {"builtin": "smollm2-135m-instruct"},
+            "method": "lora",
+            "dataset": {"train": {"uri": f"s3://{bucket}/in/chats.jsonl"}},
+            "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+            "training": {"maxSteps": 2, "batchSize": 4, "maxSeqLength": 64},
+            "output": {"store": "s3"},
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    md = {
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "pvc-serve"},
+        "spec": {
+            "baseModel": {"builtin": "smollm2-135m-instruct"},
+            "adapters": [{"name": "code", "fineTuneJobRef": {"name": "own-store"}}],
+            "cache": {"enabled": False},
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    kube.apply([ftj, md], "-n", ns)
+    done = wait_phase(kube, ns, "ftj", "own-store", {"Succeeded"}, timeout=600)
+    uid = done["metadata"]["uid"]
+    assert (
+        done["status"]["artifact"]["uri"] == f"s3://{bucket}/team/finetunejob/own-store/{uid}/model"
+    )
+    assert not list((connected_operator / ns / "volumes").glob("*/finetunejob/own-store"))
+    ready = wait_phase(kube, ns, "md", "pvc-serve", {"Ready"}, timeout=600)
+    cached = tmp_path / "model-cache" / "s3" / bucket / "team" / "finetunejob" / "own-store"
+    assert (cached / uid / "model" / MARKER).is_file()  # fetched into the cache, checked
+    answer = chat(
+        ready["status"]["endpoint"],
+        {
+            "model": "pvc-serve/code",
+            "messages": [{"role": "user", "content": "Say the code word (99)."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+    )
+    assert answer["choices"][0]["message"]["content"].strip()
+
+
+def test_an_adapter_goes_through_the_bucket_from_training_to_serving(
+    kube: Kube, namespace: str, s3_server: S3Server, bucket: str, s3_operator: Path
+) -> None:
+    ns = namespace
+    keys = s3_server.credentials
+    s3_keys_secret(kube, ns, s3_server)
+    chats = code_word_chats()
     ftj = {
         "apiVersion": "tailor.dev/v1alpha1",
         "kind": "FineTuneJob",
