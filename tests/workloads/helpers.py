@@ -10,6 +10,9 @@ from typing import Any
 
 import uvicorn
 
+from tailor.api.workloads import ObjectStore
+from tailor.devcluster.s3 import S3Server
+
 
 class ThreadServer:
     """uvicorn serving an app on 127.0.0.1 (a free port) in a thread."""
@@ -78,3 +81,24 @@ def tiny_model_volume(root: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(root / "models" / "tiny")
     tokenizer.save_pretrained(root / "models" / "tiny")
     return root
+
+
+def keys_dir(tmp_path: Path, server: S3Server, secret: str | None = None) -> Path:
+    """A mounted Secret: one file per key."""
+    folder = tmp_path / "secrets" / "s3-keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    creds = server.credentials
+    (folder / "AWS_ACCESS_KEY_ID").write_text(creds.access_key_id)
+    (folder / "AWS_SECRET_ACCESS_KEY").write_text(secret or creds.secret_access_key)
+    return folder
+
+
+def store_config(tmp_path: Path, server: S3Server, bucket: str, **changes: str) -> ObjectStore:
+    return ObjectStore(
+        bucket=bucket,
+        prefix="tailor",
+        endpoint=server.endpoint,
+        secret_name="s3-keys",
+        credentials_dir=str(keys_dir(tmp_path, server, changes.pop("secret", None))),
+        **changes,
+    )

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
+from tailor.devcluster.s3 import S3Server
 from tailor.workloads.apibench import Corpus, load_documents, load_questions, raft_question
 from tailor.workloads.common import WorkloadError, sha256_file
 from tailor.workloads.evaluate import evaluate, load_holdout, normalise, score
@@ -35,7 +37,8 @@ from tailor.workloads.raft_data import (
     quotes_are_verbatim,
 )
 from tailor.workloads.serve import create_app
-from tests.workloads.helpers import ThreadServer
+from tailor.workloads.storage import MARKER
+from tests.workloads.helpers import ThreadServer, store_config
 
 pytestmark = pytest.mark.workloads
 
@@ -235,6 +238,39 @@ def test_the_data_workload_reports_its_dataset_last_for_the_operator(
     assert message["reason"] == "DataGenerated"
     assert message["dataset"]["artifact"]["sha256"] == sha256_file(out / "manifest.json")
     assert message["dataset"]["examples"] == len(records(out / "train.jsonl"))
+
+
+def test_with_the_s3_store_the_dataset_lands_in_the_bucket_and_the_child_reads_it_there(
+    root: Path, knowledge_base: IndexRun, tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    """The data stage uploads its dataset (marker last) and reports the bucket's URI; the
+    child FineTuneJob's source (``uri: s3://.../data/train.jsonl``, as the builder writes
+    it) reads the same records from the bucket, checked against that marker."""
+    from tailor.api.common import DataSource
+    from tailor.api.workloads import Paths
+    from tailor.builders.raftjob import dataset_file
+    from tailor.workloads.raft_data import work
+    from tailor.workloads.train_data import read_raw
+
+    store = store_config(tmp_path, s3_server, bucket)
+    (root / "raftjob/raft/u1").mkdir(parents=True, exist_ok=True)
+    run = data_run(root, knowledge_base, out="raftjob/raft/u1/data")
+    run.paths.store = store
+    work(run)
+    progress = records(root / "raftjob/raft/u1/data-progress.jsonl")[-1]
+    assert progress["dataset"]["artifact"]["uri"] == f"{store.uri('raftjob/raft/u1/data')}/"
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {f"tailor/raftjob/raft/u1/data/{n}" for n in ("train.jsonl", MARKER)} <= keys
+
+    settings = OperatorSettings(
+        artifacts_store="s3", s3_bucket=bucket, s3_prefix="tailor", s3_secret="s3-keys"
+    )
+    source = dataset_file(settings, "raftjob/raft/u1/data", "train.jsonl")
+    assert source == DataSource(uri=f"s3://{bucket}/tailor/raftjob/raft/u1/data/train.jsonl")
+    child = Paths(artifacts=str(tmp_path / "child-scratch"), store=store, s3=store)
+    read = [record for _, record in read_raw(source, child)]
+    assert read == records(root / "artifacts/raftjob/raft/u1/data/train.jsonl")
+    assert len(read) == progress["dataset"]["examples"]
 
 
 def test_an_oracle_share_outside_0_1_is_refused_naming_the_field(

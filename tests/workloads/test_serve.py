@@ -520,6 +520,72 @@ def test_prompt_profile_applied_and_reloaded(
         assert broken.status_code == 400 and "missing" in broken.json()["error"]["message"]
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "city": {"type": "string", "maxLength": 40},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+
+def test_every_answer_under_a_response_format_validates(
+    base_url: str,
+    client: openai.OpenAI,
+    workdir: Path,
+    adapter_dirs: dict[str, Path],
+    engine: Engine,
+) -> None:
+    """OpenAI's response_format per request (the SDK's own form), and a profile's
+    responseFormat by default; an unenforceable schema is a 400 naming the field."""
+    import jsonschema
+
+    questions = ["Invent a person.", "Describe a pilot from Lyon.", "Who lives next door?"]
+    with_schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for i, question in enumerate(questions):
+        reply = client.chat.completions.create(
+            model=chat_model("base" if i % 2 == 0 else "pirate"),
+            messages=[{"role": "user", "content": question}],
+            max_tokens=96,
+            temperature=0.7 if i else 0,
+            seed=i,
+            response_format=with_schema,  # type: ignore[arg-type]
+        )
+        text = reply.choices[0].message.content or ""
+        assert reply.choices[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+    anything = answer(chat(base_url, max_tokens=96, response_format={"type": "json_object"}))
+    assert isinstance(json.loads(anything), dict)
+
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    error = error_of(chat(base_url, response_format=bad), 400)
+    assert error["param"] == "response_format" and "JSON Schema" in error["message"]
+    error = error_of(chat(base_url, response_format={"type": "xml"}), 400)
+    assert error["param"] == "response_format"
+
+    path = workdir / "format-profile" / "profile.json"
+    path.parent.mkdir(exist_ok=True)
+    spec = PromptProfileSpec.model_validate(
+        {"responseFormat": {"type": "json_schema", "schema": PERSON}}
+    )
+    path.write_text(json.dumps(render_profile_data(spec)))
+    profiled = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    profiled.prompt_profile_file = str(path)
+    with TestClient(create_app(profiled, engine=engine)) as http:
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "A person?"}],
+                "max_tokens": 96, "temperature": 0}  # fmt: skip
+        jsonschema.validate(
+            json.loads(answer(http.post("/v1/chat/completions", json=body))), PERSON
+        )
+        free = {**body, "response_format": {"type": "text"}}  # the request's own wins
+        text = answer(http.post("/v1/chat/completions", json=free))
+        with pytest.raises((ValueError, jsonschema.ValidationError)):
+            jsonschema.validate(json.loads(text), PERSON)
+
+
 def test_context_window_from_the_spec(
     workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
 ) -> None:

@@ -259,3 +259,65 @@ def test_entry_point_exits_2_for_a_missing_adapter(
     (tmp_path / "spec.json").write_text(json.dumps({**spec, "port": "eighty"}))
     assert serve_main(["--spec", str(tmp_path / "spec.json")]) == 2
     assert "port" in caplog.text
+
+
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "digit": {"type": "integer", "minimum": 0, "maximum": 9},
+        "color": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["ok", "digit", "color"],
+    "additionalProperties": False,
+}
+
+
+def test_a_random_model_answers_valid_json_under_a_schema_and_free_rows_are_untouched(
+    engine: Engine,
+) -> None:
+    """Random weights have no idea of JSON: whatever they prefer, a row with a schema only
+    samples what keeps it valid (greedy and sampled, batched with free rows), and ends when
+    the object is complete."""
+    import jsonschema
+
+    from tailor.workloads.grammar import FormatError, format_key
+
+    engine.eos_ids = set(_real_eos(engine))  # the grammar ends answers with a stop token
+    prompt = engine.encode_chat([{"role": "user", "content": "a colour, please"}])
+    key = format_key("json_schema", BOUNDED)
+    chunks: list[queue.SimpleQueue[Chunk]] = []
+    for i in range(6):
+        chunks.append(queue.SimpleQueue())
+        params = SamplingParams(
+            max_tokens=64,
+            temperature=0.0 if i % 2 else 1.0,
+            seed=i,
+            response_format=key if i < 4 else None,  # two free rows share the batch
+        )
+        engine.submit(prompt, "a" if i % 3 == 0 else None, params, chunks[-1].put)
+    answers = []
+    for sink in chunks:
+        parts = []
+        while (chunk := sink.get(timeout=120)).finish_reason is None:
+            parts.append(chunk.text)
+        answers.append(("".join(parts) + chunk.text, chunk.finish_reason))
+    for text, reason in answers[:4]:
+        assert reason == "stop", (text, reason)
+        jsonschema.validate(json.loads(text), BOUNDED)
+    for text, _ in answers[4:]:  # the same random model, free: not JSON of the schema
+        with pytest.raises((ValueError, jsonschema.ValidationError)):
+            jsonschema.validate(json.loads(text), BOUNDED)
+    anything = engine.generate(
+        prompt, None, SamplingParams(max_tokens=48, response_format=format_key("json_object"))
+    )
+    if anything.finish_reason == "stop":  # (a random model may still be mid-object at 48)
+        assert isinstance(json.loads(anything.text), dict)
+    with pytest.raises(FormatError, match="not a valid JSON Schema"):
+        format_key("json_schema", {"type": "objekt"})
+
+
+def _real_eos(engine: Engine) -> set[int]:
+    from tailor.workloads.engine import _eos_ids
+
+    return _eos_ids(engine.model, engine.tokenizer)

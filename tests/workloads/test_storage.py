@@ -21,30 +21,9 @@ from tailor.devcluster.s3 import S3Server
 from tailor.workloads.common import WorkloadError
 from tailor.workloads.storage import MARKER, Store
 from tailor.workloads.train import train
-from tests.workloads.helpers import tiny_model_volume
+from tests.workloads.helpers import store_config, tiny_model_volume
 
 pytestmark = pytest.mark.workloads
-
-
-def keys_dir(tmp_path: Path, server: S3Server, secret: str | None = None) -> Path:
-    """A mounted Secret: one file per key."""
-    folder = tmp_path / "secrets" / "s3-keys"
-    folder.mkdir(parents=True, exist_ok=True)
-    creds = server.credentials
-    (folder / "AWS_ACCESS_KEY_ID").write_text(creds.access_key_id)
-    (folder / "AWS_SECRET_ACCESS_KEY").write_text(secret or creds.secret_access_key)
-    return folder
-
-
-def store_config(tmp_path: Path, server: S3Server, bucket: str, **changes: str) -> ObjectStore:
-    return ObjectStore(
-        bucket=bucket,
-        prefix="tailor",
-        endpoint=server.endpoint,
-        secret_name="s3-keys",
-        credentials_dir=str(keys_dir(tmp_path, server, changes.pop("secret", None))),
-        **changes,
-    )
 
 
 def a_folder(root: Path, rel: str, size: int = 3 << 20) -> Path:

@@ -88,12 +88,17 @@ class TailorModel(BaseModel):
 
 
 def transition_errors(old: TailorModel, new: TailorModel, path: str = "spec") -> list[str]:
-    """Messages for transition rules (immutability) that ``new`` breaks relative to ``old``."""
+    """Messages for transition rules (immutability) that ``new`` breaks relative to ``old``,
+    in nested objects too (as the API server checks them: where both sides have one)."""
     errors = []
     for rule in type(new).rules:
         if rule.transition and not rule.check(new, old):
             where = f"{path}.{rule.field}" if rule.field else path
             errors.append(f"{where}: {rule.message}")
+    for name, info in type(new).model_fields.items():
+        before, after = getattr(old, name, None), getattr(new, name)
+        if isinstance(after, TailorModel) and type(before) is type(after):
+            errors += transition_errors(before, after, f"{path}.{info.alias or name}")
     return errors
 
 

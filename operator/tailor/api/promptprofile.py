@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
 from tailor.api.common import FreeForm, LocalObjectRef, StatusBase
@@ -35,15 +35,19 @@ class GenerationParameters(TailorModel):
 
 
 class ResponseFormat(TailorModel):
-    """The shape answers must take."""
+    """The shape answers must take, enforced by constrained decoding in the serving engine
+    (a request's own OpenAI ``response_format`` replaces it)."""
 
     type: Literal["text", "json_object", "json_schema"] = Field(
-        default="text", description="text, json_object or json_schema."
+        default="text",
+        description="text (free), json_object (any JSON object) or json_schema (answers "
+        "that validate against schema).",
     )
     schema_: FreeForm | None = Field(
         default=None,
         alias="schema",
-        description="The JSON schema answers must satisfy (type json_schema only).",
+        description="The JSON Schema answers must satisfy (type json_schema only); checked "
+        "against its metaschema when the profile is applied.",
     )
 
     rules = (
@@ -54,6 +58,27 @@ class ResponseFormat(TailorModel):
             check=lambda m: (m.type == "json_schema") == (m.schema_ is not None),
         ),
     )
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_json_schema(value)
+        return value
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """ValueError naming where ``schema`` breaks its JSON Schema metaschema, if it does."""
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(root)"
+        raise ValueError(
+            f"not a valid JSON Schema at {where}: {exc.message}; fix the schema"
+        ) from exc
 
 
 class Expectation(TailorModel):

@@ -100,7 +100,7 @@ def child_fine_tune_name(parent: Parent) -> str:
     return child_name(parent, "ft")
 
 
-def _dataset_file(settings: OperatorSettings, data_path: str, name: str) -> DataSource:
+def dataset_file(settings: OperatorSettings, data_path: str, name: str) -> DataSource:
     """One file of the generated dataset as the child FineTuneJob reads it: from the bucket
     with the s3 store (checked against the dataset's upload marker, so the training pods
     mount no claim and may run on several nodes), else from the artifacts claim."""
@@ -123,8 +123,8 @@ def build_child_fine_tune(
         checkpoint=recipe.checkpoint,
         resources=recipe.resources,
         dataset=DatasetSpec(
-            train=_dataset_file(settings, data_path, RAFT_TRAIN_FILE),
-            validation=_dataset_file(settings, data_path, RAFT_VALIDATION_FILE),
+            train=dataset_file(settings, data_path, RAFT_TRAIN_FILE),
+            validation=dataset_file(settings, data_path, RAFT_VALIDATION_FILE),
             format="chat",
         ),
         output=Output(store=spec.output.store),

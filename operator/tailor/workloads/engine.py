@@ -42,6 +42,7 @@ from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths, ServedAdapter
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.common import WorkloadError
+from tailor.workloads.grammar import Grammars, mask_logits
 from tailor.workloads.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("tailor.workloads.engine")
@@ -61,6 +62,9 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    response_format: str | None = None
+    """A :func:`tailor.workloads.grammar.format_key`: answers constrained to JSON or a JSON
+    schema by constrained decoding; None: free text."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class GenerationRequest:
     sink: Callable[[Chunk], None]
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    grammar: Any = None  # the compiled grammar of params.response_format
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the last chunk says cancelled."""
@@ -121,6 +126,7 @@ class _Row:
     emitted: int = 0  # characters of the decoded text already sent
     device_seconds: float = 0.0
     finished: bool = False
+    matcher: Any = None  # xgrammar's matcher of the request's format
 
 
 class Engine:
@@ -150,6 +156,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
         self._peft = bool(self.adapters)
+        self._grammars: Grammars | None = None
 
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
@@ -177,6 +184,19 @@ class Engine:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
+    @property
+    def grammars(self) -> Grammars:
+        """The compiled response formats of this model's vocabulary (built on first use)."""
+        if self._grammars is None:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self._grammars = Grammars(self.tokenizer, vocab, sorted(self.eos_ids))
+        return self._grammars
+
+    def check_format(self, key: str | None) -> None:
+        """Compile a response format now (cached); FormatError when it cannot be enforced."""
+        if key is not None:
+            self.grammars.compile(key)
+
     def encode_text(self, prompt: str) -> list[int]:
         """Prompt token ids of a plain completion prompt."""
         return list(self.tokenizer(prompt).input_ids)
@@ -194,6 +214,8 @@ class Engine:
         if not prompt_ids:
             raise ValueError("empty prompt")
         request = GenerationRequest(list(prompt_ids), adapter, params, sink)
+        if params.response_format is not None:
+            request.grammar = self.grammars.compile(params.response_format)
         with self._cv:
             if self._closed:
                 raise EngineClosed("the engine is shut down")
@@ -383,7 +405,10 @@ class Engine:
             seed = request.params.seed
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         peft_name = self.adapters[request.adapter] if request.adapter else BASE
-        return _Row(request, peft_name, generator, position=len(request.prompt_ids))
+        matcher = Grammars.matcher(request.grammar) if request.grammar is not None else None
+        return _Row(
+            request, peft_name, generator, position=len(request.prompt_ids), matcher=matcher
+        )
 
     def _join(
         self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor
@@ -424,7 +449,9 @@ class Engine:
     # ---------------------------------------------------------------- sampling and output
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """One token per row: greedy at temperature 0, else temperature + top-p sampling
-        with the row's own generator (so a seed reproduces whatever else is batched)."""
+        with the row's own generator (so a seed reproduces whatever else is batched). Rows
+        with a response format sample only among the tokens their grammar allows."""
+        mask_logits(logits, [(i, row.matcher) for i, row in enumerate(rows) if row.matcher])
         for i, row in enumerate(rows):
             p = row.request.params
             if (p.presence_penalty or p.frequency_penalty) and row.generated:
@@ -460,6 +487,10 @@ class Engine:
             reason = "stop"
         else:
             row.generated.append(token)
+            if row.matcher is not None and (
+                not row.matcher.accept_token(token) or row.matcher.is_terminated()
+            ):
+                reason = "stop"  # the format is complete (or, never expected, broken)
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if reason is None and params.stop:
             found = [

@@ -59,6 +59,7 @@ from tailor.workloads.engine import (
     check_adapters,
     load_engine,
 )
+from tailor.workloads.grammar import FormatError, format_key
 from tailor.workloads.prompting import (
     ContextDocument,
     Message,
@@ -103,6 +104,19 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Wire):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatRequest(_Wire):
+    """OpenAI's ``response_format``: text, json_object, or json_schema with a schema."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _GenerationRequest(_Wire):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -116,6 +130,7 @@ class _GenerationRequest(_Wire):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
+    response_format: ResponseFormatRequest | None = None
     tailor: TailorOptions | None = None
 
     @field_validator("stop")
@@ -402,7 +417,32 @@ class Server:
             seed=merged.seed,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
+            response_format=self.response_format(body, profile),
         )
+
+    def response_format(self, body: _GenerationRequest, profile: Any) -> str | None:
+        """The format key of the request's ``response_format``, else the profile's; compiled
+        here, so a schema that cannot be enforced is a 400 naming the field."""
+        param = "response_format"
+        try:
+            if body.response_format is not None:
+                given = body.response_format
+                if given.type == "json_schema" and given.json_schema is None:
+                    raise FormatError("json_schema needs response_format.json_schema.schema")
+                schema = given.json_schema.schema_ if given.json_schema else None
+                key = format_key(given.type, schema)
+            elif profile is not None and profile.response_format is not None:
+                param = "promptProfile.responseFormat"
+                wanted = profile.response_format
+                key = format_key(wanted.type, wanted.schema_)
+            else:
+                return None
+            self.require_engine().check_format(key)
+        except FormatError as exc:
+            raise APIError(
+                400, f"{param}: {exc}", param=param, code="invalid_response_format"
+            ) from exc
+        return key
 
     async def prepare_chat(self, body: ChatCompletionRequest) -> Generation:
         adapter = self.resolve_model(body.model)
