@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         ("example-data",): "tailor.quickstart",
         ("eval", "apibench"): "tailor.workloads.apibench",
         ("store",): "tailor.workloads.storage",
+        ("prompt",): "tailor.prompt_cli",
     }
     for prefix, module in delegated.items():
         if tuple(argv[: len(prefix)]) == prefix:
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("example-data", help="create the ConfigMaps docs/examples read")
     sub.add_parser("eval", help="`tailor eval apibench`: score answers as the RAFT paper does")
     sub.add_parser("store", help="`tailor store push FOLDER s3://bucket/key/`: upload a model")
+    sub.add_parser("prompt", help="`tailor prompt history|diff|rollback`: prompt revisions")
     args = parser.parse_args(argv)
     if args.command == "crds":
         return write_crds(args.out, args.check)

@@ -363,10 +363,18 @@ def test_deleting_a_parent_removes_its_children(kube: Kube, ns: str) -> None:
     wait_for("children garbage-collected", gone, timeout=60)
 
 
+def ungated_profile() -> dict[str, Any]:
+    """The example profile without its gate: kwok completes the test Job's pod without
+    running it, so no revision would ever pass (the gate itself: tests/e2e/test_prompt_flow)."""
+    pp = example("promptprofile")
+    pp["spec"]["tests"]["gate"] = False
+    return pp
+
+
 def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
     kube: Kube, ns: str
 ) -> None:
-    kube.apply(example("promptprofile"), "-n", ns)
+    kube.apply(ungated_profile(), "-n", ns)
     kube.apply(example("knowledgebase"), "-n", ns)
     kube.apply(fine_tune("torchhub-lora", 0, suspend=True), "-n", ns)
     kube.apply(example("modeldeployment", autoscaling=None), "-n", ns)
@@ -401,7 +409,24 @@ def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
     mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert next(m for m in mounts if m["name"] == "artifacts")["readOnly"] is True
 
-    pp = example("promptprofile")
+    # The tests ran as a Job on the ready deployment; a Job that reports nothing (kwok
+    # never runs it) is not a pass, and the ungated revision is served anyway.
+    def tested() -> Any:
+        tests = next(
+            (c for c in get(kube, ns, "pp", "api-assistant")["status"]["conditions"]
+             if c["type"] == "TestsPassed"), {},
+        )  # fmt: skip
+        return tests if tests.get("reason") == "TestsMissing" else None
+
+    assert wait_for("the test Job's verdict", tested)["status"] == "False"
+    jobs = kube.get_json("jobs", "-n", ns, "-l", "tailor.dev/promptprofile=api-assistant")
+    assert [j["metadata"]["name"][: len("api-assistant-test-r1-")] for j in jobs["items"]] == [
+        "api-assistant-test-r1-"
+    ]
+    served = get(kube, ns, "pp", "api-assistant")["status"]["served"]
+    assert served == {"revision": 1, "configMap": "api-assistant-r1", "reason": "Newest"}
+
+    pp = ungated_profile()
     pp["spec"]["system"] += " Never invent repositories."
     kube.apply(pp, "-n", ns)
 

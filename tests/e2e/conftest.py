@@ -145,3 +145,14 @@ class PhaseWatch:
         ranks = [PHASE_RANK[p] for p in seen]
         assert ranks == sorted(ranks), f"{self.what} went backwards: {' -> '.join(seen)}"
         return seen
+
+
+def wait_for(what: str, probe: Any, timeout: float = 600) -> Any:
+    """``probe()``'s first truthy value, polled every second; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -4,6 +4,7 @@ volumes, RBAC scope, rollouts) without a cluster."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,42 @@ def test_prompt_revision_is_immutable_and_content_addressed() -> None:
     assert cm["metadata"]["annotations"]["tailor.dev/hash"] == profile_hash(spec)
     changed = spec.model_copy(update={"system": "other"})
     assert profile_hash(changed) != profile_hash(spec)
+    # tests and the pin are not part of a revision: editing them publishes nothing
+    assert spec.tests is not None
+    retested = spec.model_copy(update={"revision_pin": 1, "tests": spec.tests.model_copy(update={"gate": True})})  # fmt: skip
+    assert profile_hash(retested) == profile_hash(spec)
+    assert "tests" not in json.loads(cm["data"]["profile.json"])
+
+
+def test_prompt_tests_run_as_a_job_and_the_served_revision_follows_pin_and_gate() -> None:
+    from tailor.api.workloads import EvalTarget
+    from tailor.builders.promptprofile import build_prompt_tests, cases_hash
+    from tailor.controllers.promptprofile import choose_served
+
+    spec: PromptProfileSpec = spec_of("promptprofile")
+    target = EvalTarget(base_url="http://md.ns.svc:8000/v1", model="md", context="none")
+    workload = build_prompt_tests(spec, parent("PromptProfile", "pp"), SETTINGS, 3, target, None)
+    job = by_kind(workload.manifests)["Job"]
+    assert workload.name.startswith("pp-test-r3-") and workload.module == "prompt_tests"
+    assert job["spec"]["backoffLimit"] == 1
+    assert workload.run.cases_hash == cases_hash(spec) and workload.run.revision == 3
+    assert workload.run.spec.tests is not None and len(workload.run.spec.tests.cases) == 1
+    other = spec.model_copy(update={"tests": spec.tests.model_copy(update={"cases": spec.tests.cases * 2})})  # fmt: skip
+    assert cases_hash(other) != cases_hash(spec)  # new cases: a new Job, run again
+
+    history = [
+        {"revision": n, "configMap": f"pp-r{n}", "hash": str(n), "time": ""} for n in (3, 2, 1)
+    ]
+    newest, problem = choose_served(spec, history, 3, None)
+    assert problem is None and newest == {"revision": 3, "configMap": "pp-r3", "reason": "Newest"}
+    gated = spec.model_copy(update={"tests": spec.tests.model_copy(update={"gate": True})})
+    assert choose_served(gated, history, 3, 2)[0] == {"revision": 2, "configMap": "pp-r2", "reason": "LastPassed"}  # fmt: skip
+    assert choose_served(gated, history, 3, None) == (None, None)  # none passed yet
+    pinned = gated.model_copy(update={"revision_pin": 1})
+    assert choose_served(pinned, history, 3, 2)[0]["reason"] == "Pinned"  # type: ignore[index]
+    served, problem = choose_served(spec.model_copy(update={"revision_pin": 9}), history, 3, None)
+    assert served is None and problem is not None
+    assert problem.startswith("spec.revisionPin: revision 9 is not in status.history")
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,7 @@ def test_with_the_s3_store_the_dataset_lands_in_the_bucket_and_the_child_reads_i
     run = data_run(root, knowledge_base, out="raftjob/raft/u1/data")
     run.paths.store = store
     work(run)
-    progress = records(root / "raftjob/raft/u1/data-progress.jsonl")[-1]
+    progress = records(root / "raftjob/raft/u1/data-progress.jsonl")[-1]["status"]
     assert progress["dataset"]["artifact"]["uri"] == f"{store.uri('raftjob/raft/u1/data')}/"
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert {f"tailor/raftjob/raft/u1/data/{n}" for n in ("train.jsonl", MARKER)} <= keys

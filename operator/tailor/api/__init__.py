@@ -75,8 +75,8 @@ KINDS: dict[str, Kind] = {
             (
                 PHASE,
                 PrinterColumn("Revision", ".status.revision", "integer"),
-                PrinterColumn("Passed", ".status.tests.passed", "integer", priority=1),
-                PrinterColumn("Failed", ".status.tests.failed", "integer", priority=1),
+                PrinterColumn("Serving", ".status.served.revision", "integer"),
+                PrinterColumn("Tests", ".status.tests.summary", description="PASS/TOTAL."),
                 AGE,
             ),
         ),

@@ -97,7 +97,7 @@ def transition_errors(old: TailorModel, new: TailorModel, path: str = "spec") ->
             errors.append(f"{where}: {rule.message}")
     for name, info in type(new).model_fields.items():
         before, after = getattr(old, name, None), getattr(new, name)
-        if isinstance(after, TailorModel) and type(before) is type(after):
+        if isinstance(after, TailorModel) and isinstance(before, type(after)):
             errors += transition_errors(before, after, f"{path}.{info.alias or name}")
     return errors
 

@@ -109,9 +109,23 @@ class PromptTestCase(TailorModel):
 
 
 class PromptTests(TailorModel):
-    """Test cases run against a ModelDeployment whenever the profile changes."""
+    """Test cases run, as a Job, against a ModelDeployment for every new revision (and
+    again when the cases change): each case's input goes through the revision itself (its
+    system text, few-shot turns, template, parameters and response format) on that
+    deployment, and its answer is checked by the case's matcher."""
 
     deployment_ref: LocalObjectRef = Field(description="The ModelDeployment to test against.")
+    adapter: str | None = Field(
+        default=None,
+        max_length=63,
+        description="One of that deployment's adapters to answer with; unset: its base model.",
+    )
+    gate: bool = Field(
+        default=False,
+        description="Serve only revisions whose cases all pass: a revision that fails keeps "
+        "ModelDeployments on the newest one that passed, and the TestsPassed condition names "
+        "its failing cases.",
+    )
     cases: list[PromptTestCase] = Field(min_length=1, max_length=100, description="The test cases.")
 
 
@@ -140,7 +154,21 @@ class PromptProfileSpec(TailorModel):
     response_format: ResponseFormat | None = Field(
         default=None, description="Constrain answers to text, any JSON object or a JSON schema."
     )
-    tests: PromptTests | None = Field(default=None, description="Optional systematic tests.")
+    tests: PromptTests | None = Field(
+        default=None, description="Test cases for every revision (not part of the revision)."
+    )
+    revision_pin: int | None = Field(
+        default=None,
+        ge=1,
+        description="Serve this revision from status.history instead of the newest: a "
+        "rollback without editing the text back (not part of the revision). Remove it to "
+        "serve the newest again.",
+    )
+
+
+REVISION_EXCLUDES = {"tests", "revision_pin"}
+"""Fields of the spec that are not part of a revision's content (changing them publishes
+no new revision)."""
 
 
 class Revision(TailorModel):
@@ -152,13 +180,36 @@ class Revision(TailorModel):
     time: str = Field(description="When it was published.")
 
 
-class PromptTestResults(TailorModel):
-    """Outcome of the last test run."""
+class PromptCaseResult(TailorModel):
+    """One test case's outcome."""
 
+    name: str = Field(description="The case.")
+    passed: bool = Field(description="Whether the answer satisfied the matcher.")
+    answer: str = Field(default="", description="The answer (first 500 characters).")
+    message: str = Field(default="", description="Why it failed (or an error).")
+
+
+class PromptTestResults(TailorModel):
+    """Outcome of the test run of one revision."""
+
+    revision: int | None = Field(default=None, description="The revision tested.")
+    cases_hash: str | None = Field(default=None, description="Hash of the cases run.")
     passed: int = Field(default=0, description="Cases that passed.")
     failed: int = Field(default=0, description="Cases that failed.")
+    summary: str | None = Field(default=None, description="PASS/TOTAL, e.g. 3/4.")
     last_run: str | None = Field(default=None, description="When the tests last ran.")
-    failures: list[str] = Field(default_factory=list, description="Names of failed cases.")
+    cases: list[PromptCaseResult] = Field(default_factory=list, description="Per case.")
+
+
+class ServedRevision(TailorModel):
+    """The revision ModelDeployments serve."""
+
+    revision: int = Field(description="Revision number.")
+    config_map: str = Field(description="Its ConfigMap.")
+    reason: Literal["Newest", "Pinned", "LastPassed"] = Field(
+        description="Newest; Pinned (spec.revisionPin); LastPassed (tests.gate: the newest "
+        "revision that passed)."
+    )
 
 
 class PromptProfileStatus(StatusBase):
@@ -170,8 +221,18 @@ class PromptProfileStatus(StatusBase):
     config_map: str | None = Field(default=None, description="ConfigMap of the current revision.")
     history: list[Revision] = Field(default_factory=list, description="The last 10 revisions.")
     tests: PromptTestResults | None = Field(default=None, description="Last test results.")
+    served: ServedRevision | None = Field(
+        default=None, description="What ModelDeployments that use the profile serve."
+    )
+    last_passed: int | None = Field(
+        default=None, description="The newest revision whose tests all passed."
+    )
 
 
 def render_profile_data(spec: PromptProfileSpec) -> dict[str, Any]:
-    """The profile as a serving workload reads it (the published ConfigMap's content)."""
-    return spec.wire()
+    """The profile as a serving workload reads it (the published ConfigMap's content): the
+    revision's content, without its tests and pin."""
+    data: dict[str, Any] = spec.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude=REVISION_EXCLUDES
+    )
+    return data

@@ -17,9 +17,11 @@ from typing import Literal
 from pydantic import Field
 
 from tailor.api.base import TailorModel
+from tailor.api.common import SecretKeyRef
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.knowledgebase import Embedding, KnowledgeBaseSpec, QdrantStore, Retrieval
 from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.raftjob import RAFTJobSpec
 
 
@@ -181,6 +183,18 @@ class EvalTarget(TailorModel):
         default="protocol",
         description="protocol: documents as the evaluation protocol says; none: the question "
         "alone (a closed-book baseline such as a domain fine-tune without retrieval).",
+    )
+
+
+class PromptTestRun(RunBase):
+    """The spec file of ``tailor.workloads.prompt_tests``: one revision's test cases."""
+
+    spec: PromptProfileSpec = Field(description="The profile, with the revision's content.")
+    revision: int = Field(description="The revision under test.")
+    cases_hash: str = Field(description="Hash of spec.tests.cases (reported back).")
+    target: EvalTarget = Field(description="The ModelDeployment (and model) that answers.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="The deployment's API key, when it asks for one."
     )
 
 

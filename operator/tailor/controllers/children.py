@@ -73,7 +73,8 @@ async def deployment_event(
 
 
 def references(body: dict[str, Any]) -> set[tuple[str, str]]:
-    """(kind, name) of every Tailor resource a ModelDeployment or RAFTJob refers to."""
+    """(kind, name) of every Tailor resource a ModelDeployment, RAFTJob or PromptProfile
+    refers to."""
     spec = body.get("spec") or {}
     refs: set[tuple[str, str]] = set()
     for adapter in spec.get("adapters") or []:
@@ -85,6 +86,9 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
         refs.add(("PromptProfile", spec["promptProfileRef"]["name"]))
     if spec.get("knowledgeBaseRef"):
         refs.add(("KnowledgeBase", spec["knowledgeBaseRef"]["name"]))
+    deployment = (spec.get("tests") or {}).get("deploymentRef")  # a PromptProfile's tests
+    if deployment:
+        refs.add(("ModelDeployment", deployment["name"]))
     return refs
 
 
@@ -152,10 +156,11 @@ def _watch_tailor_kind(kind: str) -> None:
         remember(kind, event)
         if type != "DELETED" and needs_sync(type, body):
             operator().enqueue(kind, namespace, name)
-        if kind in ("ModelDeployment", "RAFTJob"):
+        if kind in ("ModelDeployment", "RAFTJob", "PromptProfile"):
             _index_references(kind, body, deleted=type == "DELETED")
         status = body.get("status") or {}
-        seen = (status.get("phase"), status.get("revision"), status.get("collection"))
+        served = (status.get("served") or {}).get("revision")  # a PromptProfile's
+        seen = (status.get("phase"), status.get("revision"), status.get("collection"), served)
         if type == "DELETED":
             _SEEN.pop(key, None)
             return

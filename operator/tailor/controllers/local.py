@@ -17,7 +17,12 @@ TERMINAL = {"Succeeded", "Failed", "Invalid", "Valid"}
 def _local_and_unfinished(status: dict[str, Any], **_: Any) -> bool:
     if operator().settings.runtime != "local":
         return False
-    return (status or {}).get("phase") not in TERMINAL
+    status = status or {}
+    testing = any(  # a PromptProfile whose test Job is running
+        c.get("type") == "TestsPassed" and c.get("reason") == "Testing"
+        for c in status.get("conditions") or []
+    )
+    return testing or status.get("phase") not in TERMINAL
 
 
 def _poll(kind: str) -> None:
@@ -34,5 +39,5 @@ def _poll(kind: str) -> None:
         operator().enqueue(kind, namespace, name)
 
 
-for _kind in ("FineTuneJob", "KnowledgeBase", "RAFTJob", "ModelDeployment"):
+for _kind in ("FineTuneJob", "KnowledgeBase", "RAFTJob", "ModelDeployment", "PromptProfile"):
     _poll(_kind)

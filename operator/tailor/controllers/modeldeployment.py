@@ -50,12 +50,16 @@ def resolve(
     if spec.prompt_profile_ref:
         body = op.get("PromptProfile", namespace, spec.prompt_profile_ref.name)
         status = (body or {}).get("status") or {}
-        if status.get("phase") != "Valid" or not status.get("configMap"):
+        served = status.get("served") or {}
+        gated = bool((((body or {}).get("spec") or {}).get("tests") or {}).get("gate"))
+        if status.get("phase") == "Valid" and served.get("configMap"):
+            refs.prompt_config_map = served["configMap"]  # newest, pinned or last passed
+        elif status.get("phase") == "Valid" and gated and status.get("revision"):
+            pass  # no revision has passed its tests yet: served without the profile
+        else:
             waiting.append(
                 f"PromptProfile {spec.prompt_profile_ref.name} ({status.get('phase') or ('not found' if body is None else 'Pending')})"
             )
-        else:
-            refs.prompt_config_map = status["configMap"]
     if spec.knowledge_base_ref:
         binding = spec.knowledge_base_ref
         body = op.get("KnowledgeBase", namespace, binding.name)

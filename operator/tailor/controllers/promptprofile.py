@@ -1,21 +1,39 @@
 """PromptProfile controller: validate the template, publish each new revision as an
-immutable ConfigMap, keep the last 10 in ``status.history`` (older ConfigMaps deleted)."""
+immutable ConfigMap, keep the last 10 in ``status.history`` (older ConfigMaps deleted), run
+the revision's test cases as a Job against ``spec.tests.deploymentRef``, and say in
+``status.served`` which revision ModelDeployments serve:
+
+- ``spec.revisionPin``: that revision (a rollback), while it is in the history;
+- ``spec.tests.gate``: the newest revision whose cases all passed (none yet: deployments
+  serve without the profile until one passes: waiting for it would deadlock a deployment
+  that is its own test target);
+- otherwise the newest.
+
+A revision's content excludes ``tests`` and ``revisionPin``: editing them publishes nothing,
+but new cases run again against the current revision.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
+from tailor.api.common import SecretKeyRef
 from tailor.api.promptprofile import PromptProfileSpec
+from tailor.api.workloads import EvalTarget
 from tailor.builders.common import Parent
 from tailor.builders.promptprofile import (
     HISTORY,
+    build_prompt_tests,
     build_revision,
+    cases_hash,
     profile_hash,
     revision_config_map_name,
     template_errors,
 )
 from tailor.controllers.context import Operator, condition, now, syncer
+from tailor.observability.operator import PROMPT_TEST_CASES
+from tailor.runtime.base import require_report
 
 KIND = "PromptProfile"
 
@@ -48,35 +66,169 @@ def sync_prompt_profile(op: Operator, body: dict[str, Any]) -> None:
                 },
             )
         return
+    assert isinstance(spec, PromptProfileSpec)
     parent = Parent.from_body(body)
+    conditions = status.get("conditions")
+    new: dict[str, Any] = {"phase": "Valid", "observedGeneration": generation}
+
+    # 1. The revision: a new one when the content changed.
     digest = profile_hash(spec)
-    if digest == status.get("hash") and status.get("phase") == "Valid":
-        return
     history = list(status.get("history") or [])
-    known = next((h for h in history if h.get("hash") == digest), None)
-    revision = int(status.get("revision") or 0) + 1
-    config_map = revision_config_map_name(parent, revision)
-    op.runtime.apply(build_revision(spec, parent, revision))
-    entry = {"revision": revision, "hash": digest, "configMap": config_map, "time": now()}
-    history = [entry, *history][:HISTORY]
-    keep = {h["configMap"] for h in history}
-    for old in status.get("history") or []:
-        if old["configMap"] not in keep:
+    revision = int(status.get("revision") or 0)
+    published = ""
+    if digest != status.get("hash"):
+        known = next((h for h in history if h.get("hash") == digest), None)
+        revision += 1
+        config_map = revision_config_map_name(parent, revision)
+        op.runtime.apply(build_revision(spec, parent, revision))
+        history = [{"revision": revision, "hash": digest, "configMap": config_map, "time": now()}]
+        history += list(status.get("history") or [])
+        published = f"revision {revision} published in ConfigMap {config_map}"
+        if known:
+            published += f" (same content as revision {known['revision']})"
+        new.update(revision=revision, hash=digest, configMap=config_map)
+
+    # 2. Its tests.
+    last_passed = status.get("lastPassed")
+    tests = tests_verdict(op, spec, parent, revision, status)
+    if tests is not None:
+        reason, message, passed = tests
+        if passed:
+            last_passed = max(int(last_passed or 0), revision)
+            new["lastPassed"] = last_passed
+        conditions = condition(conditions, "TestsPassed", bool(passed), reason, message, generation)
+
+    # 3. What deployments serve.
+    served, problem = choose_served(spec, history, revision, last_passed)
+    if served is None and problem is None:
+        new["served"] = None
+    elif served is not None:
+        new["served"] = served
+    keep = history[:HISTORY]
+    if served and all(h["revision"] != served["revision"] for h in keep):
+        keep.append(next(h for h in history if h["revision"] == served["revision"]))
+    for old in history:
+        if old not in keep:
             op.runtime.delete("v1", "ConfigMap", parent.namespace, old["configMap"])
-    message = f"revision {revision} published in ConfigMap {config_map}"
-    if known:
-        message += f" (same content as revision {known['revision']})"
-    op.patch_status(
-        body,
-        {
-            "phase": "Valid",
-            "observedGeneration": generation,
-            "revision": revision,
-            "hash": digest,
-            "configMap": config_map,
-            "history": history,
-            "conditions": condition(
-                status.get("conditions"), "Ready", True, "Published", message, generation
+    new["history"] = keep
+    ready = served is not None or (problem is None and bool(spec.tests and spec.tests.gate))
+    if problem:
+        reason, message = "RevisionNotFound", problem
+    elif served is None:
+        reason, message = (
+            "NoRevisionPassed",
+            (
+                f"no revision has passed its tests yet (tests.gate): ModelDeployments serve "
+                f"without the profile until one does; {published or f'revision {revision}'}"
             ),
-        },
+        )
+    else:
+        reason = {"Newest": "Published", "Pinned": "Pinned", "LastPassed": "Gated"}[
+            served["reason"]
+        ]
+        message = f"serving revision {served['revision']} ({served['reason']})"
+        if published:
+            message = f"{published}; {message}"
+    new["conditions"] = condition(conditions, "Ready", ready, reason, message, generation)
+    if any(status.get(k) != v for k, v in new.items()):
+        op.patch_status(body, new)
+
+
+def choose_served(
+    spec: PromptProfileSpec, history: list[dict[str, Any]], revision: int, last_passed: Any
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the served revision with its reason, or None; a problem naming the field)."""
+    by_number = {int(h["revision"]): h for h in history}
+    if spec.revision_pin is not None:
+        pinned = by_number.get(spec.revision_pin)
+        if pinned is None:
+            numbers = ", ".join(str(n) for n in sorted(by_number)) or "none"
+            return None, (
+                f"spec.revisionPin: revision {spec.revision_pin} is not in status.history "
+                f"(revisions {numbers}); pin one of them, or remove revisionPin to serve the "
+                "newest"
+            )
+        return _served(pinned, "Pinned"), None
+    if spec.tests and spec.tests.gate:
+        passed = by_number.get(int(last_passed or 0))
+        return (_served(passed, "LastPassed"), None) if passed else (None, None)
+    return _served(by_number[revision], "Newest"), None
+
+
+def _served(entry: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"revision": entry["revision"], "configMap": entry["configMap"], "reason": reason}
+
+
+def tests_verdict(
+    op: Operator, spec: PromptProfileSpec, parent: Parent, revision: int, status: dict[str, Any]
+) -> tuple[str, str, bool | None] | None:
+    """(reason, message, passed: True/False, None while unknown) of the current revision's
+    tests, starting their Job when needed; None when the profile has no tests."""
+    if spec.tests is None:
+        return None
+    digest = cases_hash(spec) or ""
+    results = status.get("tests") or {}
+    if results.get("revision") == revision and results.get("casesHash") == digest:
+        failing = [c["name"] for c in results.get("cases") or [] if not c.get("passed")]
+        return _verdict(revision, results.get("summary") or "", failing)
+    ref = spec.tests.deployment_ref.name
+    md = op.get("ModelDeployment", parent.namespace, ref)
+    if md is None:
+        return (
+            "DeploymentNotFound",
+            f"spec.tests.deploymentRef.name: ModelDeployment {ref} does not exist in "
+            f"{parent.namespace}; create it or name one that does",
+            False,
+        )
+    md_status = md.get("status") or {}
+    endpoint = md_status.get("endpoint")
+    if md_status.get("phase") != "Ready" or not endpoint:
+        return ("WaitingForDeployment", f"waiting for ModelDeployment {ref} to be Ready", None)
+    adapters = [a.get("name") for a in (md.get("spec") or {}).get("adapters") or []]
+    if spec.tests.adapter and spec.tests.adapter not in adapters:
+        return (
+            "AdapterNotFound",
+            f"spec.tests.adapter: ModelDeployment {ref} has no adapter {spec.tests.adapter} "
+            f"(it serves {', '.join(adapters) or 'no adapters'})",
+            False,
+        )
+    model = ref if not spec.tests.adapter else f"{ref}/{spec.tests.adapter}"
+    auth = ((md.get("spec") or {}).get("auth") or {}).get("apiKeySecretRef")
+    workload = build_prompt_tests(
+        spec,
+        parent,
+        op.settings,
+        revision,
+        EvalTarget(base_url=endpoint, model=model, context="none"),
+        SecretKeyRef.model_validate(auth) if auth else None,
     )
+    state = op.runtime.run_state(parent.namespace, workload.name)
+    if state is None:
+        op.runtime.prepare_namespace(parent.namespace)
+        op.runtime.start(workload)
+        return ("Testing", f"running {len(spec.tests.cases)} cases on revision {revision}", None)
+    state = require_report(
+        state,
+        "tests.summary",
+        "TestsMissing",
+        "the test Job completed but reported no results: see the prompt_tests log",
+    )
+    if state is None or state.phase not in ("Succeeded", "Failed"):
+        return ("Testing", f"running {len(spec.tests.cases)} cases on revision {revision}", None)
+    report = (state.result or {}).get("tests") or {} if state.phase == "Succeeded" else {}
+    passed = int(report.get("passed") or 0)
+    for result, count in (("passed", passed), ("failed", len(spec.tests.cases) - passed)):
+        PROMPT_TEST_CASES.labels(parent.namespace, parent.name, str(revision), result).set(count)
+    if state.phase == "Failed":  # (no report counts every case as failed)
+        return (state.reason or "TestsFailed", f"the test Job failed: {state.message}", False)
+    return _verdict(revision, report.get("summary", ""), list(report.get("failing") or []))
+
+
+def _verdict(revision: int, summary: str, failing: list[str]) -> tuple[str, str, bool]:
+    if failing:
+        return (
+            "TestsFailed",
+            f"revision {revision}: {summary} cases passed; failing: {', '.join(failing)}",
+            False,
+        )
+    return ("TestsPassed", f"revision {revision}: {summary} cases passed", True)

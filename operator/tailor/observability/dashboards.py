@@ -302,6 +302,24 @@ def operator_dashboard() -> Dashboard:
                     ),
                 ),
             ),
+            Row(
+                "Prompt tests",
+                (
+                    Panel(
+                        "Prompt test cases by revision",
+                        "Passed and failed test cases of each PromptProfile revision's last "
+                        "run (a gated profile serves only revisions without failures).",
+                        (
+                            q(
+                                f"sum by (profile, revision, result) (tailor_prompt_test_cases{ns})",
+                                "{{profile}} r{{revision}} {{result}}",
+                            ),
+                        ),
+                        stacked=True,
+                        width=24,
+                    ),
+                ),
+            ),
         ),
     )
 

@@ -68,6 +68,7 @@ from tailor.workloads.prompting import (
     build_messages,
     last_user_message,
     merge_parameters,
+    parse_profile,
 )
 from tailor.workloads.storage import pull_model, store_of
 
@@ -88,6 +89,12 @@ class TailorOptions(_Wire):
 
     variables: dict[str, str] = Field(default_factory=dict, description="Template variables.")
     retrieval: bool = Field(default=True, description="Retrieve context when a KB is set.")
+    prompt_profile: dict[str, Any] | None = Field(
+        default=None,
+        alias="promptProfile",
+        description="A profile revision to answer with instead of the served one (what a "
+        "PromptProfile's test Job sends to try a revision before it is served).",
+    )
 
 
 class ContentPart(_Wire):
@@ -451,8 +458,13 @@ class Server:
         _reject(bool(body.tools or body.functions), "tools", "tool calling is not supported")
         engine = self.require_engine()
         conversation = [_message(i, m) for i, m in enumerate(body.messages)]
-        profile = self.profile.get() if self.profile else None
         options = body.tailor or TailorOptions()
+        profile = self.profile.get() if self.profile else None
+        if options.prompt_profile is not None:
+            try:
+                profile = parse_profile(json.dumps(options.prompt_profile))
+            except PromptError as exc:
+                raise APIError(400, str(exc), param="tailor.promptProfile") from exc
         documents: list[Any] = []
         extension: dict[str, Any] = {}
         if self.run.knowledge_base is not None and options.retrieval:
