@@ -311,7 +311,7 @@ def operator_dashboard() -> Dashboard:
                         "run (a gated profile serves only revisions without failures).",
                         (
                             q(
-                                f"sum by (profile, revision, result) (tailor_prompt_test_cases{ns})",
+                                f"sum by (profile, revision, result) (tailor_operator_prompt_test_cases{ns})",
                                 "{{profile}} r{{revision}} {{result}}",
                             ),
                         ),

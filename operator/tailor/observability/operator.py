@@ -42,7 +42,7 @@ QUEUE_RETRIES = Counter(
 IS_LEADER = Gauge("tailor_operator_leader", "1 while this replica holds the operator's Lease.")
 RESOURCES = Gauge("tailor_operator_resources", "Resources by kind and phase.", ["kind", "phase"])
 PROMPT_TEST_CASES = Gauge(
-    "tailor_prompt_test_cases",
+    "tailor_operator_prompt_test_cases",
     "Test cases of a PromptProfile revision by result (passed, failed), from its last run.",
     ["namespace", "profile", "revision", "result"],
 )
