@@ -85,8 +85,16 @@ class Expectation(TailorModel):
     """What a test case's answer must satisfy: exactly one matcher."""
 
     contains: str | None = Field(default=None, max_length=4096, description="A substring.")
-    regex: str | None = Field(default=None, max_length=4096, description="A RE2 regex to search.")
-    equals: str | None = Field(default=None, max_length=16384, description="The whole answer.")
+    regex: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="A regular expression (Python re) searched for in the answer.",
+    )
+    equals: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="The whole answer (whitespace at the ends ignored).",
+    )
     json_schema: FreeForm | None = Field(
         default=None, description="A JSON schema the answer (parsed as JSON) must satisfy."
     )
