@@ -233,6 +233,7 @@ def test_prompt_tests_run_as_a_job_and_the_served_revision_follows_pin_and_gate(
     history = [
         {"revision": n, "configMap": f"pp-r{n}", "hash": str(n), "time": ""} for n in (3, 2, 1)
     ]
+    spec = spec.model_copy(update={"tests": spec.tests.model_copy(update={"gate": False})})
     newest, problem = choose_served(spec, history, 3, None)
     assert problem is None and newest == {"revision": 3, "configMap": "pp-r3", "reason": "Newest"}
     gated = spec.model_copy(update={"tests": spec.tests.model_copy(update={"gate": True})})

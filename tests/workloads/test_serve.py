@@ -586,6 +586,39 @@ def test_every_answer_under_a_response_format_validates(
             jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_few_shot_examples_are_chosen_per_question_by_the_server(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+) -> None:
+    """fewShotSelection through the real server: the question's own pool example is sent
+    (an example far longer than the others shows in prompt_tokens)."""
+    pool = [
+        {"user": "Translate this sentence into German.", "assistant": "Ein Satz."},
+        {"user": "Transcribe this audio recording of a meeting.", "assistant": "word " * 120},
+        {"user": "Classify this photo of a cat.", "assistant": "tabby cat"},
+    ]
+    path = workdir / "few-shot-profile" / "profile.json"
+    path.parent.mkdir(exist_ok=True)
+    spec = PromptProfileSpec.model_validate(
+        {
+            "fewShotSelection": {"select": "similar", "k": 1, "pool": pool},
+            "parameters": {"maxTokens": 1},
+        }
+    )
+    path.write_text(json.dumps(render_profile_data(spec)))
+    profiled = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    profiled.prompt_profile_file = str(path)
+
+    def prompt_tokens(question: str) -> int:
+        body = {"model": SERVED, "messages": [{"role": "user", "content": question}]}
+        usage: dict[str, int] = ok(http.post("/v1/chat/completions", json=body))["usage"]
+        return usage["prompt_tokens"]
+
+    with TestClient(create_app(profiled, engine=engine)) as http:
+        speech = prompt_tokens("Make a transcript of the audio of this podcast episode.")
+        photo = prompt_tokens("What animal is in this picture of a pet?")
+    assert speech > photo + 100  # the transcription example (120 words) went with speech
+
+
 def test_context_window_from_the_spec(
     workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
 ) -> None:

@@ -156,3 +156,51 @@ def test_profile_file_reloads_on_change_and_keeps_last_good(tmp_path: Path) -> N
     write("{not json")
     assert watched.get() is second and watched.error
     assert reloads == [True, True, False]
+
+
+POOL = [
+    {"user": "Classify this photo of a dog into an ImageNet class.", "assistant": "resnet50"},
+    {"user": "Translate this English sentence into German.", "assistant": "opus-mt-en-de"},
+    {"user": "Detect the pedestrians and cars in this street image.", "assistant": "yolov5s"},
+    {"user": "Transcribe this recording of a meeting to text.", "assistant": "whisper-small"},
+    {"user": "Summarise this long news article in three sentences.", "assistant": "bart-cnn"},
+]
+
+
+@pytest.mark.workloads
+def test_similar_few_shot_picks_the_examples_nearest_to_the_question(tmp_path: Path) -> None:
+    """With the builtin MiniLM: each question gets the pool examples about its own task,
+    the nearest last (next to the question); static takes the pool's first k; and the
+    chosen turns come after the static fewShot ones."""
+    from tailor.api.knowledgebase import Embedding
+    from tailor.api.promptprofile import FewShotSelection
+    from tailor.api.workloads import Paths
+    from tailor.workloads.prompting import select_examples
+    from tailor.workloads.retriever import load_embedder
+
+    embedder = load_embedder(Embedding(), Paths(artifacts=str(tmp_path)))
+    similar = FewShotSelection.model_validate({"select": "similar", "k": 2, "pool": POOL})
+    picks = {
+        question: [e.assistant for e in select_examples(similar, question, embedder.embed_queries)]
+        for question in (
+            "Which model turns speech audio into a transcript?",
+            "I need to find every car in a traffic camera frame.",
+            "Render this French paragraph in English.",
+        )
+    }
+    assert [p[-1] for p in picks.values()] == ["whisper-small", "yolov5s", "opus-mt-en-de"]
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in picks.values())
+    static = similar.model_copy(update={"select": "static"})
+    assert [e.assistant for e in select_examples(static, "anything", embedder.embed_queries)] == [
+        "resnet50",
+        "opus-mt-en-de",
+    ]
+    spec = profile(fewShot=[{"user": "Hello", "assistant": "Hi!"}], fewShotSelection=similar.wire())
+    chosen = select_examples(similar, "Transcribe a podcast.", embedder.embed_queries)
+    messages = build_messages(spec, [Message("user", "Transcribe a podcast.")], examples=chosen)
+    assert [m.content for m in messages[:2]] == ["Hello", "Hi!"]
+    assert (
+        messages[-2].content == "whisper-small" and messages[-1].content == "Transcribe a podcast."
+    )
+    with pytest.raises(ValueError, match="k is larger than the pool"):
+        FewShotSelection.model_validate({"k": 6, "pool": POOL})

@@ -22,6 +22,30 @@ class FewShotExample(TailorModel):
     assistant: str = Field(min_length=1, max_length=16384, description="The ideal answer.")
 
 
+class FewShotSelection(TailorModel):
+    """Few-shot turns chosen per question from a pool, after the static ``fewShot`` ones."""
+
+    select: Literal["static", "similar"] = Field(
+        default="similar",
+        description="similar: the k pool examples whose user turn is nearest to the question "
+        "(cosine of the embedding model's vectors: the knowledge base's when the deployment "
+        "has one, else the builtin MiniLM), nearest last; static: the first k of the pool.",
+    )
+    k: int = Field(default=3, ge=1, le=10, description="Examples per question.")
+    pool: list[FewShotExample] = Field(
+        min_length=1, max_length=500, description="The examples to choose from (inline)."
+    )
+
+    rules = (
+        Rule(
+            cel="self.k <= size(self.pool)",
+            message="k is larger than the pool; lower k or add examples",
+            field="k",
+            check=lambda m: m.k <= len(m.pool),
+        ),
+    )
+
+
 class GenerationParameters(TailorModel):
     """Default generation parameters; a request may override them (OpenAI names)."""
 
@@ -152,6 +176,11 @@ class PromptProfileSpec(TailorModel):
     )
     few_shot: list[FewShotExample] = Field(
         default_factory=list, max_length=10, description="0-10 demonstration turns."
+    )
+    few_shot_selection: FewShotSelection | None = Field(
+        default=None,
+        description="More demonstration turns, chosen per question from a pool (similar) "
+        "or its first k (static), sent after fewShot.",
     )
     variables: dict[str, str] = Field(
         default_factory=dict, description="Default template variables, overridable per request."

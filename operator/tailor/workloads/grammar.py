@@ -38,7 +38,8 @@ class FormatError(ValueError):
 
 def format_key(kind: str | None, schema: dict[str, Any] | None = None) -> str | None:
     """The canonical form of a response format, hashable and cacheable: None for text,
-    else JSON ``{"type": ..., "schema": ...}`` with sorted keys."""
+    else JSON ``{"type": ..., "schema": ...}`` (the schema's key order kept: answers
+    list properties in that order)."""
     if kind in (None, "text"):
         return None
     if kind not in FORMATS:
@@ -47,8 +48,8 @@ def format_key(kind: str | None, schema: dict[str, Any] | None = None) -> str | 
         if not isinstance(schema, dict):
             raise FormatError("json_schema needs a schema (an object)")
         check_schema(schema)
-        return json.dumps({"type": kind, "schema": schema}, sort_keys=True)
-    return json.dumps({"type": kind}, sort_keys=True)
+        return json.dumps({"type": kind, "schema": schema})  # the schema's own key order
+    return json.dumps({"type": kind})
 
 
 def check_schema(schema: dict[str, Any]) -> None:

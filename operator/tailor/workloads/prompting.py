@@ -27,7 +27,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
 
 from tailor.api.base import describe_errors
-from tailor.api.promptprofile import GenerationParameters, PromptProfileSpec
+from tailor.api.promptprofile import (
+    FewShotExample,
+    FewShotSelection,
+    GenerationParameters,
+    PromptProfileSpec,
+)
 
 log = logging.getLogger("tailor.workloads.prompting")
 
@@ -149,16 +154,33 @@ def render_user_turn(
     return rendered
 
 
+def select_examples(
+    selection: FewShotSelection, question: str | None, embed: Callable[[list[str]], Any] | None
+) -> list[FewShotExample]:
+    """The pool examples a question gets: the first k (static, or no question), else the k
+    whose user turn is nearest to the question by cosine of ``embed``'s normalised vectors,
+    ordered so the nearest comes last (next to the question)."""
+    pool = selection.pool
+    if selection.select == "static" or not question or embed is None:
+        return list(pool[: selection.k])
+    vectors = embed([question] + [example.user for example in pool])
+    scores = vectors[1:] @ vectors[0]
+    nearest = sorted(range(len(pool)), key=lambda i: (-float(scores[i]), i))[: selection.k]
+    return [pool[i] for i in reversed(nearest)]
+
+
 def build_messages(
     profile: PromptProfileSpec | None,
     conversation: Sequence[Message],
     documents: Sequence[ContextDocument] | None = None,
     variables: Mapping[str, str] | None = None,
+    examples: Sequence[FewShotExample] = (),
 ) -> list[Message]:
     """The conversation the model sees.
 
     In order: one system message (the profile's system text, rendered with the variables,
-    followed by the request's own system messages), the profile's few-shot turns, the
+    followed by the request's own system messages), the profile's few-shot turns (then
+    ``examples``, those chosen for this question by :func:`select_examples`), the
     earlier turns unchanged, and the last user turn through :func:`render_user_turn`.
     Without a profile the conversation is unchanged except for the default context block.
     """
@@ -171,7 +193,7 @@ def build_messages(
     turns = [m for m in conversation if m.role != "system"]
 
     out = [Message("system", "\n\n".join(system_parts))] if system_parts else []
-    for example in profile.few_shot:
+    for example in [*profile.few_shot, *examples]:
         out += [Message("user", example.user), Message("assistant", example.assistant)]
     last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=None)
     for index, message in enumerate(turns):

@@ -69,6 +69,7 @@ from tailor.workloads.prompting import (
     last_user_message,
     merge_parameters,
     parse_profile,
+    select_examples,
 )
 from tailor.workloads.storage import pull_model, store_of
 
@@ -284,6 +285,7 @@ class Server:
         self.responses: OrderedDict[str, str] = OrderedDict()  # response id -> model
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
+        self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
         if engine is not None:
             metrics.set_ready(True)
 
@@ -382,6 +384,35 @@ class Server:
         self.metrics.observe_retrieval(time.perf_counter() - started, ok=True)
         return list(chunks), "ok"
 
+    async def few_shot(self, profile: Any, question: str | None) -> list[Any]:
+        """The profile's few-shot examples chosen for this question (fewShotSelection)."""
+        selection = profile.few_shot_selection if profile is not None else None
+        if selection is None:
+            return []
+        if selection.select == "static" or not question:
+            return select_examples(selection, question, None)
+        return await asyncio.to_thread(select_examples, selection, question, self.embed_texts)
+
+    def embed_texts(self, texts: list[str]) -> Any:
+        """Normalised vectors of texts with the knowledge base's embedding model (the builtin
+        MiniLM without one); vectors of texts seen before (a pool) come from a cache."""
+        import numpy as np
+
+        from tailor.api.knowledgebase import Embedding
+        from tailor.workloads.retriever import load_embedder
+
+        config = self.run.knowledge_base
+        embedder = load_embedder(config.embedding if config else Embedding(), self.run.paths)
+        cache = self._example_vectors
+        with self._retriever_lock:
+            missing = list(dict.fromkeys(t for t in texts if (embedder.key, t) not in cache))
+            if missing:
+                for text, vector in zip(missing, embedder.embed_queries(missing), strict=True):
+                    cache[(embedder.key, text)] = vector
+                while len(cache) > 20_000:
+                    cache.pop(next(iter(cache)))
+            return np.stack([cache[(embedder.key, t)] for t in texts])
+
     # -- request preparation
     def sampling(
         self, body: _GenerationRequest, max_tokens: int | None, prompt_tokens: int, profile: Any
@@ -470,8 +501,9 @@ class Server:
         if self.run.knowledge_base is not None and options.retrieval:
             documents, state = await self.retrieve(last_user_message(conversation))
             extension = {"sources": [_source(d) for d in documents], "retrieval": state}
+        examples = await self.few_shot(profile, last_user_message(conversation))
         try:
-            messages = build_messages(profile, conversation, documents, options.variables)
+            messages = build_messages(profile, conversation, documents, options.variables, examples)
         except PromptError as exc:
             raise APIError(
                 400,
