@@ -355,19 +355,17 @@ def pull_data(location: tuple[str, str], paths: Paths, max_bytes: int) -> tuple[
     folder = key.rstrip("/")
     objects = [] if key.endswith("/") else store.objects(key, exact=True)
     if not objects:
-        if store.marker(folder) is not None:
+        marker = store.marker(folder)
+        if marker is not None:
+            _fits(int(marker.get("sizeBytes") or 0), max_bytes, uri)
             target = store.pull(folder)
             files = sorted(p for p in target.rglob("*") if p.is_file() and p.name != MARKER)
-            return root, _within(files, max_bytes, uri)
+            return root, files
         objects = store.objects(folder + "/" if folder else "")
     if not objects:
         raise WorkloadError("SourceNotFound", f"{uri} holds no objects; check the bucket and key")
     total = sum(size for _, size in objects)
-    if total > max_bytes:
-        raise WorkloadError(
-            "SourceTooLarge",
-            f"{uri} holds {total} bytes, more than maxBytes {max_bytes}; raise maxBytes",
-        )
+    _fits(total, max_bytes, uri)
     expected: dict[str, str] = {}
     if len(objects) == 1 and "/" in objects[0][0]:  # one file of a Tailor folder?
         parent, _, name = objects[0][0].rpartition("/")
@@ -390,14 +388,13 @@ def pull_data(location: tuple[str, str], paths: Paths, max_bytes: int) -> tuple[
     return root, sorted(files)
 
 
-def _within(files: list[Path], max_bytes: int, uri: str) -> list[Path]:
-    total = sum(p.stat().st_size for p in files)
+def _fits(total: int, max_bytes: int, uri: str) -> None:
+    """SourceTooLarge, before anything is downloaded, when ``total`` exceeds maxBytes."""
     if total > max_bytes:
         raise WorkloadError(
             "SourceTooLarge",
             f"{uri} holds {total} bytes, more than maxBytes {max_bytes}; raise maxBytes",
         )
-    return files
 
 
 def pull_model(location: tuple[str, str], paths: Paths) -> Path:
