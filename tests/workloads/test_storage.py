@@ -317,6 +317,11 @@ def test_data_by_s3_uri_one_object_a_folder_and_a_checked_tailor_dataset(
     store.push(data)
     uri = f"s3://{bucket}/tailor/raftjob/r/u/data/train.jsonl"
     assert [r for _, r in read_raw(DataSource(uri=uri), paths)] == [lines[0]]
+    whole = DataSource(uri=f"s3://{bucket}/tailor/raftjob/r/u/data/")  # the folder, checked
+    assert sorted(r["prompt"] for _, r in read_raw(whole, paths)) == ["q0", "q1"]
+    with pytest.raises(WorkloadError) as too_large:  # the marker's size, before a download
+        read_raw(whole.model_copy(update={"max_bytes": 10}), paths)
+    assert too_large.value.reason == "SourceTooLarge"
     raw.put_object(
         Bucket=bucket, Key="tailor/raftjob/r/u/data/train.jsonl", Body=json.dumps(lines[2])
     )
