@@ -461,6 +461,37 @@ def test_zero_replicas_is_an_idle_state_and_scaling_up_serves(kube: Kube, ns: st
     wait_for("Ready", phase_is(kube, ns, "md", "api-assistant", "Ready"), timeout=120)
 
 
+def test_prompt_tests_naming_a_missing_deployment_say_which_field(kube: Kube, ns: str) -> None:
+    pp = example("promptprofile")
+    pp["spec"]["tests"]["deploymentRef"] = {"name": "no-such-deployment"}
+    kube.apply(pp, "-n", ns)
+
+    def verdict() -> Any:
+        status = get(kube, ns, "pp", "api-assistant").get("status") or {}
+        tests = next((c for c in status.get("conditions") or [] if c["type"] == "TestsPassed"), {})
+        return tests if tests.get("reason") == "DeploymentNotFound" else None
+
+    tests = wait_for("DeploymentNotFound", verdict)
+    assert tests["status"] == "False"
+    assert tests["message"].startswith("spec.tests.deploymentRef.name: ModelDeployment no-such")
+    status = get(kube, ns, "pp", "api-assistant")["status"]
+    assert status["phase"] == "Valid" and "served" not in status  # gated: nothing passed
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NoRevisionPassed"
+
+
+def test_an_invalid_response_schema_marks_the_profile_invalid_naming_it(
+    kube: Kube, ns: str
+) -> None:
+    pp = example("promptprofile")
+    pp["spec"]["responseFormat"]["schema"] = {"type": "objekt"}
+    kube.apply(pp, "-n", ns)  # the API server keeps schemas as free-form objects
+    pp_obj = wait_for("Invalid", phase_is(kube, ns, "pp", "api-assistant", "Invalid"))
+    ready = next(c for c in pp_obj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["message"].startswith("spec.responseFormat.schema: "), ready["message"]
+    assert "not a valid JSON Schema" in ready["message"]
+
+
 def test_invalid_template_marks_the_profile_invalid(kube: Kube, ns: str) -> None:
     pp = example("promptprofile")
     pp["spec"]["template"] = "{{ question "
