@@ -135,9 +135,9 @@ def main() -> None:
             print(label, json.dumps(rows[label]), flush=True)
     engine.close()
 
-    gold_top3 = sum(any(d.id == q.api_call for d in documents[q.question]) for q in evals) / len(
-        evals
-    )
+    gold_top3 = sum(
+        any(d.document_id == q.api_call for d in documents[q.question]) for q in evals
+    ) / len(evals)
     print(f"\nAPIBench Torch Hub, {len(evals)} eval questions, pool of {len(pool)} training "
           f"questions, SmolLM2-135M-Instruct, greedy, max_tokens {args.max_tokens}; "
           f"gold card among the 3 retrieved: {100 * gold_top3:.1f}%")  # fmt: skip
