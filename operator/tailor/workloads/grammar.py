@@ -21,6 +21,7 @@ transformers 5 (its integration imports ``transformers.tokenization_utils``'s
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -47,17 +48,20 @@ def format_key(kind: str | None, schema: dict[str, Any] | None = None) -> str | 
     if kind == "json_schema":
         if not isinstance(schema, dict):
             raise FormatError("json_schema needs a schema (an object)")
-        check_schema(schema)
-        return json.dumps({"type": kind, "schema": schema})  # the schema's own key order
+        key = json.dumps({"type": kind, "schema": schema})  # the schema's own key order
+        check_schema(key)
+        return key
     return json.dumps({"type": kind})
 
 
-def check_schema(schema: dict[str, Any]) -> None:
-    """Raise FormatError when ``schema`` is not a valid JSON Schema (its own metaschema)."""
+@functools.lru_cache(maxsize=256)
+def check_schema(key: str) -> None:
+    """Raise FormatError when the schema of a format key is not a valid JSON Schema (its own
+    metaschema). Cached by key: a profile's format is checked once, not on every request."""
     from tailor.api.promptprofile import check_json_schema
 
     try:
-        check_json_schema(schema)
+        check_json_schema(json.loads(key)["schema"])
     except ValueError as exc:
         raise FormatError(str(exc)) from exc
 

@@ -286,6 +286,7 @@ class Server:
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
         self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
+        self._example_lock = threading.Lock()
         if engine is not None:
             metrics.set_ready(True)
 
@@ -404,7 +405,7 @@ class Server:
         config = self.run.knowledge_base
         embedder = load_embedder(config.embedding if config else Embedding(), self.run.paths)
         cache = self._example_vectors
-        with self._retriever_lock:
+        with self._example_lock:
             missing = list(dict.fromkeys(t for t in texts if (embedder.key, t) not in cache))
             if missing:
                 for text, vector in zip(missing, embedder.embed_queries(missing), strict=True):
