@@ -4,7 +4,9 @@
 ``tailor prompt diff NAME A B`` shows what changed between two revisions (a unified diff of
 their published content), ``tailor prompt rollback NAME REV`` serves revision REV again by
 setting ``spec.revisionPin`` (no text is edited back; ``--clear`` removes the pin and
-serves the newest again). The cluster is the current kubeconfig context's; ``-n`` picks
+serves the newest again), ``tailor prompt refresh NAME`` asks the operator to read the
+profile's inputs again now (its ``fewShotSelection.poolFrom`` ConfigMap: a changed pool is
+published as a new revision). The cluster is the current kubeconfig context's; ``-n`` picks
 the namespace.
 """
 
@@ -73,6 +75,23 @@ def rollback(api: Any, namespace: str, name: str, revision: int | None) -> str:
     return f"promptprofile/{name}: revision {revision} pinned (spec.revisionPin)"
 
 
+def refresh(api: Any, namespace: str, name: str) -> str:
+    import datetime as dt
+
+    from tailor.runtime import rest
+
+    _profile(api, namespace, name)  # it exists, or a clear error
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    rest.request(
+        api,
+        "PATCH",
+        rest.path(API_VERSION, "promptprofiles", namespace, name),
+        {"metadata": {"annotations": {"tailor.dev/reconcile-requested-at": stamp}}},
+        content_type=rest.MERGE_PATCH,
+    )
+    return f"promptprofile/{name}: reconcile requested at {stamp}"
+
+
 def history(api: Any, namespace: str, name: str) -> str:
     status = _profile(api, namespace, name).get("status") or {}
     served = status.get("served") or {}
@@ -101,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("revision", type=int, nargs="?")
     r.add_argument("--clear", action="store_true", help="remove the pin: serve the newest")
+    sub.add_parser(
+        "refresh", parents=[common], help="read the pool ConfigMap again now (a reconcile)"
+    )
     args = parser.parse_args(argv)
     api = _client()
     if args.command == "diff":
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if (args.revision is None) != args.clear:
             parser.error("give a REVISION, or --clear to remove the pin")
         print(rollback(api, args.namespace, args.name, None if args.clear else args.revision))
+    elif args.command == "refresh":
+        print(refresh(api, args.namespace, args.name))
     else:
         print(history(api, args.namespace, args.name))
     return 0

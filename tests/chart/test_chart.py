@@ -301,6 +301,8 @@ def test_rbac_grants_what_the_builders_create_and_no_more(watch: list[str]) -> N
         assert grants(rules, group, resource, "list") and grants(rules, group, resource, "watch")
     assert grants(rules, "", "events", "create")
     assert grants(rules, "", "namespaces", "get")  # KnowledgeBase deletion reads it
+    assert grants(rules, "", "configmaps", "get")  # a PromptProfile's fewShotSelection.poolFrom
+    assert not grants(rules, "", "configmaps", "list")  # only the ConfigMap a profile names
     # Nothing broad: no wildcards, no secrets, no escalate/bind/impersonate.
     all_verbs = {verb for rule in rules for verb in rule["verbs"]}
     all_resources = {resource for rule in rules for resource in rule["resources"]}

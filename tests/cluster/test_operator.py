@@ -480,6 +480,71 @@ def test_prompt_tests_naming_a_missing_deployment_say_which_field(kube: Kube, ns
     assert ready["reason"] == "NoRevisionPassed"
 
 
+def test_a_few_shot_pool_from_a_config_map_is_published_and_follows_the_config_map(
+    kube: Kube, ns: str
+) -> None:
+    """poolFrom: a missing ConfigMap is named (Invalid, InvalidPool); once it exists the
+    examples are published inside the revision; editing the ConfigMap publishes a new
+    revision at the next sync (``tailor prompt refresh``, or the periodic resync)."""
+    import json
+
+    pp = {
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "PromptProfile",
+        "metadata": {"name": "pooled"},
+        "spec": {
+            "system": "Answer with one Torch Hub call.",
+            "fewShotSelection": {"k": 1, "poolFrom": {"name": "examples", "key": "pool.jsonl"}},
+        },
+    }
+    kube.apply(pp, "-n", ns)
+    invalid = wait_for("Invalid", phase_is(kube, ns, "pp", "pooled", "Invalid"))
+    ready = next(c for c in invalid["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidPool"
+    assert ready["message"].startswith("spec.fewShotSelection.poolFrom.name: ConfigMap examples")
+
+    def pool_cm(assistant: str) -> dict[str, Any]:
+        line = json.dumps({"user": "Classify a photo.", "assistant": assistant})
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "examples"},
+                "data": {"pool.jsonl": line + "\n"}}  # fmt: skip
+
+    def published(revision: int) -> Callable[[], Any]:
+        def check() -> Any:
+            status = get(kube, ns, "pp", "pooled").get("status") or {}
+            return status if status.get("revision") == revision else None
+
+        return check
+
+    def touch(value: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "tailor.cli", "prompt", "refresh", "pooled", "-n", ns],
+            env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "reconcile requested" in result.stdout
+
+    kube.apply(pool_cm("resnet50"), "-n", ns)
+    touch("1")
+    status = wait_for("revision 1", published(1))
+    assert status["phase"] == "Valid"
+    cm = get(kube, ns, "cm", status["configMap"])
+    selection = json.loads(cm["data"]["profile.json"])["fewShotSelection"]
+    assert selection["pool"] == [{"user": "Classify a photo.", "assistant": "resnet50"}]
+
+    kube.apply(pool_cm("resnet18"), "-n", ns)
+    touch("2")
+    status = wait_for("revision 2", published(2))
+    cm = get(kube, ns, "cm", status["configMap"])
+    assert "resnet18" in cm["data"]["profile.json"]
+    touch("3")  # the same pool: no new revision, the request handled
+    requested = get(kube, ns, "pp", "pooled")["metadata"]["annotations"]
+    stamp = requested["tailor.dev/reconcile-requested-at"]
+    handled = wait_for("refresh handled", lambda: (
+        s if (s := get(kube, ns, "pp", "pooled")["status"]).get("lastHandledReconcileAt") == stamp
+        else None))  # fmt: skip
+    assert handled["revision"] == 2
+
+
 def test_an_invalid_response_schema_marks_the_profile_invalid_naming_it(
     kube: Kube, ns: str
 ) -> None:

@@ -22,7 +22,7 @@ def test_the_resync_enqueues_every_unfinished_or_unhandled_object(
     from kubernetes import client, config
 
     from tailor.api.settings import OperatorSettings
-    from tailor.controllers import context, finetunejob  # noqa: F401 (registers its sync)
+    from tailor.controllers import context, finetunejob, promptprofile  # noqa: F401
 
     names = {"done": "Succeeded", "running": "Running", "fresh": None, "respecced": "Succeeded"}
     for name in names:
@@ -35,6 +35,20 @@ def test_the_resync_enqueues_every_unfinished_or_unhandled_object(
             kube.kubectl("patch", "ftj", name, "-n", namespace, "--subresource=status",
                          "--type=merge", "-p", json.dumps(patch))  # fmt: skip
 
+    # A settled PromptProfile that reads its pool from a ConfigMap is resynced anyway (no
+    # watch sees the ConfigMap change); one with an inline pool is not.
+    for name, selection in (
+        ("pooled", {"k": 1, "poolFrom": {"name": "examples", "key": "pool.jsonl"}}),
+        ("inline", {"k": 1, "pool": [{"user": "a", "assistant": "b"}]}),
+    ):
+        pp = {"apiVersion": "tailor.dev/v1alpha1", "kind": "PromptProfile",
+              "metadata": {"name": name}, "spec": {"fewShotSelection": selection}}  # fmt: skip
+        kube.apply(pp, "-n", namespace)
+        generation = get(kube, namespace, "pp", name)["metadata"]["generation"]
+        patch = {"status": {"phase": "Valid", "observedGeneration": generation}}
+        kube.kubectl("patch", "pp", name, "-n", namespace, "--subresource=status",
+                     "--type=merge", "-p", json.dumps(patch))  # fmt: skip
+
     class Recording(context.Operator):
         def enqueue(self, kind: str, ns: str, name: str) -> None:
             self.seen.append((kind, ns, name))
@@ -46,3 +60,5 @@ def test_the_resync_enqueues_every_unfinished_or_unhandled_object(
     count = op.resync()
     queued = sorted(n for k, ns, n in op.seen if k == "FineTuneJob")  # type: ignore[attr-defined]
     assert queued == ["fresh", "respecced", "running"] and count == len(op.seen)  # type: ignore[attr-defined]
+    profiles = [n for k, ns, n in op.seen if k == "PromptProfile"]  # type: ignore[attr-defined]
+    assert profiles == ["pooled"]

@@ -246,3 +246,56 @@ def test_huggingface_data_loads_and_gold_answers_mostly_score(apibench: Path) ->
     verdicts = [corpus.score(q.api_call, q.api_call, q.domain) for q in questions]
     assert 0.9 < sum(v.correct for v in verdicts) / len(verdicts) < 1.0
     assert all(q.explanation for q in questions[:20])
+
+
+# --- the apibench matcher of PromptProfile test cases (the packaged Torch Hub corpus) -----
+
+HARDNET68 = (
+    "torch.hub.load(repo_or_dir='PingoLH/Pytorch-HarDNet', model='hardnet68', pretrained=True)"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "require", "failure"),
+    [
+        # The gold API, written positionally inside prose: exact, so it passes both ways.
+        ("Use torch.hub.load('PingoLH/Pytorch-HarDNet', 'hardnet68', pretrained=True).",
+         "exact", ""),
+        # Another corpus API of the gold domain (Classification): the paper's accuracy
+        # counts it, exact does not.
+        ("torch.hub.load('PingoLH/Pytorch-HarDNet', 'hardnet85', pretrained=True)",
+         "correct", ""),
+        ("torch.hub.load('PingoLH/Pytorch-HarDNet', 'hardnet85', pretrained=True)",
+         "exact", "not the gold API"),
+        # A corpus API of another domain.
+        ("torch.hub.load('sigsep/open-unmix-pytorch', 'umxhq', pretrained=True)",
+         "correct", "outside the gold domain 'Classification'"),
+        # A model the corpus does not have.
+        ("torch.hub.load('PingoLH/Pytorch-HarDNet', 'hardnet999')", "correct", "hallucination"),
+    ],
+)  # fmt: skip
+def test_prompt_test_apibench_matcher_scores_as_the_paper(
+    answer: str, require: str, failure: str
+) -> None:
+    from tailor.api.promptprofile import Expectation
+    from tailor.workloads.prompt_tests import check
+
+    expect = Expectation.model_validate(
+        {"apibench": {"corpus": "torchhub", "apiCall": HARDNET68, "require": require}}
+    )
+    message = check(expect, answer)
+    assert (failure in message and bool(message)) if failure else message == ""
+
+
+def test_prompt_test_apibench_matcher_names_a_gold_call_outside_the_corpus() -> None:
+    from pydantic import ValidationError
+
+    from tailor.api.promptprofile import Expectation
+    from tailor.workloads.prompt_tests import check
+
+    expect = Expectation.model_validate(
+        {"apibench": {"apiCall": "torch.hub.load('nobody/nothing', 'x')"}}
+    )
+    assert "is not an API of the torchhub corpus" in check(expect, HARDNET68)
+    with pytest.raises(ValidationError, match=r"(?s)apiCall.*not a function call"):
+        Expectation.model_validate({"apibench": {"apiCall": "resnet50 please"}})

@@ -246,6 +246,69 @@ def test_prompt_tests_run_as_a_job_and_the_served_revision_follows_pin_and_gate(
     assert problem.startswith("spec.revisionPin: revision 9 is not in status.history")
 
 
+def pool_config_map(text: str) -> dict[str, Any]:
+    return {"metadata": {"name": "examples"}, "data": {"pool.jsonl": text}}
+
+
+def test_a_pool_from_a_config_map_is_published_inside_the_revision() -> None:
+    from tailor.builders.promptprofile import resolve_pool
+
+    spec = PromptProfileSpec.model_validate(
+        {"fewShotSelection": {"k": 2, "poolFrom": {"name": "examples", "key": "pool.jsonl"}}}
+    )
+    lines = [
+        {"user": "Classify a photo.", "assistant": "resnet50"},
+        {"prompt": "Separate a song's vocals.", "completion": "umxhq"},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Depth?"},
+                      {"role": "assistant", "content": "MiDaS"}]},
+    ]  # fmt: skip
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    resolved, errors = resolve_pool(spec, pool_config_map(text), "team")
+    assert errors == [] and resolved.few_shot_selection is not None
+    pool = resolved.few_shot_selection.pool or []
+    assert [(e.user, e.assistant) for e in pool] == [
+        ("Classify a photo.", "resnet50"), ("Separate a song's vocals.", "umxhq"), ("Depth?", "MiDaS")
+    ]  # fmt: skip
+    cm = build_revision(resolved, parent("PromptProfile"), 1)
+    published = json.loads(cm["data"]["profile.json"])["fewShotSelection"]
+    assert len(published["pool"]) == 3 and "poolFrom" not in published
+    # A changed ConfigMap is new content: a new revision.
+    again, _ = resolve_pool(spec, pool_config_map(text.replace("umxhq", "demucs")), "team")
+    assert profile_hash(again) != profile_hash(resolved)
+    # A JSON list reads the same.
+    listed, errors = resolve_pool(spec, pool_config_map(json.dumps(lines)), "team")
+    assert errors == [] and profile_hash(listed) == profile_hash(resolved)
+
+
+@pytest.mark.parametrize(
+    ("config_map", "problem"),
+    [
+        (None, "spec.fewShotSelection.poolFrom.name: ConfigMap examples does not exist in team"),
+        ({"data": {"other": "{}"}}, "spec.fewShotSelection.poolFrom.key: ConfigMap examples has "
+         "no key pool.jsonl (keys: other)"),
+        (pool_config_map('{"user": "a", "assistant": "b"}\n{"user": "c"'),
+         "ConfigMap examples key pool.jsonl, line 2: not JSON"),
+        (pool_config_map('{"user": "a", "assistant": "b"}\n{"question": "c"}'),
+         "line 2: a record needs user and assistant"),
+        (pool_config_map('{"user": "", "assistant": "b"}'), "line 1, user: String should have"),
+        (pool_config_map('{"user": "a", "assistant": "b"}'),
+         "spec.fewShotSelection.k: 2 is larger than the pool (1 examples"),
+        (pool_config_map("\n".join(json.dumps({"user": "q" * 16000, "assistant": "a"})
+                                   for _ in range(70))),
+         "more than a ConfigMap holds"),
+    ],
+)  # fmt: skip
+def test_a_bad_pool_config_map_is_named_with_the_fix(config_map: Any, problem: str) -> None:
+    from tailor.builders.promptprofile import resolve_pool
+
+    spec = PromptProfileSpec.model_validate(
+        {"fewShotSelection": {"k": 2, "poolFrom": {"name": "examples", "key": "pool.jsonl"}}}
+    )
+    resolved, errors = resolve_pool(spec, config_map, "team")
+    assert len(errors) == 1 and problem in errors[0], errors
+    assert resolved is spec
+
+
 @pytest.mark.parametrize(
     ("template", "expected"),
     [

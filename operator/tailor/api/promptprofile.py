@@ -7,12 +7,13 @@ references the profile serves the newest one.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
-from tailor.api.common import FreeForm, LocalObjectRef, StatusBase
+from tailor.api.common import ConfigMapKey, FreeForm, LocalObjectRef, StatusBase
 
 
 class FewShotExample(TailorModel):
@@ -20,6 +21,10 @@ class FewShotExample(TailorModel):
 
     user: str = Field(min_length=1, max_length=16384, description="The user's message.")
     assistant: str = Field(min_length=1, max_length=16384, description="The ideal answer.")
+
+
+POOL_MAX = 500
+"""Most examples in a few-shot pool."""
 
 
 class FewShotSelection(TailorModel):
@@ -32,16 +37,39 @@ class FewShotSelection(TailorModel):
         "has one, else the builtin MiniLM), nearest last; static: the first k of the pool.",
     )
     k: int = Field(default=3, ge=1, le=10, description="Examples per question.")
-    pool: list[FewShotExample] = Field(
-        min_length=1, max_length=500, description="The examples to choose from (inline)."
+    pool: list[FewShotExample] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=POOL_MAX,
+        description="The examples to choose from, inline (or poolFrom).",
+    )
+    pool_from: ConfigMapKey | None = Field(
+        default=None,
+        description="The examples from a ConfigMap key in the profile's namespace: JSON "
+        "lines (or one JSON list) of {user, assistant}, {prompt, completion} or chat "
+        "records {messages: [...]} (their last user and assistant turns). The operator "
+        "reads it when it syncs the profile (on every change of the profile and every "
+        "resync) and publishes its examples inside the revision, so a changed ConfigMap "
+        "is a new revision and a rollback restores the old pool.",
     )
 
     rules = (
         Rule(
-            cel="self.k <= size(self.pool)",
+            cel="has(self.pool) != has(self.poolFrom)",
+            message="set exactly one of pool or poolFrom",
+            check=lambda m: (m.pool is None) != (m.pool_from is None),
+        ),
+        Rule(
+            cel="!has(self.pool) || self.k <= size(self.pool)",
             message="k is larger than the pool; lower k or add examples",
             field="k",
-            check=lambda m: m.k <= len(m.pool),
+            check=lambda m: m.pool is None or m.k <= len(m.pool),
+        ),
+        Rule(
+            cel="!has(self.poolFrom) || has(self.poolFrom.key)",
+            message="poolFrom needs the key holding the examples",
+            field="poolFrom.key",
+            check=lambda m: m.pool_from is None or bool(m.pool_from.key),
         ),
     )
 
@@ -105,6 +133,43 @@ def check_json_schema(schema: dict[str, Any]) -> None:
         ) from exc
 
 
+API_CALL = r"^\s*[A-Za-z_][\w.]*\s*\([\s\S]*\)\s*$"
+"""One function call (RE2 and Python alike)."""
+
+
+class APIBenchExpectation(TailorModel):
+    """An answer that must be one API call, scored as the RAFT paper scores APIBench
+    (Gorilla's AST matcher) against a corpus shipped with Tailor."""
+
+    corpus: Literal["torchhub", "huggingface"] = Field(
+        default="torchhub",
+        description="The API corpus: APIBench's Torch Hub (94 cards) or HuggingFace (936).",
+    )
+    api_call: str = Field(
+        min_length=3,
+        max_length=4096,
+        description="The gold call as the corpus writes it, e.g. torch.hub.load("
+        "repo_or_dir='pytorch/vision', model='resnet50', pretrained=True).",
+    )
+    require: Literal["correct", "exact"] = Field(
+        default="correct",
+        description="correct: the paper's accuracy (the answer calls an API of the corpus, "
+        "in the gold API's domain); exact: the answer calls the gold API itself (function "
+        "and identifying arguments).",
+    )
+
+    # Not ast: some corpus calls are not valid Python (a positional after a keyword), and
+    # Gorilla's matcher reads them anyway.
+    rules = (
+        Rule(
+            cel="self.apiCall.matches('{}')".format(API_CALL.replace("\\", "\\\\")),
+            message="apiCall is not a function call; write one call, e.g. f(a, b=1)",
+            field="apiCall",
+            check=lambda m: re.match(API_CALL, m.api_call) is not None,
+        ),
+    )
+
+
 class Expectation(TailorModel):
     """What a test case's answer must satisfy: exactly one matcher."""
 
@@ -122,12 +187,18 @@ class Expectation(TailorModel):
     json_schema: FreeForm | None = Field(
         default=None, description="A JSON schema the answer (parsed as JSON) must satisfy."
     )
+    apibench: APIBenchExpectation | None = Field(
+        default=None,
+        description="An API call scored by APIBench's AST matcher (the RAFT paper's metric).",
+    )
 
     rules = (
         Rule(
-            cel=cel_exactly_one("contains", "regex", "equals", "jsonSchema"),
-            message="set exactly one of contains, regex, equals or jsonSchema",
-            check=lambda m: exactly_one(m, "contains", "regex", "equals", "json_schema"),
+            cel=cel_exactly_one("contains", "regex", "equals", "jsonSchema", "apibench"),
+            message="set exactly one of contains, regex, equals, jsonSchema or apibench",
+            check=lambda m: exactly_one(
+                m, "contains", "regex", "equals", "json_schema", "apibench"
+            ),
         ),
     )
 
@@ -263,6 +334,11 @@ class PromptProfileStatus(StatusBase):
     )
     last_passed: int | None = Field(
         default=None, description="The newest revision whose tests all passed."
+    )
+    last_handled_reconcile_at: str | None = Field(
+        default=None,
+        description="The last tailor.dev/reconcile-requested-at annotation handled (set by "
+        "tailor prompt refresh: read fewShotSelection.poolFrom again now).",
     )
 
 

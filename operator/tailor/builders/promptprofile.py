@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from jinja2 import TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import ValidationError
 
 from tailor.api.common import Resources, SecretKeyRef
-from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
+from tailor.api.promptprofile import (
+    POOL_MAX,
+    FewShotExample,
+    PromptProfileSpec,
+    render_profile_data,
+)
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import EvalTarget, PromptTestRun
 from tailor.builders.common import (
@@ -37,6 +44,112 @@ from tailor.builders.common import (
 HISTORY = 10
 PROFILE_KEY = "profile.json"
 KNOWN_VARIABLES = {"question", "context"}
+REVISION_BYTES = 1000 * 1000
+"""Largest revision published (a ConfigMap holds 1 MiB in all)."""
+POOL_FIELD = "spec.fewShotSelection.poolFrom"
+
+
+def pool_example(record: Any) -> dict[str, Any] | None:
+    """A few-shot example from one pool record: {user, assistant}, {prompt, completion}, or
+    a chat record's last user turn and the assistant turn after it; None: none of these."""
+    if not isinstance(record, dict):
+        return None
+    if "user" in record and "assistant" in record:
+        return {"user": record["user"], "assistant": record["assistant"]}
+    if "prompt" in record and "completion" in record:
+        return {"user": record["prompt"], "assistant": record["completion"]}
+    turns = record.get("messages")
+    if isinstance(turns, list):
+        for i in range(len(turns) - 2, -1, -1):
+            user, answer = turns[i], turns[i + 1]
+            if (
+                isinstance(user, dict)
+                and isinstance(answer, dict)
+                and (user.get("role"), answer.get("role")) == ("user", "assistant")
+            ):
+                return {"user": user.get("content"), "assistant": answer.get("content")}
+    return None
+
+
+def pool_records(text: str) -> list[tuple[int, Any]]:
+    """(line, record) of a JSON list or of JSON lines; ValueError naming the line."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {exc.lineno}: not JSON ({exc.msg})") from exc
+        return [(0, item) for item in items]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number}: not JSON ({exc.msg})") from exc
+    return records
+
+
+def resolve_pool(
+    spec: PromptProfileSpec, config_map: dict[str, Any] | None, namespace: str
+) -> tuple[PromptProfileSpec, list[str]]:
+    """The spec with ``fewShotSelection.poolFrom`` replaced by the examples it names (what
+    a revision publishes), and the problems, each naming the field and the fix."""
+    selection = spec.few_shot_selection
+    if selection is None or selection.pool_from is None:
+        return spec, []
+    ref = selection.pool_from
+    where = f"ConfigMap {ref.name} key {ref.key}"
+    if config_map is None:
+        return spec, [
+            f"{POOL_FIELD}.name: ConfigMap {ref.name} does not exist in {namespace}; create "
+            "it or name one that does"
+        ]
+    data = config_map.get("data") or {}
+    if ref.key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        return spec, [f"{POOL_FIELD}.key: ConfigMap {ref.name} has no key {ref.key} (keys: {keys})"]
+    try:
+        records = pool_records(str(data[ref.key]))
+    except ValueError as exc:
+        return spec, [f"{POOL_FIELD}: {where}, {exc}"]
+    pool: list[FewShotExample] = []
+    for index, (line, record) in enumerate(records):
+        at = f"line {line}" if line else f"item {index}"
+        example = pool_example(record)
+        if example is None:
+            return spec, [
+                f"{POOL_FIELD}: {where}, {at}: a record needs user and assistant (or prompt "
+                "and completion, or messages with a user turn then an assistant turn)"
+            ]
+        try:
+            pool.append(FewShotExample.model_validate(example))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            return spec, [f"{POOL_FIELD}: {where}, {at}, {field}: {first['msg']}"]
+    if not pool or len(pool) > POOL_MAX:
+        return spec, [
+            f"{POOL_FIELD}: {where} holds {len(pool)} examples; a pool holds 1 to {POOL_MAX}"
+        ]
+    if selection.k > len(pool):
+        return spec, [
+            f"spec.fewShotSelection.k: {selection.k} is larger than the pool ({len(pool)} "
+            f"examples in {where}); lower k or add examples"
+        ]
+    resolved = spec.model_copy(
+        update={
+            "few_shot_selection": selection.model_copy(update={"pool": pool, "pool_from": None})
+        }
+    )
+    size = len(json.dumps(render_profile_data(resolved), indent=1, sort_keys=True).encode())
+    if size > REVISION_BYTES:
+        return spec, [
+            f"{POOL_FIELD}: with the {len(pool)} examples of {where} the revision is "
+            f"{size} bytes, more than a ConfigMap holds ({REVISION_BYTES}); use fewer or "
+            "shorter examples"
+        ]
+    return resolved, []
 
 
 def profile_hash(spec: PromptProfileSpec) -> str:

@@ -130,8 +130,19 @@ def needs_sync(type_: str | None, body: dict[str, Any]) -> bool:
     resync cover the rest."""
     if type_ in (None, "ADDED"):
         return True
-    generation = (body.get("metadata") or {}).get("generation")
-    return generation != (body.get("status") or {}).get("observedGeneration")
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    requested = (meta.get("annotations") or {}).get(RECONCILE_REQUEST)
+    if requested and body.get("kind") in HANDLES_RECONCILE_REQUEST:
+        if requested != status.get("lastHandledReconcileAt"):
+            return True
+    return meta.get("generation") != status.get("observedGeneration")
+
+
+RECONCILE_REQUEST = "tailor.dev/reconcile-requested-at"
+"""An annotation asking for a reconcile now (Flux's ``reconcile.fluxcd.io/requestedAt``
+convention): a kind that reads inputs no watch delivers (a PromptProfile's pool ConfigMap)
+syncs when its value differs from ``status.lastHandledReconcileAt``."""
+HANDLES_RECONCILE_REQUEST = frozenset({"PromptProfile"})
 
 
 def _watch_tailor_kind(kind: str) -> None:

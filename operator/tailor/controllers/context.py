@@ -37,6 +37,9 @@ SyncFn = Callable[["Operator", dict[str, Any]], None]
 # Phases after which only a spec change (a new generation) gives a resync anything to do.
 FINAL = frozenset({"Succeeded", "Failed", "Invalid", "Valid"})
 SYNCERS: dict[str, SyncFn] = {}
+EXTERNAL_INPUTS: dict[str, Callable[[dict[str, Any]], bool]] = {}
+"""Per kind: whether an object reads an input no watch delivers (a PromptProfile's pool
+ConfigMap), so each resync reconciles it even when it is settled."""
 
 
 def syncer(kind: str) -> Callable[[SyncFn], SyncFn]:
@@ -114,7 +117,8 @@ class Operator:
                 settled = status.get("phase") in FINAL and status.get(
                     "observedGeneration"
                 ) == meta.get("generation")
-                if not settled:
+                external = EXTERNAL_INPUTS.get(kind)
+                if not settled or (external is not None and external(body)):
                     self.enqueue(kind, meta["namespace"], meta["name"])
                     count += 1
         return count

@@ -10,7 +10,10 @@ the revision's test cases as a Job against ``spec.tests.deploymentRef``, and say
 - otherwise the newest.
 
 A revision's content excludes ``tests`` and ``revisionPin``: editing them publishes nothing,
-but new cases run again against the current revision.
+but new cases run again against the current revision. A few-shot pool read from a
+ConfigMap (``fewShotSelection.poolFrom``) is part of it: the operator reads the ConfigMap on
+every sync (and resync) and publishes its examples inline, so a changed pool is a new
+revision, tested and rolled back like any other change.
 """
 
 from __future__ import annotations
@@ -28,40 +31,63 @@ from tailor.builders.promptprofile import (
     build_revision,
     cases_hash,
     profile_hash,
+    resolve_pool,
     revision_config_map_name,
     template_errors,
 )
-from tailor.controllers.context import Operator, condition, now, syncer
+from tailor.controllers.children import RECONCILE_REQUEST
+from tailor.controllers.context import EXTERNAL_INPUTS, Operator, condition, now, syncer
 from tailor.observability.operator import PROMPT_TEST_CASES
 from tailor.runtime.base import require_report
 
 KIND = "PromptProfile"
 
 
+def _reads_a_pool(body: dict[str, Any]) -> bool:
+    return bool(((body.get("spec") or {}).get("fewShotSelection") or {}).get("poolFrom"))
+
+
+# A ConfigMap edit is seen at the next resync, or at once on `tailor prompt refresh`.
+EXTERNAL_INPUTS[KIND] = _reads_a_pool
+
+
 @syncer(KIND)
 def sync_prompt_profile(op: Operator, body: dict[str, Any]) -> None:
     meta, status = body["metadata"], body.get("status") or {}
     generation = meta.get("generation")
+    handled = {"lastHandledReconcileAt": (meta.get("annotations") or {}).get(RECONCILE_REQUEST)}
+    if not handled["lastHandledReconcileAt"]:
+        handled = {}
+    reason = "InvalidTemplate"
     try:
         spec = parse_spec(KINDS[KIND], body["spec"])
         assert isinstance(spec, PromptProfileSpec)
         errors = template_errors(spec)
+        if not errors and spec.few_shot_selection and spec.few_shot_selection.pool_from:
+            reason = "InvalidPool"
+            ref = spec.few_shot_selection.pool_from
+            pool_cm = op.runtime.get("v1", "ConfigMap", meta["namespace"], ref.name)
+            spec, errors = resolve_pool(spec, pool_cm, meta["namespace"])
     except ManifestError as error:
         errors = error.lines
     if errors:
-        if status.get("phase") != "Invalid" or status.get("observedGeneration") != generation:
+        message = "; ".join(errors)
+        conditions_ = status.get("conditions") or []
+        shown: dict[str, Any] = next((c for c in conditions_ if c["type"] == "Ready"), {})
+        if (
+            status.get("phase") != "Invalid"
+            or status.get("observedGeneration") != generation
+            or shown.get("message") != message
+            or any(status.get(k) != v for k, v in handled.items())
+        ):
             op.patch_status(
                 body,
                 {
+                    **handled,
                     "phase": "Invalid",
                     "observedGeneration": generation,
                     "conditions": condition(
-                        status.get("conditions"),
-                        "Ready",
-                        False,
-                        "InvalidTemplate",
-                        "; ".join(errors),
-                        generation,
+                        status.get("conditions"), "Ready", False, reason, message, generation
                     ),
                 },
             )
@@ -69,7 +95,7 @@ def sync_prompt_profile(op: Operator, body: dict[str, Any]) -> None:
     assert isinstance(spec, PromptProfileSpec)
     parent = Parent.from_body(body)
     conditions = status.get("conditions")
-    new: dict[str, Any] = {"phase": "Valid", "observedGeneration": generation}
+    new: dict[str, Any] = {"phase": "Valid", "observedGeneration": generation, **handled}
 
     # 1. The revision: a new one when the content changed.
     digest = profile_hash(spec)

@@ -6,12 +6,15 @@ would serve that revision (system text, few-shot turns, template, retrieval, par
 response format) before any ModelDeployment is switched to it. The answer is checked by
 the case's matcher: ``equals`` (the whole answer, spaces at the ends ignored), ``contains``
 (a substring), ``regex`` (Python ``re.search``), ``jsonSchema`` (the answer parses as JSON
-and validates). Results go to ``status.tests`` (per case, with the answer's first 500
+and validates), ``apibench`` (the answer's API call, scored by APIBench's AST matcher against
+the packaged corpus as the RAFT paper scores it: ``correct`` when it calls a corpus API of
+the gold API's domain, ``exact`` when it calls the gold API). Results go to ``status.tests`` (per case, with the answer's first 500
 characters) and, last, to the termination message the operator reads.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -19,8 +22,15 @@ import sys
 import time
 from typing import Any
 
-from tailor.api.promptprofile import Expectation, PromptTestCase, render_profile_data
+from tailor.api.promptprofile import (
+    APIBenchExpectation,
+    Expectation,
+    PromptTestCase,
+    render_profile_data,
+)
 from tailor.api.workloads import PromptTestRun
+from tailor.data import apibench_dir
+from tailor.workloads.apibench import Corpus, find_calls
 from tailor.workloads.common import (
     make_reporter,
     read_secret,
@@ -45,6 +55,8 @@ def check(expect: Expectation, answer: str) -> str:
         except re.error as exc:
             return f"regex {expect.regex!r} does not compile: {exc}"
         return "" if found else f"does not match {expect.regex!r}"
+    if expect.apibench is not None:
+        return apibench_failure(expect.apibench, answer)
     assert expect.json_schema is not None
     import jsonschema
 
@@ -54,6 +66,31 @@ def check(expect: Expectation, answer: str) -> str:
         return f"not JSON: {exc}"
     except jsonschema.ValidationError as exc:
         return f"does not validate: {exc.message}"
+    return ""
+
+
+@functools.cache
+def corpus(name: str) -> Corpus:
+    """A packaged APIBench corpus, loaded once."""
+    return Corpus.load(apibench_dir() / f"{name}_api.jsonl")
+
+
+def apibench_failure(expect: APIBenchExpectation, answer: str) -> str:
+    """Why ``answer`` fails an apibench expectation (Gorilla's AST matcher); empty: passes."""
+    apis = corpus(expect.corpus)
+    gold = apis.match(find_calls(expect.api_call))
+    if gold is None:
+        return (
+            f"apibench.apiCall {expect.api_call!r} is not an API of the {expect.corpus} "
+            "corpus; copy the api_call of one of its cards"
+        )
+    verdict = apis.score(answer, expect.api_call, gold.domain)
+    if verdict.hallucination:
+        return f"calls no API of the {expect.corpus} corpus (a hallucination)"
+    if not verdict.correct:
+        return f"calls {verdict.matched}, an API outside the gold domain {gold.domain!r}"
+    if expect.require == "exact" and not verdict.exact:
+        return f"calls {verdict.matched}, not the gold API {gold.name or gold.call.text}"
     return ""
 
 

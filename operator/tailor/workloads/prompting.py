@@ -160,7 +160,7 @@ def select_examples(
     """The pool examples a question gets: the first k (static, or no question), else the k
     whose user turn is nearest to the question by cosine of ``embed``'s normalised vectors,
     ordered so the nearest comes last (next to the question)."""
-    pool = selection.pool
+    pool = selection.pool or []
     if selection.select == "static" or not question or embed is None:
         return list(pool[: selection.k])
     vectors = embed([question] + [example.user for example in pool])
