@@ -101,7 +101,7 @@ LOCAL = (ipaddress.ip_network("127.0.0.1/32"),)
         ("https://192.168.0.10/x", "private"),
         ("http://169.254.169.254/latest/meta-data", "link-local"),
         ("https://[::1]:8443/x", "loopback"),
-        ("https://[::ffff:127.0.0.1]/x", "loopback"),
+        ("https://[::ffff:127.0.0.1]/x", "loopback (embedded 127.0.0.1)"),
         ("https://localhost/x", "loopback"),
         ("https://0.0.0.0/x", "unspecified"),
     ],
@@ -115,6 +115,62 @@ def test_private_addresses_are_refused(url: str, kind: str) -> None:
     assert "allowPrivateAddresses" in error.value.message
     assert url in error.value.message
     assert time.monotonic() - started < 3  # refused before any connection attempt
+
+
+@pytest.mark.parametrize(
+    ("url", "inner"),
+    [
+        # Python's is_global is True for all three: the IPv6 prefix alone is judged.
+        ("https://[64:ff9b::a9fe:a9fe]/latest/meta-data", "link-local (embedded 169.254.169.254)"),
+        ("https://[2002:a9fe:a9fe::]/x", "link-local (embedded 169.254.169.254)"),
+        ("https://[::a9fe:a9fe]/x", "link-local (embedded 169.254.169.254)"),
+        ("https://[64:ff9b:1::a00:7]/x", "private (embedded 10.0.0.7)"),
+        ("https://[::ffff:169.254.169.254]/x", "link-local (embedded 169.254.169.254)"),
+    ],
+)
+def test_ipv4_embedded_in_ipv6_is_checked_and_named(url: str, inner: str) -> None:
+    with pytest.raises(WorkloadError) as error:
+        fetch_url(url, timeout_seconds=5)
+    assert error.value.reason == "UnsafeURL"
+    assert f"a {inner} address" in error.value.message
+
+
+def test_a_public_address_behind_nat64_passes_the_check() -> None:
+    from tailor.workloads.fetch import check_url
+
+    # 8.8.8.8 through the well-known NAT64 prefix: a public destination.
+    assert [str(a) for a in check_url("https://[64:ff9b::808:808]/")] == ["64:ff9b::808:808"]
+
+
+def test_the_teacher_transport_checks_every_request(server: str) -> None:
+    """The RAFT teacher's client (an external url) goes through the same guard: plain http
+    and private addresses refused, naming the fix; with both allowed the request reaches
+    the server at the checked address."""
+    from tailor.workloads.fetch import GuardedTransport
+    from tailor.workloads.raft_data import Teacher
+
+    for guard, refused in (
+        (GuardedTransport(), "plain http"),
+        (GuardedTransport(allow_insecure_http=True), "a loopback address"),
+    ):
+        with pytest.raises(WorkloadError) as error:
+            Teacher(server, None, None, transport=guard)  # GET /models
+        assert error.value.reason == "UnsafeURL" and refused in error.value.message
+    guard = GuardedTransport(allow_private_addresses=True, allow_insecure_http=True)
+    teacher = Teacher(server, "m", None, transport=guard)
+    response = teacher.client.get("/doc.md")
+    assert response.status_code == 200 and response.text == DOC
+    teacher.close()
+
+
+def test_a_teacher_url_must_be_https_unless_allowed() -> None:
+    from pydantic import ValidationError
+
+    from tailor.api.raftjob import Teacher as TeacherSpec
+
+    with pytest.raises(ValidationError, match="url must use https://"):
+        TeacherSpec.model_validate({"url": "http://teacher.example/v1"})
+    TeacherSpec.model_validate({"url": "http://teacher.example/v1", "allowInsecureHttp": True})
 
 
 def test_localhost_names_the_address_it_resolves_to() -> None:

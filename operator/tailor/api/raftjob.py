@@ -49,12 +49,26 @@ class Teacher(TailorModel):
         default=None, description="Secret key holding the API key for url."
     )
     model: str | None = Field(default=None, max_length=200, description="Model name to request.")
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Allow url to resolve to private, loopback or link-local addresses "
+        "(including IPv4 addresses embedded in IPv6: NAT64, 6to4, mapped).",
+    )
+    allow_insecure_http: bool = Field(
+        default=False, description="Allow a plain http:// url (https is required otherwise)."
+    )
 
     rules = (
         Rule(
             cel=cel_exactly_one("deploymentRef", "url"),
             message="set exactly one of deploymentRef or url",
             check=lambda m: exactly_one(m, "deployment_ref", "url"),
+        ),
+        Rule(
+            cel="!has(self.url) || self.url.startsWith('https://') || self.allowInsecureHttp",
+            message="url must use https://, or set allowInsecureHttp: true",
+            field="url",
+            check=lambda m: m.url is None or m.url.startswith("https://") or m.allow_insecure_http,
         ),
     )
 

@@ -138,7 +138,8 @@ class Client:
     def __init__(self, base_url: str, timeout: float = 600):
         import httpx
 
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        # An in-cluster ModelDeployment the operator resolved: no proxy from the environment.
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, trust_env=False)
 
     def chat(
         self, model: str, messages: list[dict[str, str]], max_tokens: int, retrieval: bool

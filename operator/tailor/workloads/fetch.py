@@ -116,6 +116,32 @@ def fetch_url(
     raise WorkloadError("FetchFailed", f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
+class GuardedTransport(httpx.HTTPTransport):
+    """An httpx transport for API clients (the RAFT teacher): every request's URL is
+    checked as :func:`fetch_url` checks it (scheme, every resolved address, addresses
+    embedded in IPv6) and the connection goes to the address that was checked, the host
+    name kept for the Host header and TLS (SNI and the certificate check). Redirects are
+    not followed (httpx's default), so none escapes the check."""
+
+    def __init__(self, *, allow_private_addresses: bool = False, allow_insecure_http: bool = False):
+        super().__init__()
+        self.allow_private_addresses = allow_private_addresses
+        self.allow_insecure_http = allow_insecure_http
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        target = request.url
+        addresses = check_url(
+            str(target),
+            allow_private_addresses=self.allow_private_addresses,
+            allow_insecure_http=self.allow_insecure_http,
+        )
+        request.headers["Host"] = target.netloc.decode("ascii").rpartition("@")[2]
+        request.url = target.copy_with(host=str(addresses[0]))
+        if target.scheme == "https":
+            request.extensions = {**request.extensions, "sni_hostname": target.host}
+        return super().handle_request(request)
+
+
 def check_url(
     url: str,
     *,
@@ -192,15 +218,46 @@ def _resolve(host: str, port: int, deadline: float | None) -> list[IPAddress]:
     return addresses
 
 
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, which a gateway may connect to:
+    IPv4-mapped (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), 6to4
+    (``2002:AABB:CCDD::``), NAT64 (``64:ff9b::/96``, and RFC 8215's ``64:ff9b:1::/48``)
+    and Teredo (server and client). Python's ``is_global`` judges the IPv6 prefix alone
+    (True for ``64:ff9b::a9fe:a9fe``, the metadata service behind NAT64), so each embedded
+    address is checked on its own."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    value = int(address)
+    if value >> 32 == 0 and value > 1:  # ::a.b.c.d (not :: or ::1)
+        found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if any(address in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
+
+
 def _is_public(address: IPAddress) -> bool:
+    embedded = embedded_ipv4(address)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return _is_public(address.ipv4_mapped)
+    if any(not _is_public(inner) for inner in embedded):
+        return False
     return address.is_global and not address.is_multicast
 
 
 def _kind(address: IPAddress) -> str:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    inner = next((a for a in embedded_ipv4(address) if not _is_public(a)), None)
+    if inner is not None:
+        return f"{_kind(inner)} (embedded {inner})"
     for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")

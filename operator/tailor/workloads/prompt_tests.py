@@ -124,7 +124,8 @@ def run_cases(run: PromptTestRun) -> dict[str, Any]:
     if run.api_key_secret_ref is not None:
         headers["Authorization"] = f"Bearer {read_secret(run.api_key_secret_ref, run.paths)}"
     results: list[dict[str, Any]] = []
-    with httpx.Client(base_url=run.target.base_url.rstrip("/"), timeout=300) as http:
+    base_url = run.target.base_url.rstrip("/")  # an in-cluster ModelDeployment: no proxy
+    with httpx.Client(base_url=base_url, timeout=300, trust_env=False) as http:
         for case in run.spec.tests.cases:
             try:
                 answer = ask(run, case, http, headers)

@@ -283,11 +283,24 @@ def read_questions(questions: Questions, paths: Paths) -> list[Question]:
 class Teacher:
     """An OpenAI-compatible chat endpoint (a ModelDeployment or an external API)."""
 
-    def __init__(self, base_url: str, model: str | None, api_key: str | None, timeout: float = 300):
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None,
+        api_key: str | None,
+        timeout: float = 300,
+        transport: Any = None,
+    ):
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            trust_env=False,  # no proxy from the environment
+        )
         self.model = model or self._first_model()
 
     def _first_model(self) -> str:
@@ -373,7 +386,15 @@ def make_teacher(run: RaftDataRun) -> Teacher:
         read_secret(teacher.api_key_secret_ref, run.paths) if teacher.api_key_secret_ref else None
     )
     model = teacher.model or (teacher.deployment_ref.name if teacher.deployment_ref else None)
-    return Teacher(run.teacher_url, model, api_key)
+    if teacher.deployment_ref is not None:  # the operator resolved its Service in-cluster
+        return Teacher(run.teacher_url, model, api_key)
+    from tailor.workloads.fetch import GuardedTransport
+
+    guard = GuardedTransport(
+        allow_private_addresses=teacher.allow_private_addresses,
+        allow_insecure_http=teacher.allow_insecure_http,
+    )
+    return Teacher(run.teacher_url, model, api_key, transport=guard)
 
 
 def generate_questions(
