@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 
 from tailor.api import GROUP, KINDS, VERSION
-from tailor.controllers.context import operator
+from tailor.controllers.context import EXTERNAL_INPUTS, operator
 
 MANAGED = {"app.kubernetes.io/managed-by": "tailor"}
 
@@ -132,7 +132,7 @@ def needs_sync(type_: str | None, body: dict[str, Any]) -> bool:
         return True
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     requested = (meta.get("annotations") or {}).get(RECONCILE_REQUEST)
-    if requested and body.get("kind") in HANDLES_RECONCILE_REQUEST:
+    if requested and body.get("kind") in EXTERNAL_INPUTS:
         if requested != status.get("lastHandledReconcileAt"):
             return True
     return meta.get("generation") != status.get("observedGeneration")
@@ -140,9 +140,9 @@ def needs_sync(type_: str | None, body: dict[str, Any]) -> bool:
 
 RECONCILE_REQUEST = "tailor.dev/reconcile-requested-at"
 """An annotation asking for a reconcile now (Flux's ``reconcile.fluxcd.io/requestedAt``
-convention): a kind that reads inputs no watch delivers (a PromptProfile's pool ConfigMap)
-syncs when its value differs from ``status.lastHandledReconcileAt``."""
-HANDLES_RECONCILE_REQUEST = frozenset({"PromptProfile"})
+convention): a kind that reads inputs no watch delivers (``EXTERNAL_INPUTS``: a
+PromptProfile's pool ConfigMap) syncs when its value differs from
+``status.lastHandledReconcileAt``, which its sync sets."""
 
 
 def _watch_tailor_kind(kind: str) -> None:

@@ -39,7 +39,9 @@ FINAL = frozenset({"Succeeded", "Failed", "Invalid", "Valid"})
 SYNCERS: dict[str, SyncFn] = {}
 EXTERNAL_INPUTS: dict[str, Callable[[dict[str, Any]], bool]] = {}
 """Per kind: whether an object reads an input no watch delivers (a PromptProfile's pool
-ConfigMap), so each resync reconciles it even when it is settled."""
+ConfigMap), so each resync reconciles it even when it is settled. These kinds also honour
+the ``tailor.dev/reconcile-requested-at`` annotation (:func:`children.needs_sync`): their
+sync echoes it in ``status.lastHandledReconcileAt``."""
 
 
 def syncer(kind: str) -> Callable[[SyncFn], SyncFn]:
