@@ -287,10 +287,10 @@ def test_a_pool_from_a_config_map_is_published_inside_the_revision() -> None:
         ({"data": {"other": "{}"}}, "spec.fewShotSelection.poolFrom.key: ConfigMap examples has "
          "no key pool.jsonl (keys: other)"),
         (pool_config_map('{"user": "a", "assistant": "b"}\n{"user": "c"'),
-         "ConfigMap examples key pool.jsonl, line 2: not JSON"),
+         "ConfigMap examples key pool.jsonl:2: not valid JSON"),
         (pool_config_map('{"user": "a", "assistant": "b"}\n{"question": "c"}'),
-         "line 2: a record needs user and assistant"),
-        (pool_config_map('{"user": "", "assistant": "b"}'), "line 1, user: String should have"),
+         "pool.jsonl:2: a record needs user and assistant"),
+        (pool_config_map('{"user": "", "assistant": "b"}'), "pool.jsonl:1: user: String should have"),
         (pool_config_map('{"user": "a", "assistant": "b"}'),
          "spec.fewShotSelection.k: 2 is larger than the pool (1 examples"),
         (pool_config_map("\n".join(json.dumps({"user": "q" * 16000, "assistant": "a"})

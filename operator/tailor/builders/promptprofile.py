@@ -40,6 +40,7 @@ from tailor.builders.common import (
     workload_container,
     workload_paths,
 )
+from tailor.workloads.common import WorkloadError, json_records
 
 HISTORY = 10
 PROFILE_KEY = "profile.json"
@@ -71,25 +72,6 @@ def pool_example(record: Any) -> dict[str, Any] | None:
     return None
 
 
-def pool_records(text: str) -> list[tuple[int, Any]]:
-    """(line, record) of a JSON list or of JSON lines; ValueError naming the line."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"line {exc.lineno}: not JSON ({exc.msg})") from exc
-        return [(0, item) for item in items]
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number}: not JSON ({exc.msg})") from exc
-    return records
-
-
 def resolve_pool(
     spec: PromptProfileSpec, config_map: dict[str, Any] | None, namespace: str
 ) -> tuple[PromptProfileSpec, list[str]]:
@@ -99,7 +81,7 @@ def resolve_pool(
     if selection is None or selection.pool_from is None:
         return spec, []
     ref = selection.pool_from
-    where = f"ConfigMap {ref.name} key {ref.key}"
+    where = f"ConfigMap {ref.name} key {ref.key}"  # records are named {where}:line
     if config_map is None:
         return spec, [
             f"{POOL_FIELD}.name: ConfigMap {ref.name} does not exist in {namespace}; create "
@@ -110,16 +92,15 @@ def resolve_pool(
         keys = ", ".join(sorted(data)) or "none"
         return spec, [f"{POOL_FIELD}.key: ConfigMap {ref.name} has no key {ref.key} (keys: {keys})"]
     try:
-        records = pool_records(str(data[ref.key]))
-    except ValueError as exc:
-        return spec, [f"{POOL_FIELD}: {where}, {exc}"]
+        records = json_records(str(data[ref.key]), where, "InvalidPool")
+    except WorkloadError as exc:
+        return spec, [f"{POOL_FIELD}: {exc.message}"]
     pool: list[FewShotExample] = []
-    for index, (line, record) in enumerate(records):
-        at = f"line {line}" if line else f"item {index}"
+    for at, record in records:
         example = pool_example(record)
         if example is None:
             return spec, [
-                f"{POOL_FIELD}: {where}, {at}: a record needs user and assistant (or prompt "
+                f"{POOL_FIELD}: {at}: a record needs user and assistant (or prompt "
                 "and completion, or messages with a user turn then an assistant turn)"
             ]
         try:
@@ -127,7 +108,7 @@ def resolve_pool(
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
-            return spec, [f"{POOL_FIELD}: {where}, {at}, {field}: {first['msg']}"]
+            return spec, [f"{POOL_FIELD}: {at}: {field}: {first['msg']}"]
     if not pool or len(pool) > POOL_MAX:
         return spec, [
             f"{POOL_FIELD}: {where} holds {len(pool)} examples; a pool holds 1 to {POOL_MAX}"

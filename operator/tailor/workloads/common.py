@@ -159,6 +159,18 @@ def json_lines(
             raise WorkloadError(reason, f"{name}:{number}: not valid JSON ({exc.msg})") from exc
 
 
+def json_records(text: str, name: str, reason: str = "InvalidDataset") -> list[tuple[str, Any]]:
+    """(where, record) of one JSON array (``name[i]``) or of JSON lines (``name:line``); bad
+    JSON raises ``WorkloadError(reason)`` naming ``name:line``."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(reason, f"{name}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        return [(f"{name}[{i}]", item) for i, item in enumerate(items)]
+    return [(f"{name}:{n}", record) for n, record in json_lines(text.splitlines(), name, reason)]
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of a JSON-lines file, read as it goes."""
     with path.open(encoding="utf-8") as fh:

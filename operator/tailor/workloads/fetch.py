@@ -246,10 +246,9 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
 
 
 def _is_public(address: IPAddress) -> bool:
-    embedded = embedded_ipv4(address)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return _is_public(address.ipv4_mapped)
-    if any(not _is_public(inner) for inner in embedded):
+        return _is_public(address.ipv4_mapped)  # (::ffff:0:0/96 itself is never global)
+    if any(not _is_public(inner) for inner in embedded_ipv4(address)):
         return False
     return address.is_global and not address.is_multicast
 

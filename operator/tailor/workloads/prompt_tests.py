@@ -8,8 +8,9 @@ the case's matcher: ``equals`` (the whole answer, spaces at the ends ignored), `
 (a substring), ``regex`` (Python ``re.search``), ``jsonSchema`` (the answer parses as JSON
 and validates), ``apibench`` (the answer's API call, scored by APIBench's AST matcher against
 the packaged corpus as the RAFT paper scores it: ``correct`` when it calls a corpus API of
-the gold API's domain, ``exact`` when it calls the gold API). Results go to ``status.tests`` (per case, with the answer's first 500
-characters) and, last, to the termination message the operator reads.
+the gold API's domain, ``exact`` when it calls the gold API). Results go to
+``status.tests`` (per case, with the answer's first 500 characters) and, last, to the
+termination message the operator reads.
 """
 
 from __future__ import annotations

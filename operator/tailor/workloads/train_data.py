@@ -21,7 +21,6 @@ padding while attention stays cheap. Without packing, one example per right-padd
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,7 +30,7 @@ import torch
 from tailor.api.common import DataSource
 from tailor.api.finetunejob import DatasetSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, json_lines, source_files
+from tailor.workloads.common import WorkloadError, json_records, source_files
 
 Format = Literal["chat", "completion", "text"]
 
@@ -136,15 +135,7 @@ def parse_text(name: str, text: str, is_json: bool) -> list[tuple[str, Any]]:
     """Records of a file's text: JSON lines (or one JSON array), else the whole text."""
     if not is_json:
         return [(name, text)]
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(
-                "InvalidDataset", f"{name}:{exc.lineno}: not valid JSON ({exc.msg})"
-            ) from exc
-        return [(f"{name}[{i}]", item) for i, item in enumerate(items)]
-    return [(f"{name}:{number}", record) for number, record in json_lines(text.splitlines(), name)]
+    return json_records(text, name)
 
 
 def _decode(content: bytes, name: str, charset: str) -> str:
