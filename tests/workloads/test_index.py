@@ -1,4 +1,4 @@
-"""The index workload end to end: the real builtin MiniLM, embedded Qdrant, the APIBench corpus.
+"""The index workload end to end: the real builtin MiniLM, Qdrant Edge, the APIBench corpus.
 
 One module-scoped build of the 94 Torch Hub API documents serves every test; each test
 works on its own copy of the storage and the source file. Failures are real (a source that
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
 from tailor.api.knowledgebase import QdrantStore
@@ -25,7 +26,7 @@ from tailor.api.workloads import IndexRun
 from tailor.workloads.common import ProgressReporter, WorkloadError
 from tailor.workloads.index import build_index, main
 from tailor.workloads.retriever import Retriever, RetrieverUnavailable
-from tailor.workloads.vectorstore import AliasStore, collection_options
+from tailor.workloads.vectorstore import AliasStore, EdgeStore, collection_options
 
 pytestmark = pytest.mark.workloads
 
@@ -41,8 +42,9 @@ TORCHHUB_FORMAT = {
         "metadataFields": ["domain", "framework"],
     }
 }
-# measured: hit@1 0.151, hit@5 0.366, MRR 0.242 (MiniLM, strategy none); floors just under
-FLOORS = {"hit@1": 0.13, "hit@5": 0.34, "mrr": 0.22}
+# measured on Qdrant Edge: hit@1 0.145, hit@5 0.323, MRR 0.228 (MiniLM, strategy none; 43 of the
+# 94 cards share their text, and which twin ranks first is a tie); floors just under
+FLOORS = {"hit@1": 0.13, "hit@5": 0.30, "mrr": 0.21}
 
 
 def make_run(root: Path, alias: str = "torchhub", **overrides: Any) -> IndexRun:
@@ -148,16 +150,9 @@ def test_incremental_refresh_embeds_only_changed_documents(root: Path) -> None:
     assert after.text.endswith("penguins in drone footage of Antarctica.")
     # the deleted document's chunks are gone
     assert reader.search("anything", filters={"document_id": removed["api_call"]}) == []
-    client = QdrantClient(path=str(root / "qdrant" / "torchhub-v2"))
-    gone = models.Filter(
-        must=[
-            models.FieldCondition(
-                key="document_id", match=models.MatchValue(value=removed["api_call"])
-            )
-        ]
-    )
-    assert client.count("torchhub-v2", count_filter=gone).count == 0
-    client.close()
+    version = EdgeStore(root / "qdrant").reader("torchhub-v2")
+    assert version.count({"document_id": removed["api_call"]}) == 0
+    assert version.count({"document_id": rows[3]["api_call"]}) == 1
 
     # nothing changed: nothing embedded, no new version, the alias stays
     again = build_index(run)
@@ -241,12 +236,12 @@ def test_alias_store_moves_a_qdrant_alias_in_one_operation(tmp_path: Path) -> No
 
 
 def test_embedded_readers_never_take_the_storage_lock(root: Path) -> None:
-    # embedded Qdrant locks its folder: a second client on it fails ...
-    folder = root / "qdrant" / "torchhub-v1"
-    holder = QdrantClient(path=str(folder))
-    with pytest.raises(RuntimeError, match="already accessed by another instance"):
-        QdrantClient(path=str(folder))
-    # ... yet a Retriever answers while another client holds the published folder
+    # a Qdrant Edge shard locks its folder: a second shard on it fails ...
+    folder = root / "qdrant" / "torchhub-v1" / "shard"
+    holder = edge.EdgeShard.load(str(folder))
+    with pytest.raises(Exception, match="WAL"):
+        edge.EdgeShard.load(str(folder))
+    # ... yet a Retriever answers while another process holds the published folder
     run = make_run(root)
     assert Retriever(run.target, run.paths).search("object detection", top_k=3)
     holder.close()

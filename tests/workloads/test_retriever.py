@@ -1,6 +1,6 @@
 """The retriever library (tailor.workloads.retriever) on small real indexes.
 
-Real MiniLM, embedded Qdrant; the unreachable-server case uses a real closed port.
+Real MiniLM, Qdrant Edge; the unreachable-server case uses a real closed port.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qdrant_client import models
 
 from tailor.api.workloads import IndexRun, Paths, RetrieverConfig
 from tailor.workloads.index import build_index
 from tailor.workloads.retriever import Retriever, RetrieverUnavailable, load_embedder
-from tailor.workloads.vectorstore import SPARSE, bm25_query_vector
+from tailor.workloads.vectorstore import Search, query_bm25
 
 pytestmark = pytest.mark.workloads
 
@@ -78,12 +77,9 @@ def test_filters_and_score_threshold(index: IndexRun) -> None:
     assert {c.document_id for c in either} == {"hr-1", "billing-1", "billing-2"}
     only = r.search("x", filters={"document_id": "hr-1"})
     assert [c.document_id for c in only] == ["hr-1"]
-    raw = models.Filter(
-        must_not=[
-            models.FieldCondition(key="metadata.team", match=models.MatchValue(value="billing"))
-        ]
-    )
-    assert all(c.metadata["team"] != "billing" for c in r.search("invoice", top_k=5, filters=raw))
+    both = r.search("invoice", top_k=5, filters={"team": "billing", "lang": ["en", "de"]})
+    assert {c.document_id for c in both} == {"billing-1", "billing-2"}
+    assert r.search("invoice", filters={"team": "nobody"}) == []
     assert r.search("when will I receive my invoice?", score_threshold=0.99) == []
     thresholded = r.search("when will I receive my invoice?", top_k=5, score_threshold=0.3)
     assert thresholded and all(c.score >= 0.3 for c in thresholded)
@@ -93,14 +89,30 @@ def test_hybrid_fuses_dense_and_bm25(index: IndexRun) -> None:
     query = "XQ7731"
     # the sparse half alone ranks the document holding the exact code first
     r = retriever(index, hybrid=True)
-    client, collection = r._store.searchable("faq")
-    sparse = bm25_query_vector(r.embedder.token_ids([query])[0])
-    top = client.query_points(collection, query=sparse, using=SPARSE, limit=1).points[0]
-    assert top.payload is not None and top.payload["document_id"] == "support-2"
+    sparse = query_bm25("english").query(query)
+    top = r.query([Search(dense=[], limit=1, sparse=sparse, sparse_only=True)])[0][0]
+    assert top.payload["document_id"] == "support-2"
     # and the fused (RRF) result puts it first too
     fused = r.search(query)
     assert fused[0].document_id == "support-2"
     assert fused[0].score <= 1.0  # a fusion score, not a cosine
+
+
+def test_bm25_is_qdrants_with_stemming_and_stop_words(index: IndexRun) -> None:
+    r = retriever(index)
+
+    def keyword(text: str) -> list[str]:
+        sparse = query_bm25("english").query(text)
+        hits = r.query([Search(dense=[], limit=5, sparse=sparse, sparse_only=True)])[0]
+        return [str(h.payload["document_id"]) for h in hits]
+
+    # stemmed: "invoicing" and "holidays" match "Invoices" and "holiday"
+    assert keyword("invoicing")[0] == "billing-1"
+    assert keyword("holidays")[0] == "hr-1"
+    # stop words carry no weight: a question of stop words alone matches nothing
+    assert keyword("the of a by") == []
+    # the WordPiece ids of the old hand-written BM25 split this code; Qdrant's keeps it whole
+    assert keyword("xq7731") == ["support-2"]
 
 
 def test_search_batch_matches_single_searches(index: IndexRun) -> None:
@@ -118,7 +130,7 @@ def test_retrievers_share_the_model_and_the_index_copy(index: IndexRun) -> None:
     first, second = retriever(index), retriever(index)
     assert first.search("holiday")[0].document_id == second.search("holiday")[0].document_id
     assert first.embedder is second.embedder
-    assert first._store.searchable("faq")[0] is second._store.searchable("faq")[0]
+    assert first._store.searchable("faq") is second._store.searchable("faq")
 
 
 def test_embedding_token_ids_equals_sentence_transformers_encode(index: IndexRun) -> None:

@@ -133,6 +133,30 @@ class Store(TailorModel):
     qdrant: QdrantStore = Field(default_factory=QdrantStore, description="Qdrant settings.")
 
 
+Bm25Language = Literal[
+    "arabic",
+    "chinese",
+    "danish",
+    "dutch",
+    "english",
+    "finnish",
+    "french",
+    "german",
+    "greek",
+    "hungarian",
+    "italian",
+    "japanese",
+    "norwegian",
+    "portuguese",
+    "romanian",
+    "russian",
+    "spanish",
+    "swedish",
+    "turkish",
+]
+"""The languages Qdrant's BM25 has stop words and a stemmer (or a tokenizer) for."""
+
+
 class Retrieval(TailorModel):
     """Default retrieval settings for consumers (serving, RAFT)."""
 
@@ -142,6 +166,12 @@ class Retrieval(TailorModel):
     )
     hybrid: bool = Field(
         default=False, description="Fuse dense vectors with BM25 sparse vectors (RRF)."
+    )
+    language: Bm25Language = Field(
+        default="english",
+        description=(
+            "Language of the documents, for BM25's stop words and stemmer (Qdrant's BM25)."
+        ),
     )
 
 

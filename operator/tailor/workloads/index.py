@@ -41,13 +41,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
-from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException
 
 from tailor.api.workloads import IndexRun, OwnerRef
 from tailor.workloads.chunking import Chunk, Chunker
@@ -61,14 +60,13 @@ from tailor.workloads.common import (
 from tailor.workloads.documents import Document, read_documents
 from tailor.workloads.retriever import Embedder, load_embedder
 from tailor.workloads.vectorstore import (
-    DENSE,
-    SPARSE,
+    Bm25,
+    Collection,
+    PointData,
     VectorStore,
-    bm25_document_vector,
-    collection_options,
+    average_words,
     open_store,
     point_id,
-    scroll_all,
 )
 
 log = logging.getLogger("tailor.workloads.index")
@@ -189,6 +187,7 @@ def build_index(
             "shards": run.target.qdrant.shards,
             "replicas": run.target.qdrant.replicas,
             "quantization": run.target.qdrant.quantization,
+            "bm25": f"qdrant-edge/{run.spec.retrieval.language}",
         },
         sort_keys=True,
     )
@@ -201,31 +200,31 @@ def build_index(
         previous_meta: dict[str, Any] = {}
         if active is not None and run.mode == "incremental":
             old = store.reader(active)
-            previous_meta = old.get_collection(active).config.metadata or {}
-            ids = {
-                str((record.payload or {})["hash"]): record.id
-                for record in scroll_all(old, active, with_payload=["hash"])
-            }
-            previous = _Previous(old, active, ids)
+            previous_meta = old.metadata()
+            ids = {str(payload["hash"]): id_ for id_, payload in old.scroll(["hash"])}
+            previous = _Previous(old, ids)
             log.info("incremental: %d chunks in %s can be reused", len(ids), active)
         name = store.next_version(alias)
         stats.collection = name
-        client = store.create(
+        collection = store.create(
             name,
             embedder.dimension,
-            collection_options(run.target.qdrant),
+            run.target.qdrant,
             metadata={"tailorAlias": alias, "tailorSettings": settings},
         )
         log.info("building %s (%s mode)", name, run.mode)
         if reporter:
             reporter.report(stats.status("Indexing"), final=True)
         try:
-            with _Writer(client, name) as writer:
+            with _Writer(collection) as writer:
                 _fill(run, embedder, chunker, writer, previous, stats, reporter, metrics)
-            stats.vectors = client.count(name, exact=True).count
+            stats.vectors = collection.count()
             if stats.vectors != stats.chunks:
                 raise RuntimeError(f"{name} holds {stats.vectors} points for {stats.chunks} chunks")
-            _record_content_hash(client, name, stats)
+            # kept with the version, for the next refresh to compare with
+            collection.set_metadata(
+                {"tailorContentHash": stats.content_hash, "tailorChunks": stats.chunks}
+            )
             store.finish(name)
         except BaseException:
             log.warning("build of %s failed; %s stays on %s", name, alias, active)
@@ -268,25 +267,17 @@ def build_index(
 class _Previous:
     """The active version a refresh copies unchanged vectors from."""
 
-    client: QdrantClient
-    collection: str
-    ids: dict[str, models.ExtendedPointId]
+    collection: Collection
+    ids: dict[str, str]
     """Point id of each chunk hash in the active version."""
 
     def vectors(self, hashes: Iterable[str]) -> dict[str, list[float]]:
         """The dense vectors of the given chunk hashes that the active version holds."""
-        ids = list({self.ids[h] for h in hashes if h in self.ids})
-        if not ids:
+        wanted = {self.ids[h]: h for h in hashes if h in self.ids}
+        if not wanted:
             return {}
-        found: dict[str, list[float]] = {}
-        records = self.client.retrieve(
-            self.collection, ids, with_payload=["hash"], with_vectors=[DENSE]
-        )
-        for record in records:
-            vector = record.vector[DENSE] if isinstance(record.vector, dict) else None
-            if isinstance(vector, list):
-                found[str((record.payload or {})["hash"])] = cast(list[float], vector)
-        return found
+        found = self.collection.dense_vectors(list(wanted))
+        return {wanted[id_]: vector for id_, vector in found.items()}
 
 
 def _fill(
@@ -302,7 +293,7 @@ def _fill(
     """Read, chunk, embed (or copy) and write every chunk of the sources."""
     batch_size = run.spec.embedding.batch_size
     window_size = batch_size * WINDOW_BATCHES
-    average_length = float(chunker.max_tokens if chunker.strategy == "none" else chunker.size)
+    bm25: Bm25 | None = None
     content = hashlib.sha256()
 
     def counted(documents: Iterable[Document]) -> Iterator[Document]:
@@ -314,6 +305,9 @@ def _fill(
     items = _items(chunker.chunks(counted(documents)), embedder.key)
     with _Background(items, maxsize=window_size) as produced:
         for window in _windows(produced, window_size):
+            if bm25 is None:  # BM25's average length, from the first window of chunks
+                language = run.spec.retrieval.language
+                bm25 = Bm25(language, average_words([item.chunk.text for item in window]))
             vectors = previous.vectors(item.hash for item in window) if previous else {}
             stats.reused += sum(1 for item in window if item.hash in vectors)
             # the rest, each distinct text once, longest first to keep padding low
@@ -328,7 +322,7 @@ def _fill(
                     metrics.embedded.inc(len(batch))
             for item in window:
                 content.update(_content_line(item).encode("utf-8"))
-            writer.put([_point(item, vectors[item.hash], average_length) for item in window])
+            writer.put([_point(item, vectors[item.hash], bm25) for item in window])
             stats.chunks += len(window)
             if reporter:
                 reporter.report(stats.status("Indexing"))
@@ -342,12 +336,13 @@ def _fill(
         )
 
 
-def _point(item: _Item, vector: list[float], average_length: float) -> models.PointStruct:
+def _point(item: _Item, vector: list[float], bm25: Bm25) -> PointData:
     """The Qdrant point of a chunk: dense and BM25 vectors, and the payload readers get."""
     chunk = item.chunk
-    return models.PointStruct(
+    return PointData(
         id=item.point_id,
-        vector={DENSE: vector, SPARSE: bm25_document_vector(chunk.token_ids, average_length)},
+        dense=vector,
+        sparse=bm25.document(chunk.text),
         payload={
             "document_id": chunk.document.id,
             "source": chunk.document.source,
@@ -358,16 +353,6 @@ def _point(item: _Item, vector: list[float], average_length: float) -> models.Po
             "metadata": chunk.document.metadata,
         },
     )
-
-
-def _record_content_hash(client: QdrantClient, name: str, stats: IndexStats) -> None:
-    """Keep the content hash on the collection, for the next refresh to compare with."""
-    try:
-        client.update_collection(
-            name, metadata={"tailorContentHash": stats.content_hash, "tailorChunks": stats.chunks}
-        )
-    except UnexpectedResponse as exc:  # a server without collection metadata
-        log.warning("cannot store collection metadata (%s): every refresh makes a version", exc)
 
 
 def _items(chunks: Iterable[Chunk], model_key: str) -> Iterator[_Item]:
@@ -456,10 +441,9 @@ class _Background(Generic[T]):
 class _Writer:
     """Upserts batches of points in a thread, so that writing overlaps embedding."""
 
-    def __init__(self, client: QdrantClient, collection: str, depth: int = 2):
-        self.client = client
+    def __init__(self, collection: Collection, depth: int = 2):
         self.collection = collection
-        self._queue: queue.Queue[list[models.PointStruct] | None] = queue.Queue(depth)
+        self._queue: queue.Queue[list[PointData] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -473,7 +457,7 @@ class _Writer:
         if kind is None and self._error is not None:
             raise self._error
 
-    def put(self, points: list[models.PointStruct]) -> None:
+    def put(self, points: list[PointData]) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put(points)
@@ -483,7 +467,7 @@ class _Writer:
             if self._error is not None:
                 continue  # keep draining so that put() never blocks
             try:
-                self.client.upsert(self.collection, points, wait=True)
+                self.collection.upsert(points)
             except BaseException as exc:
                 self._error = exc
 

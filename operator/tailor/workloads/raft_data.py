@@ -206,24 +206,22 @@ def built_answer(question: str, answer: str, gold: Doc) -> str:
 def load_chunks(config: RetrieverConfig, paths: Paths) -> list[Doc]:
     """Every chunk of the knowledge base's published index."""
     from tailor.workloads.retriever import RetrieverUnavailable
-    from tailor.workloads.vectorstore import StoreUnavailable, open_store, scroll_all
+    from tailor.workloads.vectorstore import StoreUnavailable, open_store
 
     store = open_store(config, paths)
     try:
-        client, collection = store.searchable(config.alias)
-        points = list(scroll_all(client, collection, with_payload=True))
-    except (StoreUnavailable, RetrieverUnavailable, ValueError) as exc:
+        points = list(store.searchable(config.alias).scroll())
+    except (StoreUnavailable, RetrieverUnavailable, ValueError, OSError) as exc:
         raise WorkloadError(
             "KnowledgeBaseUnavailable", f"cannot read knowledge base {config.alias!r}: {exc}"
         ) from exc
     finally:
         store.close()
     docs = []
-    for point in points:
-        payload = point.payload or {}
+    for id_, payload in points:
         docs.append(
             Doc(
-                id=str(point.id),
+                id=id_,
                 text=str(payload.get("text", "")),
                 title=payload.get("title"),
                 source=payload.get("source"),
@@ -231,7 +229,7 @@ def load_chunks(config: RetrieverConfig, paths: Paths) -> list[Doc]:
                 metadata=dict(payload.get("metadata") or {}),
             )
         )
-    positions = {str(p.id): int((p.payload or {}).get("position") or 0) for p in points}
+    positions = {id_: int(payload.get("position") or 0) for id_, payload in points}
     docs.sort(key=lambda d: (d.document_id, positions[d.id], d.id))  # seeded runs repeat
     return docs
 

@@ -3,7 +3,7 @@
 ``Retriever(config, paths).search("question")`` embeds the question with the knowledge
 base's embedding model and returns the nearest chunks, optionally filtered on metadata, and
 optionally fused with BM25 keyword matches (Qdrant's Query API: two prefetches, dense and
-sparse, combined by reciprocal rank fusion). A Retriever is cheap to construct: the model is
+sparse, combined by reciprocal rank fusion), in a Qdrant server or in Qdrant Edge alike. A Retriever is cheap to construct: the model is
 loaded once per process and shared (:func:`load_embedder`), the Qdrant server client makes
 no request until the first search, and an embedded index is copied once per version and
 shared. It always queries the alias, so it follows a build that moves the alias; when the
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from qdrant_client import models
 from qdrant_client.common.client_exceptions import QdrantException
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from sentence_transformers import SentenceTransformer
@@ -34,17 +33,16 @@ from tailor.api.knowledgebase import Embedding
 from tailor.api.workloads import Paths, RetrieverConfig
 from tailor.workloads.common import model_path, read_secret
 from tailor.workloads.vectorstore import (
-    DENSE,
-    SPARSE,
+    Hit,
+    Search,
     StoreUnavailable,
     VectorStore,
-    bm25_query_vector,
     open_store,
+    query_bm25,
 )
 
 log = logging.getLogger("tailor.workloads.retriever")
 
-TOP_LEVEL_FIELDS = frozenset({"document_id", "source", "title", "position", "hash"})
 HYBRID_CANDIDATES = 4
 """Each prefetch of a hybrid query fetches this many times top_k candidates."""
 
@@ -167,27 +165,6 @@ def load_embedder(embedding: Embedding, paths: Paths, device: str | None = None)
         return embedder
 
 
-def query_filter(filters: Mapping[str, Any] | models.Filter | None) -> models.Filter | None:
-    """A Qdrant filter from ``{field: value}``: a list value matches any of its items.
-
-    ``document_id``, ``source``, ``title`` and ``position`` are chunk fields; any other key
-    is looked up in the chunk's metadata (``metadata.<key>``).
-    """
-    if filters is None or isinstance(filters, models.Filter):
-        return filters
-    conditions: list[models.Condition] = []
-    for name, value in filters.items():
-        key = (
-            name if name in TOP_LEVEL_FIELDS or name.startswith("metadata.") else f"metadata.{name}"
-        )
-        if isinstance(value, list | tuple | set):
-            match: models.Match = models.MatchAny(any=list(value))
-        else:
-            match = models.MatchValue(value=value)
-        conditions.append(models.FieldCondition(key=key, match=match))
-    return models.Filter(must=conditions) if conditions else None
-
-
 class Retriever:
     """Search a knowledge base by meaning (and keywords, with ``retrieval.hybrid``)."""
 
@@ -204,14 +181,7 @@ class Retriever:
         self.alias = config.alias
         self._store = store or open_store(config, paths, timeout_seconds=timeout_seconds)
         self._embedder: Embedder | None = None
-        self._search_params: models.SearchParams | None = None
-        if config.qdrant.url and config.qdrant.quantization != "none":
-            oversampling = 3.0 if config.qdrant.quantization == "binary" else 1.5
-            self._search_params = models.SearchParams(
-                quantization=models.QuantizationSearchParams(
-                    rescore=True, oversampling=oversampling
-                )
-            )
+        self._bm25 = query_bm25(config.retrieval.language)
 
     @property
     def embedder(self) -> Embedder:
@@ -224,7 +194,7 @@ class Retriever:
         query: str,
         top_k: int | None = None,
         score_threshold: float | None = None,
-        filters: Mapping[str, Any] | models.Filter | None = None,
+        filters: Mapping[str, Any] | None = None,
     ) -> list[RetrievedChunk]:
         """The chunks nearest to ``query``, best first."""
         return self.search_batch([query], top_k, score_threshold, filters)[0]
@@ -234,12 +204,14 @@ class Retriever:
         queries: Sequence[str],
         top_k: int | None = None,
         score_threshold: float | None = None,
-        filters: Mapping[str, Any] | models.Filter | None = None,
+        filters: Mapping[str, Any] | None = None,
     ) -> list[list[RetrievedChunk]]:
-        """Results of many queries: one embedding pass and one Qdrant request for all.
+        """Results of many queries: one embedding pass and one store request for all.
 
-        ``score_threshold`` is a cosine similarity; in hybrid mode it applies to the dense
-        candidates (fused scores are ranks, not similarities).
+        ``filters`` is ``{field: value}`` (a list value matches any of its items; see
+        :func:`~tailor.workloads.vectorstore.conditions`). ``score_threshold`` is a cosine
+        similarity; in hybrid mode it applies to the dense candidates (fused scores are
+        ranks, not similarities).
         """
         if not queries:
             return []
@@ -249,15 +221,26 @@ class Retriever:
             if score_threshold is not None
             else self.config.retrieval.score_threshold
         )
-        condition = query_filter(filters)
         vectors = self.embedder.embed_queries(queries)
-        requests = [
-            self._request(query, vector, limit, threshold, condition)
+        hybrid = self.config.retrieval.hybrid
+        searches = [
+            Search(
+                dense=vector.tolist(),
+                limit=limit,
+                sparse=self._bm25.query(query) if hybrid else None,
+                candidates=limit * HYBRID_CANDIDATES,
+                threshold=threshold,
+                filters=filters,
+            )
             for query, vector in zip(queries, vectors, strict=True)
         ]
+        hits = self.query(searches)
+        return [[_chunk(hit) for hit in result] for result in hits]
+
+    def query(self, searches: Sequence[Search]) -> list[list[Hit]]:
+        """Run searches on whatever the alias points at now."""
         try:
-            client, collection = self._store.searchable(self.alias)
-            responses = client.query_batch_points(collection, requests=requests)
+            return self._store.searchable(self.alias).query(searches)
         except StoreUnavailable as exc:
             raise RetrieverUnavailable(str(exc)) from exc
         except UnexpectedResponse as exc:
@@ -268,58 +251,19 @@ class Retriever:
             raise RetrieverUnavailable(f"Qdrant answered {exc.status_code}: {exc}") from exc
         except (ResponseHandlingException, QdrantException, OSError) as exc:
             raise RetrieverUnavailable(f"Qdrant is unreachable: {exc}") from exc
-        except ValueError as exc:  # embedded Qdrant: "Collection ... not found"
+        except ValueError as exc:  # "Collection ... not found"
             raise RetrieverUnavailable(f"knowledge base {self.alias!r}: {exc}") from exc
-        return [[_chunk(point) for point in response.points] for response in responses]
-
-    def _request(
-        self,
-        query: str,
-        vector: np.ndarray,
-        limit: int,
-        threshold: float | None,
-        condition: models.Filter | None,
-    ) -> models.QueryRequest:
-        dense = vector.tolist()
-        if not self.config.retrieval.hybrid:
-            return models.QueryRequest(
-                query=dense,
-                using=DENSE,
-                filter=condition,
-                limit=limit,
-                score_threshold=threshold,
-                params=self._search_params,
-                with_payload=True,
-            )
-        candidates = limit * HYBRID_CANDIDATES
-        sparse = bm25_query_vector(self.embedder.token_ids([query])[0])
-        return models.QueryRequest(
-            prefetch=[
-                models.Prefetch(
-                    query=dense,
-                    using=DENSE,
-                    filter=condition,
-                    limit=candidates,
-                    score_threshold=threshold,
-                    params=self._search_params,
-                ),
-                models.Prefetch(query=sparse, using=SPARSE, filter=condition, limit=candidates),
-            ],
-            query=models.FusionQuery(fusion=models.Fusion.RRF),
-            limit=limit,
-            with_payload=True,
-        )
 
     def close(self) -> None:
         self._store.close()
 
 
-def _chunk(point: models.ScoredPoint) -> RetrievedChunk:
-    payload = point.payload or {}
+def _chunk(hit: Hit) -> RetrievedChunk:
+    payload = hit.payload
     return RetrievedChunk(
-        id=str(point.id),
+        id=hit.id,
         text=str(payload.get("text", "")),
-        score=float(point.score),
+        score=hit.score,
         source=str(payload.get("source", "")),
         title=payload.get("title"),
         metadata=dict(payload.get("metadata") or {}),
