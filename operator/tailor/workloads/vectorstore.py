@@ -797,7 +797,9 @@ class EdgeStore(VectorStore):
         if not (source / META).is_file() or not (source / SHARD).is_dir():
             raise ValueError(f"{source} is not a knowledge-base version (no {META} or {SHARD}/)")
         name = self.next_version(alias)
+        self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        staging.chmod(0o755)  # readers may run as another user
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=_ignore_lock)
         os.replace(staging, self.root / name)
         self.publish(alias, name)
