@@ -85,13 +85,13 @@ class Embedding(TailorModel):
 
 
 class QdrantStore(TailorModel):
-    """A Qdrant vector store. Without url, an embedded Qdrant on the artifacts volume."""
+    """A Qdrant vector store. Without url, Qdrant Edge (in-process) on the artifacts volume."""
 
     url: str | None = Field(
         default=None,
         max_length=2048,
         pattern=r"^https?://",
-        description="Qdrant server URL, e.g. http://qdrant:6333; omit for embedded Qdrant.",
+        description="Qdrant server URL, e.g. http://qdrant:6333; omit for Qdrant Edge in-process.",
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the Qdrant API key."

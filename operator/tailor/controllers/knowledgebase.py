@@ -139,7 +139,7 @@ def _left_behind(body: dict[str, Any]) -> str:
     """The collections a KnowledgeBase's deletion would remove, in words."""
     status = body.get("status") or {}
     url = (((body.get("spec") or {}).get("store") or {}).get("qdrant") or {}).get("url")
-    where = f"Qdrant {url}" if url else "the embedded Qdrant on the artifacts volume"
+    where = f"Qdrant {url}" if url else "Qdrant Edge on the artifacts volume"
     alias = status.get("alias") or body["metadata"]["name"]
     return f"collections of alias {alias} (active {status.get('collection') or 'none'}) in {where}"
 

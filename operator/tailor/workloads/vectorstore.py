@@ -783,6 +783,13 @@ class EdgeStore(VectorStore):
                 self._pointer_seen[alias] = (key, name)
             if name is None:
                 continue
+            if (self.root / name / "meta.json").is_file() and not (
+                self.root / name / META
+            ).exists():
+                raise StoreUnavailable(
+                    f"knowledge base {alias!r}: {name} was written by qdrant-client's local mode "
+                    "(Tailor before Qdrant Edge); rebuild it (a refresh or any spec change)"
+                )
             try:
                 return _snapshot(self.root / name, name)
             except FileNotFoundError:  # pruned while we looked: read the pointer again
