@@ -158,3 +158,18 @@ def test_unavailable_store_raises_retriever_unavailable(tmp_path: Path, index: I
     with pytest.raises(RetrieverUnavailable, match="unreachable"):
         Retriever(config, paths, timeout_seconds=2).search("hello")
     assert time.monotonic() - started < 10
+
+
+def test_qdrant_edge_errors_make_the_retriever_unavailable(index: IndexRun, tmp_path: Path) -> None:
+    r = retriever(index)
+    # a vector of another model's dimension (the index was rebuilt with another embedder)
+    with pytest.raises(RetrieverUnavailable, match=r"Qdrant Edge cannot query faq-v1: .*dim"):
+        r.query([Search(dense=[0.1] * 3, limit=1)])
+    # a published folder whose shard is damaged
+    root = tmp_path / "q"
+    (root / "kb-v1" / "shard").mkdir(parents=True)
+    (root / "kb-v1" / "tailor.json").write_text("{}")
+    (root / "kb.json").write_text('{"alias": "kb", "collection": "kb-v1"}')
+    broken = Retriever(RetrieverConfig(alias="kb", path=str(root)), index.paths)
+    with pytest.raises(RetrieverUnavailable, match="Qdrant Edge cannot open"):
+        broken.search("hello")

@@ -605,10 +605,13 @@ class EdgeCollection(Collection):
 
     def query(self, searches: Sequence[Search]) -> list[list[Hit]]:
         requests = [self._request(s) for s in searches]
-        if len(requests) == 1:
-            results = [self.shard.query(requests[0])]
-        else:
-            results = self.shard.query_batch(edge.QueryBatchRequest(requests))
+        try:
+            if len(requests) == 1:
+                results = [self.shard.query(requests[0])]
+            else:
+                results = self.shard.query_batch(edge.QueryBatchRequest(requests))
+        except Exception as exc:  # Qdrant Edge raises plain Exceptions ("Vector dimension ...")
+            raise StoreUnavailable(f"Qdrant Edge cannot query {self.name}: {exc}") from exc
         return [
             [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in points]
             for points in results
@@ -847,8 +850,10 @@ class _Snapshot:
         try:
             shutil.copytree(folder, self.copy, dirs_exist_ok=True, ignore=_ignore_lock)
             shard = edge.EdgeShard.load(str(self.copy / SHARD))
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(self.copy, ignore_errors=True)
+            if type(exc) is Exception:  # Qdrant Edge's errors
+                raise StoreUnavailable(f"Qdrant Edge cannot open {folder}: {exc}") from exc
             raise
         self.collection = EdgeCollection(shard, name, folder, metadata)
         self._finalizer = weakref.finalize(self, _remove_snapshot, shard, self.copy)
