@@ -7,7 +7,7 @@ Prints, from one run on one machine:
   encode`` on the same chunk texts (same model, batch size and threads), and beside
   LlamaIndex's ``IngestionPipeline`` (SentenceSplitter with the same tokenizer, chunk size
   and overlap, the same local MiniLM through HuggingFaceEmbedding, no vector store) on the
-  same documents, as chunks per second. On 2 CPU cores each full pass takes about 35
+  same documents, as chunks per second. On 2 CPU cores each full pass takes about 50
   minutes, so by default the two baselines run on every 10th document (``--sample 10``; all
   chunks of those documents): their rate per chunk, against Tailor's over all 100k, which
   also pays for the HNSW graph of 100k points. ``--sample 1`` runs them on everything;
