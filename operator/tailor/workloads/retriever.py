@@ -3,10 +3,10 @@
 ``Retriever(config, paths).search("question")`` embeds the question with the knowledge
 base's embedding model and returns the nearest chunks, optionally filtered on metadata, and
 optionally fused with BM25 keyword matches (Qdrant's Query API: two prefetches, dense and
-sparse, combined by reciprocal rank fusion), in a Qdrant server or in Qdrant Edge alike. A Retriever is cheap to construct: the model is
-loaded once per process and shared (:func:`load_embedder`), the Qdrant server client makes
-no request until the first search, and an embedded index is copied once per version and
-shared. It always queries the alias, so it follows a build that moves the alias; when the
+sparse, combined by reciprocal rank fusion), in a Qdrant server or in Qdrant Edge alike.
+A Retriever is cheap to construct: the model is loaded once per process and shared
+(:func:`load_embedder`), the Qdrant server client makes no request until the first search,
+and a Qdrant Edge index is copied once per version and shared. It always queries the alias, so it follows a build that moves the alias; when the
 store cannot be reached, or has no index yet, it raises :class:`RetrieverUnavailable`, which
 serving catches to answer without context.
 
