@@ -169,6 +169,39 @@ def test_index_job_uses_embedded_qdrant_on_the_artifacts_volume() -> None:
     assert config == workload.run.target
 
 
+def test_adaptation_mounts_its_questions_and_keeps_tuned_models_on_the_claim() -> None:
+    server = {"qdrant": {"url": "https://qdrant.example.com"}}
+    questions = {"configMap": {"name": "past-questions", "key": "pairs.jsonl"}}
+    p = parent("KnowledgeBase", "docs")
+    plain = build_index(spec_of("knowledgebase", store=server), p, SETTINGS, build=1)
+    assert plain.run.target.embedders is None and not plain.run.target.on_claim
+    spec = spec_of("knowledgebase", store=server, adaptation={"questions": questions})
+    workload = build_index(spec, p, SETTINGS, build=1)
+    # vectors on the server, the tuned embedder on the claim beside the build's other files
+    assert workload.run.target.path is None
+    assert workload.run.target.embedders == "/artifacts/knowledgebase/docs/uid-1/embedders"
+    pod = by_kind(workload.manifests)["Job"]["spec"]["template"]["spec"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert SETTINGS.artifacts_pvc in claims
+    assert any(v.get("configMap", {}).get("name") == "past-questions" for v in pod["volumes"])
+    # a deployment that reads this knowledge base mounts the claim to load the tuned model
+    refs = ResolvedRefs(knowledge_base=retriever_config(spec, p, SETTINGS))
+    serving = by_kind(
+        build_serving(
+            spec_of("modeldeployment"), parent("ModelDeployment"), SETTINGS, refs
+        ).manifests
+    )
+    serving_pod = serving["Deployment"]["spec"]["template"]["spec"]
+    assert any(
+        v.get("persistentVolumeClaim", {}).get("claimName") == SETTINGS.artifacts_pvc
+        for v in serving_pod["volumes"]
+    )
+
+
 def test_serving_rolls_when_any_reference_changes() -> None:
     spec: ModelDeploymentSpec = spec_of("modeldeployment")
     p = parent("ModelDeployment", "md")

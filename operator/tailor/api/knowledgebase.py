@@ -175,6 +175,72 @@ class Retrieval(TailorModel):
     )
 
 
+class Adaptation(TailorModel):
+    """Learning from labelled questions: the embedding model fine-tuned on the questions a
+    knowledge base has seen, paired with the document that answers each one."""
+
+    questions: DataSource = Field(
+        description=(
+            "JSON lines or a JSON array of {question, document} records: a question and the "
+            "id of the document that answers it (format.json.idField's value, or a file's "
+            "label for file sources)."
+        )
+    )
+    question_field: str = Field(
+        default="question", min_length=1, max_length=256, description="Field with the question."
+    )
+    document_field: str = Field(
+        default="document",
+        min_length=1,
+        max_length=256,
+        description="Field with the id of the document that answers the question.",
+    )
+    holdout: float = Field(
+        default=0.2,
+        ge=0.05,
+        le=0.5,
+        description=(
+            "Share of the pairs held out (seeded) to measure hit@1, hit@5 and MRR before and "
+            "after; the tuned model is used only when it ranks the held-out documents better."
+        ),
+    )
+    epochs: int = Field(default=3, ge=1, le=20, description="Passes over the training pairs.")
+    learning_rate: float = Field(default=2e-5, gt=0, le=1e-3, description="Peak learning rate.")
+    batch_size: int = Field(
+        default=32,
+        ge=2,
+        le=512,
+        description="Pairs per step; the other documents of a batch are the negatives.",
+    )
+    seed: int = Field(default=42, description="Seed of the split and of training.")
+
+
+class RetrievalScores(TailorModel):
+    """Retrieval quality on held-out questions, per document."""
+
+    hit_at_1: float = Field(description="Share of questions whose document ranks first.")
+    hit_at_5: float = Field(description="Share of questions whose document is in the top 5.")
+    mrr: float = Field(
+        description="Mean reciprocal rank of the document (0 when not in the top 50)."
+    )
+
+
+class AdaptationStatus(TailorModel):
+    """What spec.adaptation did in the build now serving."""
+
+    pairs: int = Field(description="Pairs whose document is in the knowledge base.")
+    unmatched: int = Field(
+        default=0, description="Pairs skipped because their document is not in the knowledge base."
+    )
+    trained: int = Field(description="Pairs trained on.")
+    held_out: int = Field(description="Pairs held out for the scores.")
+    before: RetrievalScores = Field(description="Held-out scores of the base embedding model.")
+    after: RetrievalScores = Field(description="Held-out scores of the tuned model.")
+    kept: bool = Field(description="Whether the tuned model is the one serving.")
+    model: str = Field(description="The embedding model serving: the base, or the tuned one.")
+    seconds: float | None = Field(default=None, description="Training and scoring time.")
+
+
 class Refresh(TailorModel):
     """Periodic re-indexing. Refreshes are incremental: unchanged chunks are not re-embedded."""
 
@@ -200,6 +266,13 @@ class KnowledgeBaseSpec(TailorModel):
     store: Store = Field(default_factory=Store, description="The vector store.")
     retrieval: Retrieval = Field(default_factory=Retrieval, description="Retrieval defaults.")
     refresh: Refresh | None = Field(default=None, description="Re-index on a schedule.")
+    adaptation: Adaptation | None = Field(
+        default=None,
+        description=(
+            "Fine-tune the embedding model on labelled questions before indexing (kept only "
+            "when held-out retrieval improves)."
+        ),
+    )
     resources: Resources = Field(
         default_factory=Resources, description="Compute for the index Job."
     )
@@ -229,3 +302,6 @@ class KnowledgeBaseStatus(StatusBase):
         default=None, description="The .metadata.generation the current build indexes."
     )
     next_refresh: str | None = Field(default=None, description="When the next refresh is due.")
+    adaptation: AdaptationStatus | None = Field(
+        default=None, description="Held-out scores of spec.adaptation, before and after."
+    )

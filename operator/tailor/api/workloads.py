@@ -119,6 +119,19 @@ class RetrieverConfig(TailorModel):
     path: str | None = Field(default=None, description="Embedded Qdrant storage folder.")
     embedding: Embedding = Field(default_factory=Embedding)
     retrieval: Retrieval = Field(default_factory=Retrieval)
+    embedders: str | None = Field(
+        default=None,
+        description=(
+            "Folder of the embedding models spec.adaptation tuned (on the artifacts volume); "
+            "a version names the one its vectors come from."
+        ),
+    )
+
+    @property
+    def on_claim(self) -> bool:
+        """Whether readers need the artifacts claim: an embedded index, or embedding models
+        tuned by spec.adaptation, live there."""
+        return self.path is not None or self.embedders is not None
 
 
 class IndexRun(RunBase):

@@ -35,15 +35,15 @@ def retriever_config(
     spec: KnowledgeBaseSpec, parent: Parent, settings: OperatorSettings
 ) -> RetrieverConfig:
     """How to reach this knowledge base's index (server Qdrant or embedded on the volume)."""
-    path = None
-    if spec.store.qdrant.url is None:
-        path = f"{settings.artifacts_mount}/{artifact_dir(parent)}/qdrant"
+    root = f"{settings.artifacts_mount}/{artifact_dir(parent)}"
     return RetrieverConfig(
         alias=alias_name(spec, parent),
         qdrant=spec.store.qdrant,
-        path=path,
+        path=f"{root}/qdrant" if spec.store.qdrant.url is None else None,
         embedding=spec.embedding,
         retrieval=spec.retrieval,
+        # tuned models live on the claim beside the index, whichever store holds the vectors
+        embedders=f"{root}/embedders" if spec.adaptation else None,
     )
 
 
@@ -76,8 +76,10 @@ def build_index(
         .add_model(spec.embedding.model)
         .add_secret(spec.store.qdrant.api_key_secret_ref)
     )
+    if spec.adaptation:
+        mounts.add_sources([spec.adaptation.questions])
     volumes, volume_mounts = volumes_and_mounts(
-        settings, mounts, name, artifacts_volume=not spec.store.qdrant.url
+        settings, mounts, name, artifacts_volume=run.target.on_claim
     )
     pod = {
         "serviceAccountName": rbac_name,

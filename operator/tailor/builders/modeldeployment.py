@@ -88,7 +88,7 @@ def build_serving(
         spec_name,
         artifacts_read_only=True,
         # an embedded knowledge base is read from its files on the claim
-        artifacts_volume=bool(refs.knowledge_base and refs.knowledge_base.path),
+        artifacts_volume=bool(refs.knowledge_base and refs.knowledge_base.on_claim),
     )
     if refs.prompt_config_map:
         volumes.append({"name": "prompt", "configMap": {"name": refs.prompt_config_map}})

@@ -49,6 +49,7 @@ from prometheus_client import Counter as PromCounter
 from qdrant_client.http.exceptions import ResponseHandlingException
 
 from tailor.api.workloads import IndexRun, OwnerRef
+from tailor.workloads.adaptation import Adapted, adapt, prune
 from tailor.workloads.chunking import Chunk, Chunker
 from tailor.workloads.common import (
     ProgressReporter,
@@ -181,6 +182,13 @@ def build_index(
             source_files(source, run.paths)
     embedder = load_embedder(run.spec.embedding, run.paths)
     chunker = Chunker(embedder.tokenizer, run.spec.chunking, embedder.max_tokens)
+    chunks: list[Chunk] | None = None
+    adapted: Adapted | None = None
+    if run.spec.adaptation is not None:
+        # Training needs every chunk first: read them once, and index the same list.
+        chunks = list(_chunks(run, chunker, stats))
+        adapted = _adapt(run, embedder, chunks, reporter)
+        embedder = adapted.embedder
     settings = json.dumps(
         {
             "embedding": embedder.key,
@@ -210,14 +218,27 @@ def build_index(
             name,
             embedder.dimension,
             run.target.qdrant,
-            metadata={"tailorAlias": alias, "tailorSettings": settings},
+            metadata={
+                "tailorAlias": alias,
+                "tailorSettings": settings,
+                "tailorEmbedder": adapted.folder if adapted else None,
+            },
         )
         log.info("building %s (%s mode)", name, run.mode)
         if reporter:
             reporter.report(stats.status("Indexing"), final=True)
         try:
             with _Writer(collection) as writer:
-                _fill(run, embedder, chunker, writer, previous, stats, reporter, metrics)
+                known = adapted.vectors if adapted else {}
+                pending = chunks if chunks is not None else _chunks(run, chunker, stats)
+                _fill(run, embedder, pending, known, writer, previous, stats, reporter, metrics)
+            if chunker.truncated:
+                log.warning(
+                    "%d documents are longer than the %d tokens the embedding model reads; their "
+                    "vectors cover the beginning only (use chunking strategy recursive)",
+                    chunker.truncated,
+                    chunker.max_tokens,
+                )
             stats.vectors = collection.count()
             if stats.vectors != stats.chunks:
                 raise RuntimeError(f"{name} holds {stats.vectors} points for {stats.chunks} chunks")
@@ -242,6 +263,8 @@ def build_index(
             store.publish(alias, name)
             pruned = store.prune(alias, run.target.qdrant.keep_collections)
             log.info("%s -> %s; deleted %s", alias, name, pruned or "nothing")
+            if run.target.embedders:
+                _prune_embedders(store, alias, Path(run.target.embedders))
     finally:
         if own_store:
             store.close()
@@ -280,29 +303,79 @@ class _Previous:
         return {wanted[id_]: vector for id_, vector in found.items()}
 
 
+def _documents(run: IndexRun) -> Iterator[Document]:
+    return read_documents(run.spec.sources, run.spec.format, run.paths)
+
+
+def _counted(documents: Iterable[Document], stats: IndexStats) -> Iterator[Document]:
+    for document in documents:
+        stats.documents += 1
+        yield document
+
+
+def _chunks(run: IndexRun, chunker: Chunker, stats: IndexStats) -> Iterator[Chunk]:
+    """Every chunk of the sources, read as they are consumed."""
+    return chunker.chunks(_counted(_documents(run), stats))
+
+
+def _adapt(
+    run: IndexRun, embedder: Embedder, chunks: list[Chunk], reporter: ProgressReporter | None
+) -> Adapted:
+    """spec.adaptation: the model to index with, and its held-out scores in the status."""
+    assert run.spec.adaptation is not None
+    if not run.target.embedders:
+        raise ValueError("an IndexRun with spec.adaptation needs target.embedders")
+
+    def progress(step: int, total: int) -> None:
+        if step == total or step % max(1, total // 10) == 0:
+            log.info("adaptation: step %d of %d", step, total)
+
+    adapted = adapt(
+        run.spec.adaptation,
+        embedder,
+        chunks,
+        run.paths,
+        Path(run.target.embedders),
+        batch_size=run.spec.embedding.batch_size,
+        progress=progress,
+    )
+    if reporter:
+        reporter.report({"adaptation": adapted.status.model_dump(by_alias=True)}, final=True)
+    return adapted
+
+
+def _prune_embedders(store: VectorStore, alias: str, embedders: Path) -> None:
+    """Delete tuned embedding models that no remaining version of ``alias`` reads."""
+    used = set()
+    for version in store.versions(alias):
+        try:
+            used.add(store.version_metadata(version).get("tailorEmbedder"))
+        except Exception as exc:  # unreadable: keep every model rather than guess
+            log.warning("cannot read %s's metadata (%s); keeping every tuned model", version, exc)
+            return
+    removed = prune(embedders, {name for name in used if name})
+    if removed:
+        log.info("deleted tuned embedding models no version uses: %s", removed)
+
+
 def _fill(
     run: IndexRun,
     embedder: Embedder,
-    chunker: Chunker,
+    chunks: Iterable[Chunk],
+    known: dict[str, Any],
     writer: _Writer,
     previous: _Previous | None,
     stats: IndexStats,
     reporter: ProgressReporter | None,
     metrics: IndexMetrics | None,
 ) -> None:
-    """Read, chunk, embed (or copy) and write every chunk of the sources."""
+    """Embed (or copy) and write every chunk; ``known`` holds vectors already computed with
+    ``embedder``, by chunk text."""
     batch_size = run.spec.embedding.batch_size
     window_size = batch_size * WINDOW_BATCHES
     bm25: Bm25 | None = None
     content = hashlib.sha256()
-
-    def counted(documents: Iterable[Document]) -> Iterator[Document]:
-        for document in documents:
-            stats.documents += 1
-            yield document
-
-    documents = read_documents(run.spec.sources, run.spec.format, run.paths)
-    items = _items(chunker.chunks(counted(documents)), embedder.key)
+    items = _items(chunks, embedder.key)
     with _Background(items, maxsize=window_size) as produced:
         for window in _windows(produced, window_size):
             if bm25 is None:  # BM25's average length, from the first window of chunks
@@ -310,6 +383,10 @@ def _fill(
                 bm25 = Bm25(language, average_words([item.chunk.text for item in window]))
             vectors = previous.vectors(item.hash for item in window) if previous else {}
             stats.reused += sum(1 for item in window if item.hash in vectors)
+            for item in window:  # computed by adaptation: embedded by this build all the same
+                if item.hash not in vectors and item.chunk.text in known:
+                    vectors[item.hash] = known[item.chunk.text].tolist()
+                    stats.embedded += 1
             # the rest, each distinct text once, longest first to keep padding low
             fresh = {item.hash: item for item in window if item.hash not in vectors}
             ordered = sorted(fresh.values(), key=lambda item: -len(item.chunk.token_ids))
@@ -327,13 +404,6 @@ def _fill(
             if reporter:
                 reporter.report(stats.status("Indexing"))
     stats.content_hash = content.hexdigest()
-    if chunker.truncated:
-        log.warning(
-            "%d documents are longer than the %d tokens the embedding model reads; their "
-            "vectors cover the beginning only (use chunking strategy recursive)",
-            chunker.truncated,
-            chunker.max_tokens,
-        )
 
 
 def _point(item: _Item, vector: list[float], bm25: Bm25) -> PointData:

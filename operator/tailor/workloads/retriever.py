@@ -17,11 +17,13 @@ and queries as text.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from tailor.api.knowledgebase import Embedding
 from tailor.api.workloads import Paths, RetrieverConfig
 from tailor.workloads.common import model_path, read_secret
 from tailor.workloads.vectorstore import (
+    Collection,
     Hit,
     Search,
     StoreUnavailable,
@@ -42,6 +45,8 @@ from tailor.workloads.vectorstore import (
 )
 
 log = logging.getLogger("tailor.workloads.retriever")
+
+T = TypeVar("T")
 
 HYBRID_CANDIDATES = 4
 """Each prefetch of a hybrid query fetches this many times top_k candidates."""
@@ -67,10 +72,12 @@ class RetrievedChunk:
 class Embedder:
     """A sentence-transformers model and its tokenizer, producing normalised vectors."""
 
-    def __init__(self, model: SentenceTransformer, key: str):
+    def __init__(self, model: SentenceTransformer, key: str, location: str | Path):
         self.model = model
         self.key = key
         """Identifies the model (its location and dimension): vectors are reusable when equal."""
+        self.location = location
+        """Where it was loaded from (a folder, or a hub repo id)."""
         self.tokenizer = model.tokenizer
         dimension = model.get_embedding_dimension()
         if dimension is None:
@@ -160,9 +167,23 @@ def load_embedder(embedding: Embedding, paths: Paths, device: str | None = None)
         name = embedding.model.builtin or (source.repo if source else str(location))
         revision = f"@{source.revision}" if source else ""
         key = f"{name}{revision}/{model.get_embedding_dimension()}"
-        embedder = Embedder(model, key)
+        embedder = Embedder(model, key, location)
         _embedders[cache_key] = embedder
         return embedder
+
+
+def load_embedder_folder(folder: Path, device: str | None = None) -> Embedder:
+    """A model that spec.adaptation tuned and saved (see :mod:`.adaptation`), loaded once
+    per process and device; its key is the one its vectors were indexed with."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache_key = (str(folder), device)
+    with _embedders_lock:
+        if cache_key not in _embedders:
+            status = json.loads((folder / "adaptation.json").read_text())
+            model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+            model.eval()
+            _embedders[cache_key] = Embedder(model, str(status["model"]), folder)
+        return _embedders[cache_key]
 
 
 class Retriever:
@@ -221,7 +242,8 @@ class Retriever:
             if score_threshold is not None
             else self.config.retrieval.score_threshold
         )
-        vectors = self.embedder.embed_queries(queries)
+        collection = self._searchable()
+        vectors = self.embedder_of(collection).embed_queries(queries)
         hybrid = self.config.retrieval.hybrid
         searches = [
             Search(
@@ -234,13 +256,43 @@ class Retriever:
             )
             for query, vector in zip(queries, vectors, strict=True)
         ]
-        hits = self.query(searches)
+        hits = self.query(searches, collection)
         return [[_chunk(hit) for hit in result] for result in hits]
 
-    def query(self, searches: Sequence[Search]) -> list[list[Hit]]:
-        """Run searches on whatever the alias points at now."""
+    def embedder_of(self, collection: Collection) -> Embedder:
+        """The model that embedded a version's vectors: the one spec.adaptation tuned, when
+        the version names one, else the knowledge base's embedding model."""
+        if self.config.embedders is None:
+            return self.embedder
         try:
-            return self._store.searchable(self.alias).query(searches)
+            folder = collection.metadata().get("tailorEmbedder")
+        except Exception as exc:  # server unreachable and the like: as for a query
+            raise RetrieverUnavailable(f"cannot read the index's metadata: {exc}") from exc
+        if not folder:
+            return self.embedder
+        try:
+            return load_embedder_folder(Path(self.config.embedders) / str(folder))
+        except OSError as exc:
+            raise RetrieverUnavailable(
+                f"knowledge base {self.alias!r}: its tuned embedding model {folder} cannot be "
+                f"read ({exc})"
+            ) from exc
+
+    def query(
+        self, searches: Sequence[Search], collection: Collection | None = None
+    ) -> list[list[Hit]]:
+        """Run searches on ``collection``, by default whatever the alias points at now."""
+        return self._guarded(
+            lambda: (collection or self._store.searchable(self.alias)).query(searches)
+        )
+
+    def _searchable(self) -> Collection:
+        return self._guarded(lambda: self._store.searchable(self.alias))
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        """``call()``, with the store's failures turned into RetrieverUnavailable."""
+        try:
+            return call()
         except StoreUnavailable as exc:
             raise RetrieverUnavailable(str(exc)) from exc
         except UnexpectedResponse as exc:

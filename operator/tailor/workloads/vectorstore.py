@@ -241,6 +241,10 @@ class VectorStore(ABC):
     def reader(self, name: str) -> Collection:
         """A published version, to read."""
 
+    def version_metadata(self, name: str) -> dict[str, Any]:
+        """The metadata a finished version was written with."""
+        return self.reader(name).metadata()
+
     @abstractmethod
     def searchable(self, alias: str) -> Collection:
         """What the alias points at now, to query; follows the alias when it moves."""
@@ -762,6 +766,10 @@ class EdgeStore(VectorStore):
         if writer is not None:
             writer.shard.close()
         shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def version_metadata(self, name: str) -> dict[str, Any]:
+        metadata: dict[str, Any] = json.loads((self.root / name / META).read_text())
+        return metadata
 
     def reader(self, name: str) -> Collection:
         """A published version, from a private copy (opening it in place would change it)."""
