@@ -110,6 +110,8 @@ def sync_knowledge_base(op: Operator, body: dict[str, Any]) -> None:
                 start = _parse_time(state.start_time) or finished_at
                 seconds = (finished_at - start).total_seconds()
                 RUN_SECONDS.labels(KIND, "Succeeded").observe(seconds)
+        if spec.adaptation is None and status.get("adaptation"):
+            new["adaptation"] = None  # the build now serving used the base model
         if spec.refresh:
             due = next_refresh(spec.refresh.schedule, finished_at)
             new["nextRefresh"] = due.strftime("%Y-%m-%dT%H:%M:%SZ")
