@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -83,10 +84,16 @@ SEAWEEDFS_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
 SEAWEEDFS = Component(
     "seaweedfs", f"{SEAWEEDFS_VERSION}-{_sources_digest(GO_DIR / 'seaweedfs')}", ("weed",)
 )
+# GPU quotas (tailor.devcluster.kueue): Kueue's manager built from the module proxy. Its
+# visibility API server writes its serving certificate to a fixed folder; the build points
+# that folder at a path relative to the process's working directory (its state directory).
+KUEUE_VERSION = "v0.17.0"
+KUEUE = Component("kueue", KUEUE_VERSION, ("kueue",))
+KUEUE_MODULE = "sigs.k8s.io/kueue"
 COMPONENTS = (ETCD, KWOK, KUBERNETES, PROVISIONER)
 """What the control plane needs; ``build`` (the Makefile's devcluster-build) also builds
-SEAWEEDFS for the object-store tests."""
-ALL_COMPONENTS = (*COMPONENTS, SEAWEEDFS)
+SEAWEEDFS for the object-store tests and KUEUE for the queue tests."""
+ALL_COMPONENTS = (*COMPONENTS, SEAWEEDFS, KUEUE)
 
 
 def cache_root() -> Path:
@@ -144,6 +151,8 @@ def build(component: Component) -> None:
     try:
         for argv, cwd in _go_commands(component, work):
             _run_go(argv, cwd, work)
+        if component is KUEUE:
+            _copy_kueue_manifests(work)
         shutil.rmtree(final, ignore_errors=True)
         work.rename(final)
     finally:
@@ -166,12 +175,34 @@ def _go_commands(component: Component, out: Path) -> list[tuple[list[str], Path]
                 GO_DIR / "seaweedfs",
             )
         ]
+    if component is KUEUE:
+        ldflags = f"-s -w -X {KUEUE_MODULE}/pkg/visibility.certDir=visibility-certs"
+        package = f"{KUEUE_MODULE}/cmd/kueue@{KUEUE_VERSION}"
+        return [([go, "install", "-ldflags", ldflags, package], out)]
     if component is PROVISIONER:
         argv = [go, "build", "-o", str(out / "hostpath-provisioner"), "-ldflags", "-s -w", "."]
         return [(argv, GO_DIR / "provisioner")]
     commands = [f"./cmd/{binary}" for binary in component.binaries]
     argv = [go, "build", "-o", str(out) + os.sep, "-ldflags", _kubernetes_ldflags(), *commands]
     return [(argv, GO_DIR / "kube")]
+
+
+def _copy_kueue_manifests(out: Path) -> None:
+    """Kueue's CRDs and webhook manifests, from the module the binary was built from."""
+    found = subprocess.run(
+        [go_binary(), "mod", "download", "-json", f"{KUEUE_MODULE}@{KUEUE_VERSION}"],
+        cwd=out,
+        env=_go_env(out) | {"GOFLAGS": "-mod=mod"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise BuildError(f"locating {KUEUE_MODULE}@{KUEUE_VERSION}: {found.stderr[-2000:]}")
+    components = Path(json.loads(found.stdout)["Dir"]) / "config" / "components"
+    shutil.copytree(components / "crd", out / "config" / "crd")
+    shutil.copy(components / "webhook" / "manifests.yaml", out / "config" / "webhooks.yaml")
 
 
 def _kubernetes_ldflags() -> str:
@@ -203,7 +234,7 @@ def go_binary() -> str:
     return found
 
 
-def _run_go(argv: list[str], cwd: Path, out: Path) -> None:
+def _go_env(out: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         CGO_ENABLED="0",
@@ -211,8 +242,12 @@ def _run_go(argv: list[str], cwd: Path, out: Path) -> None:
         GOWORK="off",
         GOBIN=str(out),
     )
+    return env
+
+
+def _run_go(argv: list[str], cwd: Path, out: Path) -> None:
     result = subprocess.run(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        argv, cwd=cwd, env=_go_env(out), stdin=subprocess.DEVNULL, capture_output=True, text=True
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()

@@ -12,8 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tailor.devcluster.build import ALL_COMPONENTS, BuildError, ensure_binaries
+from tailor.devcluster.build import ALL_COMPONENTS, KUEUE_VERSION, BuildError, ensure_binaries
 from tailor.devcluster.cluster import ClusterError, DevCluster, default_dir
+from tailor.devcluster.kueue import Kueue
 from tailor.devcluster.s3 import S3Server
 
 
@@ -24,6 +25,10 @@ def main(argv: list[str]) -> int:
         if args.command == "up":
             cluster.up(timeout=args.timeout)
             print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")
+            if args.kueue:
+                kueue = Kueue(cluster)
+                kueue.up()
+                print(f"# Kueue {KUEUE_VERSION}: running, log {kueue.log_file}")
             if args.s3:
                 s3 = S3Server(cluster.dir / "s3")
                 s3.up(buckets=(args.bucket,))
@@ -38,6 +43,7 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "down":
             S3Server(cluster.dir / "s3").down()
+            Kueue(cluster).down()
             stopped = cluster.down(purge=args.purge)
             print(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
             return 0
@@ -87,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "--s3", action="store_true", help="also start an S3 server (SeaweedFS) for artifacts"
     )
     up.add_argument("--bucket", default="tailor", help="bucket the S3 server creates")
+    up.add_argument("--kueue", action="store_true", help="also start Kueue (GPU quotas and queues)")
     down = commands.add_parser("down", parents=[common], help="stop every process of the cluster")
     down.add_argument(
         "--purge", action="store_true", help="also delete the state directory (data, certs, logs)"

@@ -351,6 +351,9 @@ class DevCluster:
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={pki.cert('front-proxy-client')}",
                 f"--proxy-client-key-file={pki.key('front-proxy-client')}",
+                # Webhooks and aggregated APIs served by local processes (Kueue) are reached
+                # through their Service's endpoints: there is no kube-proxy for cluster IPs.
+                "--enable-aggregator-routing=true",
             ]
         kubeconfig = conf / f"{name}.kubeconfig"
         if name == "kwok":
