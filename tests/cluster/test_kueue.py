@@ -136,5 +136,7 @@ def test_a_gpu_quota_admits_two_jobs_queues_the_third_and_admits_it_when_one_end
     Kueue(cluster).down()
     hooks = cluster.api("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations")
     assert not [h for h in hooks["items"] if h["metadata"]["name"].startswith("kueue-")]
+    services = cluster.api("/apis/apiregistration.k8s.io/v1/apiservices")["items"]
+    assert not [s for s in services if s["spec"].get("group") == "visibility.kueue.x-k8s.io"]
     cluster.api(JOBS, "POST", job("after", 1, None))
     wait_for("a Job created after Kueue stopped", lambda: running(cluster, "after"))
