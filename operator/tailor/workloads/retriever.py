@@ -201,6 +201,9 @@ class Retriever:
         self.paths = paths
         self.alias = config.alias
         self._store = store or open_store(config, paths, timeout_seconds=timeout_seconds)
+        self._tuned: dict[str, str | None] = {}
+        """Each version's tuned model folder (a version's metadata never changes after its
+        build), so a server is not asked again on every query."""
         self._embedder: Embedder | None = None
         self._bm25 = query_bm25(config.retrieval.language)
 
@@ -264,10 +267,13 @@ class Retriever:
         the version names one, else the knowledge base's embedding model."""
         if self.config.embedders is None:
             return self.embedder
-        try:
-            folder = collection.metadata().get("tailorEmbedder")
-        except Exception as exc:  # server unreachable and the like: as for a query
-            raise RetrieverUnavailable(f"cannot read the index's metadata: {exc}") from exc
+        if collection.name not in self._tuned:
+            try:
+                folder = collection.metadata().get("tailorEmbedder")
+            except Exception as exc:  # server unreachable and the like: as for a query
+                raise RetrieverUnavailable(f"cannot read the index's metadata: {exc}") from exc
+            self._tuned[collection.name] = folder
+        folder = self._tuned[collection.name]
         if not folder:
             return self.embedder
         try:
