@@ -191,6 +191,21 @@ def test_a_model_cache_claim_reaches_the_operator() -> None:
     assert "TAILOR_MODEL_CACHE_CLAIM" not in operator_env({})
 
 
+def test_kueue_default_queue_and_pod_annotations_reach_the_operator() -> None:
+    env = operator_env(
+        {
+            "kueue": {"defaultQueue": "team-gpus"},
+            "workloads": {"podAnnotations": {"sidecar.istio.io/inject": "false"}},
+        }
+    )
+    settings = OperatorSettings.from_env(env)
+    assert settings.default_queue_name == "team-gpus"
+    assert settings.pod_annotations == {"sidecar.istio.io/inject": "false"}
+    assert "TAILOR_DEFAULT_QUEUE_NAME" not in operator_env({})
+    with pytest.raises(AssertionError, match="defaultQueue"):
+        render({"kueue": {"defaultQueue": "Team_GPUs"}})
+
+
 def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
     objects = by_kind(render({"watchNamespaces": ["team-a", "team-b"]}))
     lease = "tailor-leader-election"  # the leader-election Role, in the release namespace
@@ -209,12 +224,18 @@ def test_namespaced_mode_needs_no_cluster_role_for_workloads() -> None:
             {"kind": "ServiceAccount", "name": "tailor", "namespace": "tailor-system"}
         ]
     (cluster_role,) = objects["ClusterRole"]
-    # Only the cluster-scoped reads kopf needs: which CRDs exist, which namespaces exist.
+    # Only the cluster-scoped reads kopf needs (which CRDs exist, which namespaces exist)
+    # and Kueue's cluster-scoped objects a queued run's status reads.
     assert cluster_role["rules"] == [
         {
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["list", "watch"],
+        },
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["clusterqueues", "workloadpriorityclasses"],
+            "verbs": ["get"],
         },
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     ]

@@ -47,6 +47,8 @@ class OperatorProcess:
         self.kube, self.log = kube, log
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
+        """More environment for the operator (settings: TAILOR_*)."""
 
     def start(self) -> None:
         env = {
@@ -55,6 +57,7 @@ class OperatorProcess:
             "TAILOR_IMAGE": "tailor-workloads:test",
             "TAILOR_GPU_IMAGE": "tailor-workloads:test-cuda",
             "TAILOR_PROGRESS_INTERVAL_SECONDS": "1",
+            **self.env,
         }
         argv = [sys.executable, "-m", "tailor.cli", "operator", "run"]
         argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(free_port())]
@@ -310,6 +313,20 @@ def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) 
     assert "Insufficient nvidia.com/gpu" in scheduled["message"]
     events = kube.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=eight-gpus")
     assert any("nvidia.com/gpu" in e["message"] for e in events["items"])
+
+
+def test_a_queue_on_a_cluster_without_kueue_is_refused_with_the_fix(kube: Kube, ns: str) -> None:
+    kube.apply(fine_tune("queued", 1, queueName="gpus"), "-n", ns)
+    ftj = wait_for("Pending", phase_is(kube, ns, "ftj", "queued", "Pending"))
+    ready = next(c for c in ftj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "KueueNotInstalled", ready
+    assert "spec.queueName" in ready["message"] and "install Kueue" in ready["message"]
+    # a WorkloadPriorityClass without a queue orders nothing: refused, naming the field
+    kube.apply(fine_tune("ranked", 1, priorityClassName="high"), "-n", ns)
+    ftj = wait_for("Failed", phase_is(kube, ns, "ftj", "ranked", "Failed"))
+    ready = next(c for c in ftj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "spec.priorityClassName" in ready["message"]
+    assert kube.get_json("jobs", "-n", ns)["items"] == []
 
 
 def test_suspend_then_resume(kube: Kube, ns: str) -> None:

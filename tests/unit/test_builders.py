@@ -104,6 +104,47 @@ def test_multi_node_training_is_an_indexed_job_with_a_headless_service() -> None
     assert "--master-addr=big-train-0.big-train" in command
 
 
+def test_a_queued_run_is_a_suspended_job_with_kueue_labels_and_the_default_queue_applies() -> None:
+    spec = spec_of("finetunejob", queueName="team-a", priorityClassName="urgent")
+    job = by_kind(build_training(spec, parent("FineTuneJob"), SETTINGS).manifests)["Job"]
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "urgent"
+
+    plain = by_kind(build_training(spec_of("finetunejob"), parent("FineTuneJob"), SETTINGS).manifests)["Job"]  # fmt: skip
+    assert plain["spec"]["suspend"] is False
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+    defaulted = SETTINGS.model_copy(update={"default_queue_name": "shared"})
+    job = by_kind(build_training(spec_of("finetunejob"), parent("FineTuneJob"), defaulted).manifests)["Job"]  # fmt: skip
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared"
+    assert job["spec"]["suspend"] is True
+    own = spec_of("finetunejob", queueName="team-a")
+    job = by_kind(build_training(own, parent("FineTuneJob"), defaulted).manifests)["Job"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_a_raft_job_queues_its_training_stage() -> None:
+    spec = spec_of("raftjob", queueName="team-a", priorityClassName="low")
+    child = build_child_fine_tune(spec, parent("RAFTJob"), SETTINGS)
+    assert child["spec"]["queueName"] == "team-a"
+    assert child["spec"]["priorityClassName"] == "low"
+
+
+def test_operator_pod_annotations_reach_every_workload_pod_from_the_environment() -> None:
+    from tailor.runtime.kubernetes import with_pod_annotations
+
+    settings = OperatorSettings.from_env(
+        {"TAILOR_POD_ANNOTATIONS": '{"sidecar.istio.io/inject": "false"}'}
+    )
+    job = by_kind(build_training(spec_of("finetunejob"), parent("FineTuneJob"), settings).manifests)["Job"]  # fmt: skip
+    annotated = with_pod_annotations(job, settings.pod_annotations)
+    assert annotated["spec"]["template"]["metadata"]["annotations"] == {
+        "sidecar.istio.io/inject": "false"
+    }
+    assert "annotations" not in job["spec"]["template"]["metadata"]  # the builder's is unchanged
+
+
 def test_one_node_with_several_gpus_runs_torchrun_standalone_in_the_cuda_image() -> None:
     spec = spec_of("finetunejob")
     spec.resources.gpus = 4

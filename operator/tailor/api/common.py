@@ -381,6 +381,55 @@ class Condition(TailorModel):
     )
 
 
+QueueName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of a Kueue LocalQueue in the run's namespace.",
+    ),
+]
+
+
+class Queueing(TailorModel):
+    """Joining a Kueue queue (kueue.x-k8s.io): the run's training Job is created suspended
+    with the queue's label, and Kueue starts it when the queue's ClusterQueue has quota."""
+
+    queue_name: QueueName | None = Field(
+        default=None,
+        description="Kueue LocalQueue the training Job joins (label kueue.x-k8s.io/queue-name); "
+        "Kueue admits it when its ClusterQueue has quota for all its pods, and may preempt "
+        "it for higher-priority work (it then resumes from its newest checkpoint). Unset: "
+        "the operator's default queue (Helm: kueue.defaultQueue), else no queue.",
+    )
+    priority_class_name: Name | None = Field(
+        default=None,
+        description="Kueue WorkloadPriorityClass of the run (label "
+        "kueue.x-k8s.io/priority-class): its order in the queue and which runs it may "
+        "preempt. Needs a queue. Not the pods' PriorityClass (resources.priorityClassName).",
+    )
+
+
+class QueueStatus(TailorModel):
+    """Where a queued run stands in Kueue."""
+
+    name: str | None = Field(default=None, description="The LocalQueue.")
+    cluster_queue: str | None = Field(default=None, description="Its ClusterQueue.")
+    workload: str | None = Field(default=None, description="Kueue's Workload of the run.")
+    position: int | None = Field(
+        default=None,
+        description="Place in the LocalQueue while waiting (1: next), from Kueue's visibility API.",
+    )
+    priority: int | None = Field(default=None, description="The Workload's priority.")
+    admitted: bool | None = Field(default=None, description="Kueue has admitted the run.")
+    admitted_at: str | None = Field(default=None, description="When it was last admitted.")
+    waiting_since: str | None = Field(
+        default=None, description="Since when it waits (unset while admitted)."
+    )
+    preemptions: int | None = Field(default=None, description="Times it was preempted.")
+
+
 class StatusBase(TailorModel):
     """Fields every Tailor status has."""
 

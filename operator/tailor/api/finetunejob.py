@@ -12,7 +12,16 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tailor.api.base import Rule, TailorModel
-from tailor.api.common import Artifact, DataSource, ModelSource, PvcPath, Resources, StatusBase
+from tailor.api.common import (
+    Artifact,
+    DataSource,
+    ModelSource,
+    PvcPath,
+    Queueing,
+    QueueStatus,
+    Resources,
+    StatusBase,
+)
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -202,7 +211,7 @@ class Output(RunOutput):
     )
 
 
-class FineTuneJobSpec(FineTuneRecipe):
+class FineTuneJobSpec(FineTuneRecipe, Queueing):
     """A fine-tuning run."""
 
     dataset: DatasetSpec = Field(description="Training and validation data.")
@@ -253,8 +262,16 @@ class Progress(TailorModel):
 class FineTuneJobStatus(StatusBase):
     """Observed state of a FineTuneJob."""
 
-    phase: Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None = (
-        Field(default=None, description="Pending, Queued, Running, Succeeded, Failed, Suspended.")
+    phase: (
+        Literal["Pending", "Queued", "Admitted", "Running", "Succeeded", "Failed", "Suspended"]
+        | None
+    ) = Field(
+        default=None,
+        description="Pending, Queued (waiting for quota in Kueue, or for a node), Admitted "
+        "(Kueue admitted it; pods starting), Running, Succeeded, Failed, Suspended.",
+    )
+    queue: QueueStatus | None = Field(
+        default=None, description="Where the run stands in its Kueue queue (with a queue)."
     )
     progress: Progress | None = Field(default=None, description="Progress of the run.")
     artifact: Artifact | None = Field(default=None, description="The published adapter/weights.")

@@ -16,6 +16,7 @@ from tailor.api.common import (
     Artifact,
     DataSource,
     LocalObjectRef,
+    Queueing,
     Resources,
     SecretKeyRef,
     StatusBase,
@@ -151,7 +152,7 @@ class Evaluation(TailorModel):
     )
 
 
-class RAFTJobSpec(TailorModel):
+class RAFTJobSpec(Queueing):
     """A retrieval-augmented fine-tuning run."""
 
     knowledge_base_ref: LocalObjectRef = Field(description="The KnowledgeBase to train on.")

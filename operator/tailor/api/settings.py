@@ -6,6 +6,7 @@ image serves every cluster: workload image, artifacts volume, runtime and ports.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Literal
 
@@ -92,6 +93,18 @@ class OperatorSettings(TailorModel):
         description="Every so often each unfinished resource is reconciled again even without "
         "an event (0: never).",
     )
+    default_queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kueue LocalQueue that FineTuneJobs and RAFTJobs without spec.queueName "
+        "join, looked up in each run's own namespace (Helm: kueue.defaultQueue).",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations on every workload pod, e.g. sidecar.istio.io/inject: "
+        '"false" (Helm: workloads.podAnnotations; TAILOR_POD_ANNOTATIONS as JSON).',
+    )
     local_state_dir: str = Field(
         default="", description="local runtime: where volumes, logs and processes live."
     )
@@ -128,5 +141,6 @@ class OperatorSettings(TailorModel):
         for name in cls.model_fields:
             key = f"TAILOR_{name.upper()}"
             if key in env:
-                values[name] = env[key]
+                text = env[key]
+                values[name] = json.loads(text) if name == "pod_annotations" else text
         return cls.model_validate(values)

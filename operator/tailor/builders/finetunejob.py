@@ -31,6 +31,21 @@ from tailor.builders.common import (
 RENDEZVOUS_PORT = 29500
 
 
+def queue_of(spec: FineTuneJobSpec, default: str | None) -> str | None:
+    """The Kueue LocalQueue a run joins: its own ``queueName``, else the operator's default."""
+    return spec.queue_name or default
+
+
+def queue_labels(queue: str | None, priority_class: str | None) -> dict[str, str]:
+    """The labels that put a Job in a Kueue queue (none without a queue)."""
+    if not queue:
+        return {}
+    labels = {"kueue.x-k8s.io/queue-name": queue}
+    if priority_class:
+        labels["kueue.x-k8s.io/priority-class"] = priority_class
+    return labels
+
+
 def output_dir(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> str:
     """Where the artifact is written inside the pod."""
     if spec.output.pvc:
@@ -81,6 +96,7 @@ def launcher(name: str, nodes: int, gpus: int) -> list[str] | None:
 def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> Workload:
     """The training workload of a FineTuneJob."""
     name = child_name(parent, "train")
+    queue = queue_of(spec, settings.default_queue_name)
     run = build_train_run(spec, parent, settings)
     mounts = (
         Mounts()
@@ -121,9 +137,11 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
         backoff_limit=spec.backoff_limit,
         active_deadline_seconds=spec.active_deadline_seconds,
         ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
-        suspend=spec.suspend,
+        # A queued Job starts suspended and only Kueue unsuspends it (on admission).
+        suspend=spec.suspend or queue is not None,
         completions=nodes,
     )
+    job["metadata"]["labels"].update(queue_labels(queue, spec.priority_class_name))
     manifests = [
         spec_config_map(parent, name, "trainer", run),
         *reporter_rbac(parent, name, "trainer", "finetunejobs"),
@@ -150,5 +168,5 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
         manifests=manifests,
         backoff_limit=spec.backoff_limit,
         active_deadline_seconds=spec.active_deadline_seconds,
-        suspend=spec.suspend,
+        suspend=spec.suspend or queue is not None,
     )

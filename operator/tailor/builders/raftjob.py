@@ -128,6 +128,8 @@ def build_child_fine_tune(
             format="chat",
         ),
         output=Output(store=spec.output.store),
+        queue_name=spec.queue_name,
+        priority_class_name=spec.priority_class_name,
     )
     return {
         "apiVersion": API_VERSION,

@@ -72,6 +72,41 @@ async def deployment_event(
     _route("Deployment", event, labels, namespace)
 
 
+@kopf.on.event("kueue.x-k8s.io", "v1beta2", "workloads")
+async def workload_event(event: dict[str, Any], namespace: str, **_: Any) -> None:
+    """Kueue's Workload of a Tailor Job changed (created, admitted, preempted, finished):
+    sync the run that owns the Job, and every other run of the namespace waiting in a
+    queue, whose position may have moved. Workloads of other Jobs are ignored. kopf starts
+    this watch only where Kueue's CRDs exist."""
+    body = event.get("object") or {}
+    op = operator()
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") != "Job":
+            continue
+        job = op.cache.get("Job", namespace, ref.get("name") or "")
+        if job is None:
+            continue
+        for owner_kind, name in owners_of(job["metadata"].get("labels") or {}):
+            op.enqueue(owner_kind, namespace, name)
+        if not _frees_or_takes_quota(event):
+            continue
+        for run in op.cache.of_kind("FineTuneJob", namespace):
+            if (run.get("status") or {}).get("phase") == "Queued":
+                op.enqueue("FineTuneJob", namespace, run["metadata"]["name"])
+
+
+def _frees_or_takes_quota(event: dict[str, Any]) -> bool:
+    """Whether a Workload event can move the other runs of its queue: it was admitted,
+    evicted, finished or deleted (a pending Workload's own updates move nobody)."""
+    if event.get("type") == "DELETED":
+        return True
+    conditions = ((event.get("object") or {}).get("status") or {}).get("conditions") or []
+    return any(
+        c.get("type") in ("Admitted", "Evicted", "Finished") and c.get("status") == "True"
+        for c in conditions
+    )
+
+
 def references(body: dict[str, Any]) -> set[tuple[str, str]]:
     """(kind, name) of every Tailor resource a ModelDeployment, RAFTJob or PromptProfile
     refers to."""

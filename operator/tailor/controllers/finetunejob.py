@@ -15,7 +15,8 @@ from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Parent, content_hash
-from tailor.builders.finetunejob import artifact_uri, build_training
+from tailor.builders.finetunejob import artifact_uri, build_training, queue_of
+from tailor.controllers import kueue
 from tailor.controllers.context import Operator, changed, condition, syncer
 from tailor.observability.operator import PHASES, RUN_SECONDS
 from tailor.runtime.base import RunState, require_report
@@ -55,41 +56,74 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         return
     parent = Parent.from_body(body)
     settings = op.settings.for_store(spec.output.store)
+    queue = queue_of(spec, settings.default_queue_name)
+    if spec.priority_class_name and not queue:
+        op.patch_status(
+            body,
+            invalid_status(
+                body,
+                ManifestError(
+                    [
+                        "spec.priorityClassName: a WorkloadPriorityClass orders runs in a "
+                        "Kueue queue; set spec.queueName (or the operator's kueue.defaultQueue) "
+                        "or remove spec.priorityClassName"
+                    ]
+                ),
+            ),
+        )
+        return
     workload = build_training(spec, parent, settings)
     # Read the Job only when one may exist; apply children only when something must change
     # (the Job is missing, or suspend was toggled): every Job and Pod event lands here.
     state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
+    job = op.cache.get("Job", parent.namespace, workload.name) if state is not None else None
+    # whether the Job that exists is queued (it keeps the queue it was created with)
+    job_queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(kueue.QUEUE_LABEL)
     spec_hash = content_hash({k: v for k, v in body["spec"].items() if k != "suspend"})
     job_spec_hash = status.get("jobSpecHash") if state is not None else spec_hash
-    if state is None or (
+    if state is None and queue:
+        problem = queue_problem(op, settings, spec, parent.namespace, queue)
+        if problem is None and spec.suspend:
+            problem = (
+                "Suspended",
+                f"suspended before joining LocalQueue {queue}: the training Job is created "
+                "(and queued) when spec.suspend is false",
+            )
+        if problem:
+            op.patch_status(body, not_started(body, problem))
+            return
+    if job is not None and job_queue and state is not None:
+        if state.phase not in ("Succeeded", "Failed"):
+            suspend_in_queue(op, job, spec.suspend)
+    elif state is None or (
         state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
     ):
         op.runtime.prepare_namespace(parent.namespace)
         problem = storage_problem(op, settings, spec, parent.namespace) if state is None else None
         if problem:
-            op.patch_status(
-                body,
-                {
-                    "phase": "Pending",
-                    "observedGeneration": meta.get("generation"),
-                    "conditions": condition(
-                        status.get("conditions"),
-                        "Ready",
-                        False,
-                        problem[0],
-                        problem[1],
-                        meta.get("generation"),
-                    ),
-                },
-            )
+            op.patch_status(body, not_started(body, problem))
             return
         op.runtime.start(workload)
         if state is not None:
             state = op.runtime.run_state(parent.namespace, workload.name)
     state = require_artifact(state)
-    phase = state.phase if state else "Pending"
+    phase: str = state.phase if state else "Pending"
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
+    queue_info: dict[str, Any] | None = None
+    if job is not None and job_queue and state is not None and phase not in ("Succeeded", "Failed"):
+        need = spec.resources.gpus * spec.resources.nodes
+        seen = kueue.view(
+            op.api_client, parent.namespace, job_queue, job, need, spec.resources.gpu_resource
+        )
+        queue_info = seen.queue
+        if seen.phase:  # waiting (or suspended) in the queue: Kueue says why
+            phase, reason, message = seen.phase, seen.reason, seen.message
+        elif phase in ("Pending", "Suspended"):  # admitted, pods not yet running
+            phase, reason, message = "Admitted", seen.reason, seen.message
+        if phase != "Running" and status.get("phase") == "Running" and seen.phase:
+            # back in the queue (preempted): the guard below must not call it Running
+            status = {**status, "phase": "Queued"}
     if (
         status.get("phase") == "Running"
         and phase in ("Pending", "Queued")
@@ -123,8 +157,8 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     conditions = condition(
         conditions,
         "Scheduled",
-        phase not in ("Queued", "Pending"),
-        "Unschedulable" if phase == "Queued" else reason,
+        phase not in ("Queued", "Pending", "Admitted"),
+        reason,
         message if phase == "Queued" else "",
         generation,
     )
@@ -145,12 +179,55 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     )
     new["conditions"] = conditions
     new["jobSpecHash"] = job_spec_hash or spec_hash
+    if queue_info is not None:
+        old_queue = status.get("queue") or {}
+        fresh = {k: v for k, v in queue_info.items() if v is not None}
+        if fresh != old_queue:  # merge patch: stale keys (a finished wait's position) go null
+            new["queue"] = {**{k: None for k in old_queue if k not in fresh}, **fresh}
+        kueue.record(KIND, old_queue, fresh)
     if phase in ("Succeeded", "Failed") and status.get("phase") not in ("Succeeded", "Failed"):
         if state and state.start_time and state.completion_time:
             RUN_SECONDS.labels(KIND, phase).observe(
                 _seconds(state.start_time, state.completion_time)
             )
     op.patch_status(body, without_first_attempt_news(status, new))
+
+
+def not_started(body: dict[str, Any], problem: tuple[str, str]) -> dict[str, Any]:
+    """Status of a run whose Job is not created: Pending with the (reason, message) of
+    what is missing, or Suspended (reason Suspended)."""
+    generation = body["metadata"].get("generation")
+    conditions = (body.get("status") or {}).get("conditions")
+    return {
+        "phase": "Suspended" if problem[0] == "Suspended" else "Pending",
+        "observedGeneration": generation,
+        "conditions": condition(conditions, "Ready", False, *problem, generation),
+    }
+
+
+def queue_problem(
+    op: Operator, settings: OperatorSettings, spec: FineTuneJobSpec, namespace: str, queue: str
+) -> tuple[str, str] | None:
+    """(reason, message) of why the run cannot join ``queue`` (Kueue missing, no such
+    LocalQueue or WorkloadPriorityClass), or None."""
+    if settings.runtime != "kubernetes":
+        return (
+            "KueueNotInstalled",
+            f"spec.queueName {queue!r} needs Kueue on a Kubernetes cluster; the local runtime "
+            "has no queues: remove spec.queueName",
+        )
+    return kueue.queue_problem(
+        op.api_client, namespace, queue, spec.priority_class_name, bool(spec.queue_name)
+    )
+
+
+def suspend_in_queue(op: Operator, job: dict[str, Any], suspend: bool) -> None:
+    """``spec.suspend`` of a queued run: Kueue owns the Job's ``suspend``, so the run is
+    paused by deactivating its Workload (Kueue evicts it and suspends the Job) and resumed
+    by activating it again (back in the queue)."""
+    workload = kueue.workload_of_job(op.api_client, job["metadata"]["namespace"], job["metadata"]["uid"])  # fmt: skip
+    if workload is not None and (workload.get("spec") or {}).get("active", True) == suspend:
+        kueue.set_active(op.api_client, workload, not suspend)
 
 
 def storage_problem(

@@ -159,17 +159,20 @@ def sync_raft_job(op: Operator, body: dict[str, Any]) -> None:
                     fineTuneJob=ftj_name,
                 ),
             )
-        elif status.get("stage") != "Training":
+        else:
+            # the child's queue state shows through: a RAFTJob whose training waits in
+            # Kueue says so (and why) instead of "training"
+            queued = ftj_status.get("phase") in ("Queued", "Suspended")
+            child: dict[str, Any] = next(
+                (c for c in ftj_status.get("conditions") or [] if c.get("type") == "Ready"), {}
+            )
+            reason = str(child.get("reason") or "Queued") if queued else "Training"
+            message = f"training in FineTuneJob {ftj_name}"
+            if queued:
+                message += f", {ftj_status['phase']}: {child.get('message') or ''}"
             op.patch_status(
                 body,
-                _status(
-                    body,
-                    "Running",
-                    "Training",
-                    "Training",
-                    f"training in FineTuneJob {ftj_name}",
-                    fineTuneJob=ftj_name,
-                ),
+                _status(body, "Running", "Training", reason, message, fineTuneJob=ftj_name),
             )
         return
     artifact = ftj_status.get("artifact")

@@ -134,10 +134,17 @@ class Kueue:
         return self._pid() is not None
 
     def gpu_queue(
-        self, cluster_queue: str, gpus: int, namespaces: list[str], local_queue: str = "gpus"
+        self,
+        cluster_queue: str,
+        gpus: int,
+        namespaces: list[str],
+        local_queue: str = "gpus",
+        preempt_lower_priority: bool = False,
     ) -> None:
         """A ResourceFlavor ``gpu``, ClusterQueue ``cluster_queue`` with ``gpus`` GPUs (and
-        ample CPU and memory), and a LocalQueue ``local_queue`` in each namespace."""
+        ample CPU and memory), and a LocalQueue ``local_queue`` in each namespace. With
+        ``preempt_lower_priority`` a waiting workload preempts lower-priority ones of the
+        ClusterQueue."""
         objects: list[dict[str, Any]] = [
             {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
              "metadata": {"name": "gpu"}},
@@ -147,6 +154,8 @@ class Kueue:
                 "metadata": {"name": cluster_queue},
                 "spec": {
                     "namespaceSelector": {},
+                    **({"preemption": {"withinClusterQueue": "LowerPriority"}}
+                       if preempt_lower_priority else {}),
                     "resourceGroups": [
                         {
                             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],

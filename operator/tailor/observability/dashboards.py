@@ -262,7 +262,8 @@ def operator_dashboard() -> Dashboard:
                 (
                     Panel(
                         "Queued now",
-                        "Runs waiting for nodes that can take them (Unschedulable), and for how long.",
+                        "Runs waiting for quota in a Kueue queue or for nodes that can take them "
+                        "(Unschedulable), and for how long.",
                         (
                             q(
                                 f"max by (kind, namespace, name) (tailor_operator_queued_for_seconds{ns})",
@@ -298,6 +299,49 @@ def operator_dashboard() -> Dashboard:
                             for level in (0.5, 0.95)
                         ),
                         unit="s",
+                        width=8,
+                    ),
+                ),
+            ),
+            Row(
+                "Kueue queues",
+                (
+                    Panel(
+                        "Wait before admission",
+                        "How long runs waited in each Kueue LocalQueue before Kueue admitted "
+                        "them (last hour; a preempted run counts again when readmitted).",
+                        tuple(
+                            q(
+                                f"histogram_quantile({level}, sum by (queue, le) "
+                                "(rate(tailor_queue_wait_seconds_bucket[1h])))",
+                                f"p{round(level * 100)} {{{{queue}}}}",
+                            )
+                            for level in (0.5, 0.95)
+                        ),
+                        unit="s",
+                        width=8,
+                    ),
+                    Panel(
+                        "Admissions",
+                        "Runs Kueue admitted per hour, by LocalQueue.",
+                        (
+                            q(
+                                "sum by (queue) (increase(tailor_queue_admissions_total[1h]))",
+                                "{{queue}}",
+                            ),
+                        ),
+                        width=8,
+                    ),
+                    Panel(
+                        "Preemptions",
+                        "Runs Kueue preempted for higher-priority work per hour, by "
+                        "LocalQueue (each resumes from its checkpoint when readmitted).",
+                        (
+                            q(
+                                "sum by (queue) (increase(tailor_queue_preemptions_total[1h]))",
+                                "{{queue}}",
+                            ),
+                        ),
                         width=8,
                     ),
                 ),

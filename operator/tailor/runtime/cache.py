@@ -111,6 +111,11 @@ class WatchCache:
             return self.get(kind, namespace, name)
         return None
 
+    def of_kind(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        """Every cached ``kind`` in ``namespace``."""
+        with self._lock:
+            return [v for (k, ns, _), v in self._objects.items() if k == kind and ns == namespace]
+
     def pods_of_job(self, namespace: str, job: str) -> list[dict[str, Any]]:
         with self._lock:
             names = sorted(self._pods_by_job.get((namespace, job), ()))

@@ -8,6 +8,7 @@ Job therefore only updates what Kubernetes lets change (``suspend``).
 
 from __future__ import annotations
 
+import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -138,6 +139,8 @@ class KubernetesRuntime:
         elif needed:
             self.apply(needed[0])
         for manifest in workload.manifests:
+            if manifest["kind"] in WORKLOAD_KINDS:
+                manifest = with_pod_annotations(manifest, self.settings.pod_annotations)
             if manifest["kind"] == "Job":
                 self._apply_job(manifest)
             elif manifest["kind"] in WORKLOAD_KINDS:
@@ -220,3 +223,14 @@ class KubernetesRuntime:
 
     def stop(self, namespace: str, name: str) -> None:
         self.delete("batch/v1", "Job", namespace, name)
+
+
+def with_pod_annotations(manifest: Manifest, annotations: dict[str, str]) -> Manifest:
+    """A Job or Deployment whose pod template also carries the operator's
+    ``podAnnotations`` (Helm: workloads.podAnnotations); the builder's own win."""
+    if not annotations or "template" not in manifest.get("spec", {}):
+        return manifest
+    out = copy.deepcopy(manifest)
+    meta = out["spec"]["template"].setdefault("metadata", {})
+    meta["annotations"] = {**annotations, **(meta.get("annotations") or {})}
+    return out
