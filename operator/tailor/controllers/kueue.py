@@ -14,6 +14,7 @@ preempted.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,21 @@ def quota(api_client: Any, namespace: str, queue: str, resource: str) -> Quota |
     return Quota(name, nominal, reserved)
 
 
+def in_use(kueue_says: str, resource: str, need: float, limits: Quota) -> float:
+    """How much of ``resource`` the ClusterQueue has given out, as Kueue's scheduler saw it
+    when it last tried the run ("insufficient unused quota for R in flavor F, N more
+    needed": free = need - N); the ClusterQueue's own status lags behind by seconds, so
+    it only fills in when the message does not say."""
+    found = re.search(
+        rf"insufficient unused quota for {re.escape(resource)} in flavor \S+, (\S+) more needed",
+        kueue_says,
+    )
+    if found and limits.nominal is not None:
+        free = need - _number(found.group(1))
+        return max(0.0, limits.nominal - free)
+    return limits.reserved
+
+
 def _number(quantity: Any) -> float:
     text = str(quantity or "0")
     units = {"m": 1e-3, "k": 1e3, "Ki": 1024.0, "Mi": 1024.0**2, "Gi": 1024.0**3}
@@ -230,7 +246,8 @@ def view(
     numbers = ""
     if limits and limits.nominal is not None:
         numbers = (
-            f": needs {need:g} {resource}, quota {limits.nominal:g}, in use {limits.reserved:g}"
+            f": needs {need:g} {resource}, quota {limits.nominal:g}, "
+            f"in use {in_use(kueue_says, resource, need, limits):g}"
         )
     if "> maximum capacity" in kueue_says:
         return QueueView(
