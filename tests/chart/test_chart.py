@@ -582,6 +582,32 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
     assert can("update", "leases.coordination.k8s.io/other", "-n", chart_namespace) == "no"
     assert can("get", lease, "-n", "default") == "no"
 
+    # Kueue (not installed here: a SubjectAccessReview needs no discovery, kubectl can-i
+    # does): read queues and priorities, watch and (de)activate Workloads, read positions
+    def allowed(verb: str, group: str, resource: str, sub: str = "", ns: str = "") -> bool:
+        attributes = {"verb": verb, "group": group, "resource": resource}
+        attributes |= {"subresource": sub} if sub else {}
+        attributes |= {"namespace": ns} if ns else {}
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {"user": sa_user, "groups": ["system:serviceaccounts"],
+                     "resourceAttributes": attributes},
+        }  # fmt: skip
+        out = kube.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review))
+        return bool(json.loads(out.stdout)["status"].get("allowed"))
+
+    kueue = "kueue.x-k8s.io"
+    assert allowed("patch", kueue, "workloads", ns="default")
+    assert allowed("watch", kueue, "workloads", ns="default")
+    assert allowed("get", kueue, "localqueues", ns="default")
+    assert allowed("get", kueue, "clusterqueues") and allowed(
+        "get", kueue, "workloadpriorityclasses"
+    )
+    assert allowed("get", f"visibility.{kueue}", "localqueues", "pendingworkloads", "default")
+    assert not allowed("patch", kueue, "clusterqueues")
+    assert not allowed("create", kueue, "localqueues", ns="default")
+
     helm("uninstall", release, "--namespace", chart_namespace, "--wait", kube=kube)
     for kind, name, namespaced in (
         ("deployment", fullname, True),
