@@ -271,6 +271,19 @@ def builder_manifests(settings: OperatorSettings) -> list[dict[str, Any]]:
         build_eval_deployment(raft, parent("RAFTJob")),
         artifacts_pvc(settings, "ns"),
     ]
+    # engine vllm: the gateway and a vLLM sidecar (tensor parallel, adapters, nf4, a Hub
+    # token by Secret reference)
+    vllm = example(
+        "modeldeployment",
+        engine="vllm",
+        baseModel={"huggingface": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   "tokenSecretRef": {"name": "hf", "key": "token"}}},
+        resources={"gpus": 2},
+        quantization="nf4",
+    )  # fmt: skip
+    vllm_parent = Parent(kind="ModelDeployment", name="v", namespace="ns", uid="uid-2")
+    refs = ResolvedRefs(adapters=[("pirate", "pvc://tailor-artifacts/finetunejob/p/u/model")])
+    manifests += build_serving(vllm, vllm_parent, settings, refs).manifests
     return manifests
 
 
@@ -350,7 +363,7 @@ def test_every_toggle_renders_monitoring_dashboards_and_qdrant() -> None:
         for m in objects["PodMonitor"]
     }
     assert sorted(pod_monitors) == ["indexer", "server", "trainer"]
-    for component, port in (("trainer", "metrics"), ("indexer", "metrics"), ("server", "http")):
+    for component, port in (("trainer", "metrics"), ("indexer", "metrics"), ("server", "metrics")):
         monitor = pod_monitors[component]
         assert (
             monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "tailor"

@@ -265,6 +265,55 @@ def test_serving_rolls_when_any_reference_changes() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
+    spec = spec_of(
+        "modeldeployment",
+        engine="vllm",
+        baseModel={"huggingface": {"repo": "org/model", "revision": "abc",
+                                   "tokenSecretRef": {"name": "hf", "key": "token"}}},
+        resources={"gpus": 4, "cpu": "16", "memory": "64Gi"},
+        quantization="nf4",
+        maxContextTokens=8192,
+    )  # fmt: skip
+    refs = ResolvedRefs(adapters=[("torchhub", "pvc://tailor-artifacts/finetunejob/t/u/model")])
+    workload = build_serving(spec, parent("ModelDeployment", "chat"), SETTINGS, refs)
+    kinds = by_kind(workload.manifests)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    gateway, vllm = pod["containers"]
+    assert vllm["image"].startswith("docker.io/vllm/vllm-openai:v")
+    args = vllm["args"]
+    assert args[:2] == ["serve", "org/model"] and args[args.index("--revision") + 1] == "abc"
+    for flag, value in (("--tensor-parallel-size", "4"), ("--quantization", "bitsandbytes"),
+                        ("--max-model-len", "8192"), ("--host", "127.0.0.1"),
+                        ("--served-model-name", "chat"), ("--max-loras", "1")):  # fmt: skip
+        assert args[args.index(flag) + 1] == value, flag
+    assert "--enable-prefix-caching" in args and "--enable-lora" in args
+    # the GPUs are vLLM's; the gateway only tokenizes, retrieves and proxies
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "nvidia.com/gpu" not in gateway["resources"]["limits"]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    assert vllm["securityContext"]["readOnlyRootFilesystem"] is True
+    assert vllm["startupProbe"]["httpGet"]["path"] == "/health"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in vllm["volumeMounts"]
+    run = json.loads(kinds["ConfigMap"]["data"]["spec.json"])
+    assert run["upstream"] == {"url": "http://127.0.0.1:8001", "model": "chat",
+                               "startupSeconds": 1800.0, "timeoutSeconds": 600.0,
+                               "loadAdapters": True}  # fmt: skip
+    assert run["metricsPort"] == 9090  # /metrics on its own port, with vLLM's re-exported
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports == {"http": 8000, "metrics": 9090}
+    # int8 is fp8 in vLLM; auto picks vLLM only for GPUs and a model vLLM can load
+    int8 = spec.model_copy(update={"quantization": "int8"})
+    vllm_args = by_kind(build_serving(int8, parent("ModelDeployment"), SETTINGS, ResolvedRefs()).manifests)["Deployment"]["spec"]["template"]["spec"]["containers"][1]["args"]  # fmt: skip
+    assert vllm_args[vllm_args.index("--quantization") + 1] == "fp8"
+    assert spec.model_copy(update={"engine": "auto"}).resolved_engine() == "vllm"
+    assert spec_of("modeldeployment").resolved_engine() == "builtin"  # builtin model, CPU
+    builtin = build_serving(spec_of("modeldeployment"), parent("ModelDeployment"), SETTINGS, ResolvedRefs())  # fmt: skip
+    assert len(by_kind(builtin.manifests)["Deployment"]["spec"]["template"]["spec"]["containers"]) == 1  # fmt: skip
+
+
 def test_uri_to_path_for_foreign_volumes() -> None:
     assert uri_to_path("pvc://models/adapters/x", SETTINGS) == (
         "/mnt/pvc/models/adapters/x",

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -27,10 +30,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
-from tailor.api.workloads import RetrieverConfig, ServeRun
+from tailor.api.workloads import RetrieverConfig, ServeRun, UpstreamEngineConfig
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.engine import Engine, SamplingParams, load_engine
 from tailor.workloads.serve import create_app
+from tailor.workloads.upstream import UpstreamEngine
 from tests.workloads.helpers import ThreadServer
 
 pytestmark = pytest.mark.workloads
@@ -124,14 +128,91 @@ def engine(run: ServeRun) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def metrics(engine: Engine) -> ServingMetrics:
-    assert engine.metrics is not None
+def upstream(workdir: Path, adapter_dirs: dict[str, Path]) -> Iterator[str]:
+    """Tailor's builtin engine as its own OpenAI server process (cache off: an engine),
+    the HTTP upstream of the gateway in the "upstream" mode."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine_run = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    engine_run.host, engine_run.port = "127.0.0.1", port
+    spec = workdir / "upstream-spec.json"
+    spec.write_text(engine_run.model_dump_json(by_alias=True))
+    log = (workdir / "upstream.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tailor.workloads.serve", "--spec", str(spec)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (workdir / "upstream.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the upstream engine server did not become ready"
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module", params=["builtin", "upstream"])
+def gateway_engine(request: pytest.FixtureRequest, engine: Engine) -> Engine:
+    """What the gateway generates with: the engine in-process, or the same engine behind
+    HTTP (:class:`UpstreamEngine`, as vLLM is used). Every test through the gateway runs
+    with both, unchanged."""
+    if request.param == "builtin":
+        return engine
+    config = UpstreamEngineConfig(url=request.getfixturevalue("upstream"), model=SERVED)
+    upstream_engine = UpstreamEngine(
+        config, engine.tokenizer, list(PERSONAS), engine.context_window, ServingMetrics(SERVED)
+    )
+    return cast(Engine, upstream_engine)
+
+
+@pytest.fixture(scope="module")
+def metrics(gateway_engine: Engine) -> ServingMetrics:
+    """The gateway's metrics (requests, cache, in flight, feedback)."""
+    assert gateway_engine.metrics is not None
+    return gateway_engine.metrics
+
+
+class RemoteMetrics:
+    """``ServingMetrics.value`` over another process's /metrics."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def value(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
+
+
+@pytest.fixture(scope="module")
+def engine_metrics(gateway_engine: Engine, engine: Engine) -> Any:
+    """The token engine's metrics (batches, generated tokens): in-process, or the upstream
+    server's."""
+    if isinstance(gateway_engine, UpstreamEngine):
+        return RemoteMetrics(gateway_engine.url)
     return engine.metrics
 
 
 @pytest.fixture(scope="module")
-def base_url(run: ServeRun, engine: Engine) -> Iterator[str]:
-    with ThreadServer(create_app(run, engine=engine)) as server:
+def base_url(run: ServeRun, gateway_engine: Engine) -> Iterator[str]:
+    with ThreadServer(create_app(run, engine=gateway_engine)) as server:
         yield server.url
 
 
@@ -232,7 +313,9 @@ def test_streaming_sse_then_cache_hit(base_url: str, metrics: ServingMetrics) ->
     assert metrics.value("tailor_serve_cache_hits_total", model=SERVED) == hits + 1
 
 
-def test_client_disconnect_stops_generation(base_url: str, metrics: ServingMetrics) -> None:
+def test_client_disconnect_stops_generation(
+    base_url: str, metrics: ServingMetrics, engine_metrics: Any
+) -> None:
     body = {
         "model": SERVED,
         "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
@@ -240,7 +323,7 @@ def test_client_disconnect_stops_generation(base_url: str, metrics: ServingMetri
         "temperature": 0.8,
         "stream": True,
     }
-    tokens_before = metrics.value("tailor_serve_engine_generated_tokens_total")
+    tokens_before = engine_metrics.value("tailor_serve_engine_generated_tokens_total")
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         next(lines), next(lines)  # generating: leave after the first tokens
@@ -249,9 +332,9 @@ def test_client_disconnect_stops_generation(base_url: str, metrics: ServingMetri
         assert time.monotonic() < deadline, "the request was not cancelled"
         time.sleep(0.1)
     settled = -1.0
-    while settled != metrics.value("tailor_serve_engine_generated_tokens_total"):
+    while settled != engine_metrics.value("tailor_serve_engine_generated_tokens_total"):
         assert time.monotonic() < deadline, "generation did not stop"
-        settled = metrics.value("tailor_serve_engine_generated_tokens_total")
+        settled = engine_metrics.value("tailor_serve_engine_generated_tokens_total")
         time.sleep(0.5)  # the engine drops a cancelled row at its next step
     assert settled - tokens_before < 100
 
@@ -315,10 +398,12 @@ def test_engine_batches_like_transformers_generate(engine: Engine) -> None:
             assert got == expected
 
 
-def test_sixteen_concurrent_clients(base_url: str, metrics: ServingMetrics) -> None:
+def test_sixteen_concurrent_clients(
+    base_url: str, metrics: ServingMetrics, engine_metrics: Any
+) -> None:
     names = ["base", "pirate", "robot"]
-    batches_before = metrics.value("tailor_serve_batch_size_count")
-    single_before = metrics.value("tailor_serve_batch_size_bucket", le="1.0")
+    batches_before = engine_metrics.value("tailor_serve_batch_size_count")
+    single_before = engine_metrics.value("tailor_serve_batch_size_bucket", le="1.0")
 
     async def one(http: httpx.AsyncClient, i: int) -> tuple[str, httpx.Response]:
         name = names[i % 3]
@@ -340,8 +425,8 @@ def test_sixteen_concurrent_clients(base_url: str, metrics: ServingMetrics) -> N
         markers = [marker for persona, (_, marker) in PERSONAS.items() if persona == name]
         found = [marker for _, marker in PERSONAS.values() if marker in answer(response)]
         assert found == markers, (name, answer(response))
-    batches = metrics.value("tailor_serve_batch_size_count") - batches_before
-    single = metrics.value("tailor_serve_batch_size_bucket", le="1.0") - single_before
+    batches = engine_metrics.value("tailor_serve_batch_size_count") - batches_before
+    single = engine_metrics.value("tailor_serve_batch_size_bucket", le="1.0") - single_before
     assert single < batches, "concurrent requests must share forward passes"
     assert metrics.value("tailor_serve_inflight_requests") == 0
 
@@ -423,6 +508,22 @@ def test_error_cases(base_url: str, client: openai.OpenAI) -> None:
         client.completions.create(model="gpt-4", prompt="hi")
 
 
+def test_an_upstream_engine_that_is_down_is_a_503_naming_it(run: ServeRun, engine: Engine) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    down = UpstreamEngine(
+        UpstreamEngineConfig(url=url, model=SERVED), engine.tokenizer, list(PERSONAS), 8192
+    )
+    with TestClient(create_app(run, engine=cast(Engine, down))) as http:
+        for stream in (False, True):
+            body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "stream": stream}  # fmt: skip
+            response = http.post("/v1/chat/completions", json=body)
+            error = error_of(response, 503)
+            assert error["code"] == "engine_unavailable"
+            assert url in error["message"] and "not reachable" in error["message"]
+
+
 def test_auth(workdir: Path, adapter_dirs: dict[str, Path], engine: Engine) -> None:
     auth = {"apiKeySecretRef": {"name": "serve-auth", "key": "key"}}
     secured = make_run(workdir, adapter_dirs, auth=auth)
@@ -437,6 +538,43 @@ def test_auth(workdir: Path, adapter_dirs: dict[str, Path], engine: Engine) -> N
         assert http.post("/v1/chat/completions", json=body, headers=good).status_code == 200
         assert http.get("/healthz").status_code == 200  # probes need no key
         assert http.get("/metrics").status_code == 200
+        # the Secret is rotated (the kubelet swaps the mounted file): the new key works at
+        # once, the old one no more, without a restart
+        key_file = workdir / "secrets" / "serve-auth" / "key"
+        rotated = key_file.with_name("key.new")
+        rotated.write_text("sk-rotated-9876543210\n")
+        rotated.replace(key_file)
+        try:
+            new = {"Authorization": "Bearer sk-rotated-9876543210"}
+            assert http.post("/v1/chat/completions", json=body, headers=good).status_code == 401
+            assert http.post("/v1/chat/completions", json=body, headers=new).status_code == 200
+        finally:
+            key_file.write_text(API_KEY + "\n")
+
+
+def test_metrics_have_their_own_port_and_errors_keep_their_details_in_the_log(
+    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    apart = make_run(workdir, adapter_dirs)
+    apart.metrics_port = 9999  # as in a pod: main() serves the registry there
+    with TestClient(create_app(apart, engine=engine)) as http:
+        assert http.get("/metrics").status_code == 404
+
+    class Broken:
+        """An engine failing with a detail no client should see."""
+
+        metrics = engine.metrics
+        context_window = 8192
+
+        def encode_chat(self, messages: Any) -> list[int]:
+            raise RuntimeError("cannot open /var/secret/token-abc123")
+
+    with TestClient(create_app(make_run(workdir, adapter_dirs), engine=cast(Engine, Broken())),
+                    raise_server_exceptions=False) as http:  # fmt: skip
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}]}
+        error = error_of(http.post("/v1/chat/completions", json=body), 500)
+    assert "token-abc123" not in error["message"] and "incident" in error["message"]
+    assert "token-abc123" in caplog.text  # the operator of the server still sees it
 
 
 def test_readiness_waits_for_the_model(run: ServeRun, engine: Engine) -> None:
@@ -478,7 +616,7 @@ def test_load_failure_is_reported(run: ServeRun) -> None:
 
 # ------------------------------------------------------------------ PromptProfile
 def test_prompt_profile_applied_and_reloaded(
-    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
 ) -> None:
     path = workdir / "profile" / "profile.json"
     path.parent.mkdir(exist_ok=True)
@@ -493,7 +631,7 @@ def test_prompt_profile_applied_and_reloaded(
     profiled = make_run(workdir, adapter_dirs, cache={"enabled": False})
     profiled.prompt_profile_file = str(path)
     body = {"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
-    with TestClient(create_app(profiled, engine=engine)) as http:
+    with TestClient(create_app(profiled, engine=gateway_engine)) as http:
         first = ok(http.post("/v1/chat/completions", json=body))
         assert first["usage"]["completion_tokens"] <= 3  # the profile's default maxTokens
 
@@ -537,7 +675,7 @@ def test_every_answer_under_a_response_format_validates(
     client: openai.OpenAI,
     workdir: Path,
     adapter_dirs: dict[str, Path],
-    engine: Engine,
+    gateway_engine: Engine,
 ) -> None:
     """OpenAI's response_format per request (the SDK's own form), and a profile's
     responseFormat by default; an unenforceable schema is a 400 naming the field."""
@@ -574,7 +712,7 @@ def test_every_answer_under_a_response_format_validates(
     path.write_text(json.dumps(render_profile_data(spec)))
     profiled = make_run(workdir, adapter_dirs, cache={"enabled": False})
     profiled.prompt_profile_file = str(path)
-    with TestClient(create_app(profiled, engine=engine)) as http:
+    with TestClient(create_app(profiled, engine=gateway_engine)) as http:
         body = {"model": SERVED, "messages": [{"role": "user", "content": "A person?"}],
                 "max_tokens": 96, "temperature": 0}  # fmt: skip
         jsonschema.validate(
@@ -587,7 +725,7 @@ def test_every_answer_under_a_response_format_validates(
 
 
 def test_few_shot_examples_are_chosen_per_question_by_the_server(
-    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
 ) -> None:
     """fewShotSelection through the real server: the question's own pool example is sent
     (an example far longer than the others shows in prompt_tokens)."""
@@ -613,17 +751,17 @@ def test_few_shot_examples_are_chosen_per_question_by_the_server(
         usage: dict[str, int] = ok(http.post("/v1/chat/completions", json=body))["usage"]
         return usage["prompt_tokens"]
 
-    with TestClient(create_app(profiled, engine=engine)) as http:
+    with TestClient(create_app(profiled, engine=gateway_engine)) as http:
         speech = prompt_tokens("Make a transcript of the audio of this podcast episode.")
         photo = prompt_tokens("What animal is in this picture of a pet?")
     assert speech > photo + 100  # the transcription example (120 words) went with speech
 
 
 def test_context_window_from_the_spec(
-    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
 ) -> None:
     small = make_run(workdir, adapter_dirs, maxContextTokens=128)
-    with TestClient(create_app(small, engine=engine)) as http:
+    with TestClient(create_app(small, engine=gateway_engine)) as http:
         body = {"model": SERVED, "messages": [{"role": "user", "content": "word " * 150}]}
         error = http.post("/v1/chat/completions", json=body).json()["error"]
         assert error["code"] == "context_length_exceeded" and "128" in error["message"]
@@ -678,7 +816,10 @@ def knowledge_base(workdir: Path, apibench: Path) -> dict[str, Any]:
 
 
 def test_rag_puts_the_gold_document_in_context(
-    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine, knowledge_base: dict[str, Any]
+    workdir: Path,
+    adapter_dirs: dict[str, Path],
+    gateway_engine: Engine,
+    knowledge_base: dict[str, Any],
 ) -> None:
     rag = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench", "topK": 3})
     rag.knowledge_base = RetrieverConfig.model_validate(knowledge_base)
@@ -688,7 +829,7 @@ def test_rag_puts_the_gold_document_in_context(
         "max_tokens": 4,
         "temperature": 0,
     }
-    with TestClient(create_app(rag, engine=engine)) as http:
+    with TestClient(create_app(rag, engine=gateway_engine)) as http:
         with_context = ok(http.post("/v1/chat/completions", json=body))
         without = ok(
             http.post("/v1/chat/completions", json={**body, "tailor": {"retrieval": False}})
@@ -699,14 +840,14 @@ def test_rag_puts_the_gold_document_in_context(
     assert RAG_GOLD in [source["title"] for source in extension["sources"]]
     gold = next(s for s in extension["sources"] if s["title"] == RAG_GOLD)
     assert gold["metadata"]["api_call"].startswith("torch.hub.load")
-    context_tokens = len(engine.tokenizer(gold["text"]).input_ids)
+    context_tokens = len(gateway_engine.tokenizer(gold["text"]).input_ids)
     added = with_context["usage"]["prompt_tokens"] - without["usage"]["prompt_tokens"]
     assert added > context_tokens  # the gold document (and the others) went into the prompt
     assert "sources" not in without["tailor"]
 
 
 def test_rag_answers_without_context_when_the_store_is_down(
-    workdir: Path, adapter_dirs: dict[str, Path], engine: Engine, metrics: ServingMetrics
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine, metrics: ServingMetrics
 ) -> None:
     down = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench"})
     unreachable = {"alias": "apibench", "qdrant": {"url": "http://127.0.0.1:9"}}
@@ -718,7 +859,7 @@ def test_rag_answers_without_context_when_the_store_is_down(
         "max_tokens": 3,
         "temperature": 0,
     }
-    with TestClient(create_app(down, engine=engine)) as http:
+    with TestClient(create_app(down, engine=gateway_engine)) as http:
         response = ok(http.post("/v1/chat/completions", json=body))
     assert response["tailor"] == {"sources": [], "retrieval": "unavailable", "cached": False}
     assert response["choices"][0]["message"]["content"]

@@ -29,6 +29,7 @@ from tailor.workloads.common import WorkloadError
 from tailor.workloads.engine import (
     Chunk,
     Engine,
+    GenerationRequest,
     QueueFull,
     SamplingParams,
     load_model,
@@ -120,6 +121,37 @@ def test_mixed_adapter_batch_and_exact_lengths(engine: Engine) -> None:
     assert len(set(texts.values())) == 3  # each adapter (and the base) differs
     with pytest.raises(KeyError):
         engine.submit(prompt, "missing", SamplingParams(), lambda chunk: None)
+
+
+def test_a_poisoned_request_fails_alone_and_the_batch_keeps_going(engine: Engine) -> None:
+    """A request that breaks the forward pass in a prefill it shares with others (a token
+    id beyond the embedding table: one ``submit`` refuses, put in the queue directly here,
+    as a fault nothing checks would be) fails by itself; the requests admitted with it and
+    the one already running all finish."""
+    prompt = engine.encode_chat([{"role": "user", "content": "hi"}])
+    running: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+    engine.submit(prompt, "a", SamplingParams(max_tokens=40), running.put)
+    assert running.get(timeout=60).finish_reason is None  # decoding in the batch
+    outputs: list[queue.SimpleQueue[Chunk]] = [queue.SimpleQueue() for _ in range(3)]
+    poisoned = [*prompt[:-1], engine.vocab_size + 7]
+    with engine._cv:  # admitted together: one prefill of the three
+        for out, ids in zip(outputs, (prompt, poisoned, prompt), strict=True):
+            engine._waiting.append(GenerationRequest(ids, None, SamplingParams(max_tokens=4), out.put))  # fmt: skip
+        engine._cv.notify()
+
+    def last(chunks: queue.SimpleQueue[Chunk]) -> Chunk:
+        while (chunk := chunks.get(timeout=60)).finish_reason is None:
+            pass
+        return chunk
+
+    good, bad, other = (last(out) for out in outputs)
+    assert (bad.finish_reason, bad.error) == ("error", "generation failed")
+    assert good.finish_reason == other.finish_reason == "length"
+    assert good.completion_tokens == other.completion_tokens == 4
+    assert last(running).finish_reason == "length"
+    # and the engine refuses such a prompt up front (the gateway answers 400)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit(poisoned, None, SamplingParams(), lambda chunk: None)
 
 
 def test_stop_sequence_is_cut_and_never_streamed(engine: Engine) -> None:

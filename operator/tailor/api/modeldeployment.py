@@ -119,9 +119,20 @@ class ModelDeploymentSpec(TailorModel):
     knowledge_base_ref: KnowledgeBaseBinding | None = Field(
         default=None, description="Retrieval over a KnowledgeBase."
     )
+    engine: Literal["auto", "builtin", "vllm"] = Field(
+        default="auto",
+        description="What generates tokens behind Tailor's gateway (prompts, RAG, cache, "
+        "auth and metrics are the gateway's with either): builtin, Tailor's engine in the "
+        "server process (transformers + PEFT; CPU or one GPU); vllm, a vLLM OpenAI server "
+        "beside it in the pod (GPUs only; tensor parallel over resources.gpus, LoRA "
+        "adapters, prefix caching; base model from huggingface or pvc); auto, vllm when "
+        "resources.gpus > 0 and the base model is not builtin, else builtin.",
+    )
     quantization: Literal["none", "int8", "nf4"] = Field(
         default="none",
-        description="none; int8 (CPU: dynamic int8, GPU: bitsandbytes 8-bit); nf4 (GPU only).",
+        description="none; int8 (builtin engine: CPU dynamic int8, GPU bitsandbytes 8-bit; "
+        "vllm: fp8 weights); nf4 (GPU only; builtin: bitsandbytes NF4; vllm: bitsandbytes "
+        "4-bit, NF4).",
     )
     max_context_tokens: int | None = Field(
         default=None, ge=128, le=1048576, description="Context window (default: the model's)."
@@ -151,7 +162,26 @@ class ModelDeploymentSpec(TailorModel):
             field="quantization",
             check=lambda m: m.quantization != "nf4" or m.resources.gpus > 0,
         ),
+        Rule(
+            cel="self.engine != 'vllm' || (has(self.resources) && self.resources.gpus > 0)",
+            message="engine vllm runs on GPUs: set resources.gpus >= 1, or use engine builtin",
+            field="engine",
+            check=lambda m: m.engine != "vllm" or m.resources.gpus > 0,
+        ),
+        Rule(
+            cel="self.engine != 'vllm' || !has(self.baseModel.builtin)",
+            message="engine vllm loads huggingface or pvc models; a builtin model is served "
+            "by engine builtin",
+            field="engine",
+            check=lambda m: m.engine != "vllm" or m.base_model.builtin is None,
+        ),
     )
+
+    def resolved_engine(self) -> Literal["builtin", "vllm"]:
+        """The engine ``auto`` stands for here."""
+        if self.engine != "auto":
+            return self.engine
+        return "vllm" if self.resources.gpus > 0 and self.base_model.builtin is None else "builtin"
 
 
 class ModelDeploymentStatus(StatusBase):

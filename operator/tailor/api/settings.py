@@ -93,6 +93,11 @@ class OperatorSettings(TailorModel):
         description="Every so often each unfinished resource is reconciled again even without "
         "an event (0: never).",
     )
+    vllm_image: str = Field(
+        default="docker.io/vllm/vllm-openai:v0.11.0",
+        description="Image of the vLLM server of ModelDeployments with engine vllm "
+        "(Helm: workloads.vllm.image).",
+    )
     default_queue_name: str | None = Field(
         default=None,
         max_length=63,

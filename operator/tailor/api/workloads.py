@@ -159,6 +159,23 @@ class ServedAdapter(TailorModel):
     )
 
 
+class UpstreamEngineConfig(TailorModel):
+    """An OpenAI-compatible token engine the gateway forwards generation to (vLLM in the
+    same pod)."""
+
+    url: str = Field(description="Base URL without /v1, e.g. http://127.0.0.1:8001.")
+    model: str = Field(description="The upstream's name of the base model.")
+    startup_seconds: float = Field(
+        default=1800, description="How long the gateway waits for the upstream to serve."
+    )
+    timeout_seconds: float = Field(default=600, description="Longest wait for the next token.")
+    load_adapters: bool = Field(
+        default=False,
+        description="Load the run's adapters into the upstream through its runtime adapter "
+        "API (vLLM's /v1/load_lora_adapter) once it serves; else it serves them itself.",
+    )
+
+
 class ServeRun(RunBase):
     """The spec file of ``tailor.workloads.serve``."""
 
@@ -167,6 +184,11 @@ class ServeRun(RunBase):
     adapters: list[ServedAdapter] = Field(default_factory=list)
     prompt_profile_file: str | None = Field(default=None, description="Mounted profile JSON.")
     knowledge_base: RetrieverConfig | None = None
+    upstream: UpstreamEngineConfig | None = Field(
+        default=None,
+        description="Generate with this OpenAI-compatible server (vLLM) instead of loading "
+        "the model in-process; the gateway keeps prompts, RAG, cache, auth and metrics.",
+    )
     host: str = "0.0.0.0"
     port: int = 8000
 

@@ -8,15 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailor.api.common import Resources
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.settings import OperatorSettings
-from tailor.api.workloads import Reporter, RetrieverConfig, ServedAdapter, ServeRun
+from tailor.api.workloads import (
+    Reporter,
+    RetrieverConfig,
+    ServedAdapter,
+    ServeRun,
+    UpstreamEngineConfig,
+)
 from tailor.builders.common import (
+    CONTAINER_SECURITY_CONTEXT,
+    PVCS_DIR,
     Manifest,
     Mounts,
     Parent,
     Workload,
     child_name,
+    container_resources,
     content_hash,
     labels,
     metadata,
@@ -31,6 +41,90 @@ from tailor.builders.common import (
 
 PROMPT_DIR = "/etc/tailor/prompt"
 PROMPT_FILE = "profile.json"
+VLLM_PORT = 8001
+"""vLLM's OpenAI server, on the pod's loopback only: every request goes through the
+gateway (auth, prompts, RAG, cache, metrics)."""
+GATEWAY_RESOURCES = Resources(cpu="1", memory="3Gi")
+VLLM_QUANTIZATION = {"int8": "fp8", "nf4": "bitsandbytes"}
+"""vLLM's in-flight method for each ``quantization``: int8 -> fp8 (8-bit weights with
+dynamic scales; vLLM has no in-flight int8 for unquantized checkpoints), nf4 ->
+bitsandbytes (its 4-bit NF4)."""
+VLLM_VOLUMES: list[Manifest] = [
+    {"name": "vllm-cache", "emptyDir": {}},
+    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+]
+
+
+def vllm_model(spec: ModelDeploymentSpec) -> tuple[str, list[str]]:
+    """(what vLLM loads, extra arguments): a Hub repo (with its revision) or a path on a
+    mounted claim."""
+    hub, claim = spec.base_model.hub, spec.base_model.claim
+    if hub:
+        return hub.repo, ["--revision", hub.revision]
+    assert claim is not None, "engine vllm takes huggingface or pvc models (CRD rule)"
+    return f"{PVCS_DIR}/{claim.claim_name}/{claim.path}".rstrip("/"), []
+
+
+def vllm_container(
+    spec: ModelDeploymentSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    volume_mounts: list[Manifest],
+) -> Manifest:
+    """The vLLM OpenAI server beside the gateway: tensor parallel over the replica's GPUs,
+    prefix caching, LoRA enabled (the gateway loads the adapters through vLLM's runtime
+    adapter API once it serves), listening on loopback only."""
+    model, extra = vllm_model(spec)
+    args = [
+        "serve", model, *extra,
+        "--served-model-name", parent.name,
+        "--host", "127.0.0.1",
+        "--port", str(VLLM_PORT),
+        "--tensor-parallel-size", str(spec.resources.gpus),
+        "--enable-prefix-caching",
+        "--max-num-seqs", str(spec.batching.max_batch_size),
+        "--disable-log-requests",
+    ]  # fmt: skip
+    if spec.max_context_tokens:
+        args += ["--max-model-len", str(spec.max_context_tokens)]
+    if spec.quantization in VLLM_QUANTIZATION:
+        args += ["--quantization", VLLM_QUANTIZATION[spec.quantization]]
+    if spec.adapters:
+        args += ["--enable-lora", "--max-loras", str(len(spec.adapters)), "--max-lora-rank", "64"]
+    env: list[Manifest] = [
+        {"name": "HOME", "value": "/home/vllm"},
+        {"name": "HF_HOME", "value": "/home/vllm/.cache/huggingface"},
+        {"name": "VLLM_CACHE_ROOT", "value": "/home/vllm/.cache/vllm"},
+        {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "HF_HUB_OFFLINE", "value": "0" if spec.base_model.hub else "1"},
+    ]
+    hub = spec.base_model.hub
+    if hub and hub.token_secret_ref:  # by reference: never in the spec or the args
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": hub.token_secret_ref.name, "key": hub.token_secret_ref.key}}})  # fmt: skip
+    # the same paths as the gateway's (adapters the gateway pulled from S3 land in "cache")
+    mounts = [m for m in volume_mounts if m["name"] != "spec"]
+    mounts += [
+        {"name": "vllm-cache", "mountPath": "/home/vllm"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    health = {"httpGet": {"path": "/health", "port": VLLM_PORT, "host": "127.0.0.1"}}
+    return {
+        "name": "vllm",
+        "image": settings.vllm_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["vllm"],
+        "args": args,
+        "env": env,
+        "resources": container_resources(spec.resources),
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "volumeMounts": mounts,
+        # loading weights takes minutes: up to 30 before the kubelet gives up
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+        "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 6},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
 
 
 @dataclass
@@ -70,17 +164,23 @@ def build_serving(
         mounts.add_secret(spec.auth.api_key_secret_ref)
     if refs.knowledge_base:
         mounts.add_secret(refs.knowledge_base.qdrant.api_key_secret_ref)
+    vllm = spec.resolved_engine() == "vllm"
     run = ServeRun(
         owner=parent.owner(),
         paths=workload_paths(settings),
         reporter=Reporter(kind="none"),
-        metrics_port=None,  # metrics share the API port: /metrics
+        metrics_port=settings.metrics_port,  # /metrics on its own port, not the API's
         spec=spec,
         served_name=parent.name,
         adapters=adapters,
         prompt_profile_file=f"{PROMPT_DIR}/{PROMPT_FILE}" if refs.prompt_config_map else None,
         knowledge_base=refs.knowledge_base,
         port=settings.serve_port,
+        upstream=UpstreamEngineConfig(
+            url=f"http://127.0.0.1:{VLLM_PORT}", model=parent.name, load_adapters=True
+        )
+        if vllm
+        else None,
     )
     volumes, volume_mounts = volumes_and_mounts(
         settings,
@@ -101,10 +201,13 @@ def build_serving(
             "kb": refs.knowledge_base_version,
         }
     )
-    port = {"name": "http", "containerPort": settings.serve_port}
-    container = workload_container(
-        settings, "server", "serve", spec.resources, volume_mounts, ports=[port]
-    )
+    ports = [
+        {"name": "http", "containerPort": settings.serve_port},
+        {"name": "metrics", "containerPort": settings.metrics_port},
+    ]
+    # with vLLM the GPUs are its container's; the gateway tokenizes, retrieves and proxies
+    gateway = GATEWAY_RESOURCES if vllm else spec.resources
+    container = workload_container(settings, "server", "serve", gateway, volume_mounts, ports=ports)
     container["readinessProbe"] = {
         "httpGet": {"path": "/readyz", "port": "http"},
         "periodSeconds": 5,
@@ -135,14 +238,17 @@ def build_serving(
                     "annotations": {
                         "tailor.dev/revision": revision,
                         "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(settings.serve_port),
+                        "prometheus.io/port": str(settings.metrics_port),
                     },
                 },
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security_context(settings),
-                    "containers": [container],
-                    "volumes": volumes,
+                    "containers": [
+                        container,
+                        *([vllm_container(spec, parent, settings, volume_mounts)] if vllm else []),
+                    ],
+                    "volumes": volumes + (VLLM_VOLUMES if vllm else []),
                     **pod_placement(spec.resources),
                 },
             },

@@ -97,6 +97,35 @@ class EngineClosed(Exception):
     """The engine was shut down."""
 
 
+class EngineUnavailable(Exception):
+    """The engine cannot be reached (an upstream engine server that is down)."""
+
+
+class EngineRejected(Exception):
+    """The engine refused the request as invalid (an upstream 4xx); ``status`` and the
+    engine's message are passed on to the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Prompt token ids of a conversation, with the model's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def encode_text(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt token ids of a plain completion prompt."""
+    return list(tokenizer(prompt).input_ids)
+
+
 @dataclass(eq=False)
 class GenerationRequest:
     """A submitted request; ``sink`` receives its chunks on the scheduler thread."""
@@ -155,6 +184,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self._peft = bool(self.adapters)
         self._grammars: Grammars | None = None
 
@@ -176,13 +206,7 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids of a conversation, with the model's chat template."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=False
-            )
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return encode_chat(self.tokenizer, messages)
 
     @property
     def grammars(self) -> Grammars:
@@ -199,7 +223,7 @@ class Engine:
 
     def encode_text(self, prompt: str) -> list[int]:
         """Prompt token ids of a plain completion prompt."""
-        return list(self.tokenizer(prompt).input_ids)
+        return encode_text(self.tokenizer, prompt)
 
     def submit(
         self,
@@ -213,6 +237,11 @@ class Engine:
             raise KeyError(f"unknown adapter {adapter}")
         if not prompt_ids:
             raise ValueError("empty prompt")
+        outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if outside is not None:
+            raise ValueError(
+                f"prompt token id {outside} is outside the vocabulary (0 to {self.vocab_size - 1})"
+            )
         request = GenerationRequest(list(prompt_ids), adapter, params, sink)
         if params.response_format is not None:
             request.grammar = self.grammars.compile(params.response_format)
@@ -290,15 +319,14 @@ class Engine:
                     if self._closed:
                         break
                     admitted = self._take_waiting()
+                if admitted:
+                    self._prefill_isolated(admitted)
                 try:
-                    if admitted:
-                        self._prefill(admitted)
                     if self._rows:
                         self._decode()
-                except Exception as exc:  # a failed forward pass must not kill the server
-                    log.exception("generation failed; failing the running batch")
-                    running = [row.request for row in self._rows]
-                    self._fail(admitted + running, f"generation failed: {exc}")
+                except Exception:  # a failed decode step must not kill the server
+                    log.exception("a decode step failed; failing the running batch")
+                    self._fail([row.request for row in self._rows], "generation failed")
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
         self._fail(waiting + [row.request for row in self._rows], "the engine was shut down")
@@ -320,6 +348,23 @@ class Engine:
             longest = longest_after
         self._set_queue_depth()
         return taken
+
+    def _prefill_isolated(self, requests: list[GenerationRequest]) -> None:
+        """Prefill new requests together; when that fails, each alone, so a request that
+        breaks the forward pass (or its sampling) fails by itself and neither the others
+        admitted with it nor the running batch (untouched until a prefill succeeds) lose
+        their answers."""
+        try:
+            self._prefill(requests)
+            return
+        except Exception:
+            if len(requests) == 1:
+                log.exception("a request failed in prefill; failing it alone")
+                _deliver(requests[0], Chunk("", "error", error="generation failed"))
+                return
+            log.warning("a prefill of %d requests failed; retrying each alone", len(requests))
+        for request in requests:
+            self._prefill_isolated([request])
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """Run the new prompts together, sample their first tokens, join the batch."""

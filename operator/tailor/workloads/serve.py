@@ -30,7 +30,8 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, cast
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +55,8 @@ from tailor.workloads.engine import (
     Chunk,
     Engine,
     EngineClosed,
+    EngineRejected,
+    EngineUnavailable,
     QueueFull,
     SamplingParams,
     check_adapters,
@@ -72,6 +75,7 @@ from tailor.workloads.prompting import (
     select_examples,
 )
 from tailor.workloads.storage import pull_model, store_of
+from tailor.workloads.upstream import export_upstream_metrics, load_upstream
 
 log = logging.getLogger("tailor.workloads.serve")
 
@@ -209,6 +213,37 @@ class APIError(Exception):
 
 
 # ------------------------------------------------------------------ response cache
+class MountedSecret:
+    """A mounted Secret key, re-read when the kubelet updates the file (a rotated API key
+    takes effect without a restart); stat per use, read only on change."""
+
+    def __init__(self, ref: Any, paths: Any):
+        self.ref, self.paths = ref, paths
+        self.path = Path(paths.secrets) / ref.name / ref.key
+        self._seen: tuple[int, int, int] | None = None
+        self._value = read_secret(ref, paths)
+        self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()  # follows the kubelet's ..data symlink
+        except OSError:
+            return self._seen  # mid-swap: keep the last key
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        changed = self._seen is not None and seen != self._seen
+        self._seen = seen
+        return seen if changed else None
+
+    def value(self) -> str:
+        if self._stamp() is not None:
+            try:
+                self._value = read_secret(self.ref, self.paths)
+                log.info("the API key Secret %s changed: using the new key", self.ref.name)
+            except WorkloadError:
+                pass  # removed mid-update: keep the last key
+        return self._value
+
+
 class ResponseCache:
     """Exact-match cache of finished responses: LRU, bounded in entries and age."""
 
@@ -273,7 +308,7 @@ class Server:
         self.created = int(time.time())
         self.adapters = [a.name for a in run.adapters]
         self.api_key = (
-            read_secret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
+            MountedSecret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
         )
         self.profile = (
             ProfileFile(run.prompt_profile_file, metrics.observe_profile_reload)
@@ -288,6 +323,7 @@ class Server:
         self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
         self._example_lock = threading.Lock()
         if engine is not None:
+            export_upstream_metrics(metrics, engine)
             metrics.set_ready(True)
 
     # -- lifecycle
@@ -303,6 +339,7 @@ class Server:
                 self.profile.get()
             assert self.loader is not None
             self.engine = self.loader()
+            export_upstream_metrics(self.metrics, self.engine)
             self.metrics.set_ready(True)
             log.info("ready: serving %s", ", ".join(self.model_names()))
         except Exception as exc:
@@ -331,7 +368,7 @@ class Server:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
+            token.strip().encode(), self.api_key.value().encode()
         ):
             raise APIError(
                 401,
@@ -588,6 +625,12 @@ class Server:
                 ) from exc
             if isinstance(exc, EngineClosed):
                 raise APIError(503, "the server is shutting down", "server_error") from exc
+            if isinstance(exc, EngineUnavailable):
+                raise APIError(503, str(exc), "server_error", None, "engine_unavailable") from exc
+            if isinstance(exc, EngineRejected):
+                raise APIError(exc.status, str(exc), code="rejected_by_engine") from exc
+            if isinstance(exc, ValueError):  # the engine refused the prompt (submit)
+                raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from exc
             raise
         if gen.stream:
             return StreamingResponse(
@@ -880,7 +923,23 @@ def create_app(
     if metrics is None:
         metrics = engine.metrics if engine and engine.metrics else ServingMetrics(run.served_name)
     owns_engine = engine is None and loader is None  # else the caller closes it
-    if engine is None and loader is None:
+    if engine is None and loader is None and run.upstream is not None:
+        upstream = run.upstream
+
+        def loader() -> Engine:
+            return cast(
+                Engine,
+                load_upstream(
+                    upstream,
+                    run.spec.base_model,
+                    run.adapters,
+                    run.paths,
+                    run.spec.max_context_tokens,
+                    metrics,
+                ),
+            )
+
+    elif engine is None and loader is None:
 
         def loader() -> Engine:
             return load_engine(run.spec, run.adapters, run.paths, metrics)
@@ -947,8 +1006,11 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(request, APIError(500, f"internal error: {exc}", "server_error"))
+        # the exception's text stays in the log: it may hold paths, hosts or data
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (incident %s)", incident)
+        message = f"internal error (incident {incident}); the server's log has the details"
+        return error_response(request, APIError(500, message, "server_error"))
 
     async def authorized(request: Request) -> None:
         server.check_auth(request)
@@ -965,9 +1027,12 @@ def create_app(
             return PlainTextResponse(server.load_error or "loading", 503)
         return PlainTextResponse("ready")
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if not run.metrics_port or run.metrics_port == run.port:
+        # only without a metrics port of its own (in a pod it has one: the API port then
+        # serves no /metrics, which would tell any client the traffic of every model)
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def list_models() -> dict[str, Any]:

@@ -1,0 +1,310 @@
+"""The gateway's engine over HTTP: an OpenAI-compatible token engine in the same pod (vLLM
+on GPUs, or Tailor's builtin engine run as its own server) generates, and Tailor's
+gateway keeps everything else: prompt profiles, RAG with sources, the response cache,
+feedback, auth, metrics.
+
+The gateway tokenizes as it does for the builtin engine (the model's chat template, the
+same context-window checks) and sends the prompt as **token ids** to the upstream's
+``/v1/completions`` (both vLLM and Tailor accept ``prompt: [ids]``), so a conversation
+becomes the same tokens with either engine. An adapter is the upstream model
+``<served>/<adapter>`` (vLLM: ``--lora-modules <served>/<adapter>=<path>``). Streamed
+choices become :class:`~tailor.workloads.engine.Chunk` s; closing the stream (a client that
+went away) closes the HTTP request, which cancels the generation upstream.
+
+Errors keep the gateway's contract: an upstream that cannot be reached is
+:class:`EngineUnavailable` (503 naming the engine), its 429 is ``QueueFull`` (429), another
+4xx is :class:`EngineRejected` with the upstream's message, and an error in the middle of
+a stream ends only that request with ``finish_reason="error"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import httpx
+
+from tailor.api.workloads import Paths, ServedAdapter, UpstreamEngineConfig
+from tailor.observability.serving import ServingMetrics
+from tailor.workloads.engine import (
+    Chunk,
+    EngineRejected,
+    EngineUnavailable,
+    QueueFull,
+    SamplingParams,
+    encode_chat,
+    encode_text,
+)
+from tailor.workloads.models import load_tokenizer
+
+log = logging.getLogger("tailor.workloads.upstream")
+
+
+class UpstreamEngine:
+    """An OpenAI-compatible server as the gateway's engine (the :class:`Engine` interface
+    the gateway uses: encode, check_format, stream, close)."""
+
+    def __init__(
+        self,
+        config: UpstreamEngineConfig,
+        tokenizer: Any,
+        adapters: Sequence[str],
+        context_window: int,
+        metrics: ServingMetrics | None = None,
+    ):
+        self.config = config
+        self.url = config.url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.adapters = {name: f"{config.model}/{name}" for name in adapters}
+        self.context_window = context_window
+        self.metrics = metrics
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._clients = weakref.WeakKeyDictionary()
+
+    def _client(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop (connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            timeout = httpx.Timeout(
+                connect=5.0, read=self.config.timeout_seconds, write=30.0, pool=30.0
+            )
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            client = self._clients[loop] = httpx.AsyncClient(timeout=timeout, limits=limits)
+        return client
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return encode_text(self.tokenizer, prompt)
+
+    def check_format(self, key: str | None) -> None:
+        """Formats are enforced upstream (vLLM's structured outputs, or Tailor's grammar);
+        the gateway has already checked the schema itself (:func:`format_key`)."""
+
+    async def stream(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> AsyncGenerator[Chunk, None]:
+        """The upstream's streamed completion as chunks; closing the generator closes the
+        HTTP stream (the upstream cancels the request)."""
+        body = self._body(prompt_ids, adapter, params)
+        started = time.perf_counter()
+        client = self._client()
+        request = client.build_request("POST", f"{self.url}/v1/completions", json=body)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(
+                f"the model server at {self.url} is not reachable ({type(exc).__name__}); "
+                "retry shortly"
+            ) from exc
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                message = _error_message(response)
+                if response.status_code == 429:
+                    raise QueueFull(message)
+                if 400 <= response.status_code < 500:
+                    raise EngineRejected(response.status_code, message)
+                raise EngineUnavailable(
+                    f"the model server answered {response.status_code}: {message}"
+                )
+            finish: str | None = None
+            tokens = 0
+            try:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        yield Chunk("", "error", tokens, time.perf_counter() - started,
+                                    error=str(event["error"].get("message", "generation failed")))  # fmt: skip
+                        return
+                    if event.get("usage"):
+                        tokens = int(event["usage"].get("completion_tokens") or tokens)
+                    for choice in event.get("choices") or []:
+                        if choice.get("text"):
+                            yield Chunk(choice["text"])
+                        finish = choice.get("finish_reason") or finish
+            except (httpx.TransportError, ValueError) as exc:
+                yield Chunk("", "error", tokens, time.perf_counter() - started,
+                            error=f"the model server's stream broke off: {type(exc).__name__}")  # fmt: skip
+                return
+            yield Chunk("", finish or "stop", tokens, time.perf_counter() - started)
+        finally:
+            await response.aclose()
+
+    def _body(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> dict[str, Any]:
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"unknown adapter {adapter}")
+        body: dict[str, Any] = {
+            "model": self.adapters[adapter] if adapter else self.config.model,
+            "prompt": list(prompt_ids),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.response_format is not None:
+            body["response_format"] = response_format(params.response_format)
+        return body
+
+    def close(self) -> None:
+        """Nothing to stop here: the HTTP client's connections close with the process."""
+
+
+def response_format(key: str) -> dict[str, Any]:
+    """The OpenAI ``response_format`` of a :func:`~tailor.workloads.grammar.format_key`."""
+    wanted = json.loads(key)
+    if wanted["type"] == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": wanted["schema"]}}  # fmt: skip
+    return {"type": wanted["type"]}
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(body.get("message") or body)[:500] if isinstance(body, dict) else str(body)[:500]
+
+
+def wait_until_serving(config: UpstreamEngineConfig, deadline_seconds: float) -> None:
+    """Block until the upstream lists ``config.model`` in ``/v1/models`` (vLLM takes
+    minutes to load); the gateway is not ready before."""
+    deadline = time.monotonic() + deadline_seconds
+    last = ""
+    while True:
+        try:
+            response = httpx.get(f"{config.url.rstrip('/')}/v1/models", timeout=5)
+            if response.status_code == 200:
+                ids = [m.get("id") for m in response.json().get("data") or []]
+                if config.model in ids:
+                    return
+                last = f"it serves {ids}, not {config.model}"
+            else:
+                last = f"/v1/models answered {response.status_code}"
+        except httpx.TransportError as exc:
+            last = type(exc).__name__
+        if time.monotonic() > deadline:
+            raise EngineUnavailable(
+                f"the model server at {config.url} was not serving {config.model} after "
+                f"{deadline_seconds:.0f} s ({last})"
+            )
+        time.sleep(1.0)
+
+
+def load_upstream(
+    config: UpstreamEngineConfig,
+    base_model: Any,
+    adapters: Sequence[ServedAdapter],
+    paths: Paths,
+    max_context_tokens: int | None,
+    metrics: ServingMetrics | None,
+) -> UpstreamEngine:
+    """The tokenizer (no weights) and context window of the base model, once the upstream
+    serves it."""
+    from transformers import AutoConfig
+
+    from tailor.workloads.models import resolve_model_dir
+
+    tokenizer = load_tokenizer(base_model, paths)
+    window = max_context_tokens
+    if window is None:
+        name, kwargs = resolve_model_dir(base_model, paths)
+        model_config = AutoConfig.from_pretrained(name, **kwargs)
+        window = int(getattr(model_config, "max_position_embeddings", 2048))
+    wait_until_serving(config, config.startup_seconds)
+    log.info("the model server at %s serves %s", config.url, config.model)
+    if config.load_adapters:
+        for adapter in adapters:
+            load_adapter(config, adapter.name, adapter.path)
+    return UpstreamEngine(config, tokenizer, [a.name for a in adapters], window, metrics)
+
+
+def load_adapter(config: UpstreamEngineConfig, name: str, path: str | None) -> None:
+    """Load one LoRA adapter into the upstream as ``<model>/<name>`` (vLLM's runtime
+    adapter API; one that is already loaded is fine)."""
+    response = httpx.post(
+        f"{config.url.rstrip('/')}/v1/load_lora_adapter",
+        json={"lora_name": f"{config.model}/{name}", "lora_path": path},
+        timeout=600,
+    )
+    if response.status_code != 200 and "already" not in response.text:
+        raise EngineRejected(
+            response.status_code,
+            f"the model server could not load adapter {name} from {path}: "
+            f"{_error_message(response)}",
+        )
+
+
+class UpstreamMetrics:
+    """A collector that re-exports the upstream engine's own metrics (vLLM's ``vllm:*``,
+    or the batch and token counters of Tailor's engine server) beside the gateway's, so
+    one scrape of the gateway's metrics port sees both. Families the gateway has itself
+    are left out (no duplicates); an upstream that does not answer adds nothing."""
+
+    def __init__(self, url: str, registry: Any):
+        self.url, self.registry = url.rstrip("/"), registry
+        self._inside = threading.local()
+
+    def describe(self) -> list[Any]:
+        return []  # unknown until scraped: no name checks at registration
+
+    def collect(self) -> Any:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if getattr(self._inside, "active", False):
+            return  # the registry's own families are being listed (below)
+        self._inside.active = True
+        try:  # what the gateway measures itself (families with samples) is its own
+            own = {f.name for f in self.registry.collect() if f.samples}
+        finally:
+            self._inside.active = False
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=2).text
+            families = list(text_string_to_metric_families(text))
+        except (httpx.HTTPError, ValueError):
+            return
+        for family in families:
+            if family.name not in own and family.samples:
+                yield family
+
+
+def export_upstream_metrics(metrics: ServingMetrics, engine: Any) -> None:
+    """Add the upstream's metrics to the gateway's registry (once per registry)."""
+    if not isinstance(engine, UpstreamEngine):
+        return
+    registered: set[str] = metrics.__dict__.setdefault("_upstreams", set())
+    if engine.url in registered:
+        return
+    metrics.registry.register(UpstreamMetrics(engine.url, metrics.registry))
+    registered.add(engine.url)
