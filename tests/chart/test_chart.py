@@ -202,6 +202,8 @@ def test_kueue_default_queue_and_pod_annotations_reach_the_operator() -> None:
     assert settings.default_queue_name == "team-gpus"
     assert settings.pod_annotations == {"sidecar.istio.io/inject": "false"}
     assert "TAILOR_DEFAULT_QUEUE_NAME" not in operator_env({})
+    vllm = operator_env({"workloads": {"vllm": {"image": "registry.local/vllm:v0.11.0"}}})
+    assert OperatorSettings.from_env(vllm).vllm_image == "registry.local/vllm:v0.11.0"
     with pytest.raises(AssertionError, match="defaultQueue"):
         render({"kueue": {"defaultQueue": "Team_GPUs"}})
 

@@ -174,8 +174,8 @@ def test_a_higher_priority_run_preempts_a_lower_one_which_requeues_and_runs_agai
     done = wait_for(f"{victim} succeeded", in_phase(kube, ns, victim, "Succeeded"), timeout=RUN + 60)  # fmt: skip
     assert done["queue"]["preemptions"] == 1
     metrics = OPERATORS[-1].metrics()
-    assert re.search(r'tailor_queue_preemptions_total\{kind="FineTuneJob",queue="gpus"\} [1-9]', metrics)  # fmt: skip
-    assert re.search(r'tailor_queue_admissions_total\{kind="FineTuneJob",queue="gpus"\} [3-9]', metrics)  # fmt: skip
+    assert re.search(r'tailor_operator_kueue_preemptions_total\{kind="FineTuneJob",queue="gpus"\} [1-9]', metrics)  # fmt: skip
+    assert re.search(r'tailor_operator_kueue_admissions_total\{kind="FineTuneJob",queue="gpus"\} [3-9]', metrics)  # fmt: skip
 
 
 def test_more_gpus_than_the_quota_can_never_be_admitted_and_a_two_node_run_is_admitted_whole(

@@ -103,6 +103,17 @@ class Batching(TailorModel):
     )
 
 
+_VLLM_LOADS = (
+    "(!has(self.baseModel.builtin) && "
+    "!(has(self.baseModel.uri) && self.baseModel.uri.startsWith('s3://')))"
+)
+
+
+def _vllm_loads(model: ModelSource) -> bool:
+    """Whether vLLM can load the base model itself (a Hub repo or a folder on a claim)."""
+    return model.hub is not None or model.claim is not None
+
+
 class ModelDeploymentSpec(TailorModel):
     """An OpenAI-compatible model server."""
 
@@ -169,11 +180,19 @@ class ModelDeploymentSpec(TailorModel):
             check=lambda m: m.engine != "vllm" or m.resources.gpus > 0,
         ),
         Rule(
-            cel="self.engine != 'vllm' || !has(self.baseModel.builtin)",
-            message="engine vllm loads huggingface or pvc models; a builtin model is served "
-            "by engine builtin",
+            cel=f"self.engine != 'vllm' || {_VLLM_LOADS}",
+            message="engine vllm loads huggingface or pvc models; a builtin or s3:// model is "
+            "served by engine builtin",
             field="engine",
-            check=lambda m: m.engine != "vllm" or m.base_model.builtin is None,
+            check=lambda m: m.engine != "vllm" or _vllm_loads(m.base_model),
+        ),
+        Rule(
+            cel="!has(self.resources) || self.resources.gpus <= 1 || self.engine == 'vllm' || "
+            f"(self.engine == 'auto' && {_VLLM_LOADS})",
+            message="the builtin engine uses one GPU: set resources.gpus to 1, or serve a "
+            "huggingface or pvc model with engine vllm (tensor parallel over all the GPUs)",
+            field="resources.gpus",
+            check=lambda m: m.resources.gpus <= 1 or m.resolved_engine() == "vllm",
         ),
     )
 
@@ -181,7 +200,8 @@ class ModelDeploymentSpec(TailorModel):
         """The engine ``auto`` stands for here."""
         if self.engine != "auto":
             return self.engine
-        return "vllm" if self.resources.gpus > 0 and self.base_model.builtin is None else "builtin"
+        vllm = self.resources.gpus > 0 and _vllm_loads(self.base_model)
+        return "vllm" if vllm else "builtin"
 
 
 class ModelDeploymentStatus(StatusBase):

@@ -313,7 +313,7 @@ def operator_dashboard() -> Dashboard:
                         tuple(
                             q(
                                 f"histogram_quantile({level}, sum by (queue, le) "
-                                "(rate(tailor_queue_wait_seconds_bucket[1h])))",
+                                "(rate(tailor_operator_kueue_wait_seconds_bucket[1h])))",
                                 f"p{round(level * 100)} {{{{queue}}}}",
                             )
                             for level in (0.5, 0.95)
@@ -326,7 +326,7 @@ def operator_dashboard() -> Dashboard:
                         "Runs Kueue admitted per hour, by LocalQueue.",
                         (
                             q(
-                                "sum by (queue) (increase(tailor_queue_admissions_total[1h]))",
+                                "sum by (queue) (increase(tailor_operator_kueue_admissions_total[1h]))",
                                 "{{queue}}",
                             ),
                         ),
@@ -338,7 +338,7 @@ def operator_dashboard() -> Dashboard:
                         "LocalQueue (each resumes from its checkpoint when readmitted).",
                         (
                             q(
-                                "sum by (queue) (increase(tailor_queue_preemptions_total[1h]))",
+                                "sum by (queue) (increase(tailor_operator_kueue_preemptions_total[1h]))",
                                 "{{queue}}",
                             ),
                         ),

@@ -58,18 +58,18 @@ QUEUED_SECONDS = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
 )
 QUEUE_WAIT_SECONDS = Histogram(
-    "tailor_queue_wait_seconds",
+    "tailor_operator_kueue_wait_seconds",
     "Time runs waited in a Kueue queue before each admission, by kind and LocalQueue.",
     ["kind", "queue"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
 )
 QUEUE_ADMISSIONS = Counter(
-    "tailor_queue_admissions_total",
+    "tailor_operator_kueue_admissions_total",
     "Admissions of runs by Kueue, by kind and LocalQueue.",
     ["kind", "queue"],
 )
 QUEUE_PREEMPTIONS = Counter(
-    "tailor_queue_preemptions_total",
+    "tailor_operator_kueue_preemptions_total",
     "Preemptions of runs by Kueue, by kind and LocalQueue.",
     ["kind", "queue"],
 )

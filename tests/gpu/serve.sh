@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Serving on a GPU: vLLM with two LoRA adapters, alone and behind Tailor's gateway, at
+# concurrency 1, 16 and 64 (tests/bench/bench_gateway.py; goal: the gateway costs <= 5% of
+# vLLM's own tokens/s at 64). Needs a CUDA GPU, vLLM importable by $VLLM_PY (default: the
+# same Python) and the model in $MODEL (a folder or a Hub repo reachable from here); the
+# adapters are trained on the spot (a few steps each) so nothing has to be downloaded.
+#   MODEL=/models/SmolLM2-135M-Instruct tests/gpu/serve.sh
+# Prints the table; exit status non-zero when something fails.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+VLLM_PY=${VLLM_PY:-$PY}
+MODEL=${MODEL:?set MODEL to the base model folder (Hugging Face format)}
+PORT=${PORT:-8001}
+GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$GPUS" -lt 1 ]; then
+  echo "no CUDA GPU visible: this check needs one" >&2
+  exit 2
+fi
+if ! "$VLLM_PY" -c 'import vllm' 2>/dev/null; then
+  echo "vLLM is not importable by $VLLM_PY: pip install vllm (or set VLLM_PY)" >&2
+  exit 2
+fi
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+"$PY" - "$MODEL" "$WORK" <<'PYTHON'
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model_dir, work = sys.argv[1], sys.argv[2]
+for seed, name in enumerate(("pirate", "robot")):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(f"{work}/{name}")
+PYTHON
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
+  --model "$MODEL" --served-model-name bench --host 127.0.0.1 --port "$PORT" \
+  --tensor-parallel-size "$GPUS" --enable-prefix-caching --enable-lora --max-loras 2 \
+  --max-lora-rank 16 --lora-modules "bench/pirate=$WORK/pirate" "bench/robot=$WORK/robot" \
+  > "$WORK/vllm.log" 2>&1 &
+for _ in $(seq 600); do
+  curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
+  sleep 1
+done
+curl -sf "http://127.0.0.1:$PORT/v1/models" || { tail -50 "$WORK/vllm.log"; exit 1; }
+echo
+"$PY" -c 'import torch; print("GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
+"$PY" -c 'import vllm; print("vLLM", vllm.__version__)' 2>/dev/null || true
+"$PY" tests/bench/bench_gateway.py --upstream-url "http://127.0.0.1:$PORT" --model bench \
+  --model-dir "$MODEL" --concurrency 1,16,64 \
+  --prompts 256 --max-tokens 128
