@@ -34,7 +34,9 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from tailor.devcluster.cluster import DevCluster
 from tailor.devcluster.kube import Kube, create_namespace, delete_namespace
+from tailor.devcluster.kueue import Kueue
 from tailor.observability import alerts, dashboards
 from tests.chart.conftest import CHART, ROOT, helm
 
@@ -581,6 +583,7 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ports = {
         name: free_port() for name in ("serve", "operator", "health", "train", "index", "prom")
     }
+    kueue = Kueue(DevCluster(kube.kubeconfig.parent))
     try:
         # The serving workload loads its model meanwhile (the slowest start).
         serve_spec = {
@@ -623,6 +626,9 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 },
             }
         )
+        # Kueue, so a queued run is admitted under the chart's RBAC (the Kueue panels)
+        kueue.up()
+        kueue.gpu_queue(work, gpus=8, namespaces=[work])
         config = service_account_kubeconfig(kube, system, "obs-tailor", tmp / "operator.kubeconfig")
         processes.start(
             "operator",
@@ -699,6 +705,10 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 fine_tune("torchhub-lora", 0),
                 fine_tune("waiting", 8),
                 fine_tune("paused", 8),
+                {
+                    **fine_tune("queued", 1),
+                    "spec": {**fine_tune("queued", 1)["spec"], "queueName": "gpus"},
+                },
                 example("knowledgebase"),
                 example("promptprofile"),
                 example("modeldeployment"),
@@ -718,6 +728,7 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
             ("ftj", "torchhub-lora", "Succeeded"),
             ("ftj", "waiting", "Queued"),
             ("ftj", "paused", "Suspended"),
+            ("ftj", "queued", "Succeeded"),
             ("kb", "torchhub-docs", "Ready"),
             ("pp", "api-assistant", "Valid"),
             ("md", "api-assistant", "Ready"),
@@ -740,6 +751,8 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
             check=False, timeout=90,
         )  # fmt: skip
         processes.stop_all()
+        kube.kubectl("delete", "clusterqueue", work, "--ignore-not-found", "--wait=false")
+        kueue.down()  # its Job webhook must not outlive it in the shared chart cluster
         if os.environ.get("TAILOR_SHOW_LOGS"):
             for name in processes.running:
                 print(f"===== {name}\n{processes.log(name)[-5000:]}")

@@ -284,6 +284,7 @@ def record(kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
     queue = str(new.get("name") or "")
     if new.get("admitted") and new.get("admittedAt") != old.get("admittedAt"):
         QUEUE_ADMISSIONS.labels(kind, queue).inc()
+        QUEUE_PREEMPTIONS.labels(kind, queue)  # a queue's counter exists from 0, not absent
         waited_since = old.get("waitingSince")
         if waited_since and new.get("admittedAt"):
             QUEUE_WAIT_SECONDS.labels(kind, queue).observe(
