@@ -108,9 +108,15 @@ def test_two_runs_fit_the_quota_the_third_waits_first_in_line_and_runs_when_one_
         kube.apply(run(name, 2), "-n", ns)
         wait_for(f"{name} running", in_phase(kube, ns, name, "Running"))
     kube.apply(run("c", 2), "-n", ns)
-    waiting = wait_for(
-        "c waiting with its position",
-        lambda: (s := in_phase(kube, ns, "c", "Queued")()) and s.get("queue", {}).get("position"),
+    # status converges as Kueue writes the Workload: its position first, then its message
+    wait_for(
+        "c waiting with its position and Kueue's reason",
+        lambda: (
+            (s := in_phase(kube, ns, "c", "Queued")())
+            and s.get("queue", {}).get("position")
+            and "insufficient unused quota" in ready(s)["message"]
+        ),
+        timeout=15,
     )
     waiting = status(kube, ns, "c")
     assert waiting["queue"]["position"] == 1  # next in line
