@@ -39,7 +39,7 @@ from tailor.devcluster.kube import (  # noqa: E402
 from tailor.devcluster.kueue import Kueue  # noqa: E402
 from tests.cluster.test_kueue import job as plain_job  # noqa: E402
 from tests.cluster.test_kueue_runs import run as queued_run  # noqa: E402
-from tests.cluster.test_operator import OperatorProcess  # noqa: E402
+from tests.cluster.test_operator import OperatorProcess, wait_for  # noqa: E402
 
 NS = "bench"
 
@@ -70,13 +70,8 @@ class PodWatcher(threading.Thread):
 
 
 def wait(what: str, check: Any, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
+    """Polled every 50 ms: the latencies measured are about a second."""
+    return wait_for(what, check, timeout, interval=0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

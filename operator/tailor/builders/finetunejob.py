@@ -36,13 +36,17 @@ def queue_of(spec: FineTuneJobSpec, default: str | None) -> str | None:
     return spec.queue_name or default
 
 
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
 def queue_labels(queue: str | None, priority_class: str | None) -> dict[str, str]:
     """The labels that put a Job in a Kueue queue (none without a queue)."""
     if not queue:
         return {}
-    labels = {"kueue.x-k8s.io/queue-name": queue}
+    labels = {QUEUE_LABEL: queue}
     if priority_class:
-        labels["kueue.x-k8s.io/priority-class"] = priority_class
+        labels[PRIORITY_LABEL] = priority_class
     return labels
 
 

@@ -15,7 +15,7 @@ from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Parent, content_hash
-from tailor.builders.finetunejob import artifact_uri, build_training, queue_of
+from tailor.builders.finetunejob import QUEUE_LABEL, artifact_uri, build_training, queue_of
 from tailor.controllers import kueue
 from tailor.controllers.context import Operator, changed, condition, syncer
 from tailor.observability.operator import PHASES, RUN_SECONDS
@@ -78,7 +78,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
     job = op.cache.get("Job", parent.namespace, workload.name) if state is not None else None
     # whether the Job that exists is queued (it keeps the queue it was created with)
-    job_queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(kueue.QUEUE_LABEL)
+    job_queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(QUEUE_LABEL)
     spec_hash = content_hash({k: v for k, v in body["spec"].items() if k != "suspend"})
     job_spec_hash = status.get("jobSpecHash") if state is not None else spec_hash
     if state is None and queue:
@@ -92,11 +92,19 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         if problem:
             op.patch_status(body, not_started(body, problem))
             return
-    if job is not None and job_queue and state is not None:
-        if state.phase not in ("Succeeded", "Failed"):
-            suspend_in_queue(op, job, spec.suspend)
-    elif state is None or (
-        state.phase not in ("Succeeded", "Failed") and spec.suspend != (state.phase == "Suspended")
+    # a queued run's Workload, read once per sync (None: finished, or not made yet)
+    queued = job is not None and bool(job_queue)
+    workload_of_run = None
+    if job is not None and job_queue and state is not None and state.phase not in ("Succeeded", "Failed"):  # fmt: skip
+        workload_of_run = kueue.workload_of_job(op.api_client, parent.namespace, job["metadata"]["uid"])  # fmt: skip
+        if workload_of_run is not None:
+            suspend_in_queue(op, workload_of_run, spec.suspend)
+    if not queued and (
+        state is None
+        or (
+            state.phase not in ("Succeeded", "Failed")
+            and spec.suspend != (state.phase == "Suspended")
+        )
     ):
         op.runtime.prepare_namespace(parent.namespace)
         problem = storage_problem(op, settings, spec, parent.namespace) if state is None else None
@@ -111,22 +119,27 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
     queue_info: dict[str, Any] | None = None
-    if job is not None and job_queue and state is not None and phase not in ("Succeeded", "Failed"):
+    waiting_in_queue = False  # Kueue holds it (waiting, preempted): not Running, whatever before
+    if queued and job_queue and phase not in ("Succeeded", "Failed"):
         need = spec.resources.gpus * spec.resources.nodes
         seen = kueue.view(
-            op.api_client, parent.namespace, job_queue, job, need, spec.resources.gpu_resource
+            op.api_client,
+            parent.namespace,
+            job_queue,
+            workload_of_run,
+            need,
+            spec.resources.gpu_resource,
         )
         queue_info = seen.queue
+        waiting_in_queue = bool(seen.phase)
         if seen.phase:  # waiting (or suspended) in the queue: Kueue says why
             phase, reason, message = seen.phase, seen.reason, seen.message
         elif phase in ("Pending", "Suspended"):  # admitted, pods not yet running
             phase, reason, message = "Admitted", seen.reason, seen.message
-        if phase != "Running" and status.get("phase") == "Running" and seen.phase:
-            # back in the queue (preempted): the guard below must not call it Running
-            status = {**status, "phase": "Queued"}
     if (
         status.get("phase") == "Running"
         and phase in ("Pending", "Queued")
+        and not waiting_in_queue
         and status.get("observedGeneration") == meta.get("generation")
     ):
         # Never back from Running at the same spec: a retry's pod waiting for a node, or a
@@ -221,12 +234,11 @@ def queue_problem(
     )
 
 
-def suspend_in_queue(op: Operator, job: dict[str, Any], suspend: bool) -> None:
+def suspend_in_queue(op: Operator, workload: dict[str, Any], suspend: bool) -> None:
     """``spec.suspend`` of a queued run: Kueue owns the Job's ``suspend``, so the run is
     paused by deactivating its Workload (Kueue evicts it and suspends the Job) and resumed
     by activating it again (back in the queue)."""
-    workload = kueue.workload_of_job(op.api_client, job["metadata"]["namespace"], job["metadata"]["uid"])  # fmt: skip
-    if workload is not None and (workload.get("spec") or {}).get("active", True) == suspend:
+    if (workload.get("spec") or {}).get("active", True) == suspend:
         kueue.set_active(op.api_client, workload, not suspend)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
 
 from tailor.observability.operator import QUEUE_ADMISSIONS, QUEUE_PREEMPTIONS, QUEUE_WAIT_SECONDS
 from tailor.runtime import rest
@@ -26,8 +27,6 @@ from tailor.runtime import rest
 GROUP = "kueue.x-k8s.io"
 VERSION = "v1beta2"
 API = f"{GROUP}/{VERSION}"
-QUEUE_LABEL = f"{GROUP}/queue-name"
-PRIORITY_LABEL = f"{GROUP}/priority-class"
 JOB_UID_LABEL = f"{GROUP}/job-uid"
 VISIBILITY = f"visibility.{GROUP}/{VERSION}"
 
@@ -155,12 +154,7 @@ def in_use(kueue_says: str, resource: str, need: float, limits: Quota) -> float:
 
 
 def _number(quantity: Any) -> float:
-    text = str(quantity or "0")
-    units = {"m": 1e-3, "k": 1e3, "Ki": 1024.0, "Mi": 1024.0**2, "Gi": 1024.0**3}
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * factor
-    return float(text)
+    return float(parse_quantity(quantity or 0))  # type: ignore[no-untyped-call]
 
 
 def _conditions(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -196,13 +190,12 @@ def view(
     api_client: Any,
     namespace: str,
     queue: str,
-    job: dict[str, Any],
+    workload: dict[str, Any] | None,
     need: float,
     resource: str,
 ) -> QueueView:
-    """Read Kueue's view of a queued run's Job. ``need``: how much of ``resource`` (the
-    accelerator) all its pods ask for together."""
-    workload = workload_of_job(api_client, namespace, job["metadata"]["uid"])
+    """Kueue's view of a queued run from its Job's ``workload`` (None: not made yet).
+    ``need``: how much of ``resource`` (the accelerator) all its pods ask for together."""
     info: dict[str, Any] = {"name": queue}
     if workload is None:
         return QueueView(

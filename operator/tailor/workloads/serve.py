@@ -222,20 +222,19 @@ class MountedSecret:
         self.path = Path(paths.secrets) / ref.name / ref.key
         self._seen: tuple[int, int, int] | None = None
         self._value = read_secret(ref, paths)
-        self._stamp()
+        self._changed()
 
-    def _stamp(self) -> tuple[int, int, int] | None:
+    def _changed(self) -> bool:
+        """Whether the file is another one than at the last look (False mid-swap)."""
         try:
             stat = self.path.stat()  # follows the kubelet's ..data symlink
         except OSError:
-            return self._seen  # mid-swap: keep the last key
-        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        changed = self._seen is not None and seen != self._seen
-        self._seen = seen
-        return seen if changed else None
+            return False  # mid-swap: keep the last key
+        seen, self._seen = self._seen, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return seen is not None and seen != self._seen
 
     def value(self) -> str:
-        if self._stamp() is not None:
+        if self._changed():
             try:
                 self._value = read_secret(self.ref, self.paths)
                 log.info("the API key Secret %s changed: using the new key", self.ref.name)
