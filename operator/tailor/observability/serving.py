@@ -28,6 +28,8 @@ class ServingMetrics:
     def __init__(self, deployment: str, registry: CollectorRegistry | None = None):
         self.deployment = deployment
         self.registry = registry or CollectorRegistry()
+        self.upstreams: set[str] = set()
+        """URLs of upstream engines whose metrics this registry re-exports."""
         r = self.registry
         per_model = ["deployment", "model"]
         self.requests = Counter(

@@ -303,8 +303,7 @@ def export_upstream_metrics(metrics: ServingMetrics, engine: Any) -> None:
     """Add the upstream's metrics to the gateway's registry (once per registry)."""
     if not isinstance(engine, UpstreamEngine):
         return
-    registered: set[str] = metrics.__dict__.setdefault("_upstreams", set())
-    if engine.url in registered:
+    if engine.url in metrics.upstreams:
         return
     metrics.registry.register(UpstreamMetrics(engine.url, metrics.registry))
-    registered.add(engine.url)
+    metrics.upstreams.add(engine.url)
