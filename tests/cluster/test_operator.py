@@ -311,8 +311,15 @@ def test_too_many_gpus_is_queued_with_the_scheduler_reason(kube: Kube, ns: str) 
     scheduled = next(c for c in ftj["status"]["conditions"] if c["type"] == "Scheduled")
     assert scheduled["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in scheduled["message"]
-    events = kube.get_json("events", "-n", ns, "--field-selector", "involvedObject.name=eight-gpus")
-    assert any("nvidia.com/gpu" in e["message"] for e in events["items"])
+
+    def gpu_event() -> bool:
+        # the operator posts the event right after the status patch: it can land later
+        events = kube.get_json(
+            "events", "-n", ns, "--field-selector", "involvedObject.name=eight-gpus"
+        )
+        return any("nvidia.com/gpu" in e["message"] for e in events["items"])
+
+    wait_for("an event naming nvidia.com/gpu", gpu_event, timeout=30)
 
 
 def test_a_queue_on_a_cluster_without_kueue_is_refused_with_the_fix(kube: Kube, ns: str) -> None:
