@@ -122,6 +122,17 @@ class Hit:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+TIE_DECIMALS = 6
+"""Scores equal to this many decimals are a tie (float noise between embedding batches)."""
+
+
+def ranked(points: Sequence[Any]) -> list[Hit]:
+    """A store's scored points as hits, best first, ties broken by point id: the store's
+    own order among equal scores varies between runs, and so would the first answer."""
+    hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in points]
+    return sorted(hits, key=lambda h: (-round(h.score, TIE_DECIMALS), h.id))
+
+
 def conditions(filters: Mapping[str, Any] | None) -> list[tuple[str, list[Any]]]:
     """``(payload key, accepted values)`` pairs of a ``{field: value}`` filter.
 
@@ -380,10 +391,7 @@ class ServerCollection(Collection):
     def query(self, searches: Sequence[Search]) -> list[list[Hit]]:
         requests = [self._request(s) for s in searches]
         responses = self.client.query_batch_points(self.name, requests=requests)
-        return [
-            [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
-            for response in responses
-        ]
+        return [ranked(response.points) for response in responses]
 
     def _request(self, search: Search) -> models.QueryRequest:
         condition = _server_filter(search.filters)
@@ -616,10 +624,7 @@ class EdgeCollection(Collection):
                 results = self.shard.query_batch(edge.QueryBatchRequest(requests))
         except Exception as exc:  # Qdrant Edge raises plain Exceptions ("Vector dimension ...")
             raise StoreUnavailable(f"Qdrant Edge cannot query {self.name}: {exc}") from exc
-        return [
-            [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in points]
-            for points in results
-        ]
+        return [ranked(points) for points in results]
 
     def _request(self, search: Search) -> edge.QueryRequest:
         condition = _edge_filter(search.filters)
