@@ -6,6 +6,7 @@ programs themselves are tested in tests/workloads."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -449,6 +450,34 @@ def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
     ]
     served = get(kube, ns, "pp", "api-assistant")["status"]["served"]
     assert served == {"revision": 1, "configMap": "api-assistant-r1", "reason": "Newest"}
+
+    # An added adapter goes to the running pods through their spec ConfigMap: the pod
+    # template (its revision) stays, so nothing rolls. kwok's pods run no server, so no
+    # replica reports it and AdaptersLoaded stays False.
+    with_two = example("modeldeployment", autoscaling=None)
+    with_two["spec"]["adapters"].append(
+        {"name": "torchhub-v2", "fineTuneJobRef": {"name": "torchhub-lora"}}
+    )
+    kube.apply(with_two, "-n", ns)
+
+    def handed_over() -> Any:
+        run = json.loads(get(kube, ns, "configmap", "api-assistant-serve")["data"]["spec.json"])
+        status = get(kube, ns, "md", "api-assistant")["status"]
+        names = [a["name"] for a in run["adapters"]]
+        current = status.get("adaptersRevision") == run["adaptersRevision"]
+        return status if names == ["torchhub", "torchhub-v2"] and current else None
+
+    status = wait_for("the adapter handed to the pods", handed_over)
+    assert status["revision"] == first and status["phase"] == "Ready"
+    assert status["models"] == [
+        "api-assistant",
+        "api-assistant/torchhub",
+        "api-assistant/torchhub-v2",
+    ]
+    loaded = next(c for c in status["conditions"] if c["type"] == "AdaptersLoaded")
+    assert loaded["status"] == "False", loaded
+    annotations = get(kube, ns, "deploy", "api-assistant")["spec"]["template"]["metadata"]
+    assert annotations["annotations"]["tailor.dev/revision"] == first
 
     pp = ungated_profile()
     pp["spec"]["system"] += " Never invent repositories."

@@ -19,7 +19,7 @@ import yaml
 from tailor.devcluster.kube import Kube
 from tailor.quickstart import chart, measure, rag_training_examples
 from tailor.workloads.apibench import Corpus, load_questions
-from tests.e2e.conftest import PhaseWatch, chat, wait_phase
+from tests.e2e.conftest import PhaseWatch, chat, wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
@@ -123,3 +123,35 @@ def test_quickstart_flow_through_the_operator(
         assert row[key] in (0, 0.25, 0.5, 0.75, 1)
     assert row["accuracy"] + row["hallucination"] <= 1
     assert chart({"LoRA + RAG": row}, tmp_path / "ladder.png")
+
+    # An adapter added to the running deployment is served by the same server process
+    # (no rollout: same revision, same pid), and the status says what the replica serves.
+    record = local_operator / ns / "runs" / "api-assistant.json"
+    pid, revision = json.loads(record.read_text())["pid"], ready["status"]["revision"]
+    added = {"name": "torchhub-v2", "fineTuneJobRef": {"name": "torchhub-lora"}}
+    patch = {"spec": {"adapters": [*md["spec"]["adapters"], added]}}
+    kube.kubectl("patch", "md", "api-assistant", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+    def serving(names: set[str]) -> dict[str, Any] | None:
+        obj = kube.get_json("md", "api-assistant", "-n", ns)
+        status = obj.get("status") or {}
+        loaded = next(
+            (c for c in status.get("conditions") or [] if c["type"] == "AdaptersLoaded"), {}
+        )
+        replicas = status.get("replicaAdapters") or []
+        if loaded.get("status") == "True" and [set(r["adapters"]) for r in replicas] == [names]:
+            return obj
+        return None
+
+    both = wait_for("the added adapter served", lambda: serving({"torchhub", "torchhub-v2"}), 180)
+    assert both["status"]["revision"] == revision and both["status"]["phase"] == "Ready"
+    assert json.loads(record.read_text())["pid"] == pid
+    body["model"] = "api-assistant/torchhub-v2"
+    assert chat(endpoint, body)["choices"][0]["message"]["content"].strip()
+    # removed again: unloaded in place, a 404 for it
+    kube.kubectl("patch", "md", "api-assistant", "-n", ns, "--type=merge",
+                 "-p", json.dumps({"spec": {"adapters": md["spec"]["adapters"]}}))  # fmt: skip
+    wait_for("the adapter removed", lambda: serving({"torchhub"}), 180)
+    models = json.loads(urllib.request.urlopen(f"{endpoint}/models", timeout=30).read())
+    assert {m["id"] for m in models["data"]} == {"api-assistant", "api-assistant/torchhub"}
+    assert json.loads(record.read_text())["pid"] == pid

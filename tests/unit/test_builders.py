@@ -14,7 +14,7 @@ import yaml
 from tailor.api import parse
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.knowledgebase import KnowledgeBaseSpec
-from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.modeldeployment import Adapter, ModelDeploymentSpec
 from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.raftjob import RAFTJobSpec
 from tailor.api.settings import OperatorSettings
@@ -265,6 +265,36 @@ def test_serving_rolls_when_any_reference_changes() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def test_adapters_change_the_spec_file_not_the_pods() -> None:
+    """A changed adapter list rewrites the spec ConfigMap (the replicas load it in place)
+    and keeps the revision; an adapter on a claim the pods do not mount yet, or vLLM's
+    first adapter (LoRA is a start flag of vLLM), changes the pod and so the revision."""
+    p = parent("ModelDeployment", "md")
+    ftj = "pvc://tailor-artifacts/finetunejob/t/u/model"
+    spec = spec_of("modeldeployment")
+
+    def build(spec: ModelDeploymentSpec, *adapters: tuple[str, str]) -> Any:
+        wanted = spec.model_copy(update={"adapters": [
+            Adapter(name=n, fineTuneJobRef={"name": n}) for n, _ in adapters]})  # fmt: skip
+        return build_serving(wanted, p, SETTINGS, ResolvedRefs(adapters=list(adapters)))
+
+    one = build(spec, ("a", ftj))
+    two = build(spec, ("a", ftj), ("b", ftj.replace("/u/", "/v/")))
+    assert one.revision == two.revision
+    assert one.run.adapters_revision != two.run.adapters_revision
+    run = json.loads(by_kind(two.manifests)["ConfigMap"]["data"]["spec.json"])
+    assert [a["name"] for a in run["adapters"]] == ["a", "b"]
+    assert run["adaptersRevision"] == two.run.adapters_revision
+    other_claim = build(spec, ("a", ftj), ("c", "pvc://team-models/lora/c"))
+    assert other_claim.revision != one.revision  # the pod mounts team-models now
+    assert build(spec).revision == build(spec, ("a", ftj)).revision  # builtin: no flag
+
+    vllm = spec_of("modeldeployment", engine="vllm", resources={"gpus": 1},
+                   baseModel={"huggingface": {"repo": "org/model"}})  # fmt: skip
+    none, first, second = build(vllm), build(vllm, ("a", ftj)), build(vllm, ("a", ftj), ("b", ftj))
+    assert none.revision != first.revision == second.revision
+
+
 def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
     spec = spec_of(
         "modeldeployment",
@@ -285,7 +315,7 @@ def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
     assert args[:2] == ["serve", "org/model"] and args[args.index("--revision") + 1] == "abc"
     for flag, value in (("--tensor-parallel-size", "4"), ("--quantization", "bitsandbytes"),
                         ("--max-model-len", "8192"), ("--host", "127.0.0.1"),
-                        ("--served-model-name", "chat"), ("--max-loras", "1")):  # fmt: skip
+                        ("--served-model-name", "chat"), ("--max-loras", "8")):  # fmt: skip
         assert args[args.index(flag) + 1] == value, flag
     assert "--enable-prefix-caching" in args and "--enable-lora" in args
     # the GPUs are vLLM's; the gateway only tokenizes, retrieves and proxies

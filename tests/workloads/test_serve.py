@@ -30,7 +30,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
-from tailor.api.workloads import RetrieverConfig, ServeRun, UpstreamEngineConfig
+from tailor.api.workloads import (
+    RetrieverConfig,
+    ServedAdapter,
+    ServeRun,
+    UpstreamEngineConfig,
+    adapters_digest,
+)
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.engine import Engine, SamplingParams, load_engine
 from tailor.workloads.serve import create_app
@@ -127,35 +133,44 @@ def engine(run: ServeRun) -> Iterator[Engine]:
     engine.close()
 
 
-@pytest.fixture(scope="module")
-def upstream(workdir: Path, adapter_dirs: dict[str, Path]) -> Iterator[str]:
-    """Tailor's builtin engine as its own OpenAI server process (cache off: an engine),
-    the HTTP upstream of the gateway in the "upstream" mode."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    engine_run = make_run(workdir, adapter_dirs, cache={"enabled": False})
-    engine_run.host, engine_run.port = "127.0.0.1", port
-    spec = workdir / "upstream-spec.json"
-    spec.write_text(engine_run.model_dump_json(by_alias=True))
-    log = (workdir / "upstream.log").open("wb")
+        return int(probe.getsockname()[1])
+
+
+def start_server(run: ServeRun, spec: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m tailor.workloads.serve --spec <spec>`` on a free port, once ready."""
+    run.host, run.port = "127.0.0.1", free_port()
+    spec.write_text(run.model_dump_json(by_alias=True))
+    log_path = spec.with_suffix(".log")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tailor.workloads.serve", "--spec", str(spec)],
-        stdout=log,
+        stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{run.port}"
     deadline = time.monotonic() + 180
     while True:
-        assert proc.poll() is None, (workdir / "upstream.log").read_text()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, "the upstream engine server did not become ready"
+        assert time.monotonic() < deadline, f"{spec.name}: the server did not become ready"
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def upstream(workdir: Path, adapter_dirs: dict[str, Path]) -> Iterator[str]:
+    """Tailor's builtin engine as its own OpenAI server process (cache off: an engine),
+    the HTTP upstream of the gateway in the "upstream" mode; it also serves vLLM's runtime
+    adapter API, as vLLM does for the gateway."""
+    engine_run = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    engine_run.adapter_api = True
+    proc, url = start_server(engine_run, workdir / "upstream-spec.json")
     yield url
     proc.terminate()
     proc.wait(30)
@@ -522,6 +537,97 @@ def test_an_upstream_engine_that_is_down_is_a_503_naming_it(run: ServeRun, engin
             error = error_of(response, 503)
             assert error["code"] == "engine_unavailable"
             assert url in error["message"] and "not reachable" in error["message"]
+
+
+@pytest.mark.parametrize("mode", ["builtin", "int8", "upstream"])
+def test_adapters_change_in_a_running_server_without_a_restart(
+    mode: str, workdir: Path, adapter_dirs: dict[str, Path], request: pytest.FixtureRequest
+) -> None:
+    """The serve process (as a pod runs it) re-reads its spec file, as the operator
+    rewrites it: an adapter added there is served, one replaced under the same name answers
+    with its new weights, one removed is a 404, all in the same process; its metrics port
+    reports what it serves (``GET /adapters``, which the operator puts in the status).
+    "int8": dynamic int8 on CPU takes no adapter once quantized, so the server loads a new
+    engine with the new list and swaps it in (still the same process). "upstream": the
+    gateway in front of Tailor's engine server, loading and unloading through vLLM's
+    runtime adapter API."""
+    folder = workdir / f"hot-{mode}"
+    folder.mkdir()
+    # names the shared upstream server does not have: this test unloads what it loads
+    pirate, robot = f"{SERVED}/buccaneer", f"{SERVED}/droid"
+    quantization = {"quantization": "int8"} if mode == "int8" else {}
+    run = make_run(workdir, {"buccaneer": adapter_dirs["pirate"]}, **quantization)
+    run.metrics_port = free_port()
+    if mode == "upstream":
+        url = request.getfixturevalue("upstream")
+        run.upstream = UpstreamEngineConfig(url=url, model=SERVED, load_adapters=True)
+    spec = folder / "spec.json"
+    proc, base_url = start_server(run, spec)
+    adapters_url = f"http://127.0.0.1:{run.metrics_port}/adapters"
+    try:
+
+        def served() -> set[str]:
+            models = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
+            return {m["id"] for m in models}
+
+        def change(adapters: dict[str, Path], expect: set[str]) -> None:
+            run.adapters = [ServedAdapter(name=n, path=str(p)) for n, p in adapters.items()]
+            run.adapters_revision = adapters_digest(run.adapters)  # as the operator writes it
+            spec.write_text(run.model_dump_json(by_alias=True))
+            deadline = time.monotonic() + 60
+            while served() != expect:
+                assert proc.poll() is None, spec.with_suffix(".log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (served(), expect)
+                time.sleep(0.5)
+
+        assert served() == {SERVED, pirate}
+        assert error_of(chat(base_url, robot), 404)["code"] == "model_not_found"
+        both = {"buccaneer": adapter_dirs["pirate"], "droid": adapter_dirs["robot"]}
+        change(both, {SERVED, pirate, robot})
+        assert PERSONAS["robot"][1] in answer(chat(base_url, robot, max_tokens=12))
+        assert PERSONAS["pirate"][1] in answer(chat(base_url, pirate, max_tokens=12))
+
+        # the same name, other weights: the new ones answer (a rolled-out artifact)
+        change({**both, "droid": adapter_dirs["pirate"]}, {SERVED, pirate, robot})
+        deadline = time.monotonic() + 60
+        while PERSONAS["pirate"][1] not in answer(chat(base_url, robot, max_tokens=12)):
+            assert time.monotonic() < deadline, "the replaced adapter still answers"
+            time.sleep(0.5)
+        report = httpx.get(adapters_url, timeout=10).json()
+        assert {a["name"]: a["source"] for a in report["adapters"]} == {
+            "buccaneer": str(adapter_dirs["pirate"]),
+            "droid": str(adapter_dirs["pirate"]),
+        }
+        assert report["errors"] == []
+        assert report["wanted"] == report["revision"] == run.adapters_revision
+
+        # a missing artifact is reported; what is served stays served
+        replaced = {**both, "droid": adapter_dirs["pirate"]}
+        change({**replaced, "ghost": folder / "missing"}, {SERVED, pirate, robot})
+        deadline = time.monotonic() + 30
+        while not (report := httpx.get(adapters_url, timeout=10).json())["errors"]:
+            assert time.monotonic() < deadline, report
+            time.sleep(0.5)
+        assert report["errors"][0]["name"] == "ghost"
+        assert "adapter_config.json" in report["errors"][0]["message"]
+        assert report["wanted"] == run.adapters_revision != report["revision"]
+
+        change({}, {SERVED})
+        assert error_of(chat(base_url, robot), 404)["code"] == "model_not_found"
+        assert answer(chat(base_url, SERVED, max_tokens=4))
+        assert proc.poll() is None  # one process throughout
+        metrics = RemoteMetrics(f"http://127.0.0.1:{run.metrics_port}")
+        assert metrics.value("tailor_serve_adapter_changes_total", action="load", result="ok") == 2
+        assert (
+            metrics.value("tailor_serve_adapter_changes_total", action="unload", result="ok") == 2
+        )
+        if mode == "upstream":  # the engine server no longer has the gateway's adapters
+            upstream_models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+            ids = {m["id"] for m in upstream_models}
+            assert not any(i.startswith((pirate, robot)) for i in ids), ids
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_auth(workdir: Path, adapter_dirs: dict[str, Path], engine: Engine) -> None:

@@ -353,3 +353,58 @@ def _real_eos(engine: Engine) -> set[int]:
     from tailor.workloads.engine import _eos_ids
 
     return _eos_ids(engine.model, engine.tokenizer)
+
+
+def test_adapters_load_and_unload_while_a_request_runs(tokenizer: Any, tmp_path: Path) -> None:
+    """An engine started without adapters loads one while a base-model request is being
+    generated (the request finishes with every token), serves it with the same output as
+    a model loaded with it from the start, replaces it under the same name, and unloads
+    it: new requests for it are refused, the one still running on it finishes."""
+    from transformers import LlamaForCausalLM
+
+    model, adapters = tiny_peft_model(tokenizer, tmp_path)
+    reference = Engine(model, tokenizer, adapters, max_batch_size=4)
+    reference.eos_ids = set()
+    prompt = reference.encode_chat([{"role": "user", "content": "hi"}])
+    expected = {
+        a: reference.generate(prompt, a, SamplingParams(max_tokens=6)).text for a in adapters
+    }
+    base_expected = reference.generate(prompt, None, SamplingParams(max_tokens=6)).text
+    reference.close()
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings=256)).eval()
+    engine = Engine(plain, tokenizer, {}, max_batch_size=4)
+    engine.eos_ids = set()
+    try:
+        long: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+        engine.submit(prompt, None, SamplingParams(max_tokens=120), long.put)
+        assert long.get(timeout=60).finish_reason is None  # it runs
+        engine.load_adapter("a", str(tmp_path / "a"))
+        assert engine.adapter_names == ["a"]
+        assert engine.generate(prompt, "a", SamplingParams(max_tokens=6)).text == expected["a"]
+        assert engine.generate(prompt, None, SamplingParams(max_tokens=6)).text == base_expected
+
+        # replaced under the same name: new requests get the new weights
+        engine.load_adapter("a", str(tmp_path / "b"))
+        assert engine.generate(prompt, "a", SamplingParams(max_tokens=6)).text == expected["b"]
+
+        on_a: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+        engine.submit(prompt, "a", SamplingParams(max_tokens=40), on_a.put)
+        assert on_a.get(timeout=60).finish_reason is None
+        engine.unload_adapter("a")
+        assert engine.adapter_names == []
+        with pytest.raises(KeyError):
+            engine.submit(prompt, "a", SamplingParams(), lambda chunk: None)
+        for chunks, tokens in ((on_a, 40), (long, 120)):
+            while (chunk := chunks.get(timeout=120)).finish_reason is None:
+                pass
+            assert (chunk.finish_reason, chunk.completion_tokens) == ("length", tokens)
+        assert engine.generate(prompt, None, SamplingParams(max_tokens=6)).text == base_expected
+
+        with pytest.raises(WorkloadError, match=r"adapter c at .*missing"):
+            engine.load_adapter("c", str(tmp_path / "missing"))
+        engine.load_adapter("b", str(tmp_path / "b"))  # the engine still loads and serves
+        assert engine.generate(prompt, "b", SamplingParams(max_tokens=6)).text == expected["b"]
+    finally:
+        engine.close()

@@ -204,6 +204,25 @@ class ModelDeploymentSpec(TailorModel):
         return "vllm" if vllm else "builtin"
 
 
+class AdapterLoadError(TailorModel):
+    name: str = Field(description="The adapter.")
+    message: str = Field(description="Why the replica could not load it.")
+
+
+class ReplicaAdapters(TailorModel):
+    """The adapters one replica serves, as it reports them."""
+
+    replica: str = Field(description="The pod (or local process).")
+    adapters: list[str] = Field(default_factory=list, description="Adapters it serves now.")
+    current: bool = Field(
+        default=False, description="It serves the adapters of spec.adapters (adaptersRevision)."
+    )
+    errors: list[AdapterLoadError] = Field(
+        default_factory=list, description="Adapters it could not load (the rest are served)."
+    )
+    message: str | None = Field(default=None, description="Why it could not be asked.")
+
+
 class ModelDeploymentStatus(StatusBase):
     """Observed state of a ModelDeployment."""
 
@@ -217,3 +236,11 @@ class ModelDeploymentStatus(StatusBase):
     models: list[str] = Field(default_factory=list, description="Model names clients can request.")
     revision: str | None = Field(default=None, description="Hash of what is rolled out.")
     deployment_name: str | None = Field(default=None, description="The Deployment.")
+    adapters_revision: str | None = Field(
+        default=None,
+        description="Digest of the adapters handed to the replicas. Adapters change without "
+        "a rollout: each replica loads and unloads them in place.",
+    )
+    replica_adapters: list[ReplicaAdapters] = Field(
+        default_factory=list, description="The adapters each ready replica serves."
+    )

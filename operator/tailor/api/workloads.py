@@ -12,6 +12,9 @@ ConfigMap ``name`` at ``{configMaps}/{name}/<key>``, PVC ``claimName`` at
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import Field
@@ -145,8 +148,20 @@ class IndexRun(RunBase):
     )
 
 
+def adapters_digest(adapters: Iterable[ServedAdapter]) -> str:
+    """A short digest of a set of adapters (names and sources), order aside: what the
+    operator hands the replicas and what each reports it serves."""
+    pairs = sorted((a.name, a.source) for a in adapters)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
 class ServedAdapter(TailorModel):
     """An adapter folder resolved by the operator."""
+
+    @property
+    def source(self) -> str:
+        """What identifies its weights: the artifact URI, else the folder."""
+        return self.uri or self.path
 
     name: str
     path: str = Field(
@@ -188,6 +203,17 @@ class ServeRun(RunBase):
         default=None,
         description="Generate with this OpenAI-compatible server (vLLM) instead of loading "
         "the model in-process; the gateway keeps prompts, RAG, cache, auth and metrics.",
+    )
+    adapters_revision: str | None = Field(
+        default=None,
+        description="The operator's digest of ``adapters``; a replica reports it back once "
+        "it serves all of them.",
+    )
+    adapter_api: bool = Field(
+        default=False,
+        description="Also serve vLLM's runtime adapter API (/v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter), for a gateway in front of this server. Off in pods: it "
+        "loads any path it is given.",
     )
     host: str = "0.0.0.0"
     port: int = 8000

@@ -1,7 +1,9 @@
 """ModelDeployment children: a Deployment running the serve workload, its Service, an
 optional HorizontalPodAutoscaler, and the spec ConfigMap. The pod template carries the
-revision of everything served (adapters, prompt revision, index version), so a change
-in any of them rolls the Deployment."""
+revision of what the pods run (the pod itself, prompt revision, index version), so a
+change in any of them rolls the Deployment. Adapters are not in it: they live in the spec
+ConfigMap, and the replicas load and unload them in place when it changes (the builtin
+engine with int8 on CPU loads a second engine with the new list and swaps it in)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tailor.api.workloads import (
     ServedAdapter,
     ServeRun,
     UpstreamEngineConfig,
+    adapters_digest,
 )
 from tailor.builders.common import (
     CONTAINER_SECURITY_CONTEXT,
@@ -49,6 +52,9 @@ VLLM_QUANTIZATION = {"int8": "fp8", "nf4": "bitsandbytes"}
 """vLLM's in-flight method for each ``quantization``: int8 -> fp8 (8-bit weights with
 dynamic scales; vLLM has no in-flight int8 for unquantized checkpoints), nf4 ->
 bitsandbytes (its 4-bit NF4)."""
+VLLM_MAX_LORAS = 8
+"""Adapters vLLM keeps on its GPUs at once (``--max-loras``; more are swapped in from
+host memory). Fixed, so that adding an adapter never changes the pod."""
 VLLM_VOLUMES: list[Manifest] = [
     {"name": "vllm-cache", "emptyDir": {}},
     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
@@ -89,8 +95,8 @@ def vllm_container(
         args += ["--max-model-len", str(spec.max_context_tokens)]
     if spec.quantization in VLLM_QUANTIZATION:
         args += ["--quantization", VLLM_QUANTIZATION[spec.quantization]]
-    if spec.adapters:
-        args += ["--enable-lora", "--max-loras", str(len(spec.adapters)), "--max-lora-rank", "64"]
+    if spec.adapters:  # a deployment's first adapter restarts vLLM with LoRA; others do not
+        args += ["--enable-lora", "--max-loras", str(VLLM_MAX_LORAS), "--max-lora-rank", "64"]
     env: list[Manifest] = [
         {"name": "HOME", "value": "/home/vllm"},
         {"name": "HF_HOME", "value": "/home/vllm/.cache/huggingface"},
@@ -173,6 +179,7 @@ def build_serving(
         spec=spec,
         served_name=parent.name,
         adapters=adapters,
+        adapters_revision=adapters_digest(adapters),
         prompt_profile_file=f"{PROMPT_DIR}/{PROMPT_FILE}" if refs.prompt_config_map else None,
         knowledge_base=refs.knowledge_base,
         port=settings.serve_port,
@@ -193,14 +200,6 @@ def build_serving(
     if refs.prompt_config_map:
         volumes.append({"name": "prompt", "configMap": {"name": refs.prompt_config_map}})
         volume_mounts.append({"name": "prompt", "mountPath": PROMPT_DIR, "readOnly": True})
-    revision = content_hash(
-        {
-            "spec": spec.wire(),
-            "adapters": refs.adapters,
-            "prompt": refs.prompt_config_map,
-            "kb": refs.knowledge_base_version,
-        }
-    )
     ports = [
         {"name": "http", "containerPort": settings.serve_port},
         {"name": "metrics", "containerPort": settings.metrics_port},
@@ -225,6 +224,26 @@ def build_serving(
     }
     selector = {"tailor.dev/modeldeployment": parent.name, "app.kubernetes.io/component": "server"}
     pod_labels = labels(parent, "server")
+    pod: Manifest = {
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(settings),
+        "containers": [
+            container,
+            *([vllm_container(spec, parent, settings, volume_mounts)] if vllm else []),
+        ],
+        "volumes": volumes + (VLLM_VOLUMES if vllm else []),
+        **pod_placement(spec.resources),
+    }
+    wire = spec.wire()
+    wire.pop("adapters", None)  # not the list: what it changes in the pod (a new claim)
+    revision = content_hash(
+        {
+            "spec": wire,
+            "pod": pod,
+            "prompt": refs.prompt_config_map,
+            "kb": refs.knowledge_base_version,
+        }
+    )
     deployment: Manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -241,16 +260,7 @@ def build_serving(
                         "prometheus.io/port": str(settings.metrics_port),
                     },
                 },
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "securityContext": pod_security_context(settings),
-                    "containers": [
-                        container,
-                        *([vllm_container(spec, parent, settings, volume_mounts)] if vllm else []),
-                    ],
-                    "volumes": volumes + (VLLM_VOLUMES if vllm else []),
-                    **pod_placement(spec.resources),
-                },
+                "spec": pod,
             },
         },
     }

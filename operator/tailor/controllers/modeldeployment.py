@@ -2,8 +2,11 @@
 
 References must be ready first (adapters' jobs Succeeded, the KnowledgeBase Ready, the
 PromptProfile Valid); until then the phase is Pending and the ``ReferencesReady``
-condition says what it waits for. A new adapter artifact, prompt revision or index
-version changes the pod template's revision annotation, which rolls the Deployment.
+condition says what it waits for. A new prompt revision or index version changes the
+pod template's revision annotation, which rolls the Deployment. A changed adapter list
+does not: the spec ConfigMap is updated and every replica loads and unloads adapters in
+place; ``status.replicaAdapters`` says what each ready replica serves, and the
+``AdaptersLoaded`` condition whether all serve ``spec.adapters``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from typing import Any
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.knowledgebase import KnowledgeBaseSpec
 from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.workloads import ServeRun
 from tailor.builders.common import Parent
 from tailor.builders.knowledgebase import retriever_config
 from tailor.builders.modeldeployment import ResolvedRefs, build_serving, served_models
 from tailor.controllers.context import Operator, condition, syncer
+from tailor.runtime.base import ReplicaReport
 
 KIND = "ModelDeployment"
+ADAPTER_POLL_SECONDS = 5.0
+"""How often a deployment whose replicas do not all serve its adapters yet is looked at."""
 
 
 def resolve(
@@ -120,6 +127,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
             op.patch_status(body, new)
         return
     workload = build_serving(spec, parent, op.settings, refs)
+    assert isinstance(workload.run, ServeRun)
+    adapters = workload.run.adapters_revision
     state = op.runtime.server_state(parent.namespace, workload.name)
     if (
         state is None
@@ -129,6 +138,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         op.runtime.prepare_namespace(parent.namespace)
         op.runtime.start(workload)
         state = op.runtime.server_state(parent.namespace, workload.name)
+    elif status.get("adaptersRevision") != adapters:
+        op.runtime.update_config(workload)  # the replicas load and unload them in place
     conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
     replicas = state.replicas if state else 0
     ready = state.ready_replicas if state else 0
@@ -153,6 +164,21 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
     conditions = condition(
         conditions, "Progressing", phase == "Progressing", reason, message, generation
     )
+    replica_adapters: list[dict[str, Any]] = []
+    if ready and (spec.adapters or status.get("replicaAdapters")):
+        reports = op.runtime.replica_reports(parent.namespace, workload.name)
+        replica_adapters = [_replica_adapters(r, adapters) for r in reports]
+        loaded, adapters_message = _adapters_loaded(replica_adapters, spec.adapters != [])
+        conditions = condition(
+            conditions,
+            "AdaptersLoaded",
+            loaded,
+            "Loaded" if loaded else "Loading",
+            adapters_message,
+            generation,
+        )
+        if not loaded:  # replicas pick the change up by themselves: look again soon
+            op.queue.add_after((KIND, parent.namespace, parent.name), ADAPTER_POLL_SECONDS)
     new = {
         "phase": phase,
         "observedGeneration": generation,
@@ -162,9 +188,49 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         "models": served_models(spec, parent),
         "revision": workload.revision,
         "deploymentName": workload.name,
+        "adaptersRevision": adapters,
+        "replicaAdapters": replica_adapters,
         "conditions": conditions,
     }
     op.patch_status(body, new)
+
+
+def _replica_adapters(report: ReplicaReport, wanted: str | None) -> dict[str, Any]:
+    """A ``status.replicaAdapters`` item."""
+    if report.report is None:
+        return {"replica": report.replica, "message": report.error}
+    body = report.report
+    return {
+        "replica": report.replica,
+        "adapters": [a["name"] for a in body.get("adapters") or []],
+        "current": body.get("revision") == wanted,
+        "errors": [
+            {"name": e["name"], "message": str(e["message"])[:500]}
+            for e in body.get("errors") or []
+        ],
+    }
+
+
+def _adapters_loaded(replicas: list[dict[str, Any]], any_wanted: bool) -> tuple[bool, str]:
+    """(every replica serves spec.adapters, a line saying which do not and why)."""
+    if not replicas:
+        return False, "no ready replica answered yet"
+    waiting = []
+    for item in replicas:
+        if item.get("message"):
+            waiting.append(f"{item['replica']}: {item['message']}")
+        elif item.get("errors"):
+            failed = "; ".join(f"{e['name']}: {e['message']}" for e in item["errors"])
+            waiting.append(f"{item['replica']} could not load {failed}")
+        elif not item["current"]:
+            waiting.append(
+                f"{item['replica']} serves {', '.join(item['adapters']) or 'no adapter'} "
+                "(it reloads when the kubelet refreshes its spec ConfigMap, within about a minute)"
+            )
+    if waiting:
+        return False, "; ".join(waiting)
+    what = "spec.adapters" if any_wanted else "no adapter"
+    return True, f"all {len(replicas)} ready replicas serve {what}"
 
 
 def _message(status: dict[str, Any], type_: str) -> str:

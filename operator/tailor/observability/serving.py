@@ -146,6 +146,13 @@ class ServingMetrics:
             ["deployment", "result"],
             registry=r,
         )
+        self.adapter_changes = Counter(
+            "tailor_serve_adapter_changes",
+            "Adapters loaded or unloaded in the running server (no restart), by action "
+            "load or unload and result ok or error.",
+            ["deployment", "action", "result"],
+            registry=r,
+        )
         self.ready = Gauge(
             "tailor_serve_ready",
             "1 once the model is loaded and serving.",
@@ -213,6 +220,9 @@ class ServingMetrics:
 
     def observe_profile_reload(self, ok: bool) -> None:
         self.profile_reloads.labels(self.deployment, "ok" if ok else "invalid").inc()
+
+    def observe_adapter_change(self, action: str, result: str) -> None:
+        self.adapter_changes.labels(self.deployment, action, result).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.deployment).set(1 if ready else 0)

@@ -61,6 +61,16 @@ class ServerState:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What one ready replica of a server says it serves (``GET /adapters`` on its metrics
+    port), or why it could not be asked."""
+
+    replica: str
+    report: dict[str, Any] | None = None
+    error: str | None = None
+
+
 class Runtime(Protocol):
     """Where workloads execute."""
 
@@ -87,6 +97,12 @@ class Runtime(Protocol):
 
     def stop(self, namespace: str, name: str) -> None:
         """Stop and remove a workload."""
+
+    def update_config(self, workload: Workload) -> None:
+        """Hand a running server a changed spec file (its ConfigMap) without restarting it."""
+
+    def replica_reports(self, namespace: str, name: str) -> list[ReplicaReport]:
+        """What each ready replica of a server reports it serves."""
 
 
 def run_state_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> RunState:

@@ -9,7 +9,9 @@ Job therefore only updates what Kubernetes lets change (``suspend``).
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -22,6 +24,7 @@ from tailor.api.settings import OperatorSettings
 from tailor.builders.common import Manifest, Workload, artifacts_pvc
 from tailor.runtime import rest
 from tailor.runtime.base import (
+    ReplicaReport,
     RunState,
     ServerState,
     _result,
@@ -223,6 +226,54 @@ class KubernetesRuntime:
 
     def stop(self, namespace: str, name: str) -> None:
         self.delete("batch/v1", "Job", namespace, name)
+
+    def update_config(self, workload: Workload) -> None:
+        """Apply the workload's ConfigMaps only: the kubelet refreshes them in the running
+        pods (within its sync period, about a minute), nothing restarts."""
+        for manifest in workload.manifests:
+            if manifest["kind"] == "ConfigMap":
+                self.apply(manifest)
+
+    def replica_reports(self, namespace: str, name: str) -> list[ReplicaReport]:
+        """Ask each ready pod of the Deployment (its metrics port, ``/adapters``), side by
+        side with a short timeout: a pod that does not answer is reported as such."""
+        deployment = self._cached("Deployment", namespace, name)
+        if deployment is None:
+            return []
+        match = deployment["spec"]["selector"].get("matchLabels") or {}
+        pods = (
+            rest.request(
+                self.api_client,
+                "GET",
+                rest.path("v1", "pods", namespace),
+                query={"labelSelector": ",".join(f"{k}={v}" for k, v in sorted(match.items()))},
+            ).get("items")
+            or []
+        )
+        ready = [
+            p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("podIP")
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        ]
+        urls = [
+            (p["metadata"]["name"], f"http://{p['status']['podIP']}:{self.settings.metrics_port}")
+            for p in sorted(ready, key=lambda p: p["metadata"]["name"])
+        ]
+        return list(_APPLY_POOL.map(lambda pair: ask_replica(*pair), urls))
+
+
+def ask_replica(replica: str, base_url: str, timeout: float = 2.0) -> ReplicaReport:
+    """``GET <base_url>/adapters`` of one replica."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/adapters", timeout=timeout) as response:
+            return ReplicaReport(replica, report=json.loads(response.read()))
+    except (OSError, ValueError) as exc:
+        return ReplicaReport(replica, error=f"not answering on its metrics port: {exc}")
 
 
 def with_pod_annotations(manifest: Manifest, annotations: dict[str, str]) -> Manifest:

@@ -36,8 +36,8 @@ from kubernetes import client
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import SPEC_DIR, SPEC_FILE, Manifest, Workload
 from tailor.runtime import rest
-from tailor.runtime.base import RunState, ServerState
-from tailor.runtime.kubernetes import KubernetesRuntime
+from tailor.runtime.base import ReplicaReport, RunState, ServerState
+from tailor.runtime.kubernetes import KubernetesRuntime, ask_replica
 
 log = logging.getLogger("tailor.runtime.local")
 
@@ -97,6 +97,7 @@ class RunRecord:
     revision: str = ""
     pid: int | None = None
     port: int | None = None
+    metrics_port: int | None = None
     phase: str = "Pending"
     reason: str = ""
     message: str = ""
@@ -241,12 +242,35 @@ class LocalRuntime(KubernetesRuntime):
             "s3": data["paths"].get("s3"),
         }
         if data.get("metricsPort"):  # many workloads share one host: no fixed ports
-            data["metricsPort"] = _free_port()
+            record.metrics_port = record.metrics_port or _free_port()
+            data["metricsPort"] = record.metrics_port
         if workload.server:
-            record.port = _free_port()
+            record.port = record.port or _free_port()
             data["host"], data["port"] = "127.0.0.1", record.port
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SPEC_FILE).write_text(json.dumps(data, indent=1))
+        tmp = run_dir / (SPEC_FILE + ".tmp")  # replaced in one step, as the kubelet does
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(run_dir / SPEC_FILE)
+
+    def update_config(self, workload: Workload) -> None:
+        """The ConfigMaps to the API, and the running server's spec file rewritten in
+        place (same ports): the process picks the change up itself."""
+        super().update_config(workload)
+        with self._lock:
+            record = self._load(workload.run.owner.namespace, workload.name)
+            if record is not None:
+                self._prepare_files(workload, record)
+                self._save(record)
+
+    def replica_reports(self, namespace: str, name: str) -> list[ReplicaReport]:
+        with self._lock:
+            record = self._load(namespace, name)
+        if record is None or record.pid is None or not record.metrics_port:
+            return []
+        if not self._ready(record.port):
+            return []
+        replica = f"{name}-pid{record.pid}"
+        return [ask_replica(replica, f"http://127.0.0.1:{record.metrics_port}")]
 
     def _write_config_map(self, namespace: str, name: str) -> Path:
         target = self.root / namespace / "configmaps" / name

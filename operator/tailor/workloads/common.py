@@ -51,12 +51,16 @@ class RetryableError(WorkloadError):
     workload exits 1 so the Job's backoff retries it, with the reason for the operator."""
 
 
-def read_spec(model: type[RunT], argv: list[str] | None = None) -> RunT:
-    """Parse ``--spec FILE`` from the command line and load the run spec model."""
+def spec_path(argv: list[str] | None = None) -> Path:
+    """The ``--spec FILE`` of the command line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="JSON spec file written by a builder")
-    args = parser.parse_args(argv)
-    return model.model_validate_json(Path(args.spec).read_text())
+    return Path(parser.parse_args(argv).spec)
+
+
+def read_spec(model: type[RunT], argv: list[str] | None = None) -> RunT:
+    """Parse ``--spec FILE`` from the command line and load the run spec model."""
+    return model.model_validate_json(spec_path(argv).read_text())
 
 
 def builtin_path(name: str) -> Path:

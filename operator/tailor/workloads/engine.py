@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import itertools
 import logging
 import queue
 import secrets
@@ -187,6 +188,11 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self._peft = bool(self.adapters)
         self._grammars: Grammars | None = None
+        self._adapter_ids = itertools.count(len(self.adapters))
+        self._retired: set[str] = set()  # PEFT adapters unloaded once no running row uses them
+        self._control: deque[Callable[[], None]] = deque()  # run on the engine's thread
+        self.adapters_in_place = True
+        """Adapters load into the running model (not after dynamic int8: see load_engine)."""
 
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
@@ -207,6 +213,83 @@ class Engine:
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids of a conversation, with the model's chat template."""
         return encode_chat(self.tokenizer, messages)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at ``path`` as ``name`` from now on, without a restart.
+
+        It loads on the engine's thread between two steps (the running batch pauses for
+        the load, no request fails); a name already served is replaced (its running
+        requests finish on the old weights, new ones get the new). WorkloadError when the
+        adapter cannot be loaded; what was served stays served."""
+        if not self.adapters_in_place:
+            raise WorkloadError(
+                "AdapterLoadFailed",
+                f"adapter {name}: this model's dynamic int8 layers take no LoRA once "
+                "quantized; the server loads a new engine with it instead",
+            )
+        self._on_engine_thread(lambda: self._load_adapter(name, path))
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: new requests for it are refused at once, running ones
+        finish, then its weights are freed. An unknown name is ignored."""
+        self._on_engine_thread(lambda: self._unload_adapter(name))
+
+    def _on_engine_thread(self, action: Callable[[], None]) -> None:
+        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                action()
+            except BaseException as exc:  # handed to the caller's thread
+                done.put(exc)
+            else:
+                done.put(None)
+
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            self._control.append(run)
+            self._cv.notify()
+        error = done.get()
+        if error is not None:
+            raise error
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        peft_name = f"adapter_{next(self._adapter_ids)}"
+        log.info("loading adapter %s from %s", name, path)
+        started = time.perf_counter()
+        try:
+            self.model = attach_adapter(self.model, path, peft_name)
+        except Exception as exc:
+            raise WorkloadError("AdapterLoadFailed", f"adapter {name} at {path}: {exc}") from exc
+        self.model.eval()
+        self._peft = True
+        old = self.adapters.get(name)
+        self.adapters = {**self.adapters, name: peft_name}  # one assignment: submit reads it
+        if old is not None:
+            self._retired.add(old)
+        log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
+
+    def _unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            return
+        adapters = dict(self.adapters)
+        self._retired.add(adapters.pop(name))
+        self.adapters = adapters
+        log.info("adapter %s unloaded", name)
+
+    def _free_retired(self) -> None:
+        """Delete the weights of retired adapters no running row still uses."""
+        in_use = {row.peft_name for row in self._rows}
+        for peft_name in sorted(self._retired - in_use):
+            self._retired.discard(peft_name)
+            remaining = [n for n in self.model.peft_config if n != peft_name]
+            if not remaining:  # a PeftModel keeps one adapter: it stays, unused (rows
+                self._retired.add(peft_name)  # without one run as __base__), until the
+                return  # next load
+            if self.model.active_adapter == peft_name:
+                self.model.set_adapter(remaining[0])
+            self.model.delete_adapter(peft_name)
 
     @property
     def grammars(self) -> Grammars:
@@ -302,6 +385,16 @@ class Engine:
         finally:
             request.cancel()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing waits or runs (True), at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if not self._waiting and not self._rows:
+                    return True
+            time.sleep(0.05)
+        return False
+
     def close(self) -> None:
         """Stop the scheduler; waiting and running requests end with an error chunk."""
         with self._cv:
@@ -314,11 +407,21 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._waiting and not self._rows and not self._closed:
+                    while (
+                        not self._waiting
+                        and not self._rows
+                        and not self._control
+                        and not self._closed
+                    ):
                         self._cv.wait()
                     if self._closed:
                         break
+                    control, self._control = list(self._control), deque()
                     admitted = self._take_waiting()
+                for action in control:  # adapter loads and unloads, between two steps
+                    action()
+                if self._retired:
+                    self._free_retired()
                 if admitted:
                     self._prefill_isolated(admitted)
                 try:
@@ -625,7 +728,7 @@ def load_engine(
 ) -> Engine:
     """Load the base model (quantized as the spec says), attach the adapters, start."""
     model, tokenizer, adapter_map = load_model(spec, adapters, paths)
-    return Engine(
+    engine = Engine(
         model,
         tokenizer,
         adapter_map,
@@ -634,6 +737,10 @@ def load_engine(
         context_window=spec.max_context_tokens,
         metrics=metrics,
     )
+    # dynamic int8 (CPU) quantizes after the adapters are attached: a change of adapters
+    # is a new engine (Server.apply_run swaps it in), not a load into this one
+    engine.adapters_in_place = not (spec.quantization == "int8" and not torch.cuda.is_available())
+    return engine
 
 
 def load_model(
@@ -704,20 +811,26 @@ def bitsandbytes_config(quantization: str) -> Any:
     )
 
 
+def attach_adapter(model: Any, path: str, peft_name: str) -> Any:
+    """``model`` with the PEFT adapter at ``path`` loaded as ``peft_name`` (the first one
+    wraps the model in a PeftModel)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(model, path, adapter_name=peft_name)
+    model.load_adapter(path, adapter_name=peft_name)
+    return model
+
+
 def attach_adapters(model: Any, adapters: Sequence[ServedAdapter]) -> tuple[Any, dict[str, str]]:
     """Load every adapter into one PeftModel (adapter_0, adapter_1, ...: served names may
     contain dots, which module names may not)."""
-    from peft import PeftModel
-
     names: dict[str, str] = {}
     for index, adapter in enumerate(adapters):
         peft_name = f"adapter_{index}"
         log.info("loading adapter %s from %s", adapter.name, adapter.path)
         try:
-            if index == 0:
-                model = PeftModel.from_pretrained(model, adapter.path, adapter_name=peft_name)
-            else:
-                model.load_adapter(adapter.path, adapter_name=peft_name)
+            model = attach_adapter(model, adapter.path, peft_name)
         except Exception as exc:
             raise WorkloadError(
                 "AdapterLoadFailed", f"adapter {adapter.name} at {adapter.path}: {exc}"

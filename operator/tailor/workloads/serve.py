@@ -42,14 +42,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tailor.api.base import describe_errors
 from tailor.api.common import split_s3_uri
-from tailor.api.workloads import ServeRun
+from tailor.api.workloads import Paths, ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
+from tailor.workloads.adapters import AdapterSet, SpecWatcher, serve_metrics
 from tailor.workloads.common import (
     RetryableError,
     WorkloadError,
     read_secret,
     read_spec,
     setup_logging,
+    spec_path,
 )
 from tailor.workloads.engine import (
     Chunk,
@@ -100,6 +102,13 @@ class TailorOptions(_Wire):
         description="A profile revision to answer with instead of the served one (what a "
         "PromptProfile's test Job sends to try a revision before it is served).",
     )
+
+
+class LoraAdapterRequest(_Wire):
+    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` body."""
+
+    lora_name: str
+    lora_path: str | None = None
 
 
 class ContentPart(_Wire):
@@ -305,7 +314,11 @@ class Server:
         self.on_load_failure = on_load_failure
         self.load_error: str | None = None
         self.created = int(time.time())
-        self.adapters = [a.name for a in run.adapters]
+        self.adapter_set = AdapterSet(
+            run.adapters, run.adapters_revision, run.paths, pull_adapter, check_adapters, metrics
+        )
+        self._changed_run: ServeRun | None = None  # a spec change that came while loading
+        self._apply_lock = threading.Lock()
         self.api_key = (
             MountedSecret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
         )
@@ -339,6 +352,8 @@ class Server:
             assert self.loader is not None
             self.engine = self.loader()
             export_upstream_metrics(self.metrics, self.engine)
+            if self._changed_run is not None:
+                self.apply_run(self._changed_run)
             self.metrics.set_ready(True)
             log.info("ready: serving %s", ", ".join(self.model_names()))
         except Exception as exc:
@@ -346,6 +361,40 @@ class Server:
             log.exception("loading the model failed")
             if self.on_load_failure:
                 self.on_load_failure(exc)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters served now (the engine's, which change without a restart)."""
+        if self.engine is None:
+            return [a.name for a in self.run.adapters]
+        return list(self.engine.adapter_names)
+
+    def apply_run(self, run: ServeRun) -> None:
+        """A changed spec file: serve its adapters (loaded and unloaded in place). Other
+        changes come with a new pod (the operator rolls the Deployment for them)."""
+        with self._apply_lock:
+            if self.engine is None:
+                self._changed_run = run  # applied once the model is loaded
+                return
+            self._changed_run = None
+            in_place = getattr(self.engine, "adapters_in_place", True)
+            reload = None if in_place else self._reload_engine
+            self.adapter_set.apply(self.engine, run.adapters, run.adapters_revision, reload)
+            self.run.adapters = list(self.adapter_set.served.values())
+
+    def _reload_engine(self, adapters: list[ServedAdapter]) -> None:
+        """A new engine with ``adapters`` (an int8 model on CPU takes no adapter once
+        quantized), swapped in; the old one finishes its requests, then stops."""
+        new = load_engine(self.run.spec, adapters, self.run.paths, self.metrics)
+        old, self.engine = self.engine, new
+
+        def retire() -> None:
+            assert old is not None
+            if not old.drain(600):
+                log.warning("the replaced engine still had requests after 10 minutes")
+            old.close()
+
+        threading.Thread(target=retire, name="tailor-retire-engine", daemon=True).start()
 
     def model_names(self) -> list[str]:
         return [self.name] + [f"{self.name}/{a}" for a in self.adapters]
@@ -375,6 +424,15 @@ class Server:
                 "from the deployment's auth.apiKeySecretRef.",
                 code="invalid_api_key",
             )
+
+    def upstream_adapter(self, lora_name: str) -> str:
+        """The adapter of a runtime adapter API name (``<served>/<adapter>``)."""
+        prefix = self.name + "/"
+        if not lora_name.startswith(prefix) or len(lora_name) == len(prefix):
+            raise APIError(
+                400, f"lora_name must be {prefix}<adapter>, got {lora_name!r}", param="lora_name"
+            )
+        return lora_name[len(prefix) :]
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a model name refers to (None: the base model); 404 if unknown."""
@@ -598,7 +656,12 @@ class Server:
         self.metrics.observe_adapter(gen.adapter)
         cache_key = None
         if self.cache is not None and (gen.params.temperature == 0 or gen.params.seed is not None):
-            cache_key = ResponseCache.key(gen.kind, gen.model, gen.prompt_ids, gen.params.__dict__)
+            # the adapter's weights are part of the key: a replaced adapter answers anew
+            served = self.adapter_set.served.get(gen.adapter) if gen.adapter else None
+            weights = served.source if served else None
+            cache_key = ResponseCache.key(
+                gen.kind, gen.model, weights, gen.prompt_ids, gen.params.__dict__
+            )
             cached = self.cache.get(cache_key)
             self.metrics.observe_cache(gen.model, hit=cached is not None)
             if cached is not None:
@@ -912,12 +975,14 @@ def create_app(
     metrics: ServingMetrics | None = None,
     loader: Callable[[], Engine] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    spec_file: Path | None = None,
 ) -> FastAPI:
     """The FastAPI app of a ServeRun.
 
     With ``engine`` the app serves it at once (tests share one loaded model); otherwise
     ``loader`` (default: load the run's model) runs in a background thread at startup and
-    ``/readyz`` turns ready when it returns.
+    ``/readyz`` turns ready when it returns. With ``spec_file`` (the file ``run`` was read
+    from), a changed adapter list in it is served without a restart.
     """
     if metrics is None:
         metrics = engine.metrics if engine and engine.metrics else ServingMetrics(run.served_name)
@@ -949,7 +1014,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if server.engine is None:
             threading.Thread(target=server.load, name="tailor-load", daemon=True).start()
+        watcher = SpecWatcher(spec_file, server.apply_run).start() if spec_file else None
         yield
+        if watcher is not None:
+            watcher.stop()
         if owns_engine and server.engine is not None:
             await asyncio.to_thread(server.engine.close)
 
@@ -1033,6 +1101,35 @@ def create_app(
         async def metrics_endpoint() -> Response:
             return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if run.adapter_api:
+        # vLLM's runtime adapter API, for a gateway in front of this server (tests, and
+        # Tailor's engine behind another gateway); off by default: it loads any path
+        @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)])
+        async def load_lora_adapter(body: LoraAdapterRequest) -> Response:
+            adapter = server.upstream_adapter(body.lora_name)
+            if adapter in server.adapters:
+                raise APIError(400, f"The lora adapter '{body.lora_name}' has already been loaded.")
+            if not body.lora_path:
+                raise APIError(400, "lora_path is required", param="lora_path")
+            engine = server.require_engine()
+            try:
+                await asyncio.to_thread(engine.load_adapter, adapter, body.lora_path)
+            except WorkloadError as exc:
+                raise APIError(400, exc.message, param="lora_path") from exc
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{body.lora_name}' added successfully."
+            )
+
+        @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized)])
+        async def unload_lora_adapter(body: LoraAdapterRequest) -> Response:
+            adapter = server.upstream_adapter(body.lora_name)
+            if adapter not in server.adapters:
+                raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.")
+            await asyncio.to_thread(server.require_engine().unload_adapter, adapter)
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+            )
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(server, m) for m in server.model_names()]}
@@ -1104,27 +1201,33 @@ def _model_card(server: Server, model: str) -> dict[str, Any]:
 def pull_adapters(run: ServeRun) -> None:
     """Adapters published to the object store, downloaded into this pod (each file checked
     against the upload's marker) before anything loads."""
-    store = store_of(run.paths)
     for adapter in run.adapters:
-        location = split_s3_uri(adapter.uri)
-        if location is None:
-            continue
-        if store is not None and adapter.path and store.holds(adapter.path):
-            store.pull(store.relative(adapter.path))
-        else:  # written by a run with its own store: fetched once into the model cache
-            bucket, key = location
-            adapter.path = str(pull_model((bucket, key.strip("/")), run.paths))
+        pull_adapter(adapter, run.paths)
+
+
+def pull_adapter(adapter: ServedAdapter, paths: Paths) -> None:
+    """One adapter from the object store into this pod (nothing for one on a volume);
+    ``adapter.path`` is then where it is."""
+    location = split_s3_uri(adapter.uri)
+    if location is None:
+        return
+    store = store_of(paths)
+    if store is not None and adapter.path and store.holds(adapter.path):
+        store.pull(store.relative(adapter.path))
+    else:  # written by a run with its own store: fetched once into the model cache
+        bucket, key = location
+        adapter.path = str(pull_model((bucket, key.strip("/")), paths))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until stopped. Exit codes: 0 stopped, 2 a problem the user can fix (invalid
     spec, missing adapter or secret, nf4 without a GPU), 1 anything else."""
     import uvicorn
-    from prometheus_client import start_http_server
 
     setup_logging()
     failure: list[BaseException] = []
     try:
+        path = spec_path(argv)
         run = read_spec(ServeRun, argv)
         pull_adapters(run)
         check_adapters(run.adapters)
@@ -1134,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
             failure.append(error)
             server.should_exit = True
 
-        app = create_app(run, metrics=metrics, on_load_failure=stop)
+        app = create_app(run, metrics=metrics, on_load_failure=stop, spec_file=path)
     except ValidationError as exc:
         log.error("invalid spec file: %s", "; ".join(describe_errors(exc)))
         return 2
@@ -1145,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: %s", exc.reason, exc.message)
         return 2
     if run.metrics_port and run.metrics_port != run.port:
-        start_http_server(run.metrics_port, registry=metrics.registry)
+        serve_metrics(run.metrics_port, metrics.registry, app.state.server.adapter_set.report)
     server = uvicorn.Server(
         uvicorn.Config(app, host=run.host, port=run.port, timeout_graceful_shutdown=30)
     )

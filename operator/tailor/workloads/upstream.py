@@ -20,6 +20,7 @@ a stream ends only that request with ``finish_reason="error"``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ import httpx
 
 from tailor.api.workloads import Paths, ServedAdapter, UpstreamEngineConfig
 from tailor.observability.serving import ServingMetrics
+from tailor.workloads.common import WorkloadError
 from tailor.workloads.engine import (
     Chunk,
     EngineRejected,
@@ -66,6 +68,7 @@ class UpstreamEngine:
         self.metrics = metrics
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
         self._clients = weakref.WeakKeyDictionary()
+        self._versions = itertools.count(2)  # upstream names of replaced adapters
 
     def _client(self) -> httpx.AsyncClient:
         """The HTTP client of the running event loop (connections belong to one loop)."""
@@ -82,6 +85,33 @@ class UpstreamEngine:
     @property
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at ``path`` as ``name`` (the upstream's runtime adapter API). A
+        name already served is replaced without a gap: the new weights load under a new
+        upstream name, requests switch to it, then the old one is unloaded."""
+        if not self.config.load_adapters:
+            raise WorkloadError(
+                "AdapterLoadFailed",
+                f"adapter {name}: this upstream's adapters are its own (loadAdapters is off)",
+            )
+        old = self.adapters.get(name)
+        upstream = f"{self.config.model}/{name}"
+        if old is not None:
+            upstream = f"{upstream}@{next(self._versions)}"
+        load_adapter(self.config, upstream, path)
+        self.adapters = {**self.adapters, name: upstream}
+        if old is not None:
+            unload_adapter(self.config, old)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name`` here at once and unload it upstream."""
+        upstream = self.adapters.get(name)
+        if upstream is None:
+            return
+        self.adapters = {k: v for k, v in self.adapters.items() if k != name}
+        if self.config.load_adapters:
+            unload_adapter(self.config, upstream)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
@@ -246,24 +276,42 @@ def load_upstream(
     log.info("the model server at %s serves %s", config.url, config.model)
     if config.load_adapters:
         for adapter in adapters:
-            load_adapter(config, adapter.name, adapter.path)
+            load_adapter(config, f"{config.model}/{adapter.name}", adapter.path)
     return UpstreamEngine(config, tokenizer, [a.name for a in adapters], window, metrics)
 
 
-def load_adapter(config: UpstreamEngineConfig, name: str, path: str | None) -> None:
-    """Load one LoRA adapter into the upstream as ``<model>/<name>`` (vLLM's runtime
+def load_adapter(config: UpstreamEngineConfig, upstream_name: str, path: str | None) -> None:
+    """Load one LoRA adapter into the upstream as ``upstream_name`` (vLLM's runtime
     adapter API; one that is already loaded is fine)."""
-    response = httpx.post(
-        f"{config.url.rstrip('/')}/v1/load_lora_adapter",
-        json={"lora_name": f"{config.model}/{name}", "lora_path": path},
-        timeout=600,
-    )
+    try:
+        response = httpx.post(
+            f"{config.url.rstrip('/')}/v1/load_lora_adapter",
+            json={"lora_name": upstream_name, "lora_path": path},
+            timeout=600,
+        )
+    except httpx.HTTPError as exc:
+        raise EngineUnavailable(f"the model server at {config.url} is unreachable: {exc}") from exc
     if response.status_code != 200 and "already" not in response.text:
-        raise EngineRejected(
-            response.status_code,
-            f"the model server could not load adapter {name} from {path}: "
+        raise WorkloadError(
+            "AdapterLoadFailed",
+            f"the model server could not load adapter {upstream_name} from {path}: "
             f"{_error_message(response)}",
         )
+
+
+def unload_adapter(config: UpstreamEngineConfig, upstream_name: str) -> None:
+    """Unload an adapter from the upstream (one it does not have is fine: the goal holds)."""
+    try:
+        response = httpx.post(
+            f"{config.url.rstrip('/')}/v1/unload_lora_adapter",
+            json={"lora_name": upstream_name},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        raise EngineUnavailable(f"the model server at {config.url} is unreachable: {exc}") from exc
+    if response.status_code not in (200, 404) and "not found" not in response.text.lower():
+        log.warning("the model server did not unload %s: %s", upstream_name,
+                    _error_message(response))  # fmt: skip
 
 
 class UpstreamMetrics:
