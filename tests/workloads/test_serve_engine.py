@@ -408,3 +408,40 @@ def test_adapters_load_and_unload_while_a_request_runs(tokenizer: Any, tmp_path:
         assert engine.generate(prompt, "b", SamplingParams(max_tokens=6)).text == expected["b"]
     finally:
         engine.close()
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_answers_the_same(
+    tokenizer: Any, tmp_path: Path
+) -> None:
+    """Prompts that start with the same system prompt and examples reuse its KV (per
+    adapter) and answer exactly as an engine without the prefix cache; the metric counts
+    the tokens reused."""
+    from tailor.observability.serving import ServingMetrics
+
+    model, adapters = tiny_peft_model(tokenizer, tmp_path)
+    metrics = ServingMetrics("prefix")
+    cached = Engine(model, tokenizer, adapters, max_batch_size=4, metrics=metrics)
+    plain = Engine(model, tokenizer, adapters, max_batch_size=4, prefix_cache_tokens=0)
+    for engine in (cached, plain):
+        engine.eos_ids = set()
+    system = "You answer questions about the Torch Hub. " * 8
+    examples = [{"role": "user", "content": "Which model segments images?"},
+                {"role": "assistant", "content": "deeplabv3_resnet50"}]  # fmt: skip
+    try:
+        for adapter in (None, "a", None, "a"):
+            for question in ("Which model detects objects?", "Which model classifies audio?"):
+                messages = [{"role": "system", "content": system}, *examples,
+                            {"role": "user", "content": question}]  # fmt: skip
+                prompt = cached.encode_chat(messages)
+                params = SamplingParams(max_tokens=6)
+                assert (
+                    cached.generate(prompt, adapter, params).text
+                    == plain.generate(prompt, adapter, params).text
+                )
+        reused = metrics.value("tailor_serve_prefix_cache_tokens_total", result="reused")
+        computed = metrics.value("tailor_serve_prefix_cache_tokens_total", result="computed")
+        # the first prompt per adapter is computed whole; the other three reuse the shared part
+        assert reused > 3 * computed / 2, (reused, computed)
+    finally:
+        cached.close()
+        plain.close()

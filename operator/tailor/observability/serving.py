@@ -153,6 +153,13 @@ class ServingMetrics:
             ["deployment", "action", "result"],
             registry=r,
         )
+        self.prefix_tokens = Counter(
+            "tailor_serve_prefix_cache_tokens",
+            "Prompt tokens the builtin engine took from its prefix cache (result reused) or "
+            "ran through the model (result computed).",
+            ["deployment", "result"],
+            registry=r,
+        )
         self.ready = Gauge(
             "tailor_serve_ready",
             "1 once the model is loaded and serving.",
@@ -223,6 +230,12 @@ class ServingMetrics:
 
     def observe_adapter_change(self, action: str, result: str) -> None:
         self.adapter_changes.labels(self.deployment, action, result).inc()
+
+    def observe_prefix(self, reused: int, computed: int) -> None:
+        if reused:
+            self.prefix_tokens.labels(self.deployment, "reused").inc(reused)
+        if computed:
+            self.prefix_tokens.labels(self.deployment, "computed").inc(computed)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.deployment).set(1 if ready else 0)

@@ -30,13 +30,14 @@ import secrets
 import threading
 import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 
 from tailor.api.modeldeployment import ModelDeploymentSpec
@@ -50,6 +51,63 @@ log = logging.getLogger("tailor.workloads.engine")
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled together in one forward pass
+PREFIX_CACHE_TOKENS = 4096
+"""Prompt tokens whose KV the prefix cache keeps (SmolLM2-135M: 46 KB each in float32)."""
+PREFIX_MIN_TOKENS = 32
+"""The shortest shared prefix worth reusing."""
+
+
+@dataclass
+class _Prefix:
+    """A prompt's KV cache, per layer ``(keys, values)`` of shape (1, heads, tokens, dim)."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixCache:
+    """The KV of recent prompts (per adapter: LoRA changes the keys and values), reused for
+    the longest prefix a new prompt shares with one of them: the system prompt and
+    few-shot block of a prompt profile, or a conversation's earlier turns, are computed
+    once. Least recently used prompts go first when the token budget is full."""
+
+    def __init__(self, budget_tokens: int = PREFIX_CACHE_TOKENS):
+        self.budget = budget_tokens
+        self.tokens = 0
+        self.entries: OrderedDict[tuple[str, tuple[int, ...]], _Prefix] = OrderedDict()
+
+    def longest(self, peft_name: str, ids: Sequence[int]) -> tuple[_Prefix, int] | None:
+        """The cached prompt sharing the longest prefix with ``ids`` (at least
+        PREFIX_MIN_TOKENS, and at most all but the last token, whose logits are needed)."""
+        best: tuple[_Prefix, int] | None = None
+        for (name, _), entry in self.entries.items():
+            if name != peft_name:
+                continue
+            shared = _common_prefix(entry.ids, ids, len(ids) - 1)
+            if shared >= PREFIX_MIN_TOKENS and (best is None or shared > best[1]):
+                best = (entry, shared)
+        if best is not None:
+            self.entries.move_to_end((peft_name, tuple(best[0].ids)))
+        return best
+
+    def put(self, peft_name: str, ids: Sequence[int], layers: list[Any]) -> None:
+        key = (peft_name, tuple(ids))
+        if len(ids) < PREFIX_MIN_TOKENS or len(ids) > self.budget or key in self.entries:
+            return
+        while self.entries and self.tokens + len(ids) > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.tokens -= len(old.ids)
+        self.entries[key] = _Prefix(list(ids), layers)
+        self.tokens += len(ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -153,6 +211,8 @@ class _Row:
     generator: torch.Generator | None
     position: int  # position id of the next token fed to the model
     generated: list[int] = field(default_factory=list)
+    text: str = ""  # the generated tokens decoded so far (incrementally)
+    decoder: Any = None  # tokenizers' DecodeStream of this row (None: decode in full)
     emitted: int = 0  # characters of the decoded text already sent
     device_seconds: float = 0.0
     finished: bool = False
@@ -172,6 +232,7 @@ class Engine:
         max_queue: int = 256,
         context_window: int | None = None,
         metrics: ServingMetrics | None = None,
+        prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -188,6 +249,11 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self._peft = bool(self.adapters)
         self._grammars: Grammars | None = None
+        # a sliding-window cache keeps only its window: a stored prefix would not fit it
+        windowed = getattr(model.config, "sliding_window", None) is not None
+        self._prefixes = (
+            PrefixCache(prefix_cache_tokens) if prefix_cache_tokens and not windowed else None
+        )
         self._adapter_ids = itertools.count(len(self.adapters))
         self._retired: set[str] = set()  # PEFT adapters unloaded once no running row uses them
         self._control: deque[Callable[[], None]] = deque()  # run on the engine's thread
@@ -456,7 +522,23 @@ class Engine:
         """Prefill new requests together; when that fails, each alone, so a request that
         breaks the forward pass (or its sampling) fails by itself and neither the others
         admitted with it nor the running batch (untouched until a prefill succeeds) lose
-        their answers."""
+        their answers. A request whose prompt starts with a cached prefix is prefilled
+        alone from it (only the rest of its prompt is computed)."""
+        plain = []
+        for request in requests:
+            hit = self._prefix_hit(request)
+            if hit is None:
+                plain.append(request)
+                continue
+            try:
+                self._prefill_from(request, *hit)
+            except Exception:
+                log.exception("a request failed in prefill; failing it alone")
+                _deliver(request, Chunk("", "error", error="generation failed"))
+        if plain:
+            self._prefill_plain(plain)
+
+    def _prefill_plain(self, requests: list[GenerationRequest]) -> None:
         try:
             self._prefill(requests)
             return
@@ -467,7 +549,45 @@ class Engine:
                 return
             log.warning("a prefill of %d requests failed; retrying each alone", len(requests))
         for request in requests:
-            self._prefill_isolated([request])
+            self._prefill_plain([request])
+
+    def _prefix_hit(self, request: GenerationRequest) -> tuple[_Prefix, int] | None:
+        if self._prefixes is None:
+            return None
+        peft_name = self.adapters.get(request.adapter, BASE) if request.adapter else BASE
+        return self._prefixes.longest(peft_name, request.prompt_ids)
+
+    def _remember(self, row: _Row, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep a prefilled prompt's KV for later prompts that start the same way."""
+        if self._prefixes is not None:
+            self._prefixes.put(row.peft_name, row.request.prompt_ids, layers)
+
+    def _prefill_from(self, request: GenerationRequest, prefix: _Prefix, shared: int) -> None:
+        """Prefill one request whose first ``shared`` prompt tokens are ``prefix``'s: its
+        KV is the cache's (not copied: every later step makes new tensors), only the rest
+        of the prompt runs through the model."""
+        row = self._new_row(request)
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(prefix.layers):
+            cache.update(keys[:, :, :shared], values[:, :, :shared], index)
+        rest = request.prompt_ids[shared:]
+        ids = torch.tensor([rest], device=self.device)
+        mask = torch.ones((1, len(request.prompt_ids)), dtype=torch.long, device=self.device)
+        positions = torch.arange(shared, len(request.prompt_ids), device=self.device)[None]
+        started = time.perf_counter()
+        logits = self._forward(ids, mask, positions, cache, [row])
+        token = self._sample(logits, [row])[0]
+        row.device_seconds += time.perf_counter() - started
+        self._observe(1, 1)
+        self._observe_prefix(shared, len(rest))
+        layers: list[Any] = cache.layers
+        self._remember(row, [(layer.keys, layer.values) for layer in layers])
+        if not self._advance(row, token):
+            self._join(cache, mask, [row], torch.tensor([token], device=self.device))
+
+    def _observe_prefix(self, reused: int, computed: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_prefix(reused, computed)
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """Run the new prompts together, sample their first tokens, join the batch."""
@@ -491,6 +611,16 @@ class Engine:
         for row in rows:
             row.device_seconds += elapsed * len(row.request.prompt_ids) / total
         self._observe(len(rows), len(rows))
+        self._observe_prefix(0, total)
+        if self._prefixes is not None:
+            layers: list[Any] = cache.layers
+            for i, row in enumerate(rows):
+                start = length - len(row.request.prompt_ids)  # after the left padding
+                self._remember(row, [
+                    (layer.keys[i : i + 1, :, start:].clone(),
+                     layer.values[i : i + 1, :, start:].clone())
+                    for layer in layers
+                ])  # fmt: skip
         keep = [i for i, row in enumerate(rows) if not self._advance(row, tokens[i])]
         if not keep:
             return
@@ -639,7 +769,9 @@ class Engine:
                 not row.matcher.accept_token(token) or row.matcher.is_terminated()
             ):
                 reason = "stop"  # the format is complete (or, never expected, broken)
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if token not in self.eos_ids and not request.cancelled:
+            row.text = self._decoded(row, token)
+        text = row.text
         if reason is None and params.stop:
             found = [
                 i
@@ -668,6 +800,18 @@ class Engine:
             _deliver(request, Chunk(text[row.emitted : final]))
             row.emitted = final
         return False
+
+    def _decoded(self, row: _Row, token: int) -> str:
+        """The row's text with ``token`` (already in ``row.generated``) added: one step of
+        its DecodeStream (held back until a character is complete), not a decode of the
+        whole sequence per token (quadratic in the answer's length)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer: decode in full
+            return str(self.tokenizer.decode(row.generated, skip_special_tokens=True))
+        if row.decoder is None:
+            row.decoder = DecodeStream(skip_special_tokens=True)
+        piece = row.decoder.step(backend, token)
+        return row.text + piece if piece else row.text
 
     def _fail(self, requests: Sequence[GenerationRequest], message: str) -> None:
         """End ``requests`` with an error chunk and empty the running batch."""
