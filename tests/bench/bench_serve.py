@@ -11,7 +11,9 @@ Prints, from one run on this machine:
    descriptions) with ``quantization: none`` and ``int8`` (dynamic int8), each measured in
    a fresh subprocess, plus their single-stream and 16-stream tokens/s.
 
-Options: ``--max-tokens`` (default 48), ``--skip-llama-cpp``, ``--skip-quantization``.
+Options: ``--max-tokens`` (default 48), ``--skip-llama-cpp``, ``--skip-quantization``,
+``--llama-python PATH`` (llama.cpp measured by that interpreter: a throwaway venv with
+llama-cpp-python, see ``llama_cpp_rates.py``).
 """
 
 from __future__ import annotations
@@ -121,31 +123,6 @@ def generate_baseline(engine: Any, prompts: list[str], max_tokens: int) -> float
             )
             tokens += out.shape[1] - len(ids)
     return tokens / (time.perf_counter() - started)
-
-
-def llama_cpp_throughput(prompts: list[str], concurrency: int, max_tokens: int, llm: Any) -> float:
-    """Completion tokens/s of llama-cpp-python on the same GGUF, ``concurrency`` threads
-    sharing one model (llama-cpp-python serves one sequence at a time: a lock)."""
-    lock = threading.Lock()
-    counts = [0] * concurrency
-
-    def worker(index: int) -> None:
-        for prompt in prompts[index::concurrency]:
-            with lock:
-                out = llm.create_chat_completion(
-                    messages=[{"role": "user", "content": prompt}],
-                    max_tokens=max_tokens,
-                    temperature=0,
-                )
-            counts[index] += out["usage"]["completion_tokens"]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - started)
 
 
 def rss_mib() -> float:
@@ -268,18 +245,31 @@ def throughput(args: argparse.Namespace) -> None:
     engine.close()
 
     if not args.skip_llama_cpp:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            print("llama-cpp-python is not installed: skipping llama.cpp")
-        else:
-            gguf = builtin_path("smollm2-135m-instruct")
-            llm = Llama(
-                model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count() or 2, verbose=False
+        gguf = builtin_path("smollm2-135m-instruct")
+        job = {
+            "gguf": str(gguf),
+            "prompts": prompts,
+            "max_tokens": args.max_tokens,
+            "threads": os.cpu_count() or 2,
+            "runs": [[1, 4], [8, 16], [16, 32]],
+        }
+        python = args.llama_python
+        if python is None:
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print("llama-cpp-python is not installed (see --llama-python): skipping llama.cpp")
+            else:
+                python = sys.executable
+        if python is not None:
+            child = subprocess.run(
+                [python, str(Path(__file__).with_name("llama_cpp_rates.py"))],
+                input=json.dumps(job),
+                capture_output=True,
+                text=True,
+                check=True,
             )
-            llama_cpp_throughput(prompts[:1], 1, 4, llm)  # warm-up
-            for concurrency, count in ((1, 4), (8, 16), (16, 32)):
-                rate = llama_cpp_throughput(prompts[:count], concurrency, args.max_tokens, llm)
+            for concurrency, rate in json.loads(child.stdout.strip().splitlines()[-1]):
                 rows.append((f"llama.cpp ({gguf.name}), concurrency {concurrency}", rate))
 
     print(f"\nThroughput (completion tokens/s, greedy, max_tokens={args.max_tokens})")
@@ -320,6 +310,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument(
+        "--llama-python",
+        help="a Python with llama-cpp-python (a throwaway venv; see llama_cpp_rates.py)",
+    )
     parser.add_argument("--skip-quantization", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
