@@ -218,7 +218,9 @@ class SpecWatcher:
         self.path = path
         self.on_change = on_change
         self.interval = interval
-        self._seen = self._read()
+        # None: the first poll applies the file as it is then (a no-op when unchanged), so
+        # a change made while the server started (an S3 adapter downloading) is not missed
+        self._seen: bytes | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tailor-spec-watch", daemon=True)
 
