@@ -143,6 +143,11 @@ KINDS: dict[str, Kind] = {
                 PrinterColumn("Ready", ".status.readyReplicas", "integer"),
                 PrinterColumn("Endpoint", ".status.endpoint"),
                 PrinterColumn("Models", ".status.models", priority=1),
+                PrinterColumn(
+                    "Adapters",
+                    '.status.conditions[?(@.type=="AdaptersLoaded")].reason',
+                    priority=1,
+                ),
                 AGE,
             ),
         ),
