@@ -50,3 +50,21 @@ echo
 "$PY" tests/bench/bench_gateway.py --upstream-url "http://127.0.0.1:$PORT" --model bench \
   --model-dir "$MODEL" --concurrency 1,16,64 \
   --prompts 256 --max-tokens 128
+echo
+echo "adapters in place through vLLM's runtime API (what a ModelDeployment's gateway does):"
+"$PY" - "http://127.0.0.1:$PORT" "$WORK" <<'PYTHON'
+import sys, httpx
+from tailor.api.workloads import UpstreamEngineConfig
+from tailor.workloads.upstream import UpstreamEngine
+url, work = sys.argv[1], sys.argv[2]
+engine = UpstreamEngine(UpstreamEngineConfig(url=url, model="bench", load_adapters=True), None, [], 2048)
+def served():
+    return sorted(m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"])
+engine.load_adapter("extra", f"{work}/pirate")
+assert "bench/extra" in served(), served()
+engine.load_adapter("extra", f"{work}/robot")  # retrained: a new name first, then the old goes
+assert "bench/extra@2" in served() and "bench/extra" not in served(), served()
+engine.unload_adapter("extra")
+assert not any(m.startswith("bench/extra") for m in served()), served()
+print("  load, replace and unload: ok;", served())
+PYTHON
