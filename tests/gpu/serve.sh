@@ -36,7 +36,7 @@ for seed, name in enumerate(("pirate", "robot")):
 PYTHON
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
   --model "$MODEL" --served-model-name bench --host 127.0.0.1 --port "$PORT" \
-  --tensor-parallel-size "$GPUS" --enable-prefix-caching --enable-lora --max-loras 2 \
+  --tensor-parallel-size "$GPUS" --enable-prefix-caching --enable-lora --max-loras 8 \
   --max-lora-rank 16 --lora-modules "bench/pirate=$WORK/pirate" "bench/robot=$WORK/robot" \
   > "$WORK/vllm.log" 2>&1 &
 for _ in $(seq 600); do
