@@ -214,6 +214,8 @@ def view(
     if _true(conds, "Admitted"):
         info["admitted"] = True
         info["admittedAt"] = conds["Admitted"].get("lastTransitionTime")
+        if not info["preemptions"]:  # a first admission waited since the Workload exists
+            info["waitingSince"] = workload["metadata"].get("creationTimestamp")
         return QueueView(
             "",
             "Admitted",
@@ -278,7 +280,8 @@ def record(kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
     if new.get("admitted") and new.get("admittedAt") != old.get("admittedAt"):
         QUEUE_ADMISSIONS.labels(kind, queue).inc()
         QUEUE_PREEMPTIONS.labels(kind, queue)  # a queue's counter exists from 0, not absent
-        waited_since = old.get("waitingSince")
+        # Kueue may admit before the operator ever saw the run waiting (no old status)
+        waited_since = old.get("waitingSince") or new.get("waitingSince")
         if waited_since and new.get("admittedAt"):
             QUEUE_WAIT_SECONDS.labels(kind, queue).observe(
                 max(0.0, (_time(new["admittedAt"]) - _time(waited_since)).total_seconds())
