@@ -100,9 +100,7 @@ class AdapterSet:
                     continue  # failed on these same weights: retried when they change
                 started = time.perf_counter()
                 try:
-                    pending = adapter.model_copy()
-                    self.fetch(pending, self.paths)
-                    self.check([pending])
+                    pending = self._fetched(adapter)
                     engine.load_adapter(adapter.name, pending.path)
                 except Exception as exc:  # reported, the server goes on with the others
                     self._failed(adapter, exc)
@@ -136,9 +134,7 @@ class AdapterSet:
                 chosen[adapter.name] = current
                 continue
             try:
-                pending = adapter.model_copy()
-                self.fetch(pending, self.paths)
-                self.check([pending])
+                pending = self._fetched(adapter)
             except Exception as exc:
                 self._failed(adapter, exc)
                 if current is not None:  # the old version goes on
@@ -175,6 +171,13 @@ class AdapterSet:
         if served:
             self.revision = revision
         return served
+
+    def _fetched(self, adapter: ServedAdapter) -> ServedAdapter:
+        """A copy of ``adapter`` where this server reads it: fetched (S3) and checked."""
+        local = adapter.model_copy()
+        self.fetch(local, self.paths)
+        self.check([local])
+        return local
 
     def _failed(self, adapter: ServedAdapter, exc: Exception) -> None:
         message = str(getattr(exc, "message", None) or exc)
