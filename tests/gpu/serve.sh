@@ -5,6 +5,8 @@
 # same Python) and the model in $MODEL (a folder or a Hub repo reachable from here); the
 # adapters are trained on the spot (a few steps each) so nothing has to be downloaded.
 #   MODEL=/models/SmolLM2-135M-Instruct tests/gpu/serve.sh
+# VLLM_ARGS adds vLLM flags (e.g. "--attention-backend TRITON_ATTN"), BENCH_ARGS replaces the
+# benchmark's sizes, LOG_DIR keeps vLLM's log there.
 # Prints the table; exit status non-zero when something fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +24,8 @@ if ! "$VLLM_PY" -c 'import vllm' 2>/dev/null; then
   exit 2
 fi
 WORK=$(mktemp -d)
+LOG=${LOG_DIR:-$WORK}/vllm.log
+BENCH_ARGS=${BENCH_ARGS:---prompts 256 --max-tokens 128}
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 "$PY" - "$MODEL" "$WORK" <<'PYTHON'
 import sys, torch
@@ -38,18 +42,19 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_PY" -m vllm.entrypoints.openai.api_
   --model "$MODEL" --served-model-name bench --host 127.0.0.1 --port "$PORT" \
   --tensor-parallel-size "$GPUS" --enable-prefix-caching --enable-lora --max-loras 8 \
   --max-lora-rank 16 --lora-modules "bench/pirate=$WORK/pirate" "bench/robot=$WORK/robot" \
-  > "$WORK/vllm.log" 2>&1 &
+  ${VLLM_ARGS:-} > "$LOG" 2>&1 &
+VLLM_PID=$!
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
+  kill -0 "$VLLM_PID" 2>/dev/null || break  # vLLM exited: its log says why
   sleep 1
 done
-curl -sf "http://127.0.0.1:$PORT/v1/models" || { tail -50 "$WORK/vllm.log"; exit 1; }
+curl -sf "http://127.0.0.1:$PORT/v1/models" || { tail -50 "$LOG"; exit 1; }
 echo
 "$PY" -c 'import torch; print("GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
 "$PY" -c 'import vllm; print("vLLM", vllm.__version__)' 2>/dev/null || true
 "$PY" tests/bench/bench_gateway.py --upstream-url "http://127.0.0.1:$PORT" --model bench \
-  --model-dir "$MODEL" --concurrency 1,16,64 \
-  --prompts 256 --max-tokens 128
+  --model-dir "$MODEL" --concurrency 1,16,64 $BENCH_ARGS
 echo
 echo "adapters in place through vLLM's runtime API (what a ModelDeployment's gateway does):"
 "$PY" - "http://127.0.0.1:$PORT" "$WORK" <<'PYTHON'
