@@ -9,6 +9,8 @@ request reaches the engine.
 Without ``--upstream-url`` the engine is Tailor's builtin engine run as its own OpenAI
 server process (SmolLM2, this machine's CPU). On a GPU machine, start vLLM and pass
 ``--upstream-url http://127.0.0.1:8001 --model NAME`` (``tests/gpu/serve.sh`` does).
+``--instant-upstream`` puts ``instant_upstream.py`` (answers at once, ``--max-tokens``
+tokens) behind the gateway: the gateway's own cost, with no engine time to hide it.
 
     .venv/bin/python tests/bench/bench_gateway.py [--concurrency 1,16] [--max-tokens 32]
 """
@@ -70,6 +72,20 @@ def start_server(run: dict[str, Any], work: Path, name: str) -> tuple[subprocess
         time.sleep(0.5)
 
 
+def wait_for(url: str, seconds: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} did not answer") from None
+            time.sleep(0.2)
+
+
 def serve_run(port: int, model: dict[str, Any], upstream: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "spec": {
@@ -95,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-url", help="an engine already serving (e.g. vLLM)")
     parser.add_argument("--model", default=SERVED, help="the upstream's model name")
     parser.add_argument(
+        "--instant-upstream",
+        action="store_true",
+        help="an upstream that answers at once (the gateway's own cost)",
+    )
+    parser.add_argument(
         "--model-dir",
         help="the upstream's model folder, for the gateway's tokenizer (default: the builtin "
         "SmolLM2)",
@@ -110,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.upstream_url:
             engine_url = args.upstream_url
+        elif args.instant_upstream:
+            port = free_port()
+            script = ROOT / "tests" / "bench" / "instant_upstream.py"
+            cmd = [sys.executable, str(script), str(port), str(args.max_tokens)]
+            procs.append(subprocess.Popen(cmd))
+            engine_url = f"http://127.0.0.1:{port}"
+            wait_for(f"{engine_url}/v1/models")
         else:
             proc, engine_url = start_server(serve_run(free_port(), model, None), work, "engine")
             procs.append(proc)
@@ -119,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = questions(args.prompts)
         server_throughput(engine_url, prompts[:4], 4, 8)  # warm-up both paths
         server_throughput(gateway_url, prompts[:4], 4, 8)
-        print(f"engine: {engine_url} ({'given' if args.upstream_url else 'builtin, own process'})")
+        kind = "given" if args.upstream_url else "instant" if args.instant_upstream else "builtin"
+        print(f"engine: {engine_url} ({kind}, own process)")
         print(f"{len(prompts)} requests per level, max_tokens {args.max_tokens}, greedy\n")
         print("| concurrency | engine alone tok/s | through the gateway tok/s | overhead |")
         print("|---:|---:|---:|---:|")

@@ -539,6 +539,41 @@ def test_an_upstream_engine_that_is_down_is_a_503_naming_it(run: ServeRun, engin
             assert url in error["message"] and "not reachable" in error["message"]
 
 
+def test_upstream_answers_whole_when_the_client_does_not_stream(
+    upstream: str, engine: Engine
+) -> None:
+    """A non-streamed request is asked of the upstream whole (one JSON answer, not a JSON
+    event per token), with the same text as the stream; every request reuses the one
+    kept-alive connection (reading a stream to its end returns it to the pool)."""
+    remote = UpstreamEngine(
+        UpstreamEngineConfig(url=upstream, model=SERVED), engine.tokenizer, list(PERSONAS), 8192
+    )
+    ids = engine.encode_chat([{"role": "user", "content": "Name three colours."}])
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+
+    async def collect(incremental: bool, adapter: str | None = None) -> list[Any]:
+        return [c async for c in remote.stream(ids, adapter, params, incremental=incremental)]
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], int]:
+        streamed = await collect(True)
+        whole = await collect(False)
+        await collect(True, "pirate")
+        adapter_whole = await collect(False, "pirate")
+        for _ in range(3):
+            await collect(False)
+            await collect(True)
+        pool = remote._client()._transport._pool  # type: ignore[attr-defined]
+        return streamed, whole, adapter_whole, len(pool.connections)
+
+    streamed, whole, adapter_whole, connections = asyncio.run(scenario())
+    assert len(streamed) > 2 and len(whole) == 1 and len(adapter_whole) == 1
+    assert whole[0].finish_reason == streamed[-1].finish_reason
+    assert whole[0].text == "".join(c.text for c in streamed)
+    assert whole[0].completion_tokens == streamed[-1].completion_tokens > 0
+    assert adapter_whole[0].text != whole[0].text  # the adapter answered, not the base
+    assert connections == 1
+
+
 @pytest.mark.parametrize("mode", ["builtin", "int8", "upstream"])
 def test_adapters_change_in_a_running_server_without_a_restart(
     mode: str, workdir: Path, adapter_dirs: dict[str, Path], request: pytest.FixtureRequest

@@ -405,9 +405,15 @@ class Engine:
         return request
 
     async def stream(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        incremental: bool = True,
     ) -> AsyncGenerator[Chunk, None]:
-        """The request's chunks as an async generator; closing it cancels the request."""
+        """The request's chunks as an async generator; closing it cancels the request.
+        ``incremental`` is the gateway's hint that the client reads a stream; in-process
+        chunks cost nothing, so they come one by one either way."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
 

