@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,15 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         kind = "given" if args.upstream_url else "instant" if args.instant_upstream else "builtin"
         print(f"engine: {engine_url} ({kind}, own process)")
         print(f"{len(prompts)} requests per level, max_tokens {args.max_tokens}, greedy\n")
-        print("| concurrency | engine alone tok/s | through the gateway tok/s | overhead |")
-        print("|---:|---:|---:|---:|")
+        print(
+            "| concurrency | engine alone tok/s | through the gateway tok/s | overhead "
+            "| gateway CPU ms/request |"
+        )
+        print("|---:|---:|---:|---:|---:|")
+        gateway = psutil.Process(proc.pid)
         for level in levels:
-            alone, through = [], []
+            alone, through, cpu = [], [], 0.0
             for _ in range(args.rounds):
                 alone.append(server_throughput(engine_url, prompts, level, args.max_tokens))
+                before = sum(gateway.cpu_times()[:2])
                 through.append(server_throughput(gateway_url, prompts, level, args.max_tokens))
+                cpu += sum(gateway.cpu_times()[:2]) - before
             a, g = statistics.mean(alone), statistics.mean(through)
-            print(f"| {level} | {a:.1f} | {g:.1f} | {100 * (a - g) / a:+.1f}% |")
+            per_request = 1000 * cpu / (args.rounds * len(prompts))
+            print(
+                f"| {level} | {a:.1f} | {g:.1f} | {100 * (a - g) / a:+.1f}% | {per_request:.2f} |"
+            )
         return 0
     finally:
         for proc in procs:

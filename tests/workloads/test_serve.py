@@ -562,8 +562,10 @@ def test_upstream_answers_whole_when_the_client_does_not_stream(
         for _ in range(3):
             await collect(False)
             await collect(True)
-        pool = remote._client()._transport._pool  # type: ignore[attr-defined]
-        return streamed, whole, adapter_whole, len(pool.connections)
+        idle = remote._client().connector._conns  # type: ignore[union-attr]
+        kept = sum(len(connections) for connections in idle.values())
+        await remote.aclose()
+        return streamed, whole, adapter_whole, kept
 
     streamed, whole, adapter_whole, connections = asyncio.run(scenario())
     assert len(streamed) > 2 and len(whole) == 1 and len(adapter_whole) == 1

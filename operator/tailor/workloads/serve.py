@@ -1057,6 +1057,8 @@ def create_app(
         if watcher is not None:
             watcher.stop()
         if owns_engine and server.engine is not None:
+            if hasattr(server.engine, "aclose"):  # an upstream's HTTP session
+                await server.engine.aclose()
             await asyncio.to_thread(server.engine.close)
 
     app = FastAPI(title=f"Tailor: {run.served_name}", lifespan=lifespan)

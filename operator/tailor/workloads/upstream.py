@@ -29,6 +29,7 @@ import weakref
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+import aiohttp
 import httpx
 
 from tailor.api.workloads import Paths, ServedAdapter, UpstreamEngineConfig
@@ -66,21 +67,32 @@ class UpstreamEngine:
         self.adapters = {name: f"{config.model}/{name}" for name in adapters}
         self.context_window = context_window
         self.metrics = metrics
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]
         self._clients = weakref.WeakKeyDictionary()
         self._versions = itertools.count(2)  # upstream names of replaced adapters
 
-    def _client(self) -> httpx.AsyncClient:
-        """The HTTP client of the running event loop (connections belong to one loop)."""
+    def _client(self) -> aiohttp.ClientSession:
+        """The HTTP session of the running event loop (connections belong to one loop).
+        aiohttp, not httpx, on this path: httpx's connection pool cost ~3 ms per request at
+        16 concurrent requests here (319 vs 3,114 requests/s against an instant server)."""
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is None:
-            timeout = httpx.Timeout(
-                connect=5.0, read=self.config.timeout_seconds, write=30.0, pool=30.0
+        if client is None or client.closed:
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=5.0, sock_read=self.config.timeout_seconds
             )
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-            client = self._clients[loop] = httpx.AsyncClient(timeout=timeout, limits=limits)
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            client = aiohttp.ClientSession(
+                timeout=timeout, connector=connector, auto_decompress=False
+            )
+            self._clients[loop] = client
         return client
+
+    async def aclose(self) -> None:
+        """Close the running event loop's session (the server's shutdown)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -139,44 +151,42 @@ class UpstreamEngine:
         it as one final chunk: a token stream costs both servers a JSON event per token."""
         body = self._body(prompt_ids, adapter, params, incremental)
         started = time.perf_counter()
-        client = self._client()
-        request = client.build_request("POST", f"{self.url}/v1/completions", json=body)
         try:
-            response = await client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            response = await self._client().post(f"{self.url}/v1/completions", json=body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise EngineUnavailable(
                 f"the model server at {self.url} is not reachable ({type(exc).__name__}); "
                 "retry shortly"
             ) from exc
+        finished = False  # read to the end: the connection goes back to the pool
         try:
-            if response.status_code != 200:
-                await response.aread()
-                message = _error_message(response)
-                if response.status_code == 500 and not incremental:
+            if response.status != 200:
+                message = _error_text(await response.text(), response.reason or "")
+                finished = True
+                if response.status == 500 and not incremental:
                     # the generation failed there: the same as an error event in a stream
                     yield Chunk("", "error", 0, time.perf_counter() - started, error=message)
                     return
-                if response.status_code == 429:
+                if response.status == 429:
                     raise QueueFull(message)
-                if 400 <= response.status_code < 500:
-                    raise EngineRejected(response.status_code, message)
-                raise EngineUnavailable(
-                    f"the model server answered {response.status_code}: {message}"
-                )
+                if 400 <= response.status < 500:
+                    raise EngineRejected(response.status, message)
+                raise EngineUnavailable(f"the model server answered {response.status}: {message}")
             if not incremental:
-                yield await _whole(response, started)
+                chunk = await _whole(response, started)
+                finished = chunk.finish_reason != "error"
+                yield chunk
                 return
             finish: str | None = None
             tokens = 0
             try:
-                async for line in response.aiter_lines():
+                async for raw in response.content:
+                    line = raw.decode()
                     if not line.startswith("data: "):
                         continue
                     data = line[6:].strip()
                     if data == "[DONE]":
-                        # read on to the end of the body (it ends here), so that the
-                        # connection goes back to the pool instead of being closed
-                        continue
+                        continue  # read on to the end of the body (it ends here)
                     event = json.loads(data)
                     if "error" in event:
                         yield Chunk("", "error", tokens, time.perf_counter() - started,
@@ -188,13 +198,17 @@ class UpstreamEngine:
                         if choice.get("text"):
                             yield Chunk(choice["text"])
                         finish = choice.get("finish_reason") or finish
-            except (httpx.TransportError, ValueError) as exc:
+                finished = True
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 yield Chunk("", "error", tokens, time.perf_counter() - started,
                             error=f"the model server's stream broke off: {type(exc).__name__}")  # fmt: skip
                 return
             yield Chunk("", finish or "stop", tokens, time.perf_counter() - started)
         finally:
-            await response.aclose()
+            if finished:
+                response.release()
+            else:  # a client that went away: closing the connection cancels upstream
+                response.close()
 
     def _body(
         self,
@@ -230,18 +244,17 @@ class UpstreamEngine:
         """Nothing to stop here: the HTTP client's connections close with the process."""
 
 
-async def _whole(response: httpx.Response, started: float) -> Chunk:
+async def _whole(response: aiohttp.ClientResponse, started: float) -> Chunk:
     """A non-streamed completion as one final chunk (an error chunk if it does not parse)."""
-    elapsed = time.perf_counter() - started
     try:
-        await response.aread()
-        answer = response.json()
+        answer = json.loads(await response.read())
         choice = (answer.get("choices") or [{}])[0]
         tokens = int((answer.get("usage") or {}).get("completion_tokens") or 0)
         text = str(choice.get("text") or "")
-        return Chunk(text, choice.get("finish_reason") or "stop", tokens, elapsed)
-    except (httpx.TransportError, ValueError, AttributeError, TypeError) as exc:
-        return Chunk("", "error", 0, elapsed,
+        finish = choice.get("finish_reason") or "stop"
+        return Chunk(text, finish, tokens, time.perf_counter() - started)
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError, TypeError) as exc:
+        return Chunk("", "error", 0, time.perf_counter() - started,
                      error=f"the model server's answer broke off: {type(exc).__name__}")  # fmt: skip
 
 
@@ -254,10 +267,15 @@ def response_format(key: str) -> dict[str, Any]:
 
 
 def _error_message(response: httpx.Response) -> str:
+    return _error_text(response.text, response.reason_phrase)
+
+
+def _error_text(text: str, reason: str) -> str:
+    """The upstream's error message out of its answer (OpenAI's error shape or any JSON)."""
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:500] or response.reason_phrase
+        return text[:500] or reason
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         return str(error.get("message") or error)
