@@ -58,34 +58,29 @@ def start_server(run: dict[str, Any], work: Path, name: str) -> tuple[subprocess
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{run['port']}"
-    import httpx
-
-    deadline = time.monotonic() + 1800
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited: {(work / f'{name}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name} did not become ready")
-        time.sleep(0.5)
+    wait_ready(f"{url}/readyz", proc, name, 1800, work / f"{name}.log")
+    return proc, url
 
 
-def wait_for(url: str, seconds: float = 30) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], name: str, seconds: float, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; stop if ``proc`` exits (with its log's tail)."""
     import httpx
 
     deadline = time.monotonic() + seconds
     while True:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log else ""
+            raise SystemExit(f"{name} exited: {tail}")
         try:
-            httpx.get(url, timeout=2)
-            return
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not answer") from None
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not become ready")
+        time.sleep(0.2)
 
 
 def serve_run(port: int, model: dict[str, Any], upstream: dict[str, Any] | None) -> dict[str, Any]:
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(script), str(port), str(args.max_tokens)]
             procs.append(subprocess.Popen(cmd))
             engine_url = f"http://127.0.0.1:{port}"
-            wait_for(f"{engine_url}/v1/models")
+            wait_ready(f"{engine_url}/v1/models", procs[-1], "instant upstream", 30)
         else:
             proc, engine_url = start_server(serve_run(free_port(), model, None), work, "engine")
             procs.append(proc)

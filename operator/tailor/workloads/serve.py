@@ -671,9 +671,9 @@ class Server:
         self.remember(response_id, gen.model)
         engine = self.require_engine()
         self.metrics.inflight_inc()
-        tracker = _Tracker(self, gen, started, cache_key)
         # an engine that answers non-streamed requests whole has no first-token time then
-        tracker.ttft = gen.stream or not getattr(engine, "answers_whole", False)
+        ttft = gen.stream or not getattr(engine, "answers_whole", False)
+        tracker = _Tracker(self, gen, started, cache_key, ttft)
         chunks = engine.stream(gen.prompt_ids, gen.adapter, gen.params, incremental=gen.stream)
         try:
             first = await anext(chunks)  # submits; QueueFull surfaces here
@@ -828,11 +828,18 @@ class _CountRequests:
 class _Tracker:
     """Per-request timing for the metrics: first token, totals, once at the end."""
 
-    def __init__(self, server: Server, gen: Generation, started: float, cache_key: str | None):
+    def __init__(
+        self,
+        server: Server,
+        gen: Generation,
+        started: float,
+        cache_key: str | None,
+        ttft: bool = True,
+    ):
         self.server, self.gen, self.started, self.cache_key = server, gen, started, cache_key
+        self.ttft = ttft  # observe the time to the first token
         self.first_token: float | None = None
         self.final: Any = None
-        self.ttft = True
         self._done = False
 
     def saw(self, chunk: Any) -> None:
