@@ -241,7 +241,7 @@ class UpstreamEngine:
         return body
 
     def close(self) -> None:
-        """Nothing to stop here: the HTTP client's connections close with the process."""
+        """Nothing to stop here: the server closes the HTTP session with :meth:`aclose`."""
 
 
 async def _whole(response: aiohttp.ClientResponse, started: float) -> Chunk:
