@@ -445,3 +445,64 @@ def test_a_shared_prompt_prefix_is_computed_once_and_answers_the_same(
     finally:
         cached.close()
         plain.close()
+
+
+def test_rows_that_join_and_leave_the_batch_answer_as_each_request_alone(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running batch's KV slab under churn: prompts longer and shorter than the batch's
+    window join mid-decode (each is submitted when the one before it streams its second
+    token), rows finish at different steps (their slots are refilled from the end), more
+    requests than slots wait, and almost no spare room (``ROOM`` 2) forces the buffers to
+    move often. Every answer equals the same request run alone, which equals
+    transformers' ``generate``."""
+    from tailor.workloads import kvcache
+
+    monkeypatch.setattr(kvcache, "ROOM", 2)
+    model, adapters = tiny_peft_model(tokenizer, tmp_path)
+    engine = Engine(model, tokenizer, adapters, max_batch_size=4, max_queue=16,
+                    prefix_cache_tokens=0)  # fmt: skip
+    engine.eos_ids = set()
+    lengths = [5, 40, 12, 60, 8, 30, 70, 3, 25]
+    max_tokens = [20, 6, 15, 4, 18, 9, 12, 7, 10]
+    which = [None, "a", None, "b", None, None, "a", None, "b"]
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(100, 5000, (n,), generator=generator).tolist() for n in lengths]
+    outputs: list[queue.SimpleQueue[Chunk]] = [queue.SimpleQueue() for _ in prompts]
+    seen = [0] * len(prompts)
+
+    def sink(i: int) -> Any:
+        def put(chunk: Chunk) -> None:
+            outputs[i].put(chunk)
+            seen[i] += 1
+            if seen[i] == 2 and i + 1 < len(prompts):  # the next joins while this decodes
+                submit(i + 1)
+
+        return put
+
+    def submit(i: int) -> None:
+        engine.submit(prompts[i], which[i], SamplingParams(max_tokens=max_tokens[i]), sink(i))
+
+    def text(chunks: queue.SimpleQueue[Chunk]) -> tuple[str, int]:
+        parts = []
+        while (chunk := chunks.get(timeout=120)).finish_reason is None:
+            parts.append(chunk.text)
+        return "".join(parts) + chunk.text, chunk.completion_tokens
+
+    try:
+        submit(0)
+        together = [text(out) for out in outputs]
+        alone = [
+            engine.generate(p, a, SamplingParams(max_tokens=n), timeout=120)
+            for p, a, n in zip(prompts, which, max_tokens, strict=True)
+        ]
+        assert [(c.text, c.completion_tokens) for c in alone] == together
+        assert [n for _, n in together] == max_tokens
+        with torch.inference_mode(), model.disable_adapter():
+            for prompt, adapter, n, (got, _) in zip(prompts, which, max_tokens, together, strict=True):  # fmt: skip
+                if adapter is None:
+                    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n,
+                                         do_sample=False, eos_token_id=None)  # fmt: skip
+                    assert got == tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    finally:
+        engine.close()

@@ -3,10 +3,11 @@ adapters, with continuous batching of concurrent requests.
 
 A scheduler thread owns the model. Between two decode steps it admits waiting requests (up
 to ``batching.maxBatchSize`` sequences in flight): their prompts are prefilled together,
-left-padded, and their key/value caches are left-padded into the running batch, so a new
+left-padded, and their key/value caches are written into the running batch's preallocated
+cache (:class:`~tailor.workloads.kvcache.KVSlab`: no copy of the running rows), so a new
 request never waits for the others to finish. Each decode step feeds one token per
-sequence through the model with the shared KV cache; finished sequences leave the batch at
-once. Requests for different adapters share a batch: PEFT's mixed-adapter inference
+sequence through the model and writes its KV in place; finished sequences leave the batch
+at once. Requests for different adapters share a batch: PEFT's mixed-adapter inference
 (``adapter_names=[...]``, ``"__base__"`` for the base model with adapters disabled) applies
 each row's own LoRA weights. Sampling (temperature, top-p, seed, penalties) and stop
 sequences are per request. transformers' own ``generate`` batches only requests that
@@ -45,6 +46,7 @@ from tailor.api.workloads import Paths, ServedAdapter
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.common import WorkloadError
 from tailor.workloads.grammar import Grammars, mask_logits
+from tailor.workloads.kvcache import KVSlab
 from tailor.workloads.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("tailor.workloads.engine")
@@ -265,7 +267,7 @@ class Engine:
         self._closed = False
         # Running batch: one row per sequence, aligned with the cache's batch dimension.
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: KVSlab | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._next = torch.zeros((0,), dtype=torch.long, device=self.device)
         self._thread = threading.Thread(target=self._loop, name="tailor-engine", daemon=True)
@@ -644,8 +646,11 @@ class Engine:
         self._mask = torch.cat([self._mask, ones], dim=1)
         positions = torch.tensor([[row.position] for row in rows], device=self.device)
 
+        assert self._cache is not None
+        self._cache.reserve(1)
         started = time.perf_counter()
         logits = self._forward(self._next[:, None], self._mask, positions, self._cache, rows)
+        self._cache.advance(1)
         tokens = self._sample(logits, rows)
         elapsed = time.perf_counter() - started
 
@@ -654,7 +659,7 @@ class Engine:
             row.device_seconds += elapsed / len(rows)
         self._observe(len(rows), len(rows))
         keep = [i for i, row in enumerate(rows) if not self._advance(row, tokens[i])]
-        self._next = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.device)
+        self._next = torch.tensor(tokens, dtype=torch.long, device=self.device)
         if len(keep) < len(rows):
             self._select(keep)
 
@@ -697,38 +702,35 @@ class Engine:
     def _join(
         self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor
     ) -> None:
-        """Append prefilled sequences to the running batch, left-padding the shorter side."""
+        """Append prefilled sequences to the running batch: their KV is written into the
+        batch's slab (no copy of the running rows' KV), the shorter side left-padded."""
         if not self._rows or self._cache is None:
-            self._cache, self._mask, self._rows, self._next = cache, mask, rows, next_tokens
+            self._cache = KVSlab(cache)
+            self._mask, self._rows, self._next = mask, rows, next_tokens
             return
-        length = max(self._mask.shape[1], mask.shape[1])
-        old_layers: list[Any] = self._cache.layers
-        new_layers: list[Any] = cache.layers
-        for old, new in zip(old_layers, new_layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
-            old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
+        self._cache.join(cache)
+        length = self._cache.width
         self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)])
         self._rows = self._rows + rows
         self._next = torch.cat([self._next, next_tokens])
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only ``keep`` rows, then drop the columns that are padding in every row."""
-        self._rows = [self._rows[i] for i in keep]
+        """Keep only ``keep`` rows (the slab moves a row into each freed slot, so the order
+        changes), then drop the columns that are padding in every row."""
         if not keep:
-            self._cache = None
+            self._rows, self._cache = [], None
             self._mask = self._mask[:0, :0]
             return
         assert self._cache is not None
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
+        order = self._cache.keep(keep)
+        self._rows = [self._rows[i] for i in order]
+        index = torch.tensor(order, device=self.device)
         self._mask = self._mask[index]
+        self._next = self._next[index]
         padding = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum().item())
         if padding:
             self._mask = self._mask[:, padding:]
-            layers: list[Any] = self._cache.layers
-            for layer in layers:
-                layer.keys = layer.keys[:, :, padding:]
-                layer.values = layer.values[:, :, padding:]
+            self._cache.trim(padding)
 
     # ---------------------------------------------------------------- sampling and output
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -843,15 +845,12 @@ def _deliver(request: GenerationRequest, chunk: Chunk) -> None:
         log.debug("dropping a chunk for a request whose consumer is gone", exc_info=True)
 
 
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Left-pad dimension 1 of a mask [B, T] or dimension 2 of a cache [B, H, T, D]."""
-    dim = 1 if tensor.dim() == 2 else 2
-    missing = length - tensor.shape[dim]
+def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad an attention mask [B, T] with zeros to ``length`` columns."""
+    missing = length - mask.shape[1]
     if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

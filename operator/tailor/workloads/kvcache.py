@@ -1,0 +1,196 @@
+"""The running batch's key/value cache in preallocated buffers (the engine's KV slab).
+
+transformers' ``DynamicCache`` grows by concatenation: every decode step copies every
+layer's whole cache to append one token, and every request that joins a running batch
+copies it again (left-padding both sides). Measured on SmolLM2-135M, 16 rows of ~200
+tokens, 2 CPU cores: the concatenations were 21% of a decode step.
+
+Here each layer's keys and values live in buffers ``[rows, heads, capacity, head_dim]``
+with room on both sides of the live window ``[start, end)``, which all rows share (rows
+are left-padded; the engine's attention mask hides the padding). A decode step writes one
+column in place and attention reads a view. A joining request's prompt KV is written into
+free rows; a prompt longer than the window moves ``start`` left into the headroom. A
+finished row's slot is filled by the last row (one row copied, not the batch). Padding
+that every row has is dropped by moving ``start``. Only when the window reaches a
+buffer's edge, or rows outgrow it, is the live window copied into new buffers, with room
+again (amortized: each time the room grows with the window).
+
+Columns inside the window that a row does not use are zeros, as ``DynamicCache``'s
+left padding was: a masked column must not hold a NaN (it would reach the softmax).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+ROOM = 128
+"""Free columns kept before and after the window when buffers are (re)allocated."""
+
+
+class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """One layer of a :class:`KVSlab`: writes at the slab's ``end``, returns the window."""
+
+    def __init__(self, slab: KVSlab, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.slab = slab
+        self.k_buffer, self.v_buffer = keys, values
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+        self._view()
+
+    def _view(self) -> None:
+        s = self.slab
+        self.keys = self.k_buffer[: s.rows, :, s.start : s.end]
+        self.values = self.v_buffer[: s.rows, :, s.start : s.end]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.slab
+        new = key_states.shape[2]
+        if s.end + new > self.k_buffer.shape[2]:  # the engine reserves first (KVSlab.reserve)
+            raise RuntimeError("KV slab full: reserve() was not called before the forward pass")
+        self.k_buffer[: s.rows, :, s.end : s.end + new] = key_states
+        self.v_buffer[: s.rows, :, s.end : s.end + new] = value_states
+        keys = self.k_buffer[: s.rows, :, s.start : s.end + new]
+        values = self.v_buffer[: s.rows, :, s.start : s.end + new]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.slab.end - self.slab.start
+
+
+class KVSlab(DynamicCache):
+    """The running batch's cache (see the module docstring). ``rows`` sequences share the
+    columns ``[start, end)``; the engine keeps its mask ``end - start`` wide."""
+
+    rows: int
+    start: int
+    end: int
+
+    def __init__(self, prefill: DynamicCache):
+        """A slab holding the rows of a prefill's cache (copied once)."""
+        first: Any = prefill.layers[0]
+        batch, _, length, _ = first.keys.shape
+        self.rows, self.start, self.end = 0, ROOM + length, ROOM + length
+        sources: list[Any] = prefill.layers
+        layers = [
+            _SlabLayer(self, *self._buffers(layer.keys, batch, ROOM + length + ROOM))
+            for layer in sources
+        ]
+        super().__init__()
+        self.layers = layers  # type: ignore[assignment]
+        self.join(prefill)
+
+    @staticmethod
+    def _buffers(like: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _, heads, _, dim = like.shape
+        shape = (rows, heads, columns, dim)
+        return (
+            torch.zeros(shape, dtype=like.dtype, device=like.device),
+            torch.zeros(shape, dtype=like.dtype, device=like.device),
+        )
+
+    @property
+    def _slab_layers(self) -> list[_SlabLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, columns) of the buffers."""
+        k = self._slab_layers[0].k_buffer
+        return int(k.shape[0]), int(k.shape[2])
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def _relocate(self, rows: int, front: int) -> None:
+        """Copy the window into new buffers with ``rows`` rows, at least ``front`` free
+        columns before it and :data:`ROOM` (or the window's width) after it."""
+        width = self.width
+        start = max(front, ROOM)
+        columns = start + width + max(ROOM, width)
+        for layer in self._slab_layers:
+            keys, values = self._buffers(layer.k_buffer, rows, columns)
+            keys[: self.rows, :, start : start + width] = layer.k_buffer[
+                : self.rows, :, self.start : self.end
+            ]
+            values[: self.rows, :, start : start + width] = layer.v_buffer[
+                : self.rows, :, self.start : self.end
+            ]
+            layer.k_buffer, layer.v_buffer = keys, values
+        self.start, self.end = start, start + width
+        self._views()
+
+    def _views(self) -> None:
+        for layer in self._slab_layers:
+            layer._view()
+
+    def reserve(self, new: int) -> None:
+        """Make room for ``new`` columns after the window (before a forward pass)."""
+        rows, columns = self.capacity
+        if self.end + new > columns:
+            self._relocate(rows, ROOM)
+
+    def advance(self, new: int) -> None:
+        """The forward pass wrote ``new`` columns: they join the window."""
+        self.end += new
+        self._views()
+
+    def join(self, prefill: DynamicCache) -> None:
+        """Append a prefill's rows (left-padded to their longest prompt) to the batch; the
+        window widens on the left when they are longer than it."""
+        first: Any = prefill.layers[0]
+        added, length = first.keys.shape[0], first.keys.shape[2]
+        rows, _ = self.capacity
+        grow = max(length - self.width, 0)
+        if self.rows + added > rows:
+            rows = max(self.rows + added, 2 * rows)
+        if rows > self.capacity[0] or self.start < grow:
+            self._relocate(rows, grow + ROOM)
+        old, start = self.rows, self.start - grow
+        for layer, source in zip(self._slab_layers, prefill.layers, strict=True):
+            new: Any = source
+            if grow and old:  # the old rows' new left columns are padding
+                layer.k_buffer[:old, :, start : self.start] = 0
+                layer.v_buffer[:old, :, start : self.start] = 0
+            rows_k = layer.k_buffer[old : old + added, :, start : self.end]
+            rows_v = layer.v_buffer[old : old + added, :, start : self.end]
+            rows_k[:, :, : rows_k.shape[2] - length] = 0
+            rows_v[:, :, : rows_v.shape[2] - length] = 0
+            rows_k[:, :, rows_k.shape[2] - length :] = new.keys
+            rows_v[:, :, rows_v.shape[2] - length :] = new.values
+        self.rows += added
+        self.start = start
+        self._views()
+
+    def keep(self, keep: list[int]) -> list[int]:
+        """Keep the rows ``keep`` (sorted): each freed slot below the new row count takes
+        a kept row from above it. Returns the new order (old row index per new row)."""
+        count = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(count) if i not in kept]
+        movers = [i for i in keep if i >= count]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            to = torch.tensor(holes, device=self._slab_layers[0].k_buffer.device)
+            source = torch.tensor(movers, device=to.device)
+            for layer in self._slab_layers:
+                for buffer in (layer.k_buffer, layer.v_buffer):
+                    window = buffer[:, :, self.start : self.end]
+                    window.index_copy_(0, to, window.index_select(0, source))
+        self.rows = count
+        self._views()
+        return order
+
+    def trim(self, columns: int) -> None:
+        """Drop the window's first ``columns`` (padding in every row)."""
+        self.start += columns
+        self._views()
