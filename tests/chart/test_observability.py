@@ -180,6 +180,36 @@ def test_every_metric_used_is_exported_by_the_code() -> None:
         assert not missing, f"{query.where} uses {missing}, which no code exports"
 
 
+VLLM_METRICS = Path(__file__).with_name("fixtures") / "vllm-0.26.0-metrics.txt"
+
+
+def vllm_only(queries: list[UsedQuery]) -> bool:
+    """Every query of a panel reads vLLM's metrics alone (no Tailor metric)."""
+    return all(dashboards.vllm_metric_names(q.expr) and not metric_names(q.expr) for q in queries)
+
+
+def test_the_vllm_row_reads_what_vllm_exports() -> None:
+    """The serving dashboard's vLLM row uses names vLLM 0.26.0 exports (its source's list;
+    tests/gpu/serve.sh checks them against a running vLLM), and only that row needs vLLM."""
+    exported = {line for line in VLLM_METRICS.read_text().splitlines() if line and line[0] != "#"}
+    used = dashboards.vllm_metric_names()
+    assert used and used <= exported, used - exported
+    serving = json.loads((CHART / "dashboards" / "tailor-serving.json").read_text())
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] = []
+    for panel in serving["panels"]:  # a row's panels follow it (or sit inside it, collapsed)
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], list(panel.get("panels", [])))
+        else:
+            current.append(panel)
+    by_panel: dict[str, list[UsedQuery]] = {}
+    for query in dashboard_queries():
+        by_panel.setdefault(query.where.rsplit(" / ", 1)[0], []).append(query)
+    needs_vllm = {panel for panel, queries in by_panel.items() if vllm_only(queries)}
+    in_row = {f"{serving['title']} / {p['title']}" for p in rows[dashboards.VLLM_ROW]}
+    assert needs_vllm == in_row and in_row, (needs_vllm, in_row)
+
+
 REQUIRED = {
     "tailor-operator": {
         "tailor_operator_resources",
@@ -826,7 +856,15 @@ def test_every_dashboard_query_runs_and_every_panel_shows_data(stack: Stack) -> 
     for query in dashboard_queries():
         panel = query.where.rsplit(" / ", 1)[0]
         by_panel.setdefault(panel, []).append(len(stack.query(for_prometheus(query.expr))))
-    empty = [panel for panel, sizes in by_panel.items() if not any(sizes)]
+    # the vLLM row's queries run, but no vLLM runs here (no GPU): checked by name instead
+    # (test_the_vllm_row_reads_what_vllm_exports) and on a GPU by tests/gpu/serve.sh
+    queries: dict[str, list[UsedQuery]] = {}
+    for query in dashboard_queries():
+        queries.setdefault(query.where.rsplit(" / ", 1)[0], []).append(query)
+    empty = [
+        panel for panel, sizes in by_panel.items()
+        if not any(sizes) and not vllm_only(queries[panel])
+    ]  # fmt: skip
     assert not empty, f"panels without data: {empty}"
     for query in variable_queries():
         metric_selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", query.expr).groups()  # type: ignore[union-attr]

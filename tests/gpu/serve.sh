@@ -7,7 +7,8 @@
 #   MODEL=/models/SmolLM2-135M-Instruct tests/gpu/serve.sh
 # VLLM_ARGS adds vLLM flags (e.g. "--attention-backend TRITON_ATTN"), BENCH_ARGS replaces the
 # benchmark's sizes, LOG_DIR keeps vLLM's log there.
-# Prints the table; exit status non-zero when something fails.
+# Prints the table, then checks that the running vLLM exports every metric the serving
+# dashboard's vLLM row reads; exit status non-zero when something fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -72,4 +73,15 @@ assert "bench/extra@2" in served() and "bench/extra" not in served(), served()
 engine.unload_adapter("extra")
 assert not any(m.startswith("bench/extra") for m in served()), served()
 print("  load, replace and unload: ok;", served())
+PYTHON
+echo
+echo "vLLM metrics the serving dashboard's vLLM row reads:"
+"$PY" - "http://127.0.0.1:$PORT" <<'PYTHON'
+import sys, httpx
+from tailor.observability.dashboards import vllm_metric_names
+text = httpx.get(f"{sys.argv[1]}/metrics").text
+exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+missing = vllm_metric_names() - exposed
+assert not missing, f"the running vLLM does not export {sorted(missing)}"
+print("  all exported:", ", ".join(sorted(vllm_metric_names())))
 PYTHON

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ CHART = Path(__file__).resolve().parents[3] / "charts" / "tailor"
 DASHBOARDS_DIR = "dashboards"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
+VLLM_ROW = "vLLM engine"
+"""The serving row fed by vLLM's metrics: data only where a ModelDeployment runs vLLM."""
 
 PanelKind = Literal["timeseries", "stat", "bargauge"]
 
@@ -817,6 +820,56 @@ def serving_dashboard() -> Dashboard:
                 ),
             ),
             Row(
+                VLLM_ROW,
+                (
+                    Panel(
+                        "vLLM requests running and waiting",
+                        "`spec.engine: vllm`: sequences in vLLM's running batch and requests "
+                        "waiting for a slot (vLLM's own gauges, re-exported by the gateway).",
+                        (
+                            q(
+                                f"sum by (deployment) (vllm:num_requests_running{md})",
+                                "{{deployment}} running",
+                            ),
+                            q(
+                                f"sum by (deployment) (vllm:num_requests_waiting{md})",
+                                "{{deployment}} waiting",
+                            ),
+                        ),
+                        width=8,
+                    ),
+                    Panel(
+                        "vLLM KV cache usage",
+                        "Share of vLLM's paged KV cache in use (the busiest replica); near 1, "
+                        "vLLM preempts sequences.",
+                        (
+                            q(
+                                f"max by (deployment) (vllm:kv_cache_usage_perc{md})",
+                                "{{deployment}}",
+                            ),
+                        ),
+                        unit="percentunit",
+                        min=0,
+                        max=1,
+                        width=8,
+                    ),
+                    Panel(
+                        "vLLM prefix cache hit ratio",
+                        "Share of prompt tokens vLLM found in its prefix cache "
+                        "(`--enable-prefix-caching`: system prompts and few-shot blocks).",
+                        (
+                            q(
+                                f"sum by (deployment) (rate(vllm:prefix_cache_hits_total{md}[{RATE}])) "
+                                f"/ sum by (deployment) (rate(vllm:prefix_cache_queries_total{md}[{RATE}]))",
+                                "{{deployment}}",
+                            ),
+                        ),
+                        unit="percentunit",
+                        width=8,
+                    ),
+                ),
+            ),
+            Row(
                 "Cache, adapters and retrieval",
                 (
                     Panel(
@@ -926,6 +979,19 @@ DASHBOARDS: tuple[Callable[[], Dashboard], ...] = (
     knowledge_bases_dashboard,
     serving_dashboard,
 )
+
+
+def vllm_metric_names(expr: str | None = None) -> set[str]:
+    """The vLLM sample names a query reads, or (no argument) all the dashboards read."""
+    if expr is not None:
+        return set(re.findall(r"\bvllm:[a-z_:]+", expr))
+    return {
+        name
+        for build_dashboard in DASHBOARDS
+        for panel in build_dashboard().panels()
+        for query in panel.queries
+        for name in vllm_metric_names(query.expr)
+    }
 
 
 # ----------------------------------------------------------------- JSON through the SDK
