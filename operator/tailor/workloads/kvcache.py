@@ -111,18 +111,20 @@ class KVSlab(DynamicCache):
 
     def _relocate(self, rows: int, front: int) -> None:
         """Copy the window into new buffers with ``rows`` rows, at least ``front`` free
-        columns before it and :data:`ROOM` (or the window's width) after it."""
+        columns before it and :data:`ROOM` (or the window's width) after it. All layers'
+        buffers are made before any is swapped in: a failed allocation leaves the slab as
+        it was."""
         width = self.width
         start = max(front, ROOM)
         columns = start + width + max(ROOM, width)
+        moved = []
         for layer in self._slab_layers:
             keys, values = self._buffers(layer.k_buffer, rows, columns)
-            keys[: self.rows, :, start : start + width] = layer.k_buffer[
-                : self.rows, :, self.start : self.end
-            ]
-            values[: self.rows, :, start : start + width] = layer.v_buffer[
-                : self.rows, :, self.start : self.end
-            ]
+            window = slice(self.start, self.end)
+            keys[: self.rows, :, start : start + width] = layer.k_buffer[: self.rows, :, window]
+            values[: self.rows, :, start : start + width] = layer.v_buffer[: self.rows, :, window]
+            moved.append((keys, values))
+        for layer, (keys, values) in zip(self._slab_layers, moved, strict=True):
             layer.k_buffer, layer.v_buffer = keys, values
         self.start, self.end = start, start + width
         self._views()
