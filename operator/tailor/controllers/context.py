@@ -226,9 +226,10 @@ class Operator:
             rest.request(
                 self.api_client, "POST", rest.path("v1", "events", meta["namespace"]), event
             )
-        except ApiException as exc:
+        except Exception as exc:  # best effort: a failed Event must not fail the sync,
+            # whose retry would find the phase written and post no Event at all
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
-                        meta["name"], exc.reason)  # fmt: skip
+                        meta["name"], getattr(exc, "reason", None) or exc)  # fmt: skip
 
     def sync(self, kind: str, namespace: str, name: str) -> None:
         """Reconcile one object now; the work queue runs one per object at a time."""
