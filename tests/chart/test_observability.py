@@ -133,6 +133,14 @@ def dashboard_queries() -> list[UsedQuery]:
     ]
 
 
+def queries_by_panel() -> dict[str, list[UsedQuery]]:
+    """Dashboard queries grouped by "dashboard / panel"."""
+    grouped: dict[str, list[UsedQuery]] = {}
+    for query in dashboard_queries():
+        grouped.setdefault(query.where.rsplit(" / ", 1)[0], []).append(query)
+    return grouped
+
+
 def variable_queries() -> list[UsedQuery]:
     return [
         UsedQuery(f"{model['title']} / ${variable['name']}", variable["query"])
@@ -202,10 +210,7 @@ def test_the_vllm_row_reads_what_vllm_exports() -> None:
             current = rows.setdefault(panel["title"], list(panel.get("panels", [])))
         else:
             current.append(panel)
-    by_panel: dict[str, list[UsedQuery]] = {}
-    for query in dashboard_queries():
-        by_panel.setdefault(query.where.rsplit(" / ", 1)[0], []).append(query)
-    needs_vllm = {panel for panel, queries in by_panel.items() if vllm_only(queries)}
+    needs_vllm = {panel for panel, queries in queries_by_panel().items() if vllm_only(queries)}
     in_row = {f"{serving['title']} / {p['title']}" for p in rows[dashboards.VLLM_ROW]}
     assert needs_vllm == in_row and in_row, (needs_vllm, in_row)
 
@@ -852,19 +857,13 @@ def test_every_metric_used_is_scraped_by_prometheus(stack: Stack) -> None:
 def test_every_dashboard_query_runs_and_every_panel_shows_data(stack: Stack) -> None:
     wait_for("scrapes", lambda: stack.query("count(up == 1) == 4"))
     time.sleep(2)  # two samples of everything inside every rate() window
-    by_panel: dict[str, list[int]] = {}
-    for query in dashboard_queries():
-        panel = query.where.rsplit(" / ", 1)[0]
-        by_panel.setdefault(panel, []).append(len(stack.query(for_prometheus(query.expr))))
     # the vLLM row's queries run, but no vLLM runs here (no GPU): checked by name instead
     # (test_the_vllm_row_reads_what_vllm_exports) and on a GPU by tests/gpu/serve.sh
-    queries: dict[str, list[UsedQuery]] = {}
-    for query in dashboard_queries():
-        queries.setdefault(query.where.rsplit(" / ", 1)[0], []).append(query)
-    empty = [
-        panel for panel, sizes in by_panel.items()
-        if not any(sizes) and not vllm_only(queries[panel])
-    ]  # fmt: skip
+    empty = []
+    for panel, queries in queries_by_panel().items():
+        sizes = [len(stack.query(for_prometheus(query.expr))) for query in queries]
+        if not any(sizes) and not vllm_only(queries):
+            empty.append(panel)
     assert not empty, f"panels without data: {empty}"
     for query in variable_queries():
         metric_selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", query.expr).groups()  # type: ignore[union-attr]
