@@ -44,4 +44,4 @@ ENV PATH=/opt/tailor/bin:$PATH \
 USER 1000:1000
 WORKDIR /home/tailor
 EXPOSE 8000 9090
-CMD ["python", "-m", "tailor.workloads.serve", "--help"]
+CMD ["python", "-m", "tailor.workloads.serving.app", "--help"]

@@ -36,4 +36,4 @@ USER 1000:1000
 WORKDIR /home/tailor
 # 8000: the OpenAI-compatible server (and its /metrics), 9090: training/indexing metrics.
 EXPOSE 8000 9090
-CMD ["python", "-m", "tailor.workloads.serve", "--help"]
+CMD ["python", "-m", "tailor.workloads.serving.app", "--help"]

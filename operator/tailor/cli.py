@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         ("down",): "tailor.quickstart",
         ("status",): "tailor.quickstart",
         ("example-data",): "tailor.quickstart",
-        ("eval", "apibench"): "tailor.workloads.apibench",
-        ("store",): "tailor.workloads.storage",
+        ("eval", "apibench"): "tailor.workloads.evaluation.apibench",
+        ("store",): "tailor.workloads.io.storage",
         ("prompt",): "tailor.prompt_cli",
     }
     for prefix, module in delegated.items():

@@ -33,7 +33,7 @@ from typing import Any
 from tailor.data import apibench_dir
 from tailor.devcluster.cluster import DevCluster, state_root
 from tailor.devcluster.kube import Kube, apply_crds, wait_established
-from tailor.workloads.apibench import (
+from tailor.workloads.evaluation.apibench import (
     Corpus,
     Question,
     answer_text,
@@ -179,8 +179,8 @@ def rag_training_examples(
 
     from tailor.api.knowledgebase import KnowledgeBaseSpec
     from tailor.api.promptprofile import PromptProfileSpec
-    from tailor.workloads.documents import record_document
-    from tailor.workloads.prompting import Message, build_messages
+    from tailor.workloads.knowledge.documents import record_document
+    from tailor.workloads.serving.prompting import Message, build_messages
 
     kb = KnowledgeBaseSpec.model_validate(
         yaml.safe_load((EXAMPLES / "10-knowledgebase.yaml").read_text())["spec"]

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, work: Path, procs: int) -> dict[str, Any]:
     started = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-         f"--nproc-per-node={procs}", "-m", "tailor.workloads.train", "--spec", str(spec)],
+         f"--nproc-per-node={procs}", "-m", "tailor.workloads.training.trainer", "--spec", str(spec)],
         env=env, check=True, cwd=ROOT,
     )  # fmt: skip
     manifest = json.loads((work / f"ddp-{procs}" / "out" / "manifest.json").read_text())

@@ -35,8 +35,8 @@ import jsonschema
 
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.engine import Chunk, Engine, SamplingParams, load_engine
-from tailor.workloads.grammar import format_key
+from tailor.workloads.serving.engine.builtin import Chunk, Engine, SamplingParams, load_engine
+from tailor.workloads.serving.engine.grammar import format_key
 
 SCHEMA = {
     "type": "object",

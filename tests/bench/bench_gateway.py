@@ -48,12 +48,12 @@ def free_port() -> int:
 
 
 def start_server(run: dict[str, Any], work: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m tailor.workloads.serve`` on ``run`` (a ServeRun), once ready."""
+    """``python -m tailor.workloads.serving.app`` on ``run`` (a ServeRun), once ready."""
     spec = work / f"{name}.json"
     spec.write_text(json.dumps(run))
     log = (work / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tailor.workloads.serve", "--spec", str(spec)],
+        [sys.executable, "-m", "tailor.workloads.serving.app", "--spec", str(spec)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

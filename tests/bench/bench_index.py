@@ -46,13 +46,13 @@ import transformers
 
 from tailor.api.workloads import IndexRun
 from tailor.data import apibench_dir
-from tailor.workloads.apibench import load_questions
-from tailor.workloads.chunking import Chunker
-from tailor.workloads.common import builtin_path
-from tailor.workloads.documents import Document
-from tailor.workloads.index import build_index
-from tailor.workloads.retriever import Retriever, load_embedder
-from tailor.workloads.vectorstore import EdgeStore, Search, query_bm25
+from tailor.workloads.evaluation.apibench import load_questions
+from tailor.workloads.io.sources import builtin_path
+from tailor.workloads.knowledge.chunking import Chunker
+from tailor.workloads.knowledge.documents import Document
+from tailor.workloads.knowledge.index import build_index
+from tailor.workloads.knowledge.retriever import Retriever, load_embedder
+from tailor.workloads.knowledge.vectorstore import EdgeStore, Search, query_bm25
 
 
 def make_run(root: Path, chunk_tokens: int, overlap: int, batch_size: int) -> IndexRun:
@@ -136,7 +136,7 @@ def bench_llama_index(
 
 READER = """
 import json, sys, time
-from tailor.workloads.vectorstore import EdgeStore, Search, Sparse
+from tailor.workloads.knowledge.vectorstore import EdgeStore, Search, Sparse
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

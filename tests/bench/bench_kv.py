@@ -5,7 +5,7 @@
 One decode step of the builtin model (SmolLM2-135M, float32, this machine's threads) for
 ``rows`` sequences with ``length`` tokens of context, the way the engine runs it: with
 ``DynamicCache`` (what the engine used before the slab: every step concatenates every
-layer's cache to append one token) and with :class:`~tailor.workloads.kvcache.KVSlab`
+layer's cache to append one token) and with :class:`~tailor.workloads.serving.engine.kvcache.KVSlab`
 (written in place). Both start from the same prefilled KV, run the same steps, and
 alternate in rounds in one process; the timed span is the forward pass. Prints the median
 step time of each and the speed-up.
@@ -25,8 +25,8 @@ from transformers import DynamicCache
 
 from tailor.api.common import ModelSource
 from tailor.api.workloads import Paths
-from tailor.workloads.kvcache import KVSlab
-from tailor.workloads.models import load_causal_lm
+from tailor.workloads.io.model_loading import load_causal_lm
+from tailor.workloads.serving.engine.kvcache import KVSlab
 
 STEPS = 12  # per round and cache; the first two are not counted
 

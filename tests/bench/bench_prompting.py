@@ -37,11 +37,11 @@ from tailor.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from tailor.api.promptprofile import FewShotExample, FewShotSelection, PromptProfileSpec  # noqa: E402
 from tailor.api.workloads import IndexRun, Paths  # noqa: E402
 from tailor.data import apibench_dir  # noqa: E402
-from tailor.workloads.apibench import SYSTEM, Corpus, score_totals  # noqa: E402
-from tailor.workloads.engine import Chunk, Engine, SamplingParams, load_engine  # noqa: E402
-from tailor.workloads.index import build_index  # noqa: E402
-from tailor.workloads.prompting import Message, build_messages, select_examples  # noqa: E402
-from tailor.workloads.retriever import Retriever  # noqa: E402
+from tailor.workloads.evaluation.apibench import SYSTEM, Corpus, score_totals  # noqa: E402
+from tailor.workloads.knowledge.index import build_index  # noqa: E402
+from tailor.workloads.knowledge.retriever import Retriever  # noqa: E402
+from tailor.workloads.serving.engine.builtin import Chunk, Engine, SamplingParams, load_engine  # noqa: E402
+from tailor.workloads.serving.prompting import Message, build_messages, select_examples  # noqa: E402
 from tests.bench.bench_raft import corpus_lines, kb_format, split  # noqa: E402
 
 TEMPLATE = "{% if context %}API documentation:\n{{ context }}\n\n{% endif %}Task: {{ question }}"

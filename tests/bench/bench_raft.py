@@ -56,10 +56,10 @@ from tailor.api.workloads import (  # noqa: E402
     ServeRun,
     TrainRun,
 )
-from tailor.workloads.apibench import load_questions, raft_question  # noqa: E402
-from tailor.workloads.evaluate import evaluate  # noqa: E402
-from tailor.workloads.index import build_index  # noqa: E402
-from tailor.workloads.raft_data import (  # noqa: E402
+from tailor.workloads.evaluation.apibench import load_questions, raft_question  # noqa: E402
+from tailor.workloads.knowledge.index import build_index  # noqa: E402
+from tailor.workloads.knowledge.retriever import Retriever  # noqa: E402
+from tailor.workloads.raft.data import (  # noqa: E402
     Question,
     Stats,
     chat_record,
@@ -70,9 +70,9 @@ from tailor.workloads.raft_data import (  # noqa: E402
     pick_distractors,
     resolve_gold,
 )
-from tailor.workloads.retriever import Retriever  # noqa: E402
-from tailor.workloads.serve import create_app  # noqa: E402
-from tailor.workloads.train import train  # noqa: E402
+from tailor.workloads.raft.evaluate import evaluate  # noqa: E402
+from tailor.workloads.serving.app import create_app  # noqa: E402
+from tailor.workloads.training.trainer import train  # noqa: E402
 from tests.workloads.helpers import ThreadServer  # noqa: E402
 
 OWNER = {"kind": "RAFTJob", "namespace": "bench", "name": "raft"}

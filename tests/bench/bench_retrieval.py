@@ -37,10 +37,10 @@ from typing import Any
 
 from tailor.api.workloads import IndexRun
 from tailor.data import apibench_dir
-from tailor.workloads.apibench import Question, load_questions
-from tailor.workloads.index import build_index
-from tailor.workloads.retriever import Retriever
-from tailor.workloads.vectorstore import Hit, Search, query_bm25
+from tailor.workloads.evaluation.apibench import Question, load_questions
+from tailor.workloads.knowledge.index import build_index
+from tailor.workloads.knowledge.retriever import Retriever
+from tailor.workloads.knowledge.vectorstore import Hit, Search, query_bm25
 
 FIELDS = ["domain", "functionality", "description"]
 

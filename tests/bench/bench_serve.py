@@ -155,7 +155,7 @@ def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
     """Run in a fresh process: memory, perplexity and tokens/s of one quantization."""
     import torch
 
-    from tailor.workloads.engine import SamplingParams, load_engine
+    from tailor.workloads.serving.engine.builtin import SamplingParams, load_engine
 
     torch.manual_seed(0)
     before = rss_mib()
@@ -226,9 +226,9 @@ def measure_quantization(max_tokens: int) -> dict[str, dict[str, float]]:
 
 def throughput(args: argparse.Namespace) -> None:
     """The throughput table: the server at several concurrencies, the baselines."""
-    from tailor.workloads.common import builtin_path
-    from tailor.workloads.engine import load_engine
-    from tailor.workloads.serve import create_app
+    from tailor.workloads.io.sources import builtin_path
+    from tailor.workloads.serving.app import create_app
+    from tailor.workloads.serving.engine.builtin import load_engine
 
     run = serve_run("none")
     engine = load_engine(run.spec, [], run.paths)

@@ -35,8 +35,8 @@ from tailor.api.common import ModelSource
 from tailor.api.workloads import ObjectStore, Paths
 from tailor.devcluster.cluster import state_root
 from tailor.devcluster.s3 import S3Server
-from tailor.workloads.models import load_causal_lm, materialize_gguf
-from tailor.workloads.storage import Store, pull_model
+from tailor.workloads.io.model_loading import load_causal_lm, materialize_gguf
+from tailor.workloads.io.storage import Store, pull_model
 
 
 def make_artifact(folder: Path, megabytes: int) -> int:
@@ -120,7 +120,7 @@ def main() -> None:
 
 
 def model_cache(config: ObjectStore, work: Path, repeat: int) -> None:
-    from tailor.workloads.common import builtin_path
+    from tailor.workloads.io.sources import builtin_path
 
     folder = materialize_gguf(Path(builtin_path("smollm2-135m-instruct")))
     Store(config.model_copy(update={"prefix": ""}), folder.parent).push(folder, "models/smollm2")

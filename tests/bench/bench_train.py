@@ -53,14 +53,9 @@ import torch
 from transformers import TrainerCallback
 
 from tailor.api.workloads import TrainRun
-from tailor.workloads.models import load_tokenizer, resolve_model_dir
-from tailor.workloads.train import batch_loss, train
-from tailor.workloads.train_data import (
-    IGNORE_INDEX,
-    Example,
-    collate,
-    load_datasets,
-)
+from tailor.workloads.io.model_loading import load_tokenizer, resolve_model_dir
+from tailor.workloads.training.data import IGNORE_INDEX, Example, collate, load_datasets
+from tailor.workloads.training.trainer import batch_loss, train
 
 ROOT = Path(__file__).resolve().parents[2]
 from tailor.data import apibench_dir  # noqa: E402
@@ -225,7 +220,7 @@ def run_trl(
     span = Span()
     model = load_base(dtype)
     if fp32_attention:  # the ablation: Tailor's CPU attention choice given to the baseline
-        from tailor.workloads.train import register_fp32_attention
+        from tailor.workloads.training.trainer import register_fp32_attention
 
         model.set_attn_implementation(register_fp32_attention())
     trainer = SFTTrainer(

@@ -536,7 +536,7 @@ EXPORTER = """
 import sys, time
 from tailor.api.workloads import OwnerRef
 from tailor.observability.training import TrainingMetrics, serve_metrics
-from tailor.workloads.index import IndexMetrics, IndexStats
+from tailor.workloads.knowledge.index import IndexMetrics, IndexStats
 
 train = TrainingMetrics("work", "torchhub-lora")
 for gauge, value in ((train.loss, 1.9), (train.eval_loss, 2.1), (train.tokens_per_second, 850),
@@ -634,7 +634,8 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
         (tmp / "serve.json").write_text(json.dumps(serve_spec))
         python = sys.executable
         processes.start(
-            "serve", [python, "-m", "tailor.workloads.serve", "--spec", str(tmp / "serve.json")]
+            "serve",
+            [python, "-m", "tailor.workloads.serving.app", "--spec", str(tmp / "serve.json")],
         )
         processes.start(
             "exporter", [python, "-c", EXPORTER, str(ports["train"]), str(ports["index"])]

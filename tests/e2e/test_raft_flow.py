@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tailor.devcluster.kube import Kube
-from tailor.workloads.apibench import load_questions, raft_question
+from tailor.workloads.evaluation.apibench import load_questions, raft_question
 from tests.e2e.conftest import wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]

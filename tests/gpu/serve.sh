@@ -61,7 +61,7 @@ echo "adapters in place through vLLM's runtime API (what a ModelDeployment's gat
 "$PY" - "http://127.0.0.1:$PORT" "$WORK" <<'PYTHON'
 import sys, httpx
 from tailor.api.workloads import UpstreamEngineConfig
-from tailor.workloads.upstream import UpstreamEngine
+from tailor.workloads.serving.engine.upstream import UpstreamEngine
 url, work = sys.argv[1], sys.argv[2]
 engine = UpstreamEngine(UpstreamEngineConfig(url=url, model="bench", load_adapters=True), None, [], 2048)
 def served():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun, adapters_digest
-from tailor.workloads.adapters import AdapterSet, SpecWatcher
+from tailor.workloads.serving.adapters import AdapterSet, SpecWatcher
 
 
 def run_with(*names: str) -> ServeRun:

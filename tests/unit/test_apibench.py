@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tailor.cli import main as tailor
-from tailor.workloads.apibench import (
+from tailor.workloads.evaluation.apibench import (
     Corpus,
     WorkloadError,
     answer_text,
@@ -278,7 +278,7 @@ def test_prompt_test_apibench_matcher_scores_as_the_paper(
     answer: str, require: str, failure: str
 ) -> None:
     from tailor.api.promptprofile import Expectation
-    from tailor.workloads.prompt_tests import check
+    from tailor.workloads.evaluation.prompt_tests import check
 
     expect = Expectation.model_validate(
         {"apibench": {"corpus": "torchhub", "apiCall": HARDNET68, "require": require}}
@@ -291,7 +291,7 @@ def test_prompt_test_apibench_matcher_names_a_gold_call_outside_the_corpus() -> 
     from pydantic import ValidationError
 
     from tailor.api.promptprofile import Expectation
-    from tailor.workloads.prompt_tests import check
+    from tailor.workloads.evaluation.prompt_tests import check
 
     expect = Expectation.model_validate(
         {"apibench": {"apiCall": "torch.hub.load('nobody/nothing', 'x')"}}

@@ -167,7 +167,7 @@ def test_one_process_runs_the_trainer_directly(gpus: int) -> None:
     settings = SETTINGS.model_copy(update={"gpu_image": "workloads:1-cuda"})
     workload = build_training(spec, parent("FineTuneJob", "one"), settings)
     container = by_kind(workload.manifests)["Job"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:3] == ["python", "-m", "tailor.workloads.train"]
+    assert container["command"][:3] == ["python", "-m", "tailor.workloads.training.trainer"]
     assert container["image"] == ("workloads:1-cuda" if gpus else SETTINGS.image)
 
 
@@ -615,15 +615,17 @@ def test_the_local_runtime_runs_every_rank_on_its_host_under_torchrun(
     spec = spec_of("finetunejob")
     spec.resources.nodes, spec.resources.gpus = nodes, gpus
     workload = build_training(spec, parent("FineTuneJob", "local"), SETTINGS)
-    record = RunRecord("ns", workload.name, "train", False, processes=training_processes(workload))
+    record = RunRecord(
+        "ns", workload.name, workload.module, False, processes=training_processes(workload)
+    )
     argv = workload_argv(record, tmp_path)
     assert record.processes == procs
-    assert argv[-3:] == ["tailor.workloads.train", "--spec", str(tmp_path / "spec.json")]
+    assert argv[-3:] == ["tailor.workloads.training.trainer", "--spec", str(tmp_path / "spec.json")]
     if procs > 1:
         assert argv[2:4] == ["torch.distributed.run", "--standalone"]
         assert f"--nproc-per-node={procs}" in argv
     else:
-        assert argv[1:3] == ["-m", "tailor.workloads.train"]
+        assert argv[1:3] == ["-m", "tailor.workloads.training.trainer"]
 
 
 S3 = OperatorSettings(

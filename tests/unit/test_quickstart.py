@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from tailor.quickstart import chart, eval_questions, rag_training_examples
-from tailor.workloads.apibench import load_documents, load_questions
+from tailor.workloads.evaluation.apibench import load_documents, load_questions
 
 
 def test_training_examples_hold_the_gold_card_among_three_as_served(apibench: Path) -> None:

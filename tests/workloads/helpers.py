@@ -66,7 +66,7 @@ def tiny_model_volume(root: Path) -> Path:
 
     from tailor.api.common import ModelSource
     from tailor.api.workloads import Paths
-    from tailor.workloads.models import load_tokenizer
+    from tailor.workloads.io.model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(
         ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/tmp")

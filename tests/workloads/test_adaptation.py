@@ -18,18 +18,19 @@ import pytest
 from tailor.api.knowledgebase import Adaptation, KnowledgeBaseStatus
 from tailor.api.workloads import IndexRun, Paths
 from tailor.data import apibench_dir
-from tailor.workloads.adaptation import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.evaluation.apibench import load_questions
+from tailor.workloads.knowledge.adaptation import (
     Pair,
     no_duplicate_batches,
     rank_scores,
     read_pairs,
     split,
 )
-from tailor.workloads.apibench import load_questions
-from tailor.workloads.common import ProgressReporter, WorkloadError
-from tailor.workloads.index import build_index
-from tailor.workloads.retriever import Retriever, load_embedder
-from tailor.workloads.vectorstore import EdgeStore
+from tailor.workloads.knowledge.index import build_index
+from tailor.workloads.knowledge.retriever import Retriever, load_embedder
+from tailor.workloads.knowledge.vectorstore import EdgeStore
+from tailor.workloads.progress import ProgressReporter
 
 pytestmark = pytest.mark.workloads
 

@@ -1,4 +1,4 @@
-"""Safe URL fetching (tailor.workloads.fetch) against real local addresses and a real server.
+"""Safe URL fetching (tailor.workloads.io.fetch) against real local addresses and a real server.
 
 Every refusal here is real: the URLs name loopback, private and link-local addresses (or a
 host name that resolves to one), and nothing is mocked. The local HTTP server on 127.0.0.1
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tailor.api.common import DataSource
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.fetch import fetch_source, fetch_url
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.fetch import fetch_source, fetch_url
 
 DOC = "# Local doc\n\nServed by a real server on 127.0.0.1.\n"
 
@@ -136,7 +136,7 @@ def test_ipv4_embedded_in_ipv6_is_checked_and_named(url: str, inner: str) -> Non
 
 
 def test_a_public_address_behind_nat64_passes_the_check() -> None:
-    from tailor.workloads.fetch import check_url
+    from tailor.workloads.io.fetch import check_url
 
     # 8.8.8.8 through the well-known NAT64 prefix: a public destination.
     assert [str(a) for a in check_url("https://[64:ff9b::808:808]/")] == ["64:ff9b::808:808"]
@@ -146,8 +146,8 @@ def test_the_teacher_transport_checks_every_request(server: str) -> None:
     """The RAFT teacher's client (an external url) goes through the same guard: plain http
     and private addresses refused, naming the fix; with both allowed the request reaches
     the server at the checked address."""
-    from tailor.workloads.fetch import GuardedTransport
-    from tailor.workloads.raft_data import Teacher
+    from tailor.workloads.io.fetch import GuardedTransport
+    from tailor.workloads.raft.data import Teacher
 
     for guard, refused in (
         (GuardedTransport(), "plain http"),
@@ -260,7 +260,7 @@ def test_http_errors_name_the_status(server: str) -> None:
 @pytest.mark.parametrize("field", ["phase", "conditions", "observedGeneration"])
 def test_a_workload_cannot_report_a_field_the_operator_owns(field: str) -> None:
     """One writer of phase: workloads report progress and their own fields only."""
-    from tailor.workloads.common import ProgressReporter
+    from tailor.workloads.progress import ProgressReporter
 
     sent: list[dict[str, Any]] = []
     reporter = ProgressReporter(sent.append, 0)

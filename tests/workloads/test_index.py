@@ -23,10 +23,11 @@ from qdrant_client import QdrantClient, models
 
 from tailor.api.knowledgebase import QdrantStore
 from tailor.api.workloads import IndexRun
-from tailor.workloads.common import ProgressReporter, WorkloadError
-from tailor.workloads.index import build_index, main
-from tailor.workloads.retriever import Retriever, RetrieverUnavailable
-from tailor.workloads.vectorstore import AliasStore, EdgeStore, collection_options
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.knowledge.index import build_index, main
+from tailor.workloads.knowledge.retriever import Retriever, RetrieverUnavailable
+from tailor.workloads.knowledge.vectorstore import AliasStore, EdgeStore, collection_options
+from tailor.workloads.progress import ProgressReporter
 
 pytestmark = pytest.mark.workloads
 
@@ -279,7 +280,7 @@ def test_cli_exit_codes_status_and_metrics(tmp_path: Path) -> None:
     spec_file.write_text(missing.model_dump_json(by_alias=True))
     termination = tmp_path / "termination-log"
     done = subprocess.run(
-        [sys.executable, "-m", "tailor.workloads.index", "--spec", str(spec_file)],
+        [sys.executable, "-m", "tailor.workloads.knowledge.index", "--spec", str(spec_file)],
         env=os.environ | {"TAILOR_TERMINATION_LOG": str(termination), "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,

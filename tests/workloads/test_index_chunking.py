@@ -1,4 +1,4 @@
-"""Chunking (tailor.workloads.chunking) with the builtin MiniLM's real tokenizer.
+"""Chunking (tailor.workloads.knowledge.chunking) with the builtin MiniLM's real tokenizer.
 
 Only the tokenizer is loaded (no model weights), so these run in about a second.
 """
@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from tailor.api.knowledgebase import Chunking
-from tailor.workloads.chunking import Chunk, Chunker, markdown_sections, split_spans
-from tailor.workloads.common import builtin_path
-from tailor.workloads.documents import Document
+from tailor.workloads.io.sources import builtin_path
+from tailor.workloads.knowledge.chunking import Chunk, Chunker, markdown_sections, split_spans
+from tailor.workloads.knowledge.documents import Document
 
 MODEL_READS = 254  # MiniLM reads 256 tokens, two of them [CLS] and [SEP]
 

@@ -1,4 +1,4 @@
-"""Reading knowledge-base sources (tailor.workloads.documents): every source kind and format.
+"""Reading knowledge-base sources (tailor.workloads.knowledge.documents): every source kind and format.
 
 Files are real files laid out as the runtime mounts them (ConfigMaps and PVCs under
 ``Paths``); the PDF is written with pypdf; the URL source is a real local HTTP server.
@@ -17,8 +17,8 @@ import pytest
 from tailor.api.common import DataSource
 from tailor.api.knowledgebase import DocumentFormat
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.documents import Document, html_to_text, read_documents
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.knowledge.documents import Document, html_to_text, read_documents
 
 HTML = """<!doctype html><html><head><title>Install   guide</title>
 <style>body { color: red }</style><script>track()</script></head>

@@ -1,5 +1,5 @@
-"""The RAFT workloads: training data (tailor.workloads.raft_data) and the evaluation
-(tailor.workloads.evaluate), on APIBench's Torch Hub corpus indexed for real (MiniLM,
+"""The RAFT workloads: training data (tailor.workloads.raft.data) and the evaluation
+(tailor.workloads.raft.evaluate), on APIBench's Torch Hub corpus indexed for real (MiniLM,
 embedded Qdrant) and, for the evaluation, the real serve workload with SmolLM2."""
 
 from __future__ import annotations
@@ -18,26 +18,31 @@ import pytest
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
 from tailor.devcluster.s3 import S3Server
-from tailor.workloads.apibench import Corpus, load_documents, load_questions, raft_question
-from tailor.workloads.common import WorkloadError, sha256_file
-from tailor.workloads.evaluate import evaluate, load_holdout, normalise, score
-from tailor.workloads.evaluate import work as evaluate_work
-from tailor.workloads.index import build_index
-from tailor.workloads.raft_data import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.evaluation.apibench import (
     ANSWER_MARK,
+    Corpus,
+    final_answer,
+    load_documents,
+    load_questions,
+    raft_question,
+)
+from tailor.workloads.io.storage import MARKER, sha256_file
+from tailor.workloads.knowledge.index import build_index
+from tailor.workloads.raft.data import (
     BEGIN_QUOTE,
     END_QUOTE,
     Stats,
     Teacher,
-    final_answer,
     generate,
     generate_questions,
     load_chunks,
     quotes,
     quotes_are_verbatim,
 )
-from tailor.workloads.serve import create_app
-from tailor.workloads.storage import MARKER
+from tailor.workloads.raft.evaluate import evaluate, load_holdout, normalise, score
+from tailor.workloads.raft.evaluate import work as evaluate_work
+from tailor.workloads.serving.app import create_app
 from tests.workloads.helpers import ThreadServer, store_config
 
 pytestmark = pytest.mark.workloads
@@ -232,7 +237,7 @@ def test_the_data_workload_reports_its_dataset_last_for_the_operator(
     root: Path, knowledge_base: IndexRun, tmp_path: Path
 ) -> None:
     run = data_run(root, knowledge_base, out="reported")
-    code, message = run_module("raft_data", run, tmp_path)
+    code, message = run_module("raft.data", run, tmp_path)
     assert code == 0, message
     out = Path(run.output_dir)
     assert message["reason"] == "DataGenerated"
@@ -249,8 +254,8 @@ def test_with_the_s3_store_the_dataset_lands_in_the_bucket_and_the_child_reads_i
     from tailor.api.common import DataSource
     from tailor.api.workloads import Paths
     from tailor.builders.raftjob import dataset_file
-    from tailor.workloads.raft_data import work
-    from tailor.workloads.train_data import read_raw
+    from tailor.workloads.io.records import read_raw
+    from tailor.workloads.raft.data import work
 
     store = store_config(tmp_path, s3_server, bucket)
     (root / "raftjob/raft/u1").mkdir(parents=True, exist_ok=True)
@@ -278,7 +283,7 @@ def test_an_oracle_share_outside_0_1_is_refused_naming_the_field(
 ) -> None:
     spec = json.loads(data_run(root, knowledge_base).model_dump_json(by_alias=True))
     spec["spec"]["raft"]["oracleProbability"] = 1.5
-    code, message = run_module("raft_data", json.dumps(spec), tmp_path)
+    code, message = run_module("raft.data", json.dumps(spec), tmp_path)
     assert code == 2
     assert message["reason"] == "InvalidSpec"
     assert "oracleProbability" in message["message"] and "1" in message["message"]
@@ -296,7 +301,7 @@ def test_more_distractors_than_documents_fails_with_the_fix(root: Path, tmp_path
         }
     )  # fmt: skip
     build_index(small)
-    code, message = run_module("raft_data", data_run(root, small, distractors=4), tmp_path)
+    code, message = run_module("raft.data", data_run(root, small, distractors=4), tmp_path)
     assert code == 2
     assert message["reason"] == "TooFewDocuments"
     assert "spec.raft.distractors" in message["message"]
@@ -314,7 +319,7 @@ def test_a_question_without_an_answer_names_file_and_line(
     run = data_run(root, knowledge_base)
     assert run.spec.questions.source and run.spec.questions.source.pvc
     run.spec.questions.source.pvc.path = "bad.jsonl"
-    code, message = run_module("raft_data", run, tmp_path)
+    code, message = run_module("raft.data", run, tmp_path)
     assert code == 2
     assert message["reason"] == "InvalidQuestions"
     assert "bad.jsonl:2" in message["message"] and "'answer'" in message["message"]
@@ -331,7 +336,7 @@ def test_questions_naming_unknown_documents_are_skipped_and_all_unknown_fails(
     run = data_run(root, knowledge_base)
     assert run.spec.questions.source and run.spec.questions.source.pvc
     run.spec.questions.source.pvc.path = "unknown.jsonl"
-    code, message = run_module("raft_data", run, tmp_path)
+    code, message = run_module("raft.data", run, tmp_path)
     assert code == 2
     assert "nope-0" in message["message"] and "idField" in message["message"]
 

@@ -1,4 +1,4 @@
-"""The retriever library (tailor.workloads.retriever) on small real indexes.
+"""The retriever library (tailor.workloads.knowledge.retriever) on small real indexes.
 
 Real MiniLM, Qdrant Edge; the unreachable-server case uses a real closed port.
 """
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tailor.api.workloads import IndexRun, Paths, RetrieverConfig
-from tailor.workloads.index import build_index
-from tailor.workloads.retriever import Retriever, RetrieverUnavailable, load_embedder
-from tailor.workloads.vectorstore import Search, query_bm25
+from tailor.workloads.knowledge.index import build_index
+from tailor.workloads.knowledge.retriever import Retriever, RetrieverUnavailable, load_embedder
+from tailor.workloads.knowledge.vectorstore import Search, query_bm25
 
 pytestmark = pytest.mark.workloads
 

@@ -38,9 +38,9 @@ from tailor.api.workloads import (
     adapters_digest,
 )
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.engine import Engine, SamplingParams, load_engine
-from tailor.workloads.serve import create_app
-from tailor.workloads.upstream import UpstreamEngine
+from tailor.workloads.serving.app import create_app
+from tailor.workloads.serving.engine.builtin import Engine, SamplingParams, load_engine
+from tailor.workloads.serving.engine.upstream import UpstreamEngine
 from tests.workloads.helpers import ThreadServer
 
 pytestmark = pytest.mark.workloads
@@ -98,7 +98,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def adapter_dirs(workdir: Path) -> dict[str, Path]:
     from tailor.api.common import ModelSource
     from tailor.api.workloads import Paths
-    from tailor.workloads.models import load_causal_lm, load_tokenizer
+    from tailor.workloads.io.model_loading import load_causal_lm, load_tokenizer
 
     source, paths = ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts=str(workdir))
     model, tokenizer = load_causal_lm(source, paths), load_tokenizer(source, paths)
@@ -140,12 +140,12 @@ def free_port() -> int:
 
 
 def start_server(run: ServeRun, spec: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m tailor.workloads.serve --spec <spec>`` on a free port, once ready."""
+    """``python -m tailor.workloads.serving.app --spec <spec>`` on a free port, once ready."""
     run.host, run.port = "127.0.0.1", free_port()
     spec.write_text(run.model_dump_json(by_alias=True))
     log_path = spec.with_suffix(".log")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tailor.workloads.serve", "--spec", str(spec)],
+        [sys.executable, "-m", "tailor.workloads.serving.app", "--spec", str(spec)],
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -931,7 +931,7 @@ RAG_GOLD = "Tacotron 2"  # api_name of the gold APIBench document for that quest
 def knowledge_base(workdir: Path, apibench: Path) -> dict[str, Any]:
     """The APIBench torchhub documents indexed by the real index workload (embedded Qdrant)."""
     from tailor.api.workloads import IndexRun
-    from tailor.workloads.index import build_index
+    from tailor.workloads.knowledge.index import build_index
 
     (workdir / "pvcs").mkdir(exist_ok=True)
     (workdir / "pvcs" / "apibench").symlink_to(apibench)

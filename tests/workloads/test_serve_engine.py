@@ -1,7 +1,7 @@
 """The generation engine's mechanics on a tiny random-init Llama (built from a config, with
 the builtin tokenizer): int8 quantization that keeps LoRA in float, mixed-adapter batches,
 queue limits, cancellation, stop sequences; the clear error for nf4 without a GPU; and the
-``python -m tailor.workloads.serve`` entry point as a real process. What the answers say
+``python -m tailor.workloads.serving.app`` entry point as a real process. What the answers say
 is tested with the real model in test_serve.py."""
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import torch
 from tailor.api.common import ModelSource
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths, ServedAdapter
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.engine import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.model_loading import load_tokenizer
+from tailor.workloads.serving.app import main as serve_main
+from tailor.workloads.serving.engine.builtin import (
     Chunk,
     Engine,
     GenerationRequest,
@@ -35,8 +37,6 @@ from tailor.workloads.engine import (
     load_model,
     quantize_int8_dynamic,
 )
-from tailor.workloads.models import load_tokenizer
-from tailor.workloads.serve import main as serve_main
 from tests.workloads.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.workloads
@@ -242,7 +242,7 @@ def serve_process(tmp_path: Path, **run: Any) -> subprocess.Popen[str]:
     command = [
         sys.executable,
         "-m",
-        "tailor.workloads.serve",
+        "tailor.workloads.serving.app",
         "--spec",
         str(tmp_path / "spec.json"),
     ]
@@ -313,7 +313,7 @@ def test_a_random_model_answers_valid_json_under_a_schema_and_free_rows_are_unto
     the object is complete."""
     import jsonschema
 
-    from tailor.workloads.grammar import FormatError, format_key
+    from tailor.workloads.serving.engine.grammar import FormatError, format_key
 
     engine.eos_ids = set(_real_eos(engine))  # the grammar ends answers with a stop token
     prompt = engine.encode_chat([{"role": "user", "content": "a colour, please"}])
@@ -350,7 +350,7 @@ def test_a_random_model_answers_valid_json_under_a_schema_and_free_rows_are_unto
 
 
 def _real_eos(engine: Engine) -> set[int]:
-    from tailor.workloads.engine import _eos_ids
+    from tailor.workloads.serving.engine.builtin import _eos_ids
 
     return _eos_ids(engine.model, engine.tokenizer)
 
@@ -456,7 +456,7 @@ def test_rows_that_join_and_leave_the_batch_answer_as_each_request_alone(
     requests than slots wait, and almost no spare room (``ROOM`` 2) forces the buffers to
     move often. Every answer equals the same request run alone, which equals
     transformers' ``generate``."""
-    from tailor.workloads import kvcache
+    from tailor.workloads.serving.engine import kvcache
 
     monkeypatch.setattr(kvcache, "ROOM", 2)
     model, adapters = tiny_peft_model(tokenizer, tmp_path)

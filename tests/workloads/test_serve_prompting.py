@@ -1,4 +1,4 @@
-"""PromptProfile rendering as the server applies it (tailor.workloads.prompting): pure
+"""PromptProfile rendering as the server applies it (tailor.workloads.serving.prompting): pure
 functions, no model. The serving tests check the same profile through HTTP."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
-from tailor.workloads.prompting import (
+from tailor.workloads.serving.prompting import (
     DEFAULT_CONTEXT_INTRO,
     Message,
     ProfileFile,
@@ -175,8 +175,8 @@ def test_similar_few_shot_picks_the_examples_nearest_to_the_question(tmp_path: P
     from tailor.api.knowledgebase import Embedding
     from tailor.api.promptprofile import FewShotSelection
     from tailor.api.workloads import Paths
-    from tailor.workloads.prompting import select_examples
-    from tailor.workloads.retriever import load_embedder
+    from tailor.workloads.knowledge.retriever import load_embedder
+    from tailor.workloads.serving.prompting import select_examples
 
     embedder = load_embedder(Embedding(), Paths(artifacts=str(tmp_path)))
     similar = FewShotSelection.model_validate({"select": "similar", "k": 2, "pool": POOL})

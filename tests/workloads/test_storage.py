@@ -18,9 +18,9 @@ import pytest
 
 from tailor.api.workloads import ObjectStore, Paths, TrainRun
 from tailor.devcluster.s3 import S3Server
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.storage import MARKER, Store
-from tailor.workloads.train import train
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.storage import MARKER, Store
+from tailor.workloads.training.trainer import train
 from tests.workloads.helpers import store_config, tiny_model_volume
 
 pytestmark = pytest.mark.workloads
@@ -60,7 +60,7 @@ UPLOAD_AND_DIE = """
 import sys, time
 from pathlib import Path
 from tailor.api.workloads import ObjectStore
-from tailor.workloads import storage
+from tailor.workloads.io import storage
 
 config = ObjectStore.model_validate_json(sys.argv[1])
 store = storage.Store(config, sys.argv[2])
@@ -197,7 +197,7 @@ def test_training_publishes_to_the_bucket_and_a_killed_pod_resumes_from_it(
     # the bucket keeps the newest `keep` checkpoints, as the volume does
     assert len(store.complete_children("finetunejob/ftj1/u1/checkpoints")) <= 2
 
-    from tailor.workloads.train import verify_artifact
+    from tailor.workloads.training.trainer import verify_artifact
 
     verified = verify_artifact(Path(second.output_dir), Store(config, tmp_path / "pod-2"))
     assert verified["files"] == len(manifest["files"])
@@ -225,7 +225,7 @@ def test_an_s3_model_source_is_fetched_once_into_the_cache_and_loads(
     tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tailor.api.common import ModelSource
-    from tailor.workloads.models import load_causal_lm
+    from tailor.workloads.io.model_loading import load_causal_lm
 
     model = tiny_model_volume(tmp_path / "src") / "models" / "tiny"
     creds = s3_server.credentials
@@ -278,8 +278,8 @@ def test_data_by_s3_uri_one_object_a_folder_and_a_checked_tailor_dataset(
     and a KnowledgeBase read them like files of a claim."""
     from tailor.api.common import DataSource
     from tailor.api.knowledgebase import DocumentFormat
-    from tailor.workloads.documents import read_documents
-    from tailor.workloads.train_data import read_raw
+    from tailor.workloads.io.records import read_raw
+    from tailor.workloads.knowledge.documents import read_documents
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

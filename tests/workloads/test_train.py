@@ -23,15 +23,16 @@ import torch
 
 from tailor.api.common import ModelSource
 from tailor.api.workloads import Paths, TrainRun
-from tailor.workloads.common import WorkloadError, artifact_uri
-from tailor.workloads.models import load_tokenizer
-from tailor.workloads.train import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.model_loading import load_tokenizer
+from tailor.workloads.io.storage import artifact_uri
+from tailor.workloads.training.data import IGNORE_INDEX, Example, collate
+from tailor.workloads.training.trainer import (
     StopRequested,
     batch_loss,
     list_checkpoints,
     train,
 )
-from tailor.workloads.train_data import IGNORE_INDEX, Example, collate
 from tests.workloads.helpers import tiny_model_volume
 
 pytestmark = pytest.mark.workloads
@@ -264,7 +265,7 @@ def test_packed_and_padded_batches_have_the_same_loss(pvcs: Path) -> None:
 
 
 def run_workload(run: TrainRun, tmp_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m tailor.workloads.train --spec FILE`` as a pod would."""
+    """Start ``python -m tailor.workloads.training.trainer --spec FILE`` as a pod would."""
     spec = tmp_path / f"spec-{time.monotonic_ns()}.json"
     spec.write_text(run.model_dump_json(by_alias=True))
     env = {
@@ -273,7 +274,7 @@ def run_workload(run: TrainRun, tmp_path: Path) -> subprocess.Popen[bytes]:
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "tailor.workloads.train", "--spec", str(spec)],
+        [sys.executable, "-m", "tailor.workloads.training.trainer", "--spec", str(spec)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -375,7 +376,7 @@ def test_builtin_smollm2_lora_learns_and_the_adapter_changes_generations(
     changes what the model says."""
     from peft import PeftModel
 
-    from tailor.workloads.models import load_causal_lm
+    from tailor.workloads.io.model_loading import load_causal_lm
 
     run = make_run(
         tmp_path,
@@ -426,8 +427,9 @@ def test_a_finished_run_vouches_for_its_artifact_in_the_termination_message(
 ) -> None:
     """The operator calls a FineTuneJob Succeeded only on this report: the trainer re-reads
     what it published against manifest.json before it exits 0."""
-    from tailor.workloads.common import WorkloadError, sha256_file
-    from tailor.workloads.train import verify_artifact
+    from tailor.workloads.errors import WorkloadError
+    from tailor.workloads.io.storage import sha256_file
+    from tailor.workloads.training.trainer import verify_artifact
 
     run = make_run(tmp_path / "r", pvcs, training={"maxSteps": 3, "epochs": 1})
     process = run_workload(run, tmp_path)

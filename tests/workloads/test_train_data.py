@@ -18,9 +18,9 @@ import pytest
 from tailor.api.common import DataSource, ModelSource
 from tailor.api.finetunejob import DatasetSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.models import load_tokenizer
-from tailor.workloads.train_data import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.model_loading import load_tokenizer
+from tailor.workloads.training.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     Example,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tailor.api.workloads import TrainRun
-from tailor.workloads.train import list_checkpoints, train
+from tailor.workloads.training.trainer import list_checkpoints, train
 from tests.workloads.test_train import (  # noqa: F401 (one_thread and pvcs are fixtures)
     free_port,
     make_run,
@@ -57,7 +57,7 @@ def launch(
     port = port or free_port()
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
                 f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
-    program = ["-m", "tailor.workloads.train", "--spec", str(spec)]
+    program = ["-m", "tailor.workloads.training.trainer", "--spec", str(spec)]
     return [
         subprocess.Popen(
             [*launcher, f"--node-rank={node}", *program],
@@ -201,7 +201,7 @@ def test_gpus_asked_without_cuda_fail_at_once_naming_the_field(
     spec = write_spec(run, tmp_path)
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "tailor.workloads.train", "--spec", str(spec)],
+        [sys.executable, "-m", "tailor.workloads.training.trainer", "--spec", str(spec)],
         env={**os.environ, "TAILOR_TERMINATION_LOG": str(tmp_path / "termination-log")},
         capture_output=True,
         text=True,

@@ -107,7 +107,7 @@ class RunBase(TailorModel):
 
 
 class TrainRun(RunBase):
-    """The spec file of ``tailor.workloads.train``."""
+    """The spec file of ``tailor.workloads.training.trainer``."""
 
     spec: FineTuneJobSpec
     output_dir: str = Field(description="Where the artifact is published (atomically).")
@@ -138,7 +138,7 @@ class RetrieverConfig(TailorModel):
 
 
 class IndexRun(RunBase):
-    """The spec file of ``tailor.workloads.index``."""
+    """The spec file of ``tailor.workloads.knowledge.index``."""
 
     spec: KnowledgeBaseSpec
     target: RetrieverConfig = Field(description="Where the index goes.")
@@ -192,7 +192,7 @@ class UpstreamEngineConfig(TailorModel):
 
 
 class ServeRun(RunBase):
-    """The spec file of ``tailor.workloads.serve``."""
+    """The spec file of ``tailor.workloads.serving.app``."""
 
     spec: ModelDeploymentSpec
     served_name: str = Field(description="Base model name clients use (the deployment's name).")
@@ -227,7 +227,7 @@ evaluation asks the held-out questions."""
 
 
 class RaftDataRun(RunBase):
-    """The spec file of ``tailor.workloads.raft_data``."""
+    """The spec file of ``tailor.workloads.raft.data``."""
 
     spec: RAFTJobSpec
     knowledge_base: RetrieverConfig
@@ -248,7 +248,7 @@ class EvalTarget(TailorModel):
 
 
 class PromptTestRun(RunBase):
-    """The spec file of ``tailor.workloads.prompt_tests``: one revision's test cases."""
+    """The spec file of ``tailor.workloads.evaluation.prompt_tests``: one revision's test cases."""
 
     spec: PromptProfileSpec = Field(description="The profile, with the revision's content.")
     revision: int = Field(description="The revision under test.")
@@ -260,7 +260,7 @@ class PromptTestRun(RunBase):
 
 
 class EvaluateRun(RunBase):
-    """The spec file of ``tailor.workloads.evaluate``."""
+    """The spec file of ``tailor.workloads.raft.evaluate``."""
 
     spec: RAFTJobSpec
     knowledge_base: RetrieverConfig

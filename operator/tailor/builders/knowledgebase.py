@@ -85,7 +85,9 @@ def build_index(
         "serviceAccountName": rbac_name,
         "securityContext": pod_security_context(settings),
         "containers": [
-            workload_container(settings, "indexer", "index", spec.resources, volume_mounts)
+            workload_container(
+                settings, "indexer", "knowledge.index", spec.resources, volume_mounts
+            )
         ],
         "volumes": volumes,
         **pod_placement(spec.resources),
@@ -96,4 +98,6 @@ def build_index(
         *reporter_rbac(parent, rbac_name, "indexer", "knowledgebases"),
         job,
     ]
-    return Workload(name=name, module="index", run=run, manifests=manifests, backoff_limit=2)
+    return Workload(
+        name=name, module="knowledge.index", run=run, manifests=manifests, backoff_limit=2
+    )

@@ -206,7 +206,9 @@ def build_serving(
     ]
     # with vLLM the GPUs are its container's; the gateway tokenizes, retrieves and proxies
     gateway = GATEWAY_RESOURCES if vllm else spec.resources
-    container = workload_container(settings, "server", "serve", gateway, volume_mounts, ports=ports)
+    container = workload_container(
+        settings, "server", "serving.app", gateway, volume_mounts, ports=ports
+    )
     container["readinessProbe"] = {
         "httpGet": {"path": "/readyz", "port": "http"},
         "periodSeconds": 5,
@@ -280,7 +282,12 @@ def build_serving(
     if spec.autoscaling:
         manifests.append(build_autoscaler(spec, parent))
     return Workload(
-        name=name, module="serve", run=run, manifests=manifests, server=True, revision=revision
+        name=name,
+        module="serving.app",
+        run=run,
+        manifests=manifests,
+        server=True,
+        revision=revision,
     )
 
 

@@ -22,6 +22,7 @@ from tailor.api.promptprofile import (
     PromptProfileSpec,
     render_profile_data,
 )
+from tailor.api.records import InvalidRecords, json_records
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import EvalTarget, PromptTestRun
 from tailor.builders.common import (
@@ -40,7 +41,6 @@ from tailor.builders.common import (
     workload_container,
     workload_paths,
 )
-from tailor.workloads.common import WorkloadError, json_records
 
 HISTORY = 10
 PROFILE_KEY = "profile.json"
@@ -92,8 +92,8 @@ def resolve_pool(
         keys = ", ".join(sorted(data)) or "none"
         return spec, [f"{POOL_FIELD}.key: ConfigMap {ref.name} has no key {ref.key} (keys: {keys})"]
     try:
-        records = json_records(str(data[ref.key]), where, "InvalidPool")
-    except WorkloadError as exc:
+        records = json_records(str(data[ref.key]), where)
+    except InvalidRecords as exc:
         return spec, [f"{POOL_FIELD}: {exc.message}"]
     pool: list[FewShotExample] = []
     for at, record in records:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the serving workload (``tailor.workloads.serve``).
+"""Prometheus metrics of the serving workload (``tailor.workloads.serving.app``).
 
 Every metric is named ``tailor_serve_*`` and labelled with ``deployment`` (the served name,
 which is the ModelDeployment's name) and, where it is about one request, ``model`` (the

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the fine-tuning workload (``tailor.workloads.train``).
+"""Prometheus metrics of the fine-tuning workload (``tailor.workloads.training.trainer``).
 
 The trainer serves them on its run's ``metricsPort`` so a Prometheus scraping the pod sees
 loss, evaluation loss, throughput, progress and GPU memory while a FineTuneJob runs. Every

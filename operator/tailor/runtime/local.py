@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
 
 def training_processes(workload: Workload) -> int:
     """All ranks of a training run on this host: nodes x GPUs (1 for a CPU node)."""
-    if workload.module != "train":
+    if workload.module != "training.trainer":
         return 1
     resources = workload.run.spec.resources
     return int(resources.nodes * max(resources.gpus, 1))

@@ -1,5 +1,5 @@
 """Training data of the fine-tuning workload: read a DataSource (inline records, ConfigMap or
-PVC files, or a url fetched by :mod:`tailor.workloads.fetch`), validate every record before
+PVC files, or a url fetched by :mod:`tailor.workloads.io.fetch`), validate every record before
 any training starts, tokenize records into (input ids, next-token targets) where only
 assistant tokens (or the completion, for prompt/completion data) carry a loss, hold out a
 validation split, and group examples into batches with almost no padding.
@@ -30,15 +30,18 @@ import torch
 from tailor.api.common import DataSource
 from tailor.api.finetunejob import DatasetSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, json_records, source_files
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.records import read_raw
 
 Format = Literal["chat", "completion", "text"]
+
 
 IGNORE_INDEX = -100
 """Target id that carries no loss (prompt tokens, padding, unweighted messages)."""
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
 ROLES = ("system", "developer", "user", "assistant")
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -107,42 +110,6 @@ class Datasets:
     validation: list[Example]
     train_stats: DatasetStats = field(default_factory=DatasetStats)
     validation_stats: DatasetStats = field(default_factory=DatasetStats)
-
-
-# --- reading and validating -------------------------------------------------------------
-
-
-def read_raw(source: DataSource, paths: Paths) -> list[tuple[str, Any]]:
-    """(where, raw record) for every record of a source; a plain text file is one record."""
-    if source.inline is not None:
-        return [(f"inline[{i}]", item) for i, item in enumerate(source.inline)]
-    if source.url:
-        from tailor.workloads.fetch import fetch_source
-
-        fetched = fetch_source(source)
-        name = fetched.url.split("?")[0]
-        text = _decode(fetched.content, name, fetched.charset or "utf-8")
-        is_json = name.lower().endswith(JSON_SUFFIXES) or "json" in fetched.content_type
-        return parse_text(name, text, is_json)
-    raw: list[tuple[str, Any]] = []
-    for path in source_files(source, paths):
-        text = _decode(path.read_bytes(), str(path), "utf-8")
-        raw.extend(parse_text(str(path), text, path.suffix.lower() in JSON_SUFFIXES))
-    return raw
-
-
-def parse_text(name: str, text: str, is_json: bool) -> list[tuple[str, Any]]:
-    """Records of a file's text: JSON lines (or one JSON array), else the whole text."""
-    if not is_json:
-        return [(name, text)]
-    return json_records(text, name)
-
-
-def _decode(content: bytes, name: str, charset: str) -> str:
-    try:
-        return content.decode(charset)
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise WorkloadError("InvalidDataset", f"{name}: not {charset} text ({exc})") from exc
 
 
 def detect_format(where: str, item: Any) -> Format:
@@ -272,9 +239,6 @@ def read_records(source: DataSource, paths: Paths, fmt: str) -> tuple[Format, li
         raise WorkloadError("InvalidDataset", "the dataset has no records")
     detected: Format = detect_format(*raw[0]) if fmt == "auto" else fmt  # type: ignore[assignment]
     return detected, [validate_record(where, item, detected) for where, item in raw]
-
-
-# --- tokenizing ---------------------------------------------------------------------------
 
 
 def ensure_chat_template(tokenizer: Any) -> None:
@@ -423,9 +387,6 @@ def load_datasets(
 ) -> Datasets:
     """:func:`read_datasets` then :func:`tokenize_datasets`."""
     return tokenize_datasets(read_datasets(spec, paths, seed), tokenizer, max_length)
-
-
-# --- batching -----------------------------------------------------------------------------
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
 
-log = logging.getLogger("tailor.workloads.adapters")
+log = logging.getLogger("tailor.workloads.serving.adapters")
 
 ADAPTERS_PATH = "/adapters"
 """Where a replica's metrics port reports the adapters it serves."""

@@ -1,7 +1,7 @@
 """Reading a KnowledgeBase's sources into documents: text with an id, title and metadata.
 
 Sources are ConfigMap files, PVC paths with globs, https URLs (fetched safely by
-:mod:`tailor.workloads.fetch`) and inline records. Formats are chosen by file suffix, then
+:mod:`tailor.workloads.io.fetch`) and inline records. Formats are chosen by file suffix, then
 by the server's content type: txt, md, html (visible text, headings kept as markdown so the
 markdown chunker can use them), json / jsonl (records mapped by ``spec.format.json``) and pdf
 (pypdf). Documents are yielded one at a time, so a large source is never held whole in
@@ -24,10 +24,12 @@ from typing import Any
 from tailor.api.common import DataSource
 from tailor.api.knowledgebase import DocumentFormat, JsonFormat
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, json_lines, source_listing
-from tailor.workloads.fetch import DEFAULT_TIMEOUT_SECONDS, fetch_source
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.fetch import DEFAULT_TIMEOUT_SECONDS, fetch_source
+from tailor.workloads.io.records import json_lines
+from tailor.workloads.io.sources import source_listing
 
-log = logging.getLogger("tailor.workloads.documents")
+log = logging.getLogger("tailor.workloads.knowledge.documents")
 
 SUFFIX_FORMATS = {
     ".txt": "text",

@@ -43,12 +43,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from tailor.api.knowledgebase import Adaptation, AdaptationStatus, RetrievalScores
 from tailor.api.workloads import Paths
-from tailor.workloads.chunking import Chunk
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.retriever import Embedder, load_embedder_folder
-from tailor.workloads.train_data import read_raw
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.records import read_raw
+from tailor.workloads.knowledge.chunking import Chunk
+from tailor.workloads.knowledge.retriever import Embedder, load_embedder_folder
 
-log = logging.getLogger("tailor.workloads.adaptation")
+log = logging.getLogger("tailor.workloads.knowledge.adaptation")
 
 MIN_PAIRS = 10
 """Fewer labelled pairs than this cannot be split into a training and a held-out share."""

@@ -52,9 +52,9 @@ from qdrant_client import QdrantClient, models
 
 from tailor.api.knowledgebase import QdrantStore
 from tailor.api.workloads import Paths, RetrieverConfig
-from tailor.workloads.common import read_secret
+from tailor.workloads.io.sources import read_secret
 
-log = logging.getLogger("tailor.workloads.vectorstore")
+log = logging.getLogger("tailor.workloads.knowledge.vectorstore")
 
 DENSE = "dense"
 SPARSE = "bm25"

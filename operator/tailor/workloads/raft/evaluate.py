@@ -1,4 +1,4 @@
-"""RAG against RAFT on held-out questions: ``python -m tailor.workloads.evaluate --spec FILE``.
+"""RAG against RAFT on held-out questions: ``python -m tailor.workloads.raft.evaluate --spec FILE``.
 
 Asks every system (an OpenAI-compatible endpoint and model name: the base model with
 retrieval, the RAFT adapter, ...) the held-out questions the data stage set aside, and
@@ -13,7 +13,7 @@ scores the answers. Two protocols:
 Matchers compare the final answer (the text after ``##Answer:``, or the whole reply):
 ``exact`` and ``contains`` on normalised text (lower case, no punctuation or articles, as
 SQuAD), ``regex`` (the gold answer is a regular expression) and ``apibench``, scored as the
-RAFT paper scores APIBench (:mod:`tailor.workloads.apibench`): the knowledge base's
+RAFT paper scores APIBench (:mod:`tailor.workloads.evaluation.apibench`): the knowledge base's
 documents are the API corpus (each needs ``api_call`` and ``domain``), the gold chunk gives
 the question's gold call and domain, and every system gets accuracy (the paper's), exact
 and hallucination rate. Per-question results go to ``results.jsonl``, totals to
@@ -35,20 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from tailor.api.workloads import RAFT_HOLDOUT_FILE, EvalTarget, EvaluateRun
-from tailor.workloads.apibench import Corpus, Verdict
-from tailor.workloads.common import (
-    WorkloadError,
-    artifact_uri,
-    iter_jsonl,
-    make_reporter,
-    run_main,
-    sha256_file,
-    write_termination_message,
-)
-from tailor.workloads.raft_data import Doc, chat_record, final_answer, load_chunks
-from tailor.workloads.storage import store_of
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.evaluation.apibench import Corpus, Verdict, final_answer
+from tailor.workloads.io.records import iter_jsonl
+from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
+from tailor.workloads.program import run_main, write_termination_message
+from tailor.workloads.progress import make_reporter
+from tailor.workloads.raft.data import Doc, chat_record, load_chunks
 
-log = logging.getLogger("tailor.workloads.evaluate")
+log = logging.getLogger("tailor.workloads.raft.evaluate")
 
 CONCURRENCY = 8
 """Requests in flight per system: the server batches them (continuous batching)."""

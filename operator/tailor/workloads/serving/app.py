@@ -1,4 +1,4 @@
-"""The serving workload: ``python -m tailor.workloads.serve --spec FILE`` (FILE = ServeRun).
+"""The serving workload: ``python -m tailor.workloads.serving.app --spec FILE`` (FILE = ServeRun).
 
 An OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base model and any number of
 LoRA adapters: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (both also as
@@ -12,7 +12,7 @@ top chunks for the last user message go into the prompt and come back as
 answer without context and ``"retrieval": "unavailable"`` instead of an error.
 Deterministic responses (temperature 0, or a seed) are cached by model, prompt and
 parameters. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
-Generation itself is :mod:`tailor.workloads.engine` (continuous batching).
+Generation itself is :mod:`tailor.workloads.serving.engine.builtin` (continuous batching).
 """
 
 from __future__ import annotations
@@ -44,16 +44,12 @@ from tailor.api.base import describe_errors
 from tailor.api.common import split_s3_uri
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.adapters import AdapterSet, SpecWatcher, serve_metrics
-from tailor.workloads.common import (
-    RetryableError,
-    WorkloadError,
-    read_secret,
-    read_spec,
-    setup_logging,
-    spec_path,
-)
-from tailor.workloads.engine import (
+from tailor.workloads.errors import RetryableError, WorkloadError
+from tailor.workloads.io.sources import read_secret
+from tailor.workloads.io.storage import pull_model, store_of
+from tailor.workloads.program import read_spec, setup_logging, spec_path
+from tailor.workloads.serving.adapters import AdapterSet, SpecWatcher, serve_metrics
+from tailor.workloads.serving.engine.builtin import (
     Chunk,
     Engine,
     EngineClosed,
@@ -64,8 +60,9 @@ from tailor.workloads.engine import (
     check_adapters,
     load_engine,
 )
-from tailor.workloads.grammar import FormatError, format_key
-from tailor.workloads.prompting import (
+from tailor.workloads.serving.engine.grammar import FormatError, format_key
+from tailor.workloads.serving.engine.upstream import export_upstream_metrics, load_upstream
+from tailor.workloads.serving.prompting import (
     ContextDocument,
     Message,
     ProfileFile,
@@ -76,10 +73,8 @@ from tailor.workloads.prompting import (
     parse_profile,
     select_examples,
 )
-from tailor.workloads.storage import pull_model, store_of
-from tailor.workloads.upstream import export_upstream_metrics, load_upstream
 
-log = logging.getLogger("tailor.workloads.serve")
+log = logging.getLogger("tailor.workloads.serving.app")
 
 MAX_REMEMBERED_RESPONSES = 100_000
 
@@ -452,7 +447,7 @@ class Server:
     def retriever(self) -> Any:
         with self._retriever_lock:
             if self._retriever is None:
-                from tailor.workloads.retriever import Retriever
+                from tailor.workloads.knowledge.retriever import Retriever
 
                 assert self.run.knowledge_base is not None
                 self._retriever = Retriever(self.run.knowledge_base, self.run.paths)
@@ -494,7 +489,7 @@ class Server:
         import numpy as np
 
         from tailor.api.knowledgebase import Embedding
-        from tailor.workloads.retriever import load_embedder
+        from tailor.workloads.knowledge.retriever import load_embedder
 
         config = self.run.knowledge_base
         embedder = load_embedder(config.embedding if config else Embedding(), self.run.paths)

@@ -1,4 +1,4 @@
-"""The index workload: ``python -m tailor.workloads.index --spec FILE`` (an IndexRun).
+"""The index workload: ``python -m tailor.workloads.knowledge.index --spec FILE`` (an IndexRun).
 
 Reads a KnowledgeBase's sources, chunks them with the embedding model's tokenizer, embeds
 the chunks and writes them into a new versioned collection ``<alias>-v<N>``; only when every
@@ -49,18 +49,13 @@ from prometheus_client import Counter as PromCounter
 from qdrant_client.http.exceptions import ResponseHandlingException
 
 from tailor.api.workloads import IndexRun, OwnerRef
-from tailor.workloads.adaptation import Adapted, adapt, prune
-from tailor.workloads.chunking import Chunk, Chunker
-from tailor.workloads.common import (
-    ProgressReporter,
-    RetryableError,
-    make_reporter,
-    run_main,
-    source_files,
-)
-from tailor.workloads.documents import Document, read_documents
-from tailor.workloads.retriever import Embedder, load_embedder
-from tailor.workloads.vectorstore import (
+from tailor.workloads.errors import RetryableError
+from tailor.workloads.io.sources import source_files
+from tailor.workloads.knowledge.adaptation import Adapted, adapt, prune
+from tailor.workloads.knowledge.chunking import Chunk, Chunker
+from tailor.workloads.knowledge.documents import Document, read_documents
+from tailor.workloads.knowledge.retriever import Embedder, load_embedder
+from tailor.workloads.knowledge.vectorstore import (
     Bm25,
     Collection,
     PointData,
@@ -69,8 +64,10 @@ from tailor.workloads.vectorstore import (
     open_store,
     point_id,
 )
+from tailor.workloads.program import run_main
+from tailor.workloads.progress import ProgressReporter, make_reporter
 
-log = logging.getLogger("tailor.workloads.index")
+log = logging.getLogger("tailor.workloads.knowledge.index")
 
 WINDOW_BATCHES = 8
 """Chunks are sorted by length within windows of this many embedding batches."""

@@ -20,14 +20,11 @@ from typing import Any
 
 from tailor.api.common import ModelSource
 from tailor.api.workloads import Paths
-from tailor.workloads.common import WorkloadError, model_path, read_secret
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.sources import model_path, read_secret
+from tailor.workloads.io.storage import cache_root
 
-log = logging.getLogger("tailor.workloads.models")
-
-
-def cache_root() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tailor" / "models"
-    return Path(os.environ.get("TAILOR_MODEL_CACHE", default))
+log = logging.getLogger("tailor.workloads.io.model_loading")
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:

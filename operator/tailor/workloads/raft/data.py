@@ -1,4 +1,4 @@
-"""RAFT training data from a knowledge base: ``python -m tailor.workloads.raft_data --spec FILE``.
+"""RAFT training data from a knowledge base: ``python -m tailor.workloads.raft.data --spec FILE``.
 
 The recipe of Zhang et al. 2024 ("RAFT: Adapting Language Model to Domain Specific RAG"):
 every example is a question, a context of documents (the knowledge base's chunks) and a
@@ -49,32 +49,44 @@ from tailor.api.workloads import (
     RaftDataRun,
     RetrieverConfig,
 )
-from tailor.workloads.common import (
-    WorkloadError,
-    artifact_uri,
-    make_reporter,
-    read_secret,
-    run_main,
-    sha256_file,
-    write_termination_message,
-)
-from tailor.workloads.storage import store_of
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.evaluation.apibench import ANSWER_MARK, final_answer
+from tailor.workloads.io.sources import read_secret
+from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
+from tailor.workloads.program import run_main, write_termination_message
+from tailor.workloads.progress import make_reporter
 
-log = logging.getLogger("tailor.workloads.raft_data")
+log = logging.getLogger("tailor.workloads.raft.data")
+
 
 BEGIN_QUOTE = "##begin_quote##"
+
+
 END_QUOTE = "##end_quote##"
-ANSWER_MARK = "##Answer:"
+
+
 RAFT_SYSTEM = (
     "Answer the question from the documents. First reason step by step and quote the "
     f"sentences you rely on verbatim between {BEGIN_QUOTE} and {END_QUOTE}; then give "
     f"the final answer on a last line that starts with {ANSWER_MARK}"
 )
+
+
 VALIDATION_SHARE = 0.05
+
+
 TEACHER_CONCURRENCY = 8
+
+
 _QUOTE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)" + re.escape(END_QUOTE), re.S)
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
 _WORD = re.compile(r"\w+")
+
+
 _NUMBERING = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022]|Q\d*[:.])\s*")
 
 
@@ -141,9 +153,6 @@ class Stats:
     skipped: list[str] = field(default_factory=list)
 
 
-# --- the paper's answer format ------------------------------------------------------------
-
-
 def quotes(answer: str) -> list[str]:
     """The quoted passages of an answer, stripped."""
     return [q.strip() for q in _QUOTE.findall(answer)]
@@ -153,12 +162,6 @@ def quotes_are_verbatim(answer: str, document: str) -> bool:
     """Whether the answer quotes at least once and every quote is in ``document``."""
     found = quotes(answer)
     return bool(found) and all(q and q in document for q in found)
-
-
-def final_answer(text: str) -> str:
-    """The text after the last ``##Answer:`` mark, or the whole text without one."""
-    _, mark, tail = text.rpartition(ANSWER_MARK)
-    return tail.strip() if mark else text.strip()
 
 
 def sentences(text: str) -> list[str]:
@@ -200,13 +203,10 @@ def built_answer(question: str, answer: str, gold: Doc) -> str:
     )
 
 
-# --- inputs ---------------------------------------------------------------------------------
-
-
 def load_chunks(config: RetrieverConfig, paths: Paths) -> list[Doc]:
     """Every chunk of the knowledge base's published index."""
-    from tailor.workloads.retriever import RetrieverUnavailable
-    from tailor.workloads.vectorstore import StoreUnavailable, open_store
+    from tailor.workloads.knowledge.retriever import RetrieverUnavailable
+    from tailor.workloads.knowledge.vectorstore import StoreUnavailable, open_store
 
     store = open_store(config, paths)
     try:
@@ -236,7 +236,7 @@ def load_chunks(config: RetrieverConfig, paths: Paths) -> list[Doc]:
 
 def read_questions(questions: Questions, paths: Paths) -> list[Question]:
     """Question records of ``questions.source``; a bad record fails with where it is."""
-    from tailor.workloads.train_data import read_raw
+    from tailor.workloads.io.records import read_raw
 
     assert questions.source is not None
     fields = questions.fields
@@ -273,9 +273,6 @@ def read_questions(questions: Questions, paths: Paths) -> list[Question]:
     if not out:
         raise WorkloadError("InvalidQuestions", "the question source holds no records")
     return out
-
-
-# --- the teacher ------------------------------------------------------------------------
 
 
 class Teacher:
@@ -386,7 +383,7 @@ def make_teacher(run: RaftDataRun) -> Teacher:
     model = teacher.model or (teacher.deployment_ref.name if teacher.deployment_ref else None)
     if teacher.deployment_ref is not None:  # the operator resolved its Service in-cluster
         return Teacher(run.teacher_url, model, api_key)
-    from tailor.workloads.fetch import GuardedTransport
+    from tailor.workloads.io.fetch import GuardedTransport
 
     guard = GuardedTransport(
         allow_private_addresses=teacher.allow_private_addresses,
@@ -425,9 +422,6 @@ def generate_questions(
             "questions with answers (spec.questions.source)",
         )
     return questions
-
-
-# --- the recipe -------------------------------------------------------------------------------
 
 
 def resolve_gold(
@@ -554,7 +548,7 @@ def context_for(
 
 def chat_record(question: str, context: list[Doc], answer: str | None = None) -> dict[str, Any]:
     """An OpenAI chat record whose user turn is what serving would send the model."""
-    from tailor.workloads.prompting import Message, build_messages
+    from tailor.workloads.serving.prompting import Message, build_messages
 
     messages = build_messages(
         None, [Message("system", RAFT_SYSTEM), Message("user", question)], context
@@ -605,7 +599,7 @@ def generate(run: RaftDataRun, retriever: Any = None, tokenizer: Any = None) -> 
     log.info("knowledge base %s: %d chunks", run.knowledge_base.alias, len(chunks))
     check_distractors(recipe, chunks)
     if retriever is None:
-        from tailor.workloads.retriever import Retriever
+        from tailor.workloads.knowledge.retriever import Retriever
 
         retriever = Retriever(run.knowledge_base, run.paths)
     rng = random.Random(recipe.seed)
@@ -745,7 +739,7 @@ def status_patch(run: RaftDataRun, stats: Stats) -> dict[str, Any]:
 
 
 def work(run: RaftDataRun) -> None:
-    from tailor.workloads.models import load_tokenizer
+    from tailor.workloads.io.model_loading import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(run.spec.fine_tune.base_model, run.paths)

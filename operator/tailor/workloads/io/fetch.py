@@ -25,7 +25,7 @@ from urllib.parse import urljoin
 import httpx
 
 from tailor.api.common import DataSource
-from tailor.workloads.common import WorkloadError
+from tailor.workloads.errors import WorkloadError
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_REDIRECTS = 5

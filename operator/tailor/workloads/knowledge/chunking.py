@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tailor.api.knowledgebase import Chunking
-from tailor.workloads.documents import Document
+from tailor.workloads.knowledge.documents import Document
 
-log = logging.getLogger("tailor.workloads.chunking")
+log = logging.getLogger("tailor.workloads.knowledge.chunking")
 
 HEADING = re.compile(r"^(#{1,6})[ \t]+\S")
 FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")

@@ -33,8 +33,8 @@ from sentence_transformers import SentenceTransformer
 
 from tailor.api.knowledgebase import Embedding
 from tailor.api.workloads import Paths, RetrieverConfig
-from tailor.workloads.common import model_path, read_secret
-from tailor.workloads.vectorstore import (
+from tailor.workloads.io.sources import model_path, read_secret
+from tailor.workloads.knowledge.vectorstore import (
     Collection,
     Hit,
     Search,
@@ -44,7 +44,7 @@ from tailor.workloads.vectorstore import (
     query_bm25,
 )
 
-log = logging.getLogger("tailor.workloads.retriever")
+log = logging.getLogger("tailor.workloads.knowledge.retriever")
 
 T = TypeVar("T")
 
@@ -233,7 +233,7 @@ class Retriever:
         """Results of many queries: one embedding pass and one store request for all.
 
         ``filters`` is ``{field: value}`` (a list value matches any of its items; see
-        :func:`~tailor.workloads.vectorstore.conditions`). ``score_threshold`` is a cosine
+        :func:`~tailor.workloads.knowledge.vectorstore.conditions`). ``score_threshold`` is a cosine
         similarity; in hybrid mode it applies to the dense candidates (fused scores are
         ranks, not similarities).
         """

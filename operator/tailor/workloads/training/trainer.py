@@ -1,4 +1,4 @@
-"""The fine-tuning workload: ``python -m tailor.workloads.train --spec FILE`` where FILE is the
+"""The fine-tuning workload: ``python -m tailor.workloads.training.trainer --spec FILE`` where FILE is the
 JSON of a :class:`tailor.api.workloads.TrainRun`.
 
 A recipe to read top to bottom: load the tokenizer and the data (every record validated
@@ -44,22 +44,14 @@ from tailor.api.common import Artifact
 from tailor.api.finetunejob import FineTuneJobSpec, LoraConfig, Progress
 from tailor.api.workloads import Paths, Reporter, TrainRun
 from tailor.observability.training import TrainingMetrics, serve_metrics
-from tailor.workloads import distributed
-from tailor.workloads.common import (
-    RetryableError,
-    WorkloadError,
-    artifact_uri,
-    make_reporter,
-    read_spec,
-    setup_logging,
-    sha256_file,
-    write_termination_message,
-)
-from tailor.workloads.distributed import World
-from tailor.workloads.models import load_causal_lm, load_tokenizer
-from tailor.workloads.storage import MARKER as STORE_MARKER
-from tailor.workloads.storage import Store, store_of
-from tailor.workloads.train_data import (
+from tailor.workloads.errors import RetryableError, WorkloadError
+from tailor.workloads.io.model_loading import load_causal_lm, load_tokenizer
+from tailor.workloads.io.storage import MARKER as STORE_MARKER
+from tailor.workloads.io.storage import Store, artifact_uri, sha256_file, store_of
+from tailor.workloads.program import read_spec, setup_logging, write_termination_message
+from tailor.workloads.progress import make_reporter
+from tailor.workloads.training import distributed
+from tailor.workloads.training.data import (
     IGNORE_INDEX,
     Batch,
     Datasets,
@@ -69,8 +61,9 @@ from tailor.workloads.train_data import (
     read_datasets,
     tokenize_datasets,
 )
+from tailor.workloads.training.distributed import World
 
-log = logging.getLogger("tailor.workloads.train")
+log = logging.getLogger("tailor.workloads.training.trainer")
 
 CHECKPOINT_PREFIX = "step-"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}

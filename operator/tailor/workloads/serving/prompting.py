@@ -35,7 +35,7 @@ from tailor.api.promptprofile import (
     PromptProfileSpec,
 )
 
-log = logging.getLogger("tailor.workloads.prompting")
+log = logging.getLogger("tailor.workloads.serving.prompting")
 
 MAX_RENDERED_CHARS = 1_000_000
 DEFAULT_CONTEXT_INTRO = (

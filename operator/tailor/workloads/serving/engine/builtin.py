@@ -4,7 +4,7 @@ adapters, with continuous batching of concurrent requests.
 A scheduler thread owns the model. Between two decode steps it admits waiting requests (up
 to ``batching.maxBatchSize`` sequences in flight): their prompts are prefilled together,
 left-padded, and their key/value caches are written into the running batch's preallocated
-cache (:class:`~tailor.workloads.kvcache.KVSlab`: no copy of the running rows), so a new
+cache (:class:`~tailor.workloads.serving.engine.kvcache.KVSlab`: no copy of the running rows), so a new
 request never waits for the others to finish. Each decode step feeds one token per
 sequence through the model and writes its KV in place; finished sequences leave the batch
 at once. Requests for different adapters share a batch: PEFT's mixed-adapter inference
@@ -44,12 +44,12 @@ from transformers import DynamicCache
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths, ServedAdapter
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.grammar import Grammars, mask_logits
-from tailor.workloads.kvcache import KVSlab
-from tailor.workloads.models import load_causal_lm, load_tokenizer
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.model_loading import load_causal_lm, load_tokenizer
+from tailor.workloads.serving.engine.grammar import Grammars, mask_logits
+from tailor.workloads.serving.engine.kvcache import KVSlab
 
-log = logging.getLogger("tailor.workloads.engine")
+log = logging.getLogger("tailor.workloads.serving.engine.builtin")
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled together in one forward pass
@@ -124,7 +124,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     response_format: str | None = None
-    """A :func:`tailor.workloads.grammar.format_key`: answers constrained to JSON or a JSON
+    """A :func:`tailor.workloads.serving.engine.grammar.format_key`: answers constrained to JSON or a JSON
     schema by constrained decoding; None: free text."""
 
 

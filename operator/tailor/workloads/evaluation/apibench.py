@@ -20,14 +20,15 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tailor.workloads.common import WorkloadError, json_lines
-from tailor.workloads.raft_data import final_answer
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.records import json_lines
 
 _INSTRUCTION = re.compile(
     r"Instruction'?\s*:\s*(?P<q>.*?)\s*(?:,\s*'Output'\s*:|\n\s*###\s*Output|$)", re.S
@@ -405,7 +406,6 @@ def score_files(corpus: Path, questions: Path, answers: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``tailor eval apibench --corpus API.jsonl --questions EVAL.json --answers A.jsonl``."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="tailor eval apibench",
@@ -435,3 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(f"  {label:56} {100 * totals[key]:6.2f}%")
     return 0
+
+
+ANSWER_MARK = "##Answer:"
+
+
+def final_answer(text: str) -> str:
+    """The text after the last ``##Answer:`` mark, or the whole text without one."""
+    _, mark, tail = text.rpartition(ANSWER_MARK)
+    return tail.strip() if mark else text.strip()

@@ -31,15 +31,12 @@ from tailor.api.promptprofile import (
 )
 from tailor.api.workloads import PromptTestRun
 from tailor.data import apibench_dir
-from tailor.workloads.apibench import Corpus, find_calls
-from tailor.workloads.common import (
-    make_reporter,
-    read_secret,
-    run_main,
-    write_termination_message,
-)
+from tailor.workloads.evaluation.apibench import Corpus, find_calls
+from tailor.workloads.io.sources import read_secret
+from tailor.workloads.program import run_main, write_termination_message
+from tailor.workloads.progress import make_reporter
 
-log = logging.getLogger("tailor.workloads.prompt_tests")
+log = logging.getLogger("tailor.workloads.evaluation.prompt_tests")
 
 ANSWER_CHARS = 500
 

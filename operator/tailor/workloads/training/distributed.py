@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("tailor.workloads.distributed")
+log = logging.getLogger("tailor.workloads.training.distributed")
 
 
 @dataclass(frozen=True)

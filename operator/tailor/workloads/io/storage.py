@@ -12,11 +12,14 @@ artifact, and a download checks every file against the marker before the folder 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -24,12 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.api.workloads import ObjectStore, Paths
-from tailor.workloads.common import (
-    RetryableError,
-    WorkloadError,
-    relative_key,
-    sha256_file,
-)
+from tailor.workloads.errors import RetryableError, WorkloadError
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +343,6 @@ def pull_data(location: tuple[str, str], paths: Paths, max_bytes: int) -> tuple[
     file of such a folder is checked against its entry. Returns (the local folder that
     mirrors the bucket, the files sorted); nothing there or more than ``max_bytes`` in all:
     an error naming the uri."""
-    import tempfile
 
     bucket, key = location
     uri = f"s3://{bucket}/{key}"
@@ -406,8 +403,6 @@ def pull_model(location: tuple[str, str], paths: Paths) -> Path:
     credentials Secret)."""
     import fcntl
 
-    from tailor.workloads.models import cache_root
-
     bucket, key = location
     uri = f"s3://{bucket}/{key}/"
     store = _bucket(paths, bucket, cache_root() / "s3" / bucket, uri, "ModelStoreMissing")
@@ -433,9 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads do (files, then the completion marker), so a model of your own can be a
     ``uri: s3://...`` model source. Credentials come from the AWS SDK's usual chain
     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role)."""
-    import argparse
 
-    from tailor.workloads.common import setup_logging
+    from tailor.workloads.program import setup_logging
 
     parser = argparse.ArgumentParser(prog="tailor store", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -468,3 +462,35 @@ def main(argv: list[str] | None = None) -> int:
         f"uploaded {len(marker['files'])} files ({size / 1e6:.1f} MB) to s3://{bucket}/{key.strip('/')}/"
     )
     return 0
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_uri(output: Path, paths: Paths) -> str:
+    """``s3://<bucket>/<prefix>/<path>/`` with an object store, ``pvc://<claim>/<path>/`` for
+    a folder on a mounted claim, else ``file://``."""
+    pvcs = Path(paths.pvcs).resolve()
+    resolved = output.resolve()
+    root = Path(paths.artifacts).resolve()
+    if paths.store and resolved.is_relative_to(root):
+        return paths.store.uri(relative_key(resolved, root)) + "/"
+    if resolved.is_relative_to(pvcs) and resolved != pvcs:
+        return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
+    return f"file://{resolved.as_posix()}/"
+
+
+def relative_key(path: Path, root: Path) -> str:
+    """A folder's path under the artifacts root, as the object store names it."""
+    return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tailor" / "models"
+    return Path(os.environ.get("TAILOR_MODEL_CACHE", default))

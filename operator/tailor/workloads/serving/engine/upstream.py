@@ -8,7 +8,7 @@ same context-window checks) and sends the prompt as **token ids** to the upstrea
 ``/v1/completions`` (both vLLM and Tailor accept ``prompt: [ids]``), so a conversation
 becomes the same tokens with either engine. An adapter is the upstream model
 ``<served>/<adapter>`` (vLLM: ``--lora-modules <served>/<adapter>=<path>``). Streamed
-choices become :class:`~tailor.workloads.engine.Chunk` s; closing the stream (a client that
+choices become :class:`~tailor.workloads.serving.engine.builtin.Chunk` s; closing the stream (a client that
 went away) closes the HTTP request, which cancels the generation upstream.
 
 Errors keep the gateway's contract: an upstream that cannot be reached is
@@ -34,8 +34,9 @@ import httpx
 
 from tailor.api.workloads import Paths, ServedAdapter, UpstreamEngineConfig
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.common import WorkloadError
-from tailor.workloads.engine import (
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.model_loading import load_tokenizer
+from tailor.workloads.serving.engine.builtin import (
     Chunk,
     EngineRejected,
     EngineUnavailable,
@@ -44,9 +45,8 @@ from tailor.workloads.engine import (
     encode_chat,
     encode_text,
 )
-from tailor.workloads.models import load_tokenizer
 
-log = logging.getLogger("tailor.workloads.upstream")
+log = logging.getLogger("tailor.workloads.serving.engine.upstream")
 
 
 class UpstreamEngine:
@@ -259,7 +259,7 @@ async def _whole(response: aiohttp.ClientResponse, started: float) -> Chunk:
 
 
 def response_format(key: str) -> dict[str, Any]:
-    """The OpenAI ``response_format`` of a :func:`~tailor.workloads.grammar.format_key`."""
+    """The OpenAI ``response_format`` of a :func:`~tailor.workloads.serving.engine.grammar.format_key`."""
     wanted = json.loads(key)
     if wanted["type"] == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": "answer", "schema": wanted["schema"]}}  # fmt: skip
@@ -319,7 +319,7 @@ def load_upstream(
     serves it."""
     from transformers import AutoConfig
 
-    from tailor.workloads.models import resolve_model_dir
+    from tailor.workloads.io.model_loading import resolve_model_dir
 
     tokenizer = load_tokenizer(base_model, paths)
     window = max_context_tokens
