@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -43,7 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
 from qdrant_client.http.exceptions import ResponseHandlingException
@@ -64,7 +62,7 @@ from tailor.workloads.knowledge.vectorstore import (
     open_store,
     point_id,
 )
-from tailor.workloads.program import run_main
+from tailor.workloads.program import limit_cpu_threads, run_main
 from tailor.workloads.progress import ProgressReporter, make_reporter
 
 log = logging.getLogger("tailor.workloads.knowledge.index")
@@ -539,27 +537,6 @@ class _Writer:
                 self._error = exc
 
 
-def cpu_budget() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
-
-    torch sizes its thread pool by the node's cores, not the pod's CPU limit; more threads
-    than the quota allows make every matrix product wait for throttled threads.
-    """
-    cpus = len(os.sched_getaffinity(0))
-    quota: float | None = None
-    try:  # cgroup v2: "max 100000" or "<quota> <period>"
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        quota = None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            limit_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            quota = limit_us / period_us if limit_us > 0 else None
-        except (OSError, ValueError):
-            quota = None
-    return max(1, min(cpus, int(quota))) if quota else cpus
-
-
 def delete_index(run: IndexRun) -> list[str]:
     """Remove the alias and every version of a knowledge base's index."""
     store = open_store(run.target, run.paths, timeout_seconds=60)
@@ -573,8 +550,7 @@ def delete_index(run: IndexRun) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``--spec FILE`` builds the index; ``--spec FILE --delete`` removes it."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cpu_budget())
+    limit_cpu_threads()
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--delete", action="store_true", help="remove the index instead")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -38,17 +38,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tailor.api.common import Artifact
 from tailor.api.finetunejob import FineTuneJobSpec, LoraConfig, Progress
 from tailor.api.workloads import Paths, Reporter, TrainRun
 from tailor.observability.training import TrainingMetrics, serve_metrics
-from tailor.workloads.errors import RetryableError, WorkloadError
+from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_causal_lm, load_tokenizer
 from tailor.workloads.io.storage import MARKER as STORE_MARKER
 from tailor.workloads.io.storage import Store, artifact_uri, sha256_file, store_of
-from tailor.workloads.program import read_spec, setup_logging, write_termination_message
+from tailor.workloads.program import limit_cpu_threads, run_main, write_termination_message
 from tailor.workloads.progress import make_reporter
 from tailor.workloads.training import distributed
 from tailor.workloads.training.data import (
@@ -1071,58 +1071,23 @@ def verify_artifact(output: Path, store: Store | None = None) -> dict[str, Any]:
     }
 
 
-def limit_cpu_threads() -> None:
-    """Use as many threads as the container may run (its cgroup CPU quota and CPU set),
-    not every core of the node: PyTorch's default would run a pod limited to 4 CPUs on a
-    64-core node with 64 threads, which CFS throttling then stalls. An explicit
-    ``OMP_NUM_THREADS`` wins. (With busy neighbours, ``OMP_WAIT_POLICY=PASSIVE`` in the
-    pod's environment also helps: spinning OpenMP threads made a shared 2-core node
-    5x slower in our measurements.)"""
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
-        return
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    torch.set_num_threads(cpus)
-
-
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     limit_cpu_threads()
-    try:
-        run = read_spec(TrainRun, argv)
-    except (OSError, ValidationError) as exc:
-        log.error("cannot read the run spec: %s", exc)
-        write_termination_message("InvalidSpec", str(exc))
-        return 2
-    stop = StopRequested()
-    previous = stop.install()
-    try:
-        artifact = train(run, stop)
+
+    def work(run: TrainRun) -> None:
+        stop = StopRequested()
+        previous = stop.install()
+        try:
+            artifact = train(run, stop)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if World.from_env().main:  # rank 0 published it; it alone vouches for it
             store = store_of(run.paths)
             output = Path(run.output_dir)
             verified = verify_artifact(output, store if store and store.holds(output) else None)
             write_termination_message("ArtifactPublished", artifact.uri, artifact=verified)
-    except RetryableError as exc:  # the store unreachable: another attempt may succeed
-        log.error("%s: %s", exc.reason, exc.message)
-        write_termination_message(exc.reason, exc.message)
-        return 1
-    except WorkloadError as exc:
-        log.error("%s: %s", exc.reason, exc.message)
-        write_termination_message(exc.reason, exc.message)
-        return 2
-    except Exception as exc:
-        log.exception("training failed")
-        write_termination_message("TrainingFailed", f"{type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+
+    return run_main(TrainRun, work, argv, failure_reason="TrainingFailed")
 
 
 if __name__ == "__main__":
