@@ -37,9 +37,12 @@ from tailor.devcluster.kube import (  # noqa: E402
     wait_established,
 )
 from tailor.devcluster.kueue import Kueue  # noqa: E402
-from tests.cluster.test_kueue import job as plain_job  # noqa: E402
-from tests.cluster.test_kueue_runs import run as queued_run  # noqa: E402
-from tests.cluster.test_operator import OperatorProcess, wait_for  # noqa: E402
+from tests.cluster.helpers import (  # noqa: E402
+    OperatorProcess,
+    queued_run,
+    wait_for,
+)
+from tests.cluster.helpers import gpu_job as plain_job  # noqa: E402
 
 NS = "bench"
 

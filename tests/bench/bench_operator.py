@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tailor.devcluster.cluster import DevCluster, state_root  # noqa: E402
-from tests.cluster.test_operator import fine_tune, free_port  # noqa: E402
+from tests.cluster.helpers import fine_tune, free_port  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -38,8 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from tailor.devcluster.cluster import DevCluster, state_root  # noqa: E402
 from tailor.devcluster.kube import Kube  # noqa: E402
-from tests.cluster.test_ha import Replica  # noqa: E402
-from tests.cluster.test_operator import fine_tune, refuse_success  # noqa: E402
+from tests.cluster.helpers import (  # noqa: E402
+    Replica,
+    fine_tune,
+    refuse_success,
+)
 
 DRILLS = ("kill-leader", "restart-apiserver", "refuse-success")
 

@@ -35,7 +35,7 @@ from tailor.builders.raftjob import (
 )
 from tailor.cli import write_crds
 from tailor.devcluster.kube import Kube
-from tests.chart.conftest import CHART, EVERY_TOGGLE, ROOT, helm, render
+from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, helm, render
 
 TAILOR_KINDS = ("promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments")
 IMAGES = sorted((ROOT / "images").glob("*.Dockerfile"))

@@ -38,7 +38,7 @@ from tailor.devcluster.cluster import DevCluster
 from tailor.devcluster.kube import Kube, create_namespace, delete_namespace
 from tailor.devcluster.kueue import Kueue
 from tailor.observability import alerts, dashboards
-from tests.chart.conftest import CHART, ROOT, helm
+from tests.chart.helpers import CHART, ROOT, helm
 
 RATE_INTERVAL = "1m"
 """What Grafana's ``$__rate_interval`` becomes in these tests (Prometheus scrapes every 1 s)."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tailor.devcluster.kube import Kube
-from tests.cluster.test_operator import fine_tune
+from tests.cluster.helpers import fine_tune
 
 pytestmark = pytest.mark.cluster
 

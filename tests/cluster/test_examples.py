@@ -14,12 +14,7 @@ from pathlib import Path
 import pytest
 
 from tailor.devcluster.kube import Kube
-from tests.cluster.test_operator import (  # noqa: F401 (a fixture of this module too)
-    OperatorProcess,
-    operator_process,
-    phase_is,
-    wait_for,
-)
+from tests.cluster.helpers import OperatorProcess, phase_is, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -36,7 +31,7 @@ FINAL = {
 def test_every_example_reaches_its_final_phase_unchanged(
     kube: Kube,
     namespace: str,
-    operator_process: OperatorProcess,  # noqa: F811
+    operator_process: OperatorProcess,
 ) -> None:
     files = sorted((ROOT / "docs" / "examples").glob("*.yaml"))
     assert sorted(f.stem for f in files) == sorted(FINAL)  # a new example gets a row here

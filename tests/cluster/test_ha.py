@@ -4,12 +4,8 @@ real API server (kwok runs the pods)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,48 +13,9 @@ from typing import Any
 import pytest
 
 from tailor.devcluster.kube import Kube
-from tests.cluster.test_operator import fine_tune, free_port, phase_is, wait_for
+from tests.cluster.helpers import Replica, fine_tune, phase_is, wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-class Replica:
-    """``tailor operator run --leader-election -n NS`` as a child process."""
-
-    def __init__(self, kube: Kube, ns: str, log: Path) -> None:
-        self.metrics_port, self.health_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(kube.kubeconfig),
-            "TAILOR_IMAGE": "tailor-workloads:test",
-            "TAILOR_PROGRESS_INTERVAL_SECONDS": "1",
-        }
-        argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "-n", ns]
-        argv += ["--leader-election", "--lease-namespace", ns]
-        argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port)]
-        self.proc = subprocess.Popen(argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-    def get(self, port: int, path: str) -> str:
-        try:
-            return (
-                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3).read().decode()
-            )
-        except OSError:
-            return ""
-
-    def leading(self) -> bool:
-        return "tailor_operator_leader 1.0" in self.get(self.metrics_port, "/metrics")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and bool(self.get(self.health_port, "/healthz"))
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 from tailor.devcluster.cli import main
 from tailor.devcluster.cluster import DevCluster
 from tailor.devcluster.kueue import Kueue
+from tests.cluster.helpers import gpu_job
 
 pytestmark = pytest.mark.cluster
 
@@ -34,37 +35,6 @@ def cluster(tmp_path: Path) -> Iterator[DevCluster]:
         yield DevCluster(directory)
     finally:
         main(["down", "--dir", str(directory)])
-
-
-def job(name: str, gpus: int, queue: str | None) -> dict[str, Any]:
-    labels = {"kueue.x-k8s.io/queue-name": queue} if queue else {}
-    request = {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": str(gpus)}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                # kwok keeps the pod Running for ten minutes
-                "metadata": {"annotations": {"pod-complete.stage.kwok.x-k8s.io/delay": "600s"}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [
-                        {
-                            "name": "train",
-                            "image": "tailor/workload",
-                            "resources": {
-                                "requests": request,
-                                "limits": {"nvidia.com/gpu": str(gpus)},
-                            },
-                        }
-                    ],
-                },
-            },
-        },
-    }
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -100,7 +70,7 @@ def test_a_gpu_quota_admits_two_jobs_queues_the_third_and_admits_it_when_one_end
 ) -> None:
     Kueue(cluster).gpu_queue("gpus", gpus=4, namespaces=["default"])
     for name in ("train-a", "train-b", "train-c"):
-        cluster.api(JOBS, "POST", job(name, 2, "gpus"))
+        cluster.api(JOBS, "POST", gpu_job(name, 2, "gpus"))
         # one at a time, so the queue's order is the creation order
         wait_for(f"{name}'s workload", lambda n=name: workload_of(cluster, n))
 
@@ -129,7 +99,7 @@ def test_a_gpu_quota_admits_two_jobs_queues_the_third_and_admits_it_when_one_end
     assert not suspended(cluster, "train-c")
 
     # a Job without a queue is not Kueue's: it is neither suspended nor held
-    cluster.api(JOBS, "POST", job("plain", 1, None))
+    cluster.api(JOBS, "POST", gpu_job("plain", 1, None))
     wait_for("the plain Job running", lambda: running(cluster, "plain"))
 
     # down: Kueue's webhooks go with it, so the cluster still takes Jobs
@@ -138,5 +108,5 @@ def test_a_gpu_quota_admits_two_jobs_queues_the_third_and_admits_it_when_one_end
     assert not [h for h in hooks["items"] if h["metadata"]["name"].startswith("kueue-")]
     services = cluster.api("/apis/apiregistration.k8s.io/v1/apiservices")["items"]
     assert not [s for s in services if s["spec"].get("group") == "visibility.kueue.x-k8s.io"]
-    cluster.api(JOBS, "POST", job("after", 1, None))
+    cluster.api(JOBS, "POST", gpu_job("after", 1, None))
     wait_for("a Job created after Kueue stopped", lambda: running(cluster, "after"))

@@ -26,7 +26,7 @@ from tailor.devcluster.cli import main
 from tailor.devcluster.cluster import DevCluster
 from tailor.devcluster.kube import Kube, apply_crds, create_namespace, wait_established
 from tailor.devcluster.kueue import Kueue
-from tests.cluster.test_operator import OperatorProcess, example, wait_for
+from tests.cluster.helpers import OperatorProcess, queued_run, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -75,15 +75,6 @@ def queue_ns(kueue_cluster: Kube, request: pytest.FixtureRequest) -> Iterator[st
     yield name
 
 
-def run(name: str, gpus: int, **spec: Any) -> dict[str, Any]:
-    manifest = example("finetunejob")
-    manifest["metadata"]["name"] = name
-    manifest["spec"]["resources"] = {"gpus": gpus, "cpu": "1", "memory": "1Gi"}
-    manifest["spec"].pop("activeDeadlineSeconds", None)
-    manifest["spec"].update({"queueName": "gpus", **spec})
-    return manifest
-
-
 def status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     return dict(kube.get_json("ftj", name, "-n", ns).get("status") or {})
 
@@ -105,9 +96,9 @@ def test_two_runs_fit_the_quota_the_third_waits_first_in_line_and_runs_when_one_
 ) -> None:
     kube, ns = kueue_cluster, queue_ns
     for name in ("a", "b"):
-        kube.apply(run(name, 2), "-n", ns)
+        kube.apply(queued_run(name, 2), "-n", ns)
         wait_for(f"{name} running", in_phase(kube, ns, name, "Running"))
-    kube.apply(run("c", 2), "-n", ns)
+    kube.apply(queued_run("c", 2), "-n", ns)
     # status converges as Kueue writes the Workload: its position first, then its message
     wait_for(
         "c waiting with its position and Kueue's reason",
@@ -157,10 +148,10 @@ def test_a_higher_priority_run_preempts_a_lower_one_which_requeues_and_runs_agai
         ]
     )  # fmt: skip
     for name in ("low-1", "low-2"):
-        kube.apply(run(name, 2, priorityClassName="low"), "-n", ns)
+        kube.apply(queued_run(name, 2, priorityClassName="low"), "-n", ns)
         wait_for(f"{name} running", in_phase(kube, ns, name, "Running"))
     uids = {n: kube.get_json("job", f"{n}-train", "-n", ns)["metadata"]["uid"] for n in ("low-1", "low-2")}  # fmt: skip
-    kube.apply(run("urgent", 2, priorityClassName="high"), "-n", ns)
+    kube.apply(queued_run("urgent", 2, priorityClassName="high"), "-n", ns)
 
     def preempted() -> str | None:
         for name in ("low-1", "low-2"):
@@ -191,7 +182,7 @@ def test_more_gpus_than_the_quota_can_never_be_admitted_and_a_two_node_run_is_ad
     kueue_cluster: Kube, queue_ns: str
 ) -> None:
     kube, ns = kueue_cluster, queue_ns
-    kube.apply(run("huge", 6), "-n", ns)
+    kube.apply(queued_run("huge", 6), "-n", ns)
     found = wait_for(
         "huge refused by the quota",
         lambda: (
@@ -208,9 +199,9 @@ def test_more_gpus_than_the_quota_can_never_be_admitted_and_a_two_node_run_is_ad
 
     # two nodes x 2 GPUs: one Kueue pod set of 2 pods, admitted (and started) all at once,
     # or not at all while a 1-GPU run holds part of the quota
-    kube.apply(run("one", 1), "-n", ns)
+    kube.apply(queued_run("one", 1), "-n", ns)
     wait_for("one running", in_phase(kube, ns, "one", "Running"))
-    two = run("two-node", 2)
+    two = queued_run("two-node", 2)
     two["spec"]["resources"]["nodes"] = 2
     kube.apply(two, "-n", ns)
     wait_for("two-node queued", in_phase(kube, ns, "two-node", "Queued"))
@@ -230,7 +221,7 @@ def test_suspend_deactivates_the_workload_and_resume_requeues_it(
     kueue_cluster: Kube, queue_ns: str
 ) -> None:
     kube, ns = kueue_cluster, queue_ns
-    kube.apply(run("paused", 2, suspend=True), "-n", ns)
+    kube.apply(queued_run("paused", 2, suspend=True), "-n", ns)
     found = wait_for("suspended before queueing", in_phase(kube, ns, "paused", "Suspended"))
     assert "spec.suspend is false" in ready(found)["message"]
     assert kube.get_json("jobs", "-n", ns)["items"] == []  # nothing queued yet
@@ -250,11 +241,11 @@ def test_a_missing_local_queue_or_priority_class_is_named_and_nothing_is_created
     kueue_cluster: Kube, queue_ns: str
 ) -> None:
     kube, ns = kueue_cluster, queue_ns
-    kube.apply(run("lost", 1, queueName="nope"), "-n", ns)
+    kube.apply(queued_run("lost", 1, queueName="nope"), "-n", ns)
     found = wait_for("pending", in_phase(kube, ns, "lost", "Pending"))
     assert ready(found)["reason"] == "QueueNotFound"
     assert "spec.queueName names LocalQueue 'nope'" in ready(found)["message"]
-    kube.apply(run("vip", 1, priorityClassName="platinum"), "-n", ns)
+    kube.apply(queued_run("vip", 1, priorityClassName="platinum"), "-n", ns)
     found = wait_for("pending", in_phase(kube, ns, "vip", "Pending"))
     assert ready(found)["reason"] == "PriorityClassNotFound"
     assert "spec.priorityClassName" in ready(found)["message"]

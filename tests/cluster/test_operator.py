@@ -8,133 +8,27 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
 
 from tailor.devcluster.kube import Kube
+from tests.cluster.helpers import (
+    OperatorProcess,
+    example,
+    fine_tune,
+    get,
+    phase_is,
+    refuse_success,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "docs" / "examples"
-
-
-def example(kind: str, **spec_changes: Any) -> dict[str, Any]:
-    manifest = yaml.safe_load((EXAMPLES / f"{kind}.yaml").read_text())
-    manifest["spec"].update(spec_changes)
-    return manifest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OperatorProcess:
-    """``tailor operator run`` as a child process, restartable."""
-
-    def __init__(self, kube: Kube, log: Path):
-        self.kube, self.log = kube, log
-        self.metrics_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.env: dict[str, str] = {}
-        """More environment for the operator (settings: TAILOR_*)."""
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kube.kubeconfig),
-            "TAILOR_IMAGE": "tailor-workloads:test",
-            "TAILOR_GPU_IMAGE": "tailor-workloads:test-cuda",
-            "TAILOR_PROGRESS_INTERVAL_SECONDS": "1",
-            **self.env,
-        }
-        argv = [sys.executable, "-m", "tailor.cli", "operator", "run"]
-        argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(free_port())]
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
-
-
-@pytest.fixture(scope="module")
-def operator_process(
-    kube: Kube, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(kube, log)
-    op.start()
-    yield op
-    op.stop()
-    if os.environ.get("TAILOR_SHOW_OPERATOR_LOG"):
-        print(log.read_text()[-20000:])
-
-
-@pytest.fixture
-def ns(kube: Kube, namespace: str, operator_process: OperatorProcess) -> str:
-    """A test namespace (its artifacts claim binds through the dev cluster's default
-    StorageClass and provisioner)."""
-    return namespace
-
-
-def wait_for(
-    what: str, check: Callable[[], Any], timeout: float = 90.0, interval: float = 0.5
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
-
-
-def get(kube: Kube, ns: str, kind: str, name: str) -> dict[str, Any]:
-    return kube.get_json(kind, name, "-n", ns)
-
-
-def phase_is(kube: Kube, ns: str, kind: str, name: str, *phases: str) -> Callable[[], Any]:
-    def check() -> Any:
-        obj = kube.get_json(kind, name, "-n", ns)
-        return obj if (obj.get("status") or {}).get("phase") in phases else None
-
-    return check
-
-
-def fine_tune(name: str, gpus: int, **extra: Any) -> dict[str, Any]:
-    manifest = example("finetunejob")
-    manifest["metadata"]["name"] = name
-    manifest["spec"]["resources"] = {"gpus": gpus, "cpu": "1", "memory": "1Gi"}
-    manifest["spec"].update(extra)
-    return manifest
 
 
 def test_fine_tune_job_children_and_success_on_gpu_node(kube: Kube, ns: str) -> None:
@@ -703,47 +597,6 @@ def retries(op: OperatorProcess, kind: str) -> float:
         if line.startswith(f'tailor_operator_workqueue_retries_total{{kind="{kind}"}}'):
             return float(line.split()[-1])
     return 0.0
-
-
-def refuse_success(policy: str, ns: str, message: str) -> list[dict[str, Any]]:
-    """A ValidatingAdmissionPolicy (and its binding) under which the API server refuses
-    every FineTuneJob status write in ``ns`` that sets ``phase: Succeeded``."""
-    return [
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicy",
-            "metadata": {"name": policy},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": ["tailor.dev"],
-                            "apiVersions": ["*"],
-                            "operations": ["UPDATE"],
-                            "resources": ["finetunejobs/status"],
-                        }
-                    ]
-                },
-                "matchConditions": [
-                    {"name": "this-namespace", "expression": f"object.metadata.namespace == '{ns}'"}
-                ],
-                "validations": [
-                    {
-                        "expression": "!has(object.status.phase) || "
-                        "object.status.phase != 'Succeeded'",
-                        "message": message,
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": {"name": policy},
-            "spec": {"policyName": policy, "validationActions": ["Deny"]},
-        },
-    ]
 
 
 def test_a_status_write_refused_on_job_completion_is_retried_until_it_lands(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tailor.devcluster.kube import Kube
-from tests.cluster.test_operator import fine_tune, get
+from tests.cluster.helpers import fine_tune, get
 
 pytestmark = pytest.mark.cluster
 

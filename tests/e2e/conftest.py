@@ -2,157 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tailor.devcluster.kube import Kube
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.e2e.helpers import run_local_operator
 
 
 @pytest.fixture
 def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
     yield from run_local_operator(kube, tmp_path, {})
-
-
-def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> Iterator[Path]:
-    """``tailor operator run --runtime local`` with ``settings`` (TAILOR_* variables) until
-    the generator is closed; yields the local runtime's state folder."""
-    state = tmp_path / "local"
-    log = tmp_path / "operator.log"
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "TAILOR_RUNTIME": "local",
-        "TAILOR_LOCAL_STATE_DIR": str(state),
-        "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
-        "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
-        "TAILOR_CLEANUP_TIMEOUT_SECONDS": "20",
-        **settings,
-    }
-    argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
-    argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
-    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    yield state
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    # The local runtime's processes outlive the operator by design (like pods); stop them.
-    for record in state.glob("*/runs/*.json"):
-        pid = json.loads(record.read_text()).get("pid")
-        if pid:
-            try:
-                os.killpg(int(pid), 15)
-            except OSError:
-                pass
-    if os.environ.get("TAILOR_SHOW_OPERATOR_LOG"):
-        print(log.read_text()[-20000:])
-        for attempt in sorted(state.glob("*/runs/*/attempt-*.log")):
-            print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
-
-
-def chat(endpoint: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
-    """POST an OpenAI chat completion to a served endpoint (``.../v1``); the decoded answer."""
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{endpoint}/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
-    answer: dict[str, Any] = json.loads(urllib.request.urlopen(request, timeout=timeout).read())
-    return answer
-
-
-def wait_phase(
-    kube: Kube, ns: str, kind: str, name: str, phases: set[str], timeout: float
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    obj: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        obj = kube.get_json(kind, name, "-n", ns)
-        phase = (obj.get("status") or {}).get("phase")
-        if phase in phases:
-            return obj
-        if phase in ("Failed", "Invalid"):
-            raise AssertionError(f"{kind}/{name} failed: {obj.get('status')}")
-        time.sleep(1)
-    raise AssertionError(f"{kind}/{name} not in {phases} after {timeout}s: {obj.get('status')}")
-
-
-# Where each phase stands in a resource's life; a phase with a lower rank than one seen
-# before (with the spec unchanged) is a flap, e.g. a KnowledgeBase Ready, then Indexing.
-PHASE_RANK = {
-    "Pending": 0,
-    "Queued": 1,
-    "Indexing": 1,
-    "Progressing": 1,
-    "Running": 2,
-    "Ready": 3,
-    "Succeeded": 3,
-}
-
-
-class PhaseWatch:
-    """``kubectl get KIND NAME --watch``: every phase an object's status goes through, as
-    the API server delivers each change (not a poll that could miss one)."""
-
-    def __init__(self, kube: Kube, ns: str, kind: str, name: str) -> None:
-        from tailor.devcluster.tools import kubectl_path
-
-        self.what = f"{kind}/{name}"
-        env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
-        template = '{.metadata.generation} {.status.phase}{"\\n"}'
-        argv = [str(kubectl_path()), "get", kind, "-n", ns, "--watch"]
-        argv += ["--field-selector", f"metadata.name={name}"]  # may not exist yet
-        self.proc = subprocess.Popen(
-            [*argv, "-o", f"jsonpath={template}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-
-    def phases(self) -> list[str]:
-        """The distinct successive phases seen so far (stops the watch)."""
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        seen: list[str] = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and (not seen or seen[-1] != parts[1]):
-                seen.append(parts[1])
-        return seen
-
-    def assert_monotonic(self) -> list[str]:
-        seen = self.phases()
-        ranks = [PHASE_RANK[p] for p in seen]
-        assert ranks == sorted(ranks), f"{self.what} went backwards: {' -> '.join(seen)}"
-        return seen
-
-
-def wait_for(what: str, probe: Any, timeout: float = 600) -> Any:
-    """``probe()``'s first truthy value, polled every second; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")

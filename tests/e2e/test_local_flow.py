@@ -19,7 +19,7 @@ import yaml
 from tailor.devcluster.kube import Kube
 from tailor.quickstart import chart, measure, rag_training_examples
 from tailor.workloads.evaluation.apibench import Corpus, load_questions
-from tests.e2e.conftest import PhaseWatch, chat, wait_for, wait_phase
+from tests.e2e.helpers import PhaseWatch, chat, wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 

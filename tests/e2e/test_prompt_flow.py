@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tailor.devcluster.kube import Kube
-from tests.e2e.conftest import chat, wait_for, wait_phase
+from tests.e2e.helpers import chat, wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 

@@ -18,7 +18,7 @@ import yaml
 
 from tailor.devcluster.kube import Kube
 from tailor.workloads.evaluation.apibench import load_questions, raft_question
-from tests.e2e.conftest import wait_phase
+from tests.e2e.helpers import wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 

@@ -17,7 +17,7 @@ import pytest
 from tailor.devcluster.kube import Kube
 from tailor.devcluster.s3 import S3Server
 from tailor.workloads.io.storage import MARKER
-from tests.e2e.conftest import chat, run_local_operator, wait_phase
+from tests.e2e.helpers import chat, run_local_operator, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
