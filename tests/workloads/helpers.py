@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from tailor.api.workloads import ObjectStore
+from tailor.api.workloads import ObjectStore, TrainRun
 from tailor.devcluster.s3 import S3Server
 
 
@@ -102,3 +105,94 @@ def store_config(tmp_path: Path, server: S3Server, bucket: str, **changes: str) 
         credentials_dir=str(keys_dir(tmp_path, server, changes.pop("secret", None))),
         **changes,
     )
+
+
+SOUNDS = [
+    ("cat", "meow"),
+    ("dog", "woof"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("sheep", "baa"),
+    ("owl", "hoot"),
+    ("frog", "ribbit"),
+    ("lion", "roar"),
+    ("snake", "hiss"),
+    ("bee", "buzz"),
+]
+
+
+def animal_chats(n: int) -> list[dict[str, Any]]:
+    """Short chat examples of a fixed shape (so held-out loss can fall)."""
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": f"What does a {a} say? ({i})"},
+                {"role": "assistant", "content": f"The {a} says {s}."},
+            ]
+        }
+        for i, (a, s) in enumerate(SOUNDS[i % len(SOUNDS)] for i in range(n))
+    ]
+
+
+def make_run(tmp_path: Path, pvcs: Path, **changes: Any) -> TrainRun:
+    """A TrainRun of the tiny model on animal chats; ``changes`` update the training,
+    checkpoint and lora sections and replace any other."""
+    spec: dict[str, Any] = {
+        "baseModel": {"pvc": {"claimName": "models", "path": "tiny"}},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["all-linear"]},
+        "dataset": {"train": {"inline": animal_chats(40)}, "validationSplit": 0.2},
+        "training": {
+            "epochs": 2,
+            "batchSize": 4,
+            "learningRate": 1e-2,
+            "maxSeqLength": 128,
+            "warmupRatio": 0.1,
+        },
+        "checkpoint": {"everySteps": 5, "keep": 2},
+    }
+    for section, value in changes.items():
+        if section in ("training", "checkpoint", "lora") and isinstance(value, dict):
+            spec[section] = {**spec[section], **value}
+        elif value is None:
+            spec.pop(section, None)
+        else:
+            spec[section] = value
+    return TrainRun.model_validate(
+        {
+            "spec": spec,
+            "outputDir": str(tmp_path / "out"),
+            "checkpointDir": str(tmp_path / "checkpoints"),
+            "paths": {"artifacts": str(tmp_path), "pvcs": str(pvcs)},
+            "reporter": {
+                "kind": "file",
+                "path": str(tmp_path / "progress.jsonl"),
+                "minIntervalSeconds": 0,
+            },
+            "owner": {"kind": "FineTuneJob", "namespace": "ns1", "name": "ftj1", "uid": "u1"},
+        }
+    )
+
+
+def run_workload(run: TrainRun, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m tailor.workloads.training.trainer --spec FILE`` as a pod would."""
+    spec = tmp_path / f"spec-{time.monotonic_ns()}.json"
+    spec.write_text(run.model_dump_json(by_alias=True))
+    env = {
+        **os.environ,
+        "TAILOR_TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tailor.workloads.training.trainer", "--spec", str(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -21,7 +21,7 @@ from tailor.devcluster.s3 import S3Server
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.storage import MARKER, Store
 from tailor.workloads.training.trainer import train
-from tests.workloads.helpers import store_config, tiny_model_volume
+from tests.workloads.helpers import make_run, run_workload, store_config, tiny_model_volume
 
 pytestmark = pytest.mark.workloads
 
@@ -152,7 +152,6 @@ def test_wrong_keys_and_a_missing_bucket_name_the_fix(
 
 def s3_run(scratch: Path, pvcs: Path, config: ObjectStore, **training: int) -> TrainRun:
     """The tiny-Llama LoRA run of test_train.py, with its artifacts in the bucket."""
-    from tests.workloads.test_train import make_run
 
     run = make_run(scratch, pvcs, training=training, checkpoint={"everySteps": 5, "keep": 2})
     rel = "finetunejob/ftj1/u1"
@@ -168,7 +167,6 @@ def s3_run(scratch: Path, pvcs: Path, config: ObjectStore, **training: int) -> T
 def test_training_publishes_to_the_bucket_and_a_killed_pod_resumes_from_it(
     tmp_path: Path, s3_server: S3Server, bucket: str
 ) -> None:
-    from tests.workloads.test_train import run_workload
 
     pvcs = tiny_model_volume(tmp_path / "pvcs")
     config = store_config(tmp_path, s3_server, bucket)

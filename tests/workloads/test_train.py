@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +17,7 @@ import pytest
 import torch
 
 from tailor.api.common import ModelSource
-from tailor.api.workloads import Paths, TrainRun
+from tailor.api.workloads import Paths
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
 from tailor.workloads.io.storage import artifact_uri
@@ -33,103 +28,15 @@ from tailor.workloads.training.trainer import (
     list_checkpoints,
     train,
 )
-from tests.workloads.helpers import tiny_model_volume
+from tests.workloads.helpers import animal_chats, free_port, make_run, run_workload
 
-pytestmark = pytest.mark.workloads
+pytestmark = [pytest.mark.workloads, pytest.mark.usefixtures("one_thread")]
 
 SMOLLM2 = ModelSource(builtin="smollm2-135m-instruct")
-SOUNDS = [
-    ("cat", "meow"),
-    ("dog", "woof"),
-    ("cow", "moo"),
-    ("duck", "quack"),
-    ("sheep", "baa"),
-    ("owl", "hoot"),
-    ("frog", "ribbit"),
-    ("lion", "roar"),
-    ("snake", "hiss"),
-    ("bee", "buzz"),
-]
-
-
-def animal_chats(n: int) -> list[dict[str, Any]]:
-    """Short chat examples of a fixed shape (so held-out loss can fall)."""
-    return [
-        {
-            "messages": [
-                {"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": f"What does a {a} say? ({i})"},
-                {"role": "assistant", "content": f"The {a} says {s}."},
-            ]
-        }
-        for i, (a, s) in enumerate(SOUNDS[i % len(SOUNDS)] for i in range(n))
-    ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a busy shared machine, OpenMP threads waiting on each other
-    make tiny steps many times slower, and one thread gives the same results everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pvcs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A volume root holding ``models/tiny`` (see helpers.tiny_model_volume)."""
-    return tiny_model_volume(tmp_path_factory.mktemp("pvcs"))
-
-
-def make_run(tmp_path: Path, pvcs: Path, **changes: Any) -> TrainRun:
-    """A TrainRun of the tiny model on animal chats; ``changes`` update the training,
-    checkpoint and lora sections and replace any other."""
-    spec: dict[str, Any] = {
-        "baseModel": {"pvc": {"claimName": "models", "path": "tiny"}},
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["all-linear"]},
-        "dataset": {"train": {"inline": animal_chats(40)}, "validationSplit": 0.2},
-        "training": {
-            "epochs": 2,
-            "batchSize": 4,
-            "learningRate": 1e-2,
-            "maxSeqLength": 128,
-            "warmupRatio": 0.1,
-        },
-        "checkpoint": {"everySteps": 5, "keep": 2},
-    }
-    for section, value in changes.items():
-        if section in ("training", "checkpoint", "lora") and isinstance(value, dict):
-            spec[section] = {**spec[section], **value}
-        elif value is None:
-            spec.pop(section, None)
-        else:
-            spec[section] = value
-    return TrainRun.model_validate(
-        {
-            "spec": spec,
-            "outputDir": str(tmp_path / "out"),
-            "checkpointDir": str(tmp_path / "checkpoints"),
-            "paths": {"artifacts": str(tmp_path), "pvcs": str(pvcs)},
-            "reporter": {
-                "kind": "file",
-                "path": str(tmp_path / "progress.jsonl"),
-                "minIntervalSeconds": 0,
-            },
-            "owner": {"kind": "FineTuneJob", "namespace": "ns1", "name": "ftj1", "uid": "u1"},
-        }
-    )
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int, metric: str) -> float:
@@ -262,23 +169,6 @@ def test_packed_and_padded_batches_have_the_same_loss(pvcs: Path) -> None:
         alone = sum(batch_loss(model, collate([e], 0, False, 80), fp32).item() for e in examples)
     assert packed == pytest.approx(padded, rel=1e-5)
     assert packed == pytest.approx(alone, rel=1e-5)
-
-
-def run_workload(run: TrainRun, tmp_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m tailor.workloads.training.trainer --spec FILE`` as a pod would."""
-    spec = tmp_path / f"spec-{time.monotonic_ns()}.json"
-    spec.write_text(run.model_dump_json(by_alias=True))
-    env = {
-        **os.environ,
-        "TAILOR_TERMINATION_LOG": str(tmp_path / "termination-log"),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "tailor.workloads.training.trainer", "--spec", str(spec)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
 
 
 def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path: Path, pvcs: Path) -> None:

@@ -19,14 +19,9 @@ import torch
 
 from tailor.api.workloads import TrainRun
 from tailor.workloads.training.trainer import list_checkpoints, train
-from tests.workloads.test_train import (  # noqa: F401 (one_thread and pvcs are fixtures)
-    free_port,
-    make_run,
-    one_thread,
-    pvcs,
-)
+from tests.workloads.helpers import free_port, make_run
 
-pytestmark = pytest.mark.workloads
+pytestmark = [pytest.mark.workloads, pytest.mark.usefixtures("one_thread")]
 
 # dropout off and fp32, so one process and two give the same sums up to float order
 RECIPE: dict[str, Any] = {
@@ -89,7 +84,7 @@ def shards(log: str) -> dict[tuple[int, int], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory, pvcs: Path) -> dict[str, Any]:  # noqa: F811
+def single(tmp_path_factory: pytest.TempPathFactory, pvcs: Path) -> dict[str, Any]:
     """The one-process run with the same global batch (4 x 1 x 1)."""
     folder = tmp_path_factory.mktemp("single")
     train(make_run(folder, pvcs, **RECIPE))
@@ -99,7 +94,7 @@ def single(tmp_path_factory: pytest.TempPathFactory, pvcs: Path) -> dict[str, An
 @pytest.mark.parametrize(("nnodes", "nproc"), [(1, 2), (2, 1)], ids=["1x2", "2x1"])
 def test_two_processes_train_one_artifact_like_one_process(
     tmp_path: Path,
-    pvcs: Path,  # noqa: F811
+    pvcs: Path,
     single: dict[str, Any],
     nnodes: int,
     nproc: int,
@@ -133,7 +128,7 @@ def test_two_processes_train_one_artifact_like_one_process(
 
 def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint(
     tmp_path: Path,
-    pvcs: Path,  # noqa: F811
+    pvcs: Path,
 ) -> None:
     recipe = {
         **RECIPE,
@@ -168,7 +163,7 @@ def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint(
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(
     tmp_path: Path,
-    pvcs: Path,  # noqa: F811
+    pvcs: Path,
 ) -> None:
     """The global batch is kept: one process of batch 2 accumulates 2 micro-batches."""
     recipe = {
@@ -193,7 +188,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(
 
 def test_gpus_asked_without_cuda_fail_at_once_naming_the_field(
     tmp_path: Path,
-    pvcs: Path,  # noqa: F811
+    pvcs: Path,
 ) -> None:
     if torch.cuda.is_available():
         pytest.skip("this node has a GPU")
@@ -218,7 +213,7 @@ def test_gpus_asked_without_cuda_fail_at_once_naming_the_field(
 
 def test_fsdp_full_fine_tune_matches_one_process_and_resumes(
     tmp_path: Path,
-    pvcs: Path,  # noqa: F811
+    pvcs: Path,
 ) -> None:
     """FSDP2 over gloo: parameters sharded per decoder layer; checkpoints and the artifact
     gathered whole by every rank and written by rank 0; SIGTERM, then a restart, resumes."""
