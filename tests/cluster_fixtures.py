@@ -1,5 +1,6 @@
 """Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart):
-one real control plane per session, one namespace per test.
+one real control plane per session, one namespace per test, Kueue started once for the tests
+that ask for it (they run last: see ``pytest_collection_modifyitems`` in conftest.py).
 
 The session cluster lives in its own state directory (``$TAILOR_TEST_CLUSTER_DIR``,
 else ``<state root>/pytest``) so it never touches a developer's ``default``
@@ -26,6 +27,7 @@ from tailor.devcluster.kube import (
     delete_namespace,
     wait_established,
 )
+from tailor.devcluster.kueue import Kueue
 from tailor.devcluster.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +89,14 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     create_namespace(kube, name)
     yield name
     delete_namespace(kube, name)
+
+
+@pytest.fixture(scope="session")
+def kueue(dev_cluster: DevCluster, kube: Kube) -> Iterator[Kueue]:
+    """Kueue on the session cluster, started once. Tests isolate by namespace and by
+    ClusterQueues of their own; they run after every other test, so the tests of a cluster
+    without Kueue see none."""
+    running = Kueue(dev_cluster)
+    running.up()
+    yield running
+    running.down()

@@ -34,3 +34,9 @@ def apibench() -> Path:
 # The control-plane fixtures (dev_cluster, kube, namespace) for every test folder; they
 # start nothing until a test asks for them.
 pytest_plugins = ["tests.cluster_fixtures"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use Kueue run last (in their order): Kueue starts once on the session
+    cluster, and the tests before it check a cluster without Kueue."""
+    items.sort(key=lambda item: "kueue" in getattr(item, "fixturenames", ()))

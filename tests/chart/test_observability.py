@@ -34,7 +34,6 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from tailor.devcluster.cluster import DevCluster
 from tailor.devcluster.kube import Kube, create_namespace, delete_namespace
 from tailor.devcluster.kueue import Kueue
 from tailor.observability import alerts, dashboards
@@ -609,7 +608,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    chart_cluster: Kube, kueue: Kueue, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     prometheus = prometheus_binary("prometheus")  # skips before anything starts
     kube = chart_cluster
     tmp = tmp_path_factory.mktemp("observability")
@@ -618,7 +619,6 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ports = {
         name: free_port() for name in ("serve", "operator", "health", "train", "index", "prom")
     }
-    kueue = Kueue(DevCluster(kube.kubeconfig.parent))
     try:
         # The serving workload loads its model meanwhile (the slowest start).
         serve_spec = {
@@ -663,7 +663,6 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
             }
         )
         # Kueue, so a queued run is admitted under the chart's RBAC (the Kueue panels)
-        kueue.up()
         kueue.gpu_queue(work, gpus=8, namespaces=[work])
         config = service_account_kubeconfig(kube, system, "obs-tailor", tmp / "operator.kubeconfig")
         processes.start(
@@ -788,7 +787,6 @@ def stack(chart_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
         )  # fmt: skip
         processes.stop_all()
         kube.kubectl("delete", "clusterqueue", work, "--ignore-not-found", "--wait=false")
-        kueue.down()  # its Job webhook must not outlive it in the shared chart cluster
         if os.environ.get("TAILOR_SHOW_LOGS"):
             for name in processes.running:
                 print(f"===== {name}\n{processes.log(name)[-5000:]}")

@@ -44,6 +44,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
         """More environment for the operator (settings: TAILOR_*)."""
+        self.namespaces: list[str] = []
+        """The namespaces it watches (``-n``); empty: the whole cluster."""
 
     def start(self) -> None:
         env = {
@@ -55,6 +57,7 @@ class OperatorProcess:
             **self.env,
         }
         argv = [sys.executable, "-m", "tailor.cli", "operator", "run"]
+        argv += [f"--namespace={namespace}" for namespace in self.namespaces]
         argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(free_port())]
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
@@ -158,7 +161,7 @@ def gpu_job(name: str, gpus: int, queue: str | None) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "backoffLimit": 0,
             "template": {

@@ -1,14 +1,16 @@
-"""FineTuneJobs in Kueue queues: the operator, the real Kueue (built from the module proxy)
-and kwok's fake GPU nodes, on a private dev cluster (Kueue's Job webhook must not reach the
-session cluster's other tests).
+"""Kueue: the real Kueue (built from the module proxy) on the session cluster, with kwok's
+fake GPU nodes, and FineTuneJobs in its queues through the operator.
 
-A ClusterQueue of 4 GPUs; kwok keeps each training pod running for ``RUN`` (the operator's
-``podAnnotations`` setting sets kwok's delay annotation on every pod), then completes it
-with the trainer's artifact report. What is checked is the Kubernetes side: the Job is
-queued and admitted by Kueue (never unsuspended by Tailor), status says why a run waits,
+Each test has a namespace and a ClusterQueue of 4 GPUs of its own; the module's operator
+watches only these namespaces (the rest of the session cluster is other tests'). kwok keeps
+each training pod running for ``RUN`` (the operator's ``podAnnotations`` setting sets kwok's
+delay annotation on every pod), then completes it with the trainer's artifact report. What
+is checked is the Kubernetes side: the Job is queued and admitted by Kueue (never
+unsuspended by Tailor), a Job without a queue is not Kueue's, status says why a run waits,
 where it stands and whether it can ever run, preemption sends a run back to the queue and
-readmission restarts the same Job. That a restarted trainer resumes from its newest
-checkpoint is the trainer's own behaviour, tested with the real trainer in tests/workloads.
+readmission restarts the same Job, and stopping Kueue leaves the cluster taking Jobs. That a
+restarted trainer resumes from its newest checkpoint is the trainer's own behaviour, tested
+with the real trainer in tests/workloads.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from typing import Any
 
 import pytest
 
-from tailor.devcluster.cli import main
-from tailor.devcluster.cluster import DevCluster
-from tailor.devcluster.kube import Kube, apply_crds, create_namespace, wait_established
+from tailor.devcluster.kube import Kube, create_namespace, delete_namespace
 from tailor.devcluster.kueue import Kueue
-from tests.cluster.helpers import OperatorProcess, queued_run, wait_for
+from tests.cluster.helpers import OperatorProcess, gpu_job, queued_run, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -35,44 +35,49 @@ RUN = 20  # seconds kwok keeps a training pod running
 OPERATORS: list[OperatorProcess] = []
 
 
+QUEUE_TESTS = 5  # the tests below that take a queue_ns
+
+
 @pytest.fixture(scope="module")
-def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    directory = tmp_path_factory.mktemp("kueue") / "cluster"
-    assert main(["up", "--dir", str(directory), "--kueue"]) == 0
-    cluster = DevCluster(directory)
+def queue_namespaces(kube: Kube) -> Iterator[list[str]]:
+    """One namespace per test, made up front: the operator watches exactly these."""
+    names = [f"q-{i}-{secrets.token_hex(3)}" for i in range(QUEUE_TESTS)]
+    for name in names:
+        create_namespace(kube, name)
+    yield list(names)
+    for name in names:
+        delete_namespace(kube, name)
+
+
+@pytest.fixture(scope="module")
+def queue_operator(
+    kube: Kube, kueue: Kueue, queue_namespaces: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("kueue") / "operator.log"
+    operator = OperatorProcess(kube, log)
+    operator.namespaces = list(queue_namespaces)
+    operator.env = {
+        "TAILOR_POD_ANNOTATIONS": json.dumps({"pod-complete.stage.kwok.x-k8s.io/delay": f"{RUN}s"}),
+        # a two-node run mounts the artifacts claim on both nodes
+        "TAILOR_ARTIFACTS_ACCESS_MODE": "ReadWriteMany",
+    }
+    operator.start()
     try:
-        wait_established(cluster.kubeconfig, apply_crds(cluster.kubeconfig, ROOT / "crds"))
-        kube = Kube(cluster.kubeconfig)
-        log = directory.parent / "operator.log"
-        operator = OperatorProcess(kube, log)
-        operator.env = {
-            "TAILOR_POD_ANNOTATIONS": json.dumps(
-                {"pod-complete.stage.kwok.x-k8s.io/delay": f"{RUN}s"}
-            ),
-            # a two-node run mounts the artifacts claim on both nodes
-            "TAILOR_ARTIFACTS_ACCESS_MODE": "ReadWriteMany",
-        }
-        operator.start()
-        OPERATORS.append(operator)
-        try:
-            yield kube
-        finally:
-            operator.stop()
-            print(log.read_text()[-6000:])
+        yield operator
     finally:
-        main(["down", "--dir", str(directory)])
+        operator.stop()
+        print(log.read_text()[-6000:])
 
 
 @pytest.fixture
-def queue_ns(kueue_cluster: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+def queue_ns(
+    kube: Kube, kueue: Kueue, queue_namespaces: list[str], queue_operator: OperatorProcess
+) -> str:
     """A namespace with LocalQueue ``gpus`` of its own 4-GPU ClusterQueue (which preempts
-    lower priorities)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
-    name = f"q-{slug}-{secrets.token_hex(2)}"
-    create_namespace(kueue_cluster, name)
-    cluster = DevCluster(kueue_cluster.kubeconfig.parent)
-    Kueue(cluster).gpu_queue(name, gpus=4, namespaces=[name], preempt_lower_priority=True)
-    yield name
+    lower priorities), watched by the module's operator."""
+    name = queue_namespaces.pop()
+    kueue.gpu_queue(name, gpus=4, namespaces=[name], preempt_lower_priority=True)
+    return name
 
 
 def status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
@@ -92,9 +97,9 @@ def ready(found: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_two_runs_fit_the_quota_the_third_waits_first_in_line_and_runs_when_one_ends(
-    kueue_cluster: Kube, queue_ns: str
+    kube: Kube, queue_ns: str
 ) -> None:
-    kube, ns = kueue_cluster, queue_ns
+    ns = queue_ns
     for name in ("a", "b"):
         kube.apply(queued_run(name, 2), "-n", ns)
         wait_for(f"{name} running", in_phase(kube, ns, name, "Running"))
@@ -122,6 +127,10 @@ def test_two_runs_fit_the_quota_the_third_waits_first_in_line_and_runs_when_one_
     # Tailor never unsuspends a queued Job; no pod exists while it waits
     assert kube.get_json("job", "c-train", "-n", ns)["spec"]["suspend"] is True
     assert kube.get_json("pods", "-n", ns, "-l", "job-name=c-train")["items"] == []
+    # while the queue is full, a Job without a queue is not Kueue's: neither suspended nor held
+    kube.apply(gpu_job("plain", 1, None), "-n", ns)
+    wait_for("the plain Job running", lambda: job_running(kube, ns, "plain"))
+    kube.kubectl("delete", "job", "plain", "-n", ns, "--wait=false")  # its GPU is the next tests'
 
     # a and b finish after RUN seconds: the freed quota admits c, which runs and succeeds
     wait_for("a succeeded", in_phase(kube, ns, "a", "Succeeded"), timeout=RUN + 60)
@@ -137,9 +146,9 @@ def test_two_runs_fit_the_quota_the_third_waits_first_in_line_and_runs_when_one_
 
 
 def test_a_higher_priority_run_preempts_a_lower_one_which_requeues_and_runs_again(
-    kueue_cluster: Kube, queue_ns: str
+    kube: Kube, queue_ns: str, queue_operator: OperatorProcess
 ) -> None:
-    kube, ns = kueue_cluster, queue_ns
+    ns = queue_ns
     kube.apply(
         [
             {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass",
@@ -173,15 +182,15 @@ def test_a_higher_priority_run_preempts_a_lower_one_which_requeues_and_runs_agai
     assert kube.get_json("job", f"{victim}-train", "-n", ns)["metadata"]["uid"] == uids[victim]
     done = wait_for(f"{victim} succeeded", in_phase(kube, ns, victim, "Succeeded"), timeout=RUN + 60)  # fmt: skip
     assert done["queue"]["preemptions"] == 1
-    metrics = OPERATORS[-1].metrics()
+    metrics = queue_operator.metrics()
     assert re.search(r'tailor_operator_kueue_preemptions_total\{kind="FineTuneJob",queue="gpus"\} [1-9]', metrics)  # fmt: skip
     assert re.search(r'tailor_operator_kueue_admissions_total\{kind="FineTuneJob",queue="gpus"\} [3-9]', metrics)  # fmt: skip
 
 
 def test_more_gpus_than_the_quota_can_never_be_admitted_and_a_two_node_run_is_admitted_whole(
-    kueue_cluster: Kube, queue_ns: str
+    kube: Kube, queue_ns: str
 ) -> None:
-    kube, ns = kueue_cluster, queue_ns
+    ns = queue_ns
     kube.apply(queued_run("huge", 6), "-n", ns)
     found = wait_for(
         "huge refused by the quota",
@@ -217,10 +226,8 @@ def test_more_gpus_than_the_quota_can_never_be_admitted_and_a_two_node_run_is_ad
     assert len(pods) == 2
 
 
-def test_suspend_deactivates_the_workload_and_resume_requeues_it(
-    kueue_cluster: Kube, queue_ns: str
-) -> None:
-    kube, ns = kueue_cluster, queue_ns
+def test_suspend_deactivates_the_workload_and_resume_requeues_it(kube: Kube, queue_ns: str) -> None:
+    ns = queue_ns
     kube.apply(queued_run("paused", 2, suspend=True), "-n", ns)
     found = wait_for("suspended before queueing", in_phase(kube, ns, "paused", "Suspended"))
     assert "spec.suspend is false" in ready(found)["message"]
@@ -238,9 +245,9 @@ def test_suspend_deactivates_the_workload_and_resume_requeues_it(
 
 
 def test_a_missing_local_queue_or_priority_class_is_named_and_nothing_is_created(
-    kueue_cluster: Kube, queue_ns: str
+    kube: Kube, queue_ns: str
 ) -> None:
-    kube, ns = kueue_cluster, queue_ns
+    ns = queue_ns
     kube.apply(queued_run("lost", 1, queueName="nope"), "-n", ns)
     found = wait_for("pending", in_phase(kube, ns, "lost", "Pending"))
     assert ready(found)["reason"] == "QueueNotFound"
@@ -250,3 +257,23 @@ def test_a_missing_local_queue_or_priority_class_is_named_and_nothing_is_created
     assert ready(found)["reason"] == "PriorityClassNotFound"
     assert "spec.priorityClassName" in ready(found)["message"]
     assert kube.get_json("jobs", "-n", ns)["items"] == []
+
+
+def job_running(kube: Kube, ns: str, name: str) -> bool:
+    pods = kube.get_json("pods", "-n", ns, "-l", f"job-name={name}")["items"]
+    return any(p.get("status", {}).get("phase") == "Running" for p in pods)
+
+
+def test_stopping_kueue_removes_its_webhooks_so_the_cluster_still_takes_jobs(
+    kube: Kube, kueue: Kueue, namespace: str
+) -> None:
+    kueue.down()
+    try:
+        hooks = kube.get_json("mutatingwebhookconfigurations")["items"]
+        assert not [h for h in hooks if h["metadata"]["name"].startswith("kueue-")]
+        services = kube.get_json("apiservices")["items"]
+        assert not [s for s in services if s["spec"].get("group") == "visibility.kueue.x-k8s.io"]
+        kube.apply(gpu_job("after", 1, None), "-n", namespace)
+        wait_for("a Job created after Kueue stopped", lambda: job_running(kube, namespace, "after"))
+    finally:
+        kueue.up()  # for any Kueue test that runs after this one
