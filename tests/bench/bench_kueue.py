@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tailor.devcluster.cli import main as devcluster  # noqa: E402
+from tailor.cli import main as tailor  # noqa: E402
 from tailor.devcluster.cluster import DevCluster  # noqa: E402
 from tailor.devcluster.kube import (  # noqa: E402
     Kube,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tailor-bench-kueue-"))
     directory = work / "cluster"
     started = time.monotonic()
-    assert devcluster(["up", "--dir", str(directory), "--kueue"]) == 0
+    assert tailor(["dev", "cluster", "up", "--dir", str(directory), "--kueue"]) == 0
     cluster = DevCluster(directory)
     kube = Kube(cluster.kubeconfig)
     operator = OperatorProcess(kube, work / "operator.log")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         operator.stop()
-        devcluster(["down", "--dir", str(directory)])
+        tailor(["dev", "cluster", "down", "--dir", str(directory)])
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -33,7 +33,7 @@ from tailor.builders.raftjob import (
     build_eval_deployment,
     build_evaluation_stage,
 )
-from tailor.cli import write_crds
+from tailor.cli.crds import write_crds
 from tailor.devcluster.kube import Kube
 from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, helm, render
 

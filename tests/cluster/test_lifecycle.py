@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import tailor
-from tailor.devcluster.cli import main
+from tailor.cli import main as tailor_cli
 from tailor.devcluster.cluster import COMPONENTS, ClusterError, DevCluster
 from tailor.devcluster.kube import Kube
 
@@ -49,17 +49,17 @@ def test_up_is_idempotent_repairs_and_down_leaves_nothing(
     where = ["--dir", str(directory)]
     cluster = DevCluster(directory)
     try:
-        assert main(["up", *where]) == 0
+        assert tailor_cli(["dev", "cluster", "up", *where]) == 0
         pids = cluster.pids()
         assert len(pids) == len(COMPONENTS)
 
         started = time.monotonic()
-        assert main(["up", *where]) == 0
+        assert tailor_cli(["dev", "cluster", "up", *where]) == 0
         assert time.monotonic() - started < 10
         assert cluster.pids() == pids
 
         capsys.readouterr()
-        assert main(["status", *where]) == 0
+        assert tailor_cli(["dev", "cluster", "status", *where]) == 0
         status = capsys.readouterr().out
         for component in COMPONENTS:
             assert f"{component} " in status
@@ -79,16 +79,16 @@ def test_up_is_idempotent_repairs_and_down_leaves_nothing(
         scheduler = int((directory / "run" / "kube-scheduler.pid").read_text())
         os.killpg(scheduler, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while main(["status", *where]) != 1 and time.monotonic() < deadline:
+        while tailor_cli(["dev", "cluster", "status", *where]) != 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert main(["status", *where]) == 1
-        assert main(["up", *where]) == 0
+        assert tailor_cli(["dev", "cluster", "status", *where]) == 1
+        assert tailor_cli(["dev", "cluster", "up", *where]) == 0
         assert cluster.is_healthy()
         assert set(cluster.pids()).isdisjoint(pids)
     finally:
-        assert main(["down", *where]) == 0
+        assert tailor_cli(["dev", "cluster", "down", *where]) == 0
     assert processes_referencing(directory) == []
-    assert main(["status", *where]) == 1
+    assert tailor_cli(["dev", "cluster", "status", *where]) == 1
 
 
 def test_readiness_timeout_names_the_log_file(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tailor.cli.ladder import chart, measure
+from tailor.cli.quickstart_data import rag_training_examples
 from tailor.devcluster.kube import Kube
-from tailor.quickstart import chart, measure, rag_training_examples
 from tailor.workloads.evaluation.apibench import Corpus, load_questions
 from tests.e2e.helpers import PhaseWatch, chat, wait_for, wait_phase
 

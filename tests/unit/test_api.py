@@ -11,7 +11,7 @@ import yaml
 
 from tailor.api import KINDS, ManifestError, parse, parse_update
 from tailor.api.crd import all_crds
-from tailor.cli import write_crds
+from tailor.cli.crds import write_crds
 from tests.corpus.loader import bad_cases
 
 ROOT = Path(__file__).resolve().parents[2]

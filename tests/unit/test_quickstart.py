@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tailor.quickstart import chart, eval_questions, rag_training_examples
+from tailor.cli.ladder import chart, eval_questions
+from tailor.cli.quickstart_data import rag_training_examples
 from tailor.workloads.evaluation.apibench import load_documents, load_questions
 
 

@@ -4,7 +4,7 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler are built from
 their Go modules (``build``), kwok simulates the nodes, including GPU nodes
 (``nodes``), and ``DevCluster`` starts and stops them (``cluster``); ``kube``
 holds the kubectl helpers the test suites share and ``tools`` finds the
-packaged kubectl and helm. Entry point: ``tailor.devcluster.cli.main``.
+packaged kubectl and helm. Command line: ``tailor dev cluster`` (``tailor.cli.dev``).
 """
 
 from tailor.devcluster.cluster import ClusterError, DevCluster, default_dir

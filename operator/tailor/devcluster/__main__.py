@@ -1,7 +1,8 @@
-"""``python -m tailor.devcluster``: the dev cluster command line (see ``cli``)."""
+"""``python -m tailor.devcluster``: ``tailor dev cluster`` (``tailor.cli.dev``) under the name
+the Makefile uses (``python -m tailor.devcluster build``)."""
 
 import sys
 
-from tailor.devcluster.cli import main
+from tailor.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["dev", "cluster", *sys.argv[1:]]))

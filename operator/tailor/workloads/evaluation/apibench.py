@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -401,40 +400,6 @@ def score_files(corpus: Path, questions: Path, answers: Path) -> dict[str, Any]:
     return score_totals(
         [api.score(text, q.api_call, q.domain) for q, text in zip(asked, texts, strict=True)]
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``tailor eval apibench --corpus API.jsonl --questions EVAL.json --answers A.jsonl``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="tailor eval apibench",
-        description="Score answers the way the RAFT paper scores APIBench (Gorilla's AST "
-        "evaluation), with exact match and hallucination rate beside it.",
-    )
-    parser.add_argument("--corpus", type=Path, required=True, help="the *_api.jsonl corpus")
-    parser.add_argument("--questions", type=Path, required=True, help="the *_eval.json file")
-    parser.add_argument(
-        "--answers", type=Path, required=True, help='JSON lines {"text": reply}, question order'
-    )
-    parser.add_argument("--json", action="store_true", help="print the totals as JSON")
-    args = parser.parse_args(argv)
-    try:
-        totals = score_files(args.corpus, args.questions, args.answers)
-    except (WorkloadError, OSError) as exc:
-        print(f"tailor eval apibench: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(totals))
-    else:
-        print(f"{totals['n']} answers")
-        for key, label in (
-            ("accuracy", "accuracy (paper: a real API of the question's domain)"),
-            ("exact", "exact (the gold API)"),
-            ("hallucination", "hallucination (no corpus API)"),
-        ):
-            print(f"  {label:56} {100 * totals[key]:6.2f}%")
-    return 0
 
 
 ANSWER_MARK = "##Answer:"

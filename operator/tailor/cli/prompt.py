@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import sys
 from typing import Any
-
-from tailor.api import API_VERSION
 
 
 def _client() -> Any:
@@ -29,10 +26,17 @@ def _client() -> Any:
     return ApiClient()
 
 
+def _profile_path(namespace: str, name: str) -> str:
+    from tailor.api import API_VERSION
+    from tailor.runtime import rest
+
+    return rest.path(API_VERSION, "promptprofiles", namespace, name)
+
+
 def _profile(api: Any, namespace: str, name: str) -> dict[str, Any]:
     from tailor.runtime import rest
 
-    return rest.request(api, "GET", rest.path(API_VERSION, "promptprofiles", namespace, name))
+    return rest.request(api, "GET", _profile_path(namespace, name))
 
 
 def _revision_text(api: Any, namespace: str, body: dict[str, Any], revision: int) -> str:
@@ -66,7 +70,7 @@ def rollback(api: Any, namespace: str, name: str, revision: int | None) -> str:
     rest.request(
         api,
         "PATCH",
-        rest.path(API_VERSION, "promptprofiles", namespace, name),
+        _profile_path(namespace, name),
         {"spec": {"revisionPin": revision}},
         content_type=rest.MERGE_PATCH,
     )
@@ -85,7 +89,7 @@ def refresh(api: Any, namespace: str, name: str) -> str:
     rest.request(
         api,
         "PATCH",
-        rest.path(API_VERSION, "promptprofiles", namespace, name),
+        _profile_path(namespace, name),
         {"metadata": {"annotations": {"tailor.dev/reconcile-requested-at": stamp}}},
         content_type=rest.MERGE_PATCH,
     )
@@ -105,8 +109,12 @@ def history(api: Any, namespace: str, name: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tailor prompt", description=__doc__.split("\n\n")[0])
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "prompt",
+        help="`tailor prompt history|diff|rollback`: prompt revisions",
+        description=__doc__.split("\n\n")[0],
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-n", "--namespace", default="default")
     common.add_argument("name", help="the PromptProfile")
@@ -123,20 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "refresh", parents=[common], help="read the pool ConfigMap again now (a reconcile)"
     )
-    args = parser.parse_args(argv)
+    for command in sub.choices.values():
+        command.set_defaults(handler=lambda args: prompt_command(args, parser))
+
+
+def prompt_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run one ``tailor prompt`` command; ``parser`` (``tailor prompt``) reports bad usage."""
+    if args.command == "rollback" and (args.revision is None) != args.clear:
+        parser.error("give a REVISION, or --clear to remove the pin")
     api = _client()
     if args.command == "diff":
         print(diff(api, args.namespace, args.name, args.a, args.b) or "(no difference)", end="")
     elif args.command == "rollback":
-        if (args.revision is None) != args.clear:
-            parser.error("give a REVISION, or --clear to remove the pin")
         print(rollback(api, args.namespace, args.name, None if args.clear else args.revision))
     elif args.command == "refresh":
         print(refresh(api, args.namespace, args.name))
     else:
         print(history(api, args.namespace, args.name))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
