@@ -220,7 +220,7 @@ def run_trl(
     span = Span()
     model = load_base(dtype)
     if fp32_attention:  # the ablation: Tailor's CPU attention choice given to the baseline
-        from tailor.workloads.training.trainer import register_fp32_attention
+        from tailor.workloads.training.model import register_fp32_attention
 
         model.set_attn_implementation(register_fp32_attention())
     trainer = SFTTrainer(

@@ -26,7 +26,8 @@ from tailor.api.workloads import IndexRun
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.knowledge.index import build_index, main
 from tailor.workloads.knowledge.retriever import Retriever, RetrieverUnavailable
-from tailor.workloads.knowledge.vectorstore import AliasStore, EdgeStore, collection_options
+from tailor.workloads.knowledge.vectorstore import AliasStore, EdgeStore
+from tailor.workloads.knowledge.vectorstore.server import collection_options
 from tailor.workloads.progress import ProgressReporter
 
 pytestmark = pytest.mark.workloads

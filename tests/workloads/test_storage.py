@@ -195,7 +195,7 @@ def test_training_publishes_to_the_bucket_and_a_killed_pod_resumes_from_it(
     # the bucket keeps the newest `keep` checkpoints, as the volume does
     assert len(store.complete_children("finetunejob/ftj1/u1/checkpoints")) <= 2
 
-    from tailor.workloads.training.trainer import verify_artifact
+    from tailor.workloads.training.artifact import verify_artifact
 
     verified = verify_artifact(Path(second.output_dir), Store(config, tmp_path / "pod-2"))
     assert verified["files"] == len(manifest["files"])

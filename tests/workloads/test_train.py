@@ -21,13 +21,9 @@ from tailor.api.workloads import Paths
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
 from tailor.workloads.io.storage import artifact_uri
+from tailor.workloads.training.checkpoints import list_checkpoints
 from tailor.workloads.training.data import IGNORE_INDEX, Example, collate
-from tailor.workloads.training.trainer import (
-    StopRequested,
-    batch_loss,
-    list_checkpoints,
-    train,
-)
+from tailor.workloads.training.trainer import StopRequested, batch_loss, train
 from tests.workloads.helpers import animal_chats, free_port, make_run, run_workload
 
 pytestmark = [pytest.mark.workloads, pytest.mark.usefixtures("one_thread")]
@@ -319,7 +315,7 @@ def test_a_finished_run_vouches_for_its_artifact_in_the_termination_message(
     what it published against manifest.json before it exits 0."""
     from tailor.workloads.errors import WorkloadError
     from tailor.workloads.io.storage import sha256_file
-    from tailor.workloads.training.trainer import verify_artifact
+    from tailor.workloads.training.artifact import verify_artifact
 
     run = make_run(tmp_path / "r", pvcs, training={"maxSteps": 3, "epochs": 1})
     process = run_workload(run, tmp_path)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tailor.api.workloads import TrainRun
-from tailor.workloads.training.trainer import list_checkpoints, train
+from tailor.workloads.training.checkpoints import list_checkpoints
+from tailor.workloads.training.trainer import train
 from tests.workloads.helpers import free_port, make_run
 
 pytestmark = [pytest.mark.workloads, pytest.mark.usefixtures("one_thread")]

@@ -9,12 +9,14 @@ the trainer itself through its per-run ServiceAccount; the operator owns the pha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.settings import OperatorSettings
-from tailor.builders.common import Parent, content_hash
+from tailor.builders.common import Parent, Workload, content_hash
 from tailor.builders.finetunejob import QUEUE_LABEL, artifact_uri, build_training, queue_of
 from tailor.controllers import kueue
 from tailor.controllers.context import Operator, changed, condition, syncer
@@ -35,14 +37,62 @@ def invalid_status(body: dict[str, Any], error: ManifestError) -> dict[str, Any]
     }
 
 
+@dataclass
+class FineTuneSync:
+    """One sync of a FineTuneJob: its spec and settings, and its training Job as found."""
+
+    body: dict[str, Any]
+    spec: FineTuneJobSpec
+    parent: Parent
+    settings: OperatorSettings
+    queue: str | None
+    """The LocalQueue the run joins (its own, else the operator's default), or None."""
+    workload: Workload
+    state: RunState | None
+    """The training Job's state; None while status names no Job, or when the Job is gone."""
+    job: dict[str, Any] | None
+    spec_hash: str
+    job_spec_hash: str | None
+    """The hash of the spec the Job was made with (this spec's when there is no Job)."""
+    workload_of_run: dict[str, Any] | None = None
+    """A queued run's Workload, read once per sync (None: finished, or not made yet)."""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = self.body["metadata"]
+        return meta
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.body.get("status") or {}
+
+    @property
+    def job_queue(self) -> str | None:
+        """The queue of the Job that exists (it keeps the queue it was created with)."""
+        return ((self.job or {}).get("metadata", {}).get("labels") or {}).get(QUEUE_LABEL)
+
+    @property
+    def queued(self) -> bool:
+        """Whether the Job that exists is queued: Kueue owns its ``suspend``."""
+        return self.job is not None and bool(self.job_queue)
+
+
 @syncer(KIND)
 def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
+    run = _start(op, body)
+    if run is not None:
+        all(stage(op, run) for stage in STAGES)  # in order, up to the first not done
+
+
+def _start(op: Operator, body: dict[str, Any]) -> FineTuneSync | None:
+    """The run and its training Job as found; None (status written where it changes)
+    when the spec is invalid or the run is settled."""
     meta, status = body["metadata"], body.get("status") or {}
     try:
         spec = parse_spec(KINDS[KIND], body["spec"])
     except ManifestError as error:
         op.patch_status(body, invalid_status(body, error))
-        return
+        return None
     assert isinstance(spec, FineTuneJobSpec)
     if (
         status.get("jobName")
@@ -53,7 +103,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         # follow (garbage collection) change nothing; do not read the Job and its pods again
         # (nor start a new training if someone deleted the finished Job).
         PHASES.record(KIND, meta["namespace"], meta["name"], status["phase"])
-        return
+        return None
     parent = Parent.from_body(body)
     settings = op.settings.for_store(spec.output.store)
     queue = queue_of(spec, settings.default_queue_name)
@@ -71,62 +121,135 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
                 ),
             ),
         )
-        return
+        return None
     workload = build_training(spec, parent, settings)
     # Read the Job only when one may exist; apply children only when something must change
     # (the Job is missing, or suspend was toggled): every Job and Pod event lands here.
     state = op.runtime.run_state(parent.namespace, workload.name) if status.get("jobName") else None
     job = op.cache.get("Job", parent.namespace, workload.name) if state is not None else None
-    # whether the Job that exists is queued (it keeps the queue it was created with)
-    job_queue = ((job or {}).get("metadata", {}).get("labels") or {}).get(QUEUE_LABEL)
     spec_hash = content_hash({k: v for k, v in body["spec"].items() if k != "suspend"})
     job_spec_hash = status.get("jobSpecHash") if state is not None else spec_hash
-    if state is None and queue:
-        problem = queue_problem(op, settings, spec, parent.namespace, queue)
-        if problem is None and spec.suspend:
+    return FineTuneSync(
+        body, spec, parent, settings, queue, workload, state, job, spec_hash, job_spec_hash
+    )
+
+
+def _may_join_queue(op: Operator, run: FineTuneSync) -> bool:
+    """A run with a queue and no Job yet can join it (Kueue installed, the LocalQueue and
+    WorkloadPriorityClass there) and is not suspended; else Pending or Suspended, saying why."""
+    if run.state is None and run.queue:
+        problem = queue_problem(op, run.settings, run.spec, run.parent.namespace, run.queue)
+        if problem is None and run.spec.suspend:
             problem = (
                 "Suspended",
-                f"suspended before joining LocalQueue {queue}: the training Job is created "
+                f"suspended before joining LocalQueue {run.queue}: the training Job is created "
                 "(and queued) when spec.suspend is false",
             )
         if problem:
-            op.patch_status(body, not_started(body, problem))
-            return
-    # a queued run's Workload, read once per sync (None: finished, or not made yet)
-    queued = job is not None and bool(job_queue)
-    workload_of_run = None
-    if job is not None and job_queue and state is not None and state.phase not in ("Succeeded", "Failed"):  # fmt: skip
-        workload_of_run = kueue.workload_of_job(op.api_client, parent.namespace, job["metadata"]["uid"])  # fmt: skip
-        if workload_of_run is not None:
-            suspend_in_queue(op, workload_of_run, spec.suspend)
-    if not queued and (
+            op.patch_status(run.body, not_started(run.body, problem))
+            return False
+    return True
+
+
+def _queued_run_follows_suspend(op: Operator, run: FineTuneSync) -> bool:
+    """A queued, unfinished run's Workload, (de)activated as ``spec.suspend`` says."""
+    state, job = run.state, run.job
+    unfinished = state is not None and state.phase not in ("Succeeded", "Failed")
+    if job is not None and run.job_queue and unfinished:
+        run.workload_of_run = kueue.workload_of_job(
+            op.api_client, run.parent.namespace, job["metadata"]["uid"]
+        )
+        if run.workload_of_run is not None:
+            suspend_in_queue(op, run.workload_of_run, run.spec.suspend)
+    return True
+
+
+def _job_applied(op: Operator, run: FineTuneSync) -> bool:
+    """An unqueued run's Job exists and is (un)suspended as ``spec.suspend`` says: started
+    when missing (once its artifact store can hold it) or when suspend was toggled."""
+    state = run.state
+    if not run.queued and (
         state is None
         or (
             state.phase not in ("Succeeded", "Failed")
-            and spec.suspend != (state.phase == "Suspended")
+            and run.spec.suspend != (state.phase == "Suspended")
         )
     ):
-        op.runtime.prepare_namespace(parent.namespace)
-        problem = storage_problem(op, settings, spec, parent.namespace) if state is None else None
+        op.runtime.prepare_namespace(run.parent.namespace)
+        problem = (
+            storage_problem(op, run.settings, run.spec, run.parent.namespace)
+            if state is None
+            else None
+        )
         if problem:
-            op.patch_status(body, not_started(body, problem))
-            return
-        op.runtime.start(workload)
+            op.patch_status(run.body, not_started(run.body, problem))
+            return False
+        op.runtime.start(run.workload)
         if state is not None:
-            state = op.runtime.run_state(parent.namespace, workload.name)
-    state = require_artifact(state)
+            run.state = op.runtime.run_state(run.parent.namespace, run.workload.name)
+    return True
+
+
+def _status_written(op: Operator, run: FineTuneSync) -> bool:
+    """Last stage: the phase the run has reached (:func:`_observe`) written with its
+    conditions, times, artifact and queue."""
+    run.state = require_artifact(run.state)
+    seen = _observe(op, run)
+    new = _status_of(run, seen)
+    status, state, phase = run.status, run.state, seen.phase
+    if seen.queue is not None:
+        old_queue = status.get("queue") or {}
+        fresh = {k: v for k, v in seen.queue.items() if v is not None}
+        if fresh != old_queue:  # merge patch: stale keys (a finished wait's position) go null
+            new["queue"] = {**{k: None for k in old_queue if k not in fresh}, **fresh}
+        kueue.record(KIND, old_queue, fresh)
+    if phase in ("Succeeded", "Failed") and status.get("phase") not in ("Succeeded", "Failed"):
+        if state and state.start_time and state.completion_time:
+            RUN_SECONDS.labels(KIND, phase).observe(
+                _seconds(state.start_time, state.completion_time)
+            )
+    op.patch_status(run.body, without_first_attempt_news(status, new))
+    return True
+
+
+STAGES: tuple[Callable[[Operator, FineTuneSync], bool], ...] = (
+    _may_join_queue,
+    _queued_run_follows_suspend,
+    _job_applied,
+    _status_written,
+)
+"""The stages in order; a sync stops at the first that is not done."""
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Where the run stands: the phase, and the reason and message of its conditions;
+    for a queued run, Kueue's view of its queue (``status.queue``)."""
+
+    phase: str
+    reason: str
+    message: str
+    queue: dict[str, Any] | None = None
+
+
+def _observe(op: Operator, run: FineTuneSync) -> Observed:
+    """The Job's phase, or Kueue's while a queued run waits there (Queued, Suspended) or
+    is admitted with its pods not yet running (Admitted); never back from Running at the
+    same spec."""
+    state, status, meta = run.state, run.status, run.meta
     phase: str = state.phase if state else "Pending"
     reason = state.reason if state else "Starting"
     message = state.message if state else ""
     queue_info: dict[str, Any] | None = None
     waiting_in_queue = False  # Kueue holds it (waiting, preempted): not Running, whatever before
-    if queued and job_queue and phase not in ("Succeeded", "Failed"):
+    if run.queued and run.job_queue and phase not in ("Succeeded", "Failed"):
+        spec = run.spec
         need = spec.resources.gpus * spec.resources.nodes
         seen = kueue.view(
             op.api_client,
-            parent.namespace,
-            job_queue,
-            workload_of_run,
+            run.parent.namespace,
+            run.job_queue,
+            run.workload_of_run,
             need,
             spec.resources.gpu_resource,
         )
@@ -145,11 +268,19 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         # Never back from Running at the same spec: a retry's pod waiting for a node, or a
         # Job whose pod finished before the Job controller counted it, is still running.
         phase, reason, message = "Running", "Running", ""
+    return Observed(phase, reason, message, queue_info)
+
+
+def _status_of(run: FineTuneSync, seen: Observed) -> dict[str, Any]:
+    """The status of a run at ``seen``: phase, times, artifact and conditions (Ready,
+    Scheduled, SpecApplied), without ``queue``."""
+    state, status = run.state, run.status
+    phase, reason, message = seen.phase, seen.reason, seen.message
     conditions = status.get("conditions")
-    generation = meta.get("generation")
+    generation = run.meta.get("generation")
     new: dict[str, Any] = {
         "phase": phase,
-        "jobName": workload.name,
+        "jobName": run.workload.name,
         "observedGeneration": generation,
     }
     if state:
@@ -160,7 +291,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
             new["completionTime"] = state.completion_time
     if phase == "Succeeded":
         artifact = dict(status.get("artifact") or {})
-        artifact["uri"] = artifact_uri(spec, parent, settings)
+        artifact["uri"] = artifact_uri(run.spec, run.parent, run.settings)
         reported = ((state.result if state else None) or {}).get("artifact") or {}
         if reported.get("sha256"):
             artifact["sha256"] = reported["sha256"]
@@ -177,7 +308,7 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
     )
     # A Job's pod template is immutable: a spec change after the Job exists (other than
     # suspend) cannot reach the running training. Say so instead of ignoring it silently.
-    applied = job_spec_hash in (None, spec_hash)
+    applied = run.job_spec_hash in (None, run.spec_hash)
     conditions = condition(
         conditions,
         "SpecApplied",
@@ -191,19 +322,8 @@ def sync_fine_tune_job(op: Operator, body: dict[str, Any]) -> None:
         generation,
     )
     new["conditions"] = conditions
-    new["jobSpecHash"] = job_spec_hash or spec_hash
-    if queue_info is not None:
-        old_queue = status.get("queue") or {}
-        fresh = {k: v for k, v in queue_info.items() if v is not None}
-        if fresh != old_queue:  # merge patch: stale keys (a finished wait's position) go null
-            new["queue"] = {**{k: None for k in old_queue if k not in fresh}, **fresh}
-        kueue.record(KIND, old_queue, fresh)
-    if phase in ("Succeeded", "Failed") and status.get("phase") not in ("Succeeded", "Failed"):
-        if state and state.start_time and state.completion_time:
-            RUN_SECONDS.labels(KIND, phase).observe(
-                _seconds(state.start_time, state.completion_time)
-            )
-    op.patch_status(body, without_first_attempt_news(status, new))
+    new["jobSpecHash"] = run.job_spec_hash or run.spec_hash
+    return new
 
 
 def not_started(body: dict[str, Any], problem: tuple[str, str]) -> dict[str, Any]:

@@ -233,9 +233,9 @@ class Retriever:
         """Results of many queries: one embedding pass and one store request for all.
 
         ``filters`` is ``{field: value}`` (a list value matches any of its items; see
-        :func:`~tailor.workloads.knowledge.vectorstore.conditions`). ``score_threshold`` is a cosine
-        similarity; in hybrid mode it applies to the dense candidates (fused scores are
-        ranks, not similarities).
+        :func:`~tailor.workloads.knowledge.vectorstore.base.conditions`).
+        ``score_threshold`` is a cosine similarity; in hybrid mode it applies to the dense
+        candidates (fused scores are ranks, not similarities).
         """
         if not queries:
             return []

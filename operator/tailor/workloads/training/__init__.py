@@ -1,2 +1,2 @@
-"""The training program (``python -m tailor.workloads.training.trainer``): the trainer, its data and
-its distributed set-up."""
+"""The training program (``python -m tailor.workloads.training.trainer``): the trainer's recipe and
+loop, its data, model, schedule, checkpoints, artifact and distributed set-up."""
