@@ -27,6 +27,7 @@ from tailor.workloads.evaluation.apibench import (
     load_questions,
     raft_question,
 )
+from tailor.workloads.evaluation.matchers import normalise
 from tailor.workloads.io.storage import MARKER, sha256_file
 from tailor.workloads.knowledge.index import build_index
 from tailor.workloads.raft.data import (
@@ -40,7 +41,7 @@ from tailor.workloads.raft.data import (
     quotes,
     quotes_are_verbatim,
 )
-from tailor.workloads.raft.evaluate import evaluate, load_holdout, normalise, score
+from tailor.workloads.raft.evaluate import evaluate, load_holdout, score
 from tailor.workloads.raft.evaluate import work as evaluate_work
 from tailor.workloads.serving.app import create_app
 from tests.workloads.helpers import ThreadServer, store_config

@@ -3,20 +3,22 @@
 Each case's input goes through the revision itself: the request carries the revision as
 ``tailor.promptProfile`` and the case's variables, so the deployment answers exactly as it
 would serve that revision (system text, few-shot turns, template, retrieval, parameters,
-response format) before any ModelDeployment is switched to it. The answer is checked by
-the case's matcher: ``equals`` (the whole answer, spaces at the ends ignored), ``contains``
-(a substring), ``regex`` (Python ``re.search``), ``jsonSchema`` (the answer parses as JSON
-and validates), ``apibench`` (the answer's API call, scored by APIBench's AST matcher against
-the packaged corpus as the RAFT paper scores it: ``correct`` when it calls a corpus API of
-the gold API's domain, ``exact`` when it calls the gold API). Results go to
-``status.tests`` (per case, with the answer's first 500 characters) and, last, to the
-termination message the operator reads.
+response format) before any ModelDeployment is switched to it; requests go through
+:class:`~tailor.workloads.evaluation.chat.ChatClient` (retried on connection errors, 408,
+429 and 5xx), and a case whose request fails for good fails with ``request failed: ...``.
+The answer is checked by the case's matcher, on the text as written
+(:mod:`tailor.workloads.evaluation.matchers`): ``equals`` (the whole answer, spaces at the
+ends ignored), ``contains`` (a substring, case-sensitive), ``regex`` (Python ``re.search``,
+no flags), ``jsonSchema`` (the answer parses as JSON and validates), ``apibench`` (the
+answer's API call, scored by APIBench's AST matcher against the packaged corpus as the
+RAFT paper scores it: ``correct`` when it calls a corpus API of the gold API's domain,
+``exact`` when it calls the gold API). Results go to ``status.tests`` (per case, with the
+answer's first 500 characters) and, last, to the termination message the operator reads.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import sys
@@ -32,6 +34,13 @@ from tailor.api.promptprofile import (
 from tailor.api.workloads import PromptTestRun
 from tailor.data import apibench_dir
 from tailor.workloads.evaluation.apibench import Corpus, find_calls
+from tailor.workloads.evaluation.chat import ChatClient, ChatError
+from tailor.workloads.evaluation.matchers import (
+    contains_exact,
+    equals_stripped,
+    json_schema_failure,
+    regex_case_sensitive,
+)
 from tailor.workloads.io.sources import read_secret
 from tailor.workloads.program import run_main, write_termination_message
 from tailor.workloads.progress import make_reporter
@@ -42,29 +51,23 @@ ANSWER_CHARS = 500
 
 
 def check(expect: Expectation, answer: str) -> str:
-    """Why ``answer`` fails ``expect``; empty when it passes."""
+    """Why ``answer`` fails ``expect``; empty when it passes (matchers on the text as written)."""
     if expect.equals is not None:
-        return "" if answer.strip() == expect.equals.strip() else f"not equal to {expect.equals!r}"
+        passed = equals_stripped(answer, expect.equals)
+        return "" if passed else f"not equal to {expect.equals!r}"
     if expect.contains is not None:
-        return "" if expect.contains in answer else f"does not contain {expect.contains!r}"
+        passed = contains_exact(answer, expect.contains)
+        return "" if passed else f"does not contain {expect.contains!r}"
     if expect.regex is not None:
         try:
-            found = re.search(expect.regex, answer) is not None
+            found = regex_case_sensitive(answer, expect.regex)
         except re.error as exc:
             return f"regex {expect.regex!r} does not compile: {exc}"
         return "" if found else f"does not match {expect.regex!r}"
     if expect.apibench is not None:
         return apibench_failure(expect.apibench, answer)
     assert expect.json_schema is not None
-    import jsonschema
-
-    try:
-        jsonschema.validate(json.loads(answer), expect.json_schema)
-    except ValueError as exc:
-        return f"not JSON: {exc}"
-    except jsonschema.ValidationError as exc:
-        return f"does not validate: {exc.message}"
-    return ""
+    return json_schema_failure(answer, expect.json_schema)
 
 
 @functools.cache
@@ -92,43 +95,30 @@ def apibench_failure(expect: APIBenchExpectation, answer: str) -> str:
     return ""
 
 
-def ask(run: PromptTestRun, case: PromptTestCase, http: Any, headers: dict[str, str]) -> str:
-    """The deployment's answer to one case under the revision (retried on 429 and 5xx)."""
+def ask(run: PromptTestRun, case: PromptTestCase, client: ChatClient) -> str:
+    """The deployment's answer to one case under the revision."""
     variables = dict(case.input)
     question = variables.pop("question", "")
-    body = {
-        "model": run.target.model,
-        "messages": [{"role": "user", "content": question}],
-        "tailor": {"promptProfile": render_profile_data(run.spec), "variables": variables},
-    }
-    error = ""
-    for attempt in range(4):
-        response = http.post("/chat/completions", json=body, headers=headers)
-        if response.status_code < 400:
-            return str(response.json()["choices"][0]["message"]["content"] or "")
-        error = f"HTTP {response.status_code}: {response.text[:300]}"
-        if response.status_code not in (408, 429) and response.status_code < 500:
-            break
-        time.sleep(2**attempt)
-    raise RuntimeError(error)
+    return client.chat(
+        [{"role": "user", "content": question}],
+        model=run.target.model,
+        tailor={"promptProfile": render_profile_data(run.spec), "variables": variables},
+    )
 
 
 def run_cases(run: PromptTestRun) -> dict[str, Any]:
     """Every case, in order; the ``status.tests`` patch."""
-    import httpx
-
     assert run.spec.tests is not None
-    headers = {}
+    api_key = None
     if run.api_key_secret_ref is not None:
-        headers["Authorization"] = f"Bearer {read_secret(run.api_key_secret_ref, run.paths)}"
+        api_key = read_secret(run.api_key_secret_ref, run.paths)
     results: list[dict[str, Any]] = []
-    base_url = run.target.base_url.rstrip("/")  # an in-cluster ModelDeployment: no proxy
-    with httpx.Client(base_url=base_url, timeout=300, trust_env=False) as http:
+    with ChatClient(run.target.base_url, api_key=api_key, timeout=300) as client:
         for case in run.spec.tests.cases:
             try:
-                answer = ask(run, case, http, headers)
+                answer = ask(run, case, client)
                 message = check(case.expect, answer)
-            except (RuntimeError, httpx.HTTPError) as exc:
+            except ChatError as exc:
                 answer, message = "", f"request failed: {exc}"
             results.append(
                 {

@@ -34,11 +34,15 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tailor.api.raftjob import Questions, RaftRecipe
 from tailor.api.workloads import (
@@ -51,6 +55,7 @@ from tailor.api.workloads import (
 )
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import ANSWER_MARK, final_answer
+from tailor.workloads.evaluation.chat import ChatClient, ChatError
 from tailor.workloads.io.sources import read_secret
 from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
 from tailor.workloads.program import run_main, write_termination_message
@@ -276,7 +281,9 @@ def read_questions(questions: Questions, paths: Paths) -> list[Question]:
 
 
 class Teacher:
-    """An OpenAI-compatible chat endpoint (a ModelDeployment or an external API)."""
+    """An OpenAI-compatible chat endpoint (a ModelDeployment or an external API) writing
+    questions and answers; a request that fails for good is ``TeacherFailed`` (refused) or
+    ``TeacherUnavailable`` (retries ran out)."""
 
     def __init__(
         self,
@@ -284,55 +291,43 @@ class Teacher:
         model: str | None,
         api_key: str | None,
         timeout: float = 300,
-        transport: Any = None,
+        transport: httpx.BaseTransport | None = None,
     ):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout,
-            transport=transport,
-            trust_env=False,  # no proxy from the environment
-        )
+        self.endpoint = ChatClient(base_url, api_key=api_key, timeout=timeout, transport=transport)
         self.model = model or self._first_model()
 
+    @property
+    def client(self) -> httpx.Client:
+        """The httpx client underneath (its transport is the URL guard, if any)."""
+        return self.endpoint.http
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        try:
+            yield
+        except ChatError as exc:
+            if exc.refused:
+                raise WorkloadError(
+                    "TeacherFailed", f"the teacher refused a request: {exc}"
+                ) from exc
+            raise WorkloadError("TeacherUnavailable", f"the teacher did not answer: {exc}") from exc
+
     def _first_model(self) -> str:
-        response = self._send("GET", "/models")
-        models = response.get("data") or []
+        with self._failures():
+            models = self.endpoint.models()
         if not models:
             raise WorkloadError("TeacherUnavailable", "the teacher endpoint lists no models")
-        return str(models[0]["id"])
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        import httpx
-
-        for attempt in range(4):
-            try:
-                response = self.client.request(method, path, json=body)
-            except httpx.HTTPError as exc:
-                error: str = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code < 400:
-                    return dict(response.json())
-                error = f"HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code not in (408, 429) and response.status_code < 500:
-                    raise WorkloadError("TeacherFailed", f"the teacher refused a request: {error}")
-            log.warning("teacher request failed (%s); retrying", error)
-            time.sleep(2**attempt)
-        raise WorkloadError("TeacherUnavailable", f"the teacher did not answer: {error}")
+        return models[0]
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 512) -> str:
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": 0,
-            "max_tokens": max_tokens,
-            "tailor": {"retrieval": False},  # ignored by other servers
-        }
-        response = self._send("POST", "/chat/completions", body)
-        return str(response["choices"][0]["message"]["content"] or "")
+        with self._failures():
+            return self.endpoint.chat(
+                messages,
+                model=self.model,
+                temperature=0,
+                max_tokens=max_tokens,
+                tailor={"retrieval": False},  # ignored by other servers
+            )
 
     def questions(self, doc: Doc, count: int) -> list[str]:
         text = self.chat(
@@ -368,7 +363,7 @@ class Teacher:
         )
 
     def close(self) -> None:
-        self.client.close()
+        self.endpoint.close()
 
 
 def make_teacher(run: RaftDataRun) -> Teacher:

@@ -10,13 +10,17 @@ scores the answers. Two protocols:
   knowledge-base retrieval supplies the context; whether the gold document was among the
   sources is recorded per question.
 
-Matchers compare the final answer (the text after ``##Answer:``, or the whole reply):
-``exact`` and ``contains`` on normalised text (lower case, no punctuation or articles, as
-SQuAD), ``regex`` (the gold answer is a regular expression) and ``apibench``, scored as the
-RAFT paper scores APIBench (:mod:`tailor.workloads.evaluation.apibench`): the knowledge base's
-documents are the API corpus (each needs ``api_call`` and ``domain``), the gold chunk gives
-the question's gold call and domain, and every system gets accuracy (the paper's), exact
-and hallucination rate. Per-question results go to ``results.jsonl``, totals to
+Matchers compare the final answer (the text after ``##Answer:``, or the whole reply), with
+the forgiving matchers of :mod:`tailor.workloads.evaluation.matchers`: ``exact`` and
+``contains`` on normalised text (lower case, no punctuation or articles, as SQuAD),
+``regex`` (the gold answer is a regular expression, searched ignoring case) and
+``apibench``, scored as the RAFT paper scores APIBench
+(:mod:`tailor.workloads.evaluation.apibench`): the knowledge base's documents are the API
+corpus (each needs ``api_call`` and ``domain``), the gold chunk gives the question's gold
+call and domain, and every system gets accuracy (the paper's), exact and hallucination
+rate. Requests go through :class:`~tailor.workloads.evaluation.chat.ChatClient` (retried
+on connection errors, 408, 429 and 5xx); a question whose request fails for good is
+recorded with its error and counts as wrong. Per-question results go to ``results.jsonl``, totals to
 ``summary.json`` and the RAFTJob's ``status.evaluation``.
 """
 
@@ -25,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import string
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +40,13 @@ from typing import Any
 from tailor.api.workloads import RAFT_HOLDOUT_FILE, EvalTarget, EvaluateRun
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import Corpus, Verdict, final_answer
+from tailor.workloads.evaluation.chat import ChatClient, ChatError
+from tailor.workloads.evaluation.matchers import (
+    Matcher,
+    contains_normalised,
+    equals_normalised,
+    regex_ignore_case,
+)
 from tailor.workloads.io.records import iter_jsonl
 from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
 from tailor.workloads.program import run_main, write_termination_message
@@ -47,32 +57,13 @@ log = logging.getLogger("tailor.workloads.raft.evaluate")
 
 CONCURRENCY = 8
 """Requests in flight per system: the server batches them (continuous batching)."""
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-Matcher = Callable[[str, str], bool]
-
-
-def normalise(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
-
-
-def exact(answer: str, gold: str) -> bool:
-    return normalise(answer) == normalise(gold)
-
-
-def contains(answer: str, gold: str) -> bool:
-    wanted = normalise(gold)
-    return bool(wanted) and wanted in normalise(answer)
-
-
-def regex(answer: str, gold: str) -> bool:
-    return re.search(gold, answer, re.I | re.S) is not None
-
-
-MATCHERS: dict[str, Matcher] = {"exact": exact, "contains": contains, "regex": regex}
+MATCHERS: dict[str, Matcher] = {
+    "exact": equals_normalised,
+    "contains": contains_normalised,
+    "regex": regex_ignore_case,
+}
+"""``spec.evaluation.matcher``'s text matchers: forgiving, as free-form answers need."""
 
 
 def score(matcher: str, reply: str, gold: str) -> bool:
@@ -125,46 +116,6 @@ class Result:
     exact: bool = False
     hallucination: bool = False
     matched: str | None = None
-
-
-class Client:
-    """A small OpenAI chat client (httpx) with retries; one per endpoint."""
-
-    def __init__(self, base_url: str, timeout: float = 600):
-        import httpx
-
-        # An in-cluster ModelDeployment the operator resolved: no proxy from the environment.
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, trust_env=False)
-
-    def chat(
-        self, model: str, messages: list[dict[str, str]], max_tokens: int, retrieval: bool
-    ) -> dict[str, Any]:
-        import httpx
-
-        body = {
-            "model": model,
-            "messages": messages,
-            "temperature": 0,
-            "max_tokens": max_tokens,
-            "tailor": {"retrieval": retrieval},
-        }
-        error = ""
-        for attempt in range(4):
-            try:
-                response = self.http.post("/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code < 400:
-                    return dict(response.json())
-                error = f"HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code not in (408, 429) and response.status_code < 500:
-                    break
-            time.sleep(2**attempt)
-        raise RuntimeError(error)
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def messages_for(item: HeldOut, protocol: str, target: EvalTarget) -> tuple[list[Any], bool]:
@@ -230,7 +181,7 @@ def ask_all(
     max_tokens: int,
 ) -> list[Result]:
     """Every question to one system, ``CONCURRENCY`` at a time."""
-    client = Client(target.base_url)
+    client = ChatClient(target.base_url, timeout=600)
     done = 0
 
     def one(index: int) -> Result:
@@ -239,10 +190,16 @@ def ask_all(
         messages, retrieval = messages_for(item, protocol, target)
         started = time.monotonic()
         try:
-            response = client.chat(target.model, messages, max_tokens, retrieval)
+            response = client.complete(
+                messages,
+                model=target.model,
+                temperature=0,
+                max_tokens=max_tokens,
+                tailor={"retrieval": retrieval},
+            )
             reply = str(response["choices"][0]["message"]["content"] or "")
             error = None
-        except RuntimeError as exc:
+        except ChatError as exc:
             reply, response, error = "", {}, str(exc)
         if target.context == "none":
             in_context = False
