@@ -3,7 +3,8 @@ few-shot, RAG and LoRA + RAG (``RUNGS``), each scored on APIBench Torch Hub eval
 as the RAFT paper scores them (accuracy, exact match, hallucination rate) with its p50
 latency and cost per query; ``report`` prints a sample exchange and the table, reuses the
 stored table while the served revisions are the same, and writes ``ladder.json`` and a PNG
-chart (``chart``). ``chat`` is the quickstart's own OpenAI-style request for now."""
+chart (``chart``). Requests go through the one chat client
+(:class:`tailor.workloads.evaluation.chat.ChatClient`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import concurrent.futures
 import json
 import statistics
 import time
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tailor.workloads.evaluation.apibench import Corpus, Question
+    from tailor.workloads.evaluation.chat import ChatClient
 
 DEPLOYMENT = "api-assistant"
 FEWSHOT = "api-assistant-fewshot"
@@ -37,23 +38,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def chat(
-    endpoint: str, model: str, question: str, retrieval: bool = True, timeout: float = 300
-) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "temperature": 0,
-        "max_tokens": 64,
-        "tailor": {"retrieval": retrieval},
-    }
-    request = urllib.request.Request(
-        f"{endpoint}/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+def ask(client: ChatClient, model: str, question: str, retrieval: bool = True) -> dict[str, Any]:
+    """One question to ``model``, greedy, with or without the deployment's retrieval: the
+    whole response (the answer and Tailor's ``tailor.sources``)."""
+    messages = [{"role": "user", "content": question}]
+    return client.complete(
+        messages, model=model, temperature=0, max_tokens=64, tailor={"retrieval": retrieval}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return dict(json.loads(resp.read()))
 
 
 def eval_questions(data: Path, count: int | None) -> list[Question]:
@@ -77,17 +68,18 @@ def measure(
     """One rung: the paper's accuracy, exact, hallucination, p50 latency and cost per
     query (device-seconds: the serving process is busy for the wall time of the batch)."""
     from tailor.workloads.evaluation.apibench import score_totals
+    from tailor.workloads.evaluation.chat import ChatClient
 
     latencies: list[float] = []
 
     def one(q: Question) -> Any:
         began = time.monotonic()
-        reply = chat(endpoint, model, q.question, retrieval)["choices"][0]["message"]["content"]
+        reply = ask(client, model, q.question, retrieval)["choices"][0]["message"]["content"]
         latencies.append(time.monotonic() - began)
         return corpus.score(reply or "", q.api_call, q.domain)
 
     began = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with ChatClient(endpoint) as client, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         verdicts = list(pool.map(one, questions))
     wall = time.monotonic() - began
     return {
@@ -140,10 +132,12 @@ def report(
     """The sample exchange and the ladder table, stored in ``folder`` (``ladder.json``,
     ``ladder.png``) and reused while ``revision`` (what is served) and the questions stay."""
     from tailor.workloads.evaluation.apibench import Corpus
+    from tailor.workloads.evaluation.chat import ChatClient
 
     endpoint = endpoints[DEPLOYMENT]
     question = "I need to estimate the depth of objects in a single photo. Which model?"
-    answer = chat(endpoint, f"{DEPLOYMENT}/{ADAPTER}", question)
+    with ChatClient(endpoint) as client:
+        answer = ask(client, f"{DEPLOYMENT}/{ADAPTER}", question)
     sources = [
         s.get("title") or s.get("id") for s in (answer.get("tailor") or {}).get("sources", [])
     ]
