@@ -35,7 +35,8 @@ import jsonschema
 
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths
-from tailor.workloads.serving.engine.builtin import Chunk, Engine, SamplingParams, load_engine
+from tailor.workloads.serving.engine.base import Chunk, SamplingParams
+from tailor.workloads.serving.engine.builtin import Engine, load_engine
 from tailor.workloads.serving.engine.grammar import format_key
 
 SCHEMA = {

@@ -27,7 +27,9 @@ from tailor.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from tailor.api.workloads import Paths  # noqa: E402
 from tailor.data import apibench_dir  # noqa: E402
 from tailor.observability.serving import ServingMetrics  # noqa: E402
-from tailor.workloads.serving.engine.builtin import Engine, SamplingParams, load_model  # noqa: E402
+from tailor.workloads.serving.engine.base import SamplingParams  # noqa: E402
+from tailor.workloads.serving.engine.builtin import Engine  # noqa: E402
+from tailor.workloads.serving.engine.loading import load_model  # noqa: E402
 
 
 def main() -> None:

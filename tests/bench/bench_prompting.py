@@ -40,7 +40,8 @@ from tailor.data import apibench_dir  # noqa: E402
 from tailor.workloads.evaluation.apibench import SYSTEM, Corpus, score_totals  # noqa: E402
 from tailor.workloads.knowledge.index import build_index  # noqa: E402
 from tailor.workloads.knowledge.retriever import Retriever  # noqa: E402
-from tailor.workloads.serving.engine.builtin import Chunk, Engine, SamplingParams, load_engine  # noqa: E402
+from tailor.workloads.serving.engine.base import Chunk, SamplingParams  # noqa: E402
+from tailor.workloads.serving.engine.builtin import Engine, load_engine  # noqa: E402
 from tailor.workloads.serving.prompting import Message, build_messages, select_examples  # noqa: E402
 from tests.bench.bench_raft import corpus_lines, kb_format, split  # noqa: E402
 

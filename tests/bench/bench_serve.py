@@ -155,7 +155,8 @@ def quantization_child(quantization: str, max_tokens: int) -> dict[str, float]:
     """Run in a fresh process: memory, perplexity and tokens/s of one quantization."""
     import torch
 
-    from tailor.workloads.serving.engine.builtin import SamplingParams, load_engine
+    from tailor.workloads.serving.engine.base import SamplingParams
+    from tailor.workloads.serving.engine.builtin import load_engine
 
     torch.manual_seed(0)
     before = rss_mib()

@@ -39,7 +39,8 @@ from tailor.api.workloads import (
 )
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.serving.app import create_app
-from tailor.workloads.serving.engine.builtin import Engine, SamplingParams, load_engine
+from tailor.workloads.serving.engine.base import SamplingParams
+from tailor.workloads.serving.engine.builtin import Engine, load_engine
 from tailor.workloads.serving.engine.upstream import UpstreamEngine
 from tests.workloads.helpers import ThreadServer
 

@@ -28,15 +28,9 @@ from tailor.api.workloads import Paths, ServedAdapter
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
 from tailor.workloads.serving.app import main as serve_main
-from tailor.workloads.serving.engine.builtin import (
-    Chunk,
-    Engine,
-    GenerationRequest,
-    QueueFull,
-    SamplingParams,
-    load_model,
-    quantize_int8_dynamic,
-)
+from tailor.workloads.serving.engine.base import Chunk, QueueFull, SamplingParams
+from tailor.workloads.serving.engine.builtin import Engine, GenerationRequest
+from tailor.workloads.serving.engine.loading import load_model, quantize_int8_dynamic
 from tests.workloads.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.workloads

@@ -1,2 +1,3 @@
 """The serving program (``python -m tailor.workloads.serving.app``): the OpenAI-compatible gateway
-(routes, wire protocol, prompt profiles, RAG, cache, adapters) and the token engines behind it."""
+(``app``: routes; ``protocol``: wire models; ``gateway``: prompt profiles, RAG, cache, adapters,
+auth) and the token engines behind it (``engine``)."""

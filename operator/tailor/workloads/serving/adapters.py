@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from tailor.api.common import split_s3_uri
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
+from tailor.workloads.io.storage import pull_model, store_of
 
 log = logging.getLogger("tailor.workloads.serving.adapters")
 
@@ -40,6 +42,27 @@ class AdapterEngine(Protocol):
     def load_adapter(self, name: str, path: str) -> None: ...
 
     def unload_adapter(self, name: str) -> None: ...
+
+
+def pull_adapters(run: ServeRun) -> None:
+    """Adapters published to the object store, downloaded into this pod (each file checked
+    against the upload's marker) before anything loads."""
+    for adapter in run.adapters:
+        pull_adapter(adapter, run.paths)
+
+
+def pull_adapter(adapter: ServedAdapter, paths: Paths) -> None:
+    """One adapter from the object store into this pod (nothing for one on a volume);
+    ``adapter.path`` is then where it is."""
+    location = split_s3_uri(adapter.uri)
+    if location is None:
+        return
+    store = store_of(paths)
+    if store is not None and adapter.path and store.holds(adapter.path):
+        store.pull(store.relative(adapter.path))
+    else:  # written by a run with its own store: fetched once into the model cache
+        bucket, key = location
+        adapter.path = str(pull_model((bucket, key.strip("/")), paths))
 
 
 class AdapterSet:

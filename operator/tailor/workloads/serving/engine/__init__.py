@@ -1,2 +1,3 @@
-"""The token engines behind the gateway: the builtin scheduler on transformers (CPU) and vLLM
-(GPUs), with model loading, the KV slab and constrained decoding."""
+"""The token engines behind the gateway, one protocol (``base.TokenEngine``): the builtin
+scheduler on transformers (``builtin``, CPU or one GPU; its model loading in ``loading``, its KV
+caches in ``kvcache``, constrained decoding in ``grammar``) and vLLM over HTTP (``upstream``)."""

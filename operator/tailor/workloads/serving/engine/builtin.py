@@ -13,28 +13,22 @@ each row's own LoRA weights. Sampling (temperature, top-p, seed, penalties) and 
 sequences are per request. transformers' own ``generate`` batches only requests that
 arrive together and share parameters and adapter, which is why the loop is written here.
 
-Quantization: ``int8`` on CPU is PyTorch's dynamic int8 quantization of the base model's
-linear layers (LoRA layers, and the two kinds of layer in :data:`INT8_KEEP_FLOAT`, stay in
-float); on CUDA ``int8`` and ``nf4`` load the base model through bitsandbytes.
+The engine is a :class:`~tailor.workloads.serving.engine.base.TokenEngine`; its model is
+loaded (and quantized) by :mod:`~tailor.workloads.serving.engine.loading`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import gc
 import itertools
 import logging
 import queue
 import secrets
 import threading
 import time
-import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,146 +39,23 @@ from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import Paths, ServedAdapter
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import WorkloadError
-from tailor.workloads.io.model_loading import load_causal_lm, load_tokenizer
+from tailor.workloads.serving.engine.base import (
+    Chunk,
+    Completion,
+    EngineClosed,
+    QueueFull,
+    SamplingParams,
+    encode_chat,
+    encode_text,
+)
 from tailor.workloads.serving.engine.grammar import Grammars, mask_logits
-from tailor.workloads.serving.engine.kvcache import KVSlab
+from tailor.workloads.serving.engine.kvcache import PREFIX_CACHE_TOKENS, KVSlab, Prefix, PrefixCache
+from tailor.workloads.serving.engine.loading import attach_adapter, load_model
 
 log = logging.getLogger("tailor.workloads.serving.engine.builtin")
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens prefilled together in one forward pass
-PREFIX_CACHE_TOKENS = 4096
-"""Prompt tokens whose KV the prefix cache keeps (SmolLM2-135M: 46 KB each in float32)."""
-PREFIX_MIN_TOKENS = 32
-"""The shortest shared prefix worth reusing."""
-
-
-@dataclass
-class _Prefix:
-    """A prompt's KV cache, per layer ``(keys, values)`` of shape (1, heads, tokens, dim)."""
-
-    ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class PrefixCache:
-    """The KV of recent prompts (per adapter: LoRA changes the keys and values), reused for
-    the longest prefix a new prompt shares with one of them: the system prompt and
-    few-shot block of a prompt profile, or a conversation's earlier turns, are computed
-    once. Least recently used prompts go first when the token budget is full."""
-
-    def __init__(self, budget_tokens: int = PREFIX_CACHE_TOKENS):
-        self.budget = budget_tokens
-        self.tokens = 0
-        self.entries: OrderedDict[tuple[str, tuple[int, ...]], _Prefix] = OrderedDict()
-
-    def longest(self, peft_name: str, ids: Sequence[int]) -> tuple[_Prefix, int] | None:
-        """The cached prompt sharing the longest prefix with ``ids`` (at least
-        PREFIX_MIN_TOKENS, and at most all but the last token, whose logits are needed)."""
-        best: tuple[_Prefix, int] | None = None
-        for (name, _), entry in self.entries.items():
-            if name != peft_name:
-                continue
-            shared = _common_prefix(entry.ids, ids, len(ids) - 1)
-            if shared >= PREFIX_MIN_TOKENS and (best is None or shared > best[1]):
-                best = (entry, shared)
-        if best is not None:
-            self.entries.move_to_end((peft_name, tuple(best[0].ids)))
-        return best
-
-    def put(self, peft_name: str, ids: Sequence[int], layers: list[Any]) -> None:
-        key = (peft_name, tuple(ids))
-        if len(ids) < PREFIX_MIN_TOKENS or len(ids) > self.budget or key in self.entries:
-            return
-        while self.entries and self.tokens + len(ids) > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.tokens -= len(old.ids)
-        self.entries[key] = _Prefix(list(ids), layers)
-        self.tokens += len(ids)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    response_format: str | None = None
-    """A :func:`tailor.workloads.serving.engine.grammar.format_key`: answers constrained to JSON or a JSON
-    schema by constrained decoding; None: free text."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of a request's output, delivered in order; the last one has finish_reason
-    (stop, length, cancelled or error) and the totals."""
-
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    device_seconds: float = 0.0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The whole output of a request (the blocking :meth:`Engine.generate`)."""
-
-    text: str
-    finish_reason: str
-    completion_tokens: int
-    device_seconds: float
-
-
-class QueueFull(Exception):
-    """More requests are waiting than ``batching.maxQueue`` allows."""
-
-
-class EngineClosed(Exception):
-    """The engine was shut down."""
-
-
-class EngineUnavailable(Exception):
-    """The engine cannot be reached (an upstream engine server that is down)."""
-
-
-class EngineRejected(Exception):
-    """The engine refused the request as invalid (an upstream 4xx); ``status`` and the
-    engine's message are passed on to the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Prompt token ids of a conversation, with the model's chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
-    else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def encode_text(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt token ids of a plain completion prompt."""
-    return list(tokenizer(prompt).input_ids)
 
 
 @dataclass(eq=False)
@@ -222,7 +93,12 @@ class _Row:
 
 
 class Engine:
-    """Continuous-batching generation over a (PEFT) causal LM; thread-safe ``submit``."""
+    """Continuous-batching generation over a (PEFT) causal LM; thread-safe ``submit``. A
+    :class:`~tailor.workloads.serving.engine.base.TokenEngine`."""
+
+    answers_whole = False
+    """Chunks come one by one even when the client reads no stream (in-process, they cost
+    nothing): the time to the first token is measured for every request."""
 
     def __init__(
         self,
@@ -476,6 +352,10 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout=30)
 
+    async def aclose(self) -> None:
+        """:meth:`close` from an event loop (in a thread: it waits for the scheduler)."""
+        await asyncio.to_thread(self.close)
+
     # ---------------------------------------------------------------- scheduler
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -559,7 +439,7 @@ class Engine:
         for request in requests:
             self._prefill_plain([request])
 
-    def _prefix_hit(self, request: GenerationRequest) -> tuple[_Prefix, int] | None:
+    def _prefix_hit(self, request: GenerationRequest) -> tuple[Prefix, int] | None:
         if self._prefixes is None:
             return None
         peft_name = self.adapters.get(request.adapter, BASE) if request.adapter else BASE
@@ -570,7 +450,7 @@ class Engine:
         if self._prefixes is not None:
             self._prefixes.put(row.peft_name, row.request.prompt_ids, layers)
 
-    def _prefill_from(self, request: GenerationRequest, prefix: _Prefix, shared: int) -> None:
+    def _prefill_from(self, request: GenerationRequest, prefix: Prefix, shared: int) -> None:
         """Prefill one request whose first ``shared`` prompt tokens are ``prefix``'s: its
         KV is the cache's (not copied: every later step makes new tensors), only the rest
         of the prompt runs through the model."""
@@ -868,7 +748,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-# -------------------------------------------------------------------- loading
+# -------------------------------------------------------------------- starting
 def load_engine(
     spec: ModelDeploymentSpec,
     adapters: Sequence[ServedAdapter],
@@ -890,125 +770,3 @@ def load_engine(
     # is a new engine (Server.apply_run swaps it in), not a load into this one
     engine.adapters_in_place = not (spec.quantization == "int8" and not torch.cuda.is_available())
     return engine
-
-
-def load_model(
-    spec: ModelDeploymentSpec, adapters: Sequence[ServedAdapter], paths: Paths
-) -> tuple[Any, Any, dict[str, str]]:
-    """(model in eval mode, tokenizer, served adapter name -> PEFT adapter name)."""
-    check_adapters(adapters)
-    cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {}
-    if spec.quantization == "nf4" and not cuda:
-        raise WorkloadError(
-            "QuantizationNeedsGPU",
-            "quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit) and this replica has none: "
-            "set resources.gpus >= 1, or use quantization int8 (dynamic int8 on CPU)",
-        )
-    if cuda and spec.quantization in ("int8", "nf4"):
-        kwargs["quantization_config"] = bitsandbytes_config(spec.quantization)
-        kwargs["device_map"] = {"": 0}
-    elif cuda:
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": 0}
-    elif spec.quantization == "int8":
-        kwargs["disable_mmap"] = True  # so the replaced float weights can really be freed
-    log.info(
-        "loading the base model (quantization %s, %s)", spec.quantization, "cuda" if cuda else "cpu"
-    )
-    tokenizer = load_tokenizer(spec.base_model, paths)  # first: its memory never moves
-    model = load_causal_lm(spec.base_model, paths, **kwargs)
-    adapter_map: dict[str, str] = {}
-    if adapters:
-        model, adapter_map = attach_adapters(model, adapters)
-    if spec.quantization == "int8" and not cuda:
-        quantize_int8_dynamic(model)
-    model.eval()
-    return model, tokenizer, adapter_map
-
-
-def check_adapters(adapters: Sequence[ServedAdapter]) -> None:
-    """Fail fast, before loading any weights, when an adapter folder is not there."""
-    for adapter in adapters:
-        if not (Path(adapter.path) / "adapter_config.json").is_file():
-            raise WorkloadError(
-                "AdapterNotFound",
-                f"adapter {adapter.name}: no PEFT adapter (adapter_config.json) in "
-                f"{adapter.path}; check that its FineTuneJob succeeded and its volume is mounted",
-            )
-
-
-def bitsandbytes_config(quantization: str) -> Any:
-    """The transformers BitsAndBytesConfig for int8 or nf4 on CUDA."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise WorkloadError(
-            "MissingDependency",
-            f"quantization {quantization} on GPU needs bitsandbytes: pip install bitsandbytes",
-        ) from exc
-    from transformers import BitsAndBytesConfig
-
-    config_class: Any = BitsAndBytesConfig  # untyped
-    if quantization == "int8":
-        return config_class(load_in_8bit=True)
-    return config_class(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
-def attach_adapter(model: Any, path: str, peft_name: str) -> Any:
-    """``model`` with the PEFT adapter at ``path`` loaded as ``peft_name`` (the first one
-    wraps the model in a PeftModel)."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return PeftModel.from_pretrained(model, path, adapter_name=peft_name)
-    model.load_adapter(path, adapter_name=peft_name)
-    return model
-
-
-def attach_adapters(model: Any, adapters: Sequence[ServedAdapter]) -> tuple[Any, dict[str, str]]:
-    """Load every adapter into one PeftModel (adapter_0, adapter_1, ...: served names may
-    contain dots, which module names may not)."""
-    names: dict[str, str] = {}
-    for index, adapter in enumerate(adapters):
-        peft_name = f"adapter_{index}"
-        log.info("loading adapter %s from %s", adapter.name, adapter.path)
-        try:
-            model = attach_adapter(model, adapter.path, peft_name)
-        except Exception as exc:
-            raise WorkloadError(
-                "AdapterLoadFailed", f"adapter {adapter.name} at {adapter.path}: {exc}"
-            ) from exc
-        names[adapter.name] = peft_name
-    return model, names
-
-
-INT8_KEEP_FLOAT = ("down_proj", "lm_head")
-"""Base linear layers that dynamic int8 leaves in float. ``down_proj`` reads the MLP's
-outlier activations, which per-tensor int8 activation quantization destroys (SmolLM2-135M:
-perplexity x3.6 with it quantized, +18% without); ``lm_head`` is usually tied to the
-embedding, so quantizing it adds a copy instead of saving memory, and costs quality."""
-
-
-def quantize_int8_dynamic(model: Any) -> None:
-    """Dynamic int8 quantization (int8 weights, activations quantized on the fly) of the
-    base model's linear layers, in place, except :data:`INT8_KEEP_FLOAT`. LoRA weights
-    stay in float. The float weights it replaces are returned to the operating system."""
-    targets = {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and not any(part.startswith("lora_") or part in INT8_KEEP_FLOAT for part in name.split("."))
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        quantize: Any = torch.ao.quantization.quantize_dynamic  # untyped
-        quantize(model, targets, dtype=torch.qint8, inplace=True)
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

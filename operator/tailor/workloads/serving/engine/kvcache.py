@@ -1,4 +1,5 @@
-"""The running batch's key/value cache in preallocated buffers (the engine's KV slab).
+"""The builtin engine's key/value caches: the running batch's in preallocated buffers (the KV
+slab), and recent prompts' for reuse (the prefix cache).
 
 transformers' ``DynamicCache`` grows by concatenation: every decode step copies every
 layer's whole cache to append one token, and every request that joins a running batch
@@ -17,10 +18,17 @@ again (amortized: each time the room grows with the window).
 
 Columns inside the window that a row does not use are zeros, as ``DynamicCache``'s
 left padding was: a masked column must not hold a NaN (it would reach the softmax).
+
+The prefix cache (:class:`PrefixCache`) keeps the KV of recent prompts, so a new prompt that
+starts as one of them (a prompt profile's system prompt and few-shot block, a conversation's
+earlier turns) computes only the rest.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +37,10 @@ from transformers.cache_utils import DynamicLayer
 
 ROOM = 128
 """Free columns kept before and after the window when buffers are (re)allocated."""
+PREFIX_CACHE_TOKENS = 4096
+"""Prompt tokens whose KV the prefix cache keeps (SmolLM2-135M: 46 KB each in float32)."""
+PREFIX_MIN_TOKENS = 32
+"""The shortest shared prefix worth reusing."""
 
 
 class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
@@ -196,3 +208,56 @@ class KVSlab(DynamicCache):
         """Drop the window's first ``columns`` (padding in every row)."""
         self.start += columns
         self._views()
+
+
+@dataclass
+class Prefix:
+    """A prompt's KV cache, per layer ``(keys, values)`` of shape (1, heads, tokens, dim)."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixCache:
+    """The KV of recent prompts (per adapter: LoRA changes the keys and values), reused for
+    the longest prefix a new prompt shares with one of them: the system prompt and
+    few-shot block of a prompt profile, or a conversation's earlier turns, are computed
+    once. Least recently used prompts go first when the token budget is full."""
+
+    def __init__(self, budget_tokens: int = PREFIX_CACHE_TOKENS):
+        self.budget = budget_tokens
+        self.tokens = 0
+        self.entries: OrderedDict[tuple[str, tuple[int, ...]], Prefix] = OrderedDict()
+
+    def longest(self, peft_name: str, ids: Sequence[int]) -> tuple[Prefix, int] | None:
+        """The cached prompt sharing the longest prefix with ``ids`` (at least
+        PREFIX_MIN_TOKENS, and at most all but the last token, whose logits are needed)."""
+        best: tuple[Prefix, int] | None = None
+        for (name, _), entry in self.entries.items():
+            if name != peft_name:
+                continue
+            shared = _common_prefix(entry.ids, ids, len(ids) - 1)
+            if shared >= PREFIX_MIN_TOKENS and (best is None or shared > best[1]):
+                best = (entry, shared)
+        if best is not None:
+            self.entries.move_to_end((peft_name, tuple(best[0].ids)))
+        return best
+
+    def put(self, peft_name: str, ids: Sequence[int], layers: list[Any]) -> None:
+        key = (peft_name, tuple(ids))
+        if len(ids) < PREFIX_MIN_TOKENS or len(ids) > self.budget or key in self.entries:
+            return
+        while self.entries and self.tokens + len(ids) > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.tokens -= len(old.ids)
+        self.entries[key] = Prefix(list(ids), layers)
+        self.tokens += len(ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n

@@ -8,7 +8,7 @@ same context-window checks) and sends the prompt as **token ids** to the upstrea
 ``/v1/completions`` (both vLLM and Tailor accept ``prompt: [ids]``), so a conversation
 becomes the same tokens with either engine. An adapter is the upstream model
 ``<served>/<adapter>`` (vLLM: ``--lora-modules <served>/<adapter>=<path>``). Streamed
-choices become :class:`~tailor.workloads.serving.engine.builtin.Chunk` s; closing the stream (a client that
+choices become :class:`~tailor.workloads.serving.engine.base.Chunk` s; closing the stream (a client that
 went away) closes the HTTP request, which cancels the generation upstream.
 
 Errors keep the gateway's contract: an upstream that cannot be reached is
@@ -36,7 +36,7 @@ from tailor.api.workloads import Paths, ServedAdapter, UpstreamEngineConfig
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
-from tailor.workloads.serving.engine.builtin import (
+from tailor.workloads.serving.engine.base import (
     Chunk,
     EngineRejected,
     EngineUnavailable,
@@ -50,8 +50,15 @@ log = logging.getLogger("tailor.workloads.serving.engine.upstream")
 
 
 class UpstreamEngine:
-    """An OpenAI-compatible server as the gateway's engine (the :class:`Engine` interface
-    the gateway uses: encode, check_format, stream, close)."""
+    """An OpenAI-compatible server as the gateway's engine (a
+    :class:`~tailor.workloads.serving.engine.base.TokenEngine`). With ``metrics``, the
+    upstream's own metrics are re-exported on their registry (:class:`UpstreamMetrics`)."""
+
+    answers_whole = True
+    """Non-streamed client requests are asked for whole: no per-token events on either side."""
+
+    adapters_in_place = True
+    """Adapters load through the upstream's runtime adapter API (``loadAdapters``)."""
 
     def __init__(
         self,
@@ -70,6 +77,8 @@ class UpstreamEngine:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]
         self._clients = weakref.WeakKeyDictionary()
         self._versions = itertools.count(2)  # upstream names of replaced adapters
+        if metrics is not None:
+            export_upstream_metrics(metrics, self.url)
 
     def _client(self) -> aiohttp.ClientSession:
         """The HTTP session of the running event loop (connections belong to one loop).
@@ -93,6 +102,7 @@ class UpstreamEngine:
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.close()
+        self.close()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -134,9 +144,6 @@ class UpstreamEngine:
     def check_format(self, key: str | None) -> None:
         """Formats are enforced upstream (vLLM's structured outputs, or Tailor's grammar);
         the gateway has already checked the schema itself (:func:`format_key`)."""
-
-    # non-streamed client requests are asked for whole: no per-token events on either side
-    answers_whole = True
 
     async def stream(
         self,
@@ -239,6 +246,11 @@ class UpstreamEngine:
         if params.response_format is not None:
             body["response_format"] = response_format(params.response_format)
         return body
+
+    def drain(self, timeout: float) -> bool:
+        """Nothing to wait for here: the upstream runs the requests (a closed stream
+        cancels its request there)."""
+        return True
 
     def close(self) -> None:
         """Nothing to stop here: the server closes the HTTP session with :meth:`aclose`."""
@@ -402,11 +414,10 @@ class UpstreamMetrics:
                 yield family
 
 
-def export_upstream_metrics(metrics: ServingMetrics, engine: Any) -> None:
-    """Add the upstream's metrics to the gateway's registry (once per registry)."""
-    if not isinstance(engine, UpstreamEngine):
+def export_upstream_metrics(metrics: ServingMetrics, url: str) -> None:
+    """Add the metrics of the upstream at ``url`` to the gateway's registry (once per
+    registry)."""
+    if url in metrics.upstreams:
         return
-    if engine.url in metrics.upstreams:
-        return
-    metrics.registry.register(UpstreamMetrics(engine.url, metrics.registry))
-    metrics.upstreams.add(engine.url)
+    metrics.registry.register(UpstreamMetrics(url, metrics.registry))
+    metrics.upstreams.add(url)

@@ -1,0 +1,772 @@
+"""The gateway: an OpenAI request made into a generation for the token engine, and its
+answer. Every chat request goes through the mounted PromptProfile (re-read when the file
+changes) and, with a knowledge base, retrieval: the top chunks for the last user message go
+into the prompt and come back as ``"tailor": {"sources": [...], "retrieval": "ok"}``; an
+unavailable vector store gives an answer without context and ``"retrieval": "unavailable"``
+instead of an error. Deterministic responses (temperature 0, or a seed) are cached by
+model, adapter weights, prompt and parameters. The engine is known only as a
+:class:`~tailor.workloads.serving.engine.base.TokenEngine` (the builtin scheduler or vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tailor.api.workloads import ServedAdapter, ServeRun
+from tailor.observability.serving import ServingMetrics
+from tailor.workloads.errors import WorkloadError
+from tailor.workloads.io.sources import read_secret
+from tailor.workloads.serving.adapters import AdapterSet, pull_adapter
+from tailor.workloads.serving.engine.base import (
+    Chunk,
+    EngineClosed,
+    EngineRejected,
+    EngineUnavailable,
+    QueueFull,
+    SamplingParams,
+    TokenEngine,
+)
+from tailor.workloads.serving.engine.grammar import FormatError, format_key
+from tailor.workloads.serving.engine.loading import check_adapters
+from tailor.workloads.serving.prompting import (
+    Message,
+    ProfileFile,
+    PromptError,
+    build_messages,
+    last_user_message,
+    merge_parameters,
+    parse_profile,
+    select_examples,
+)
+from tailor.workloads.serving.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    FeedbackRequest,
+    GenerationParameters,
+    Kind,
+    Reply,
+    TailorOptions,
+    source,
+    sse,
+    usage,
+)
+
+log = logging.getLogger("tailor.workloads.serving.gateway")
+
+MAX_REMEMBERED_RESPONSES = 100_000
+
+
+# ------------------------------------------------------------------ API key, response cache
+class MountedSecret:
+    """A mounted Secret key, re-read when the kubelet updates the file (a rotated API key
+    takes effect without a restart); stat per use, read only on change."""
+
+    def __init__(self, ref: Any, paths: Any):
+        self.ref, self.paths = ref, paths
+        self.path = Path(paths.secrets) / ref.name / ref.key
+        self._seen: tuple[int, int, int] | None = None
+        self._value = read_secret(ref, paths)
+        self._changed()
+
+    def _changed(self) -> bool:
+        """Whether the file is another one than at the last look (False mid-swap)."""
+        try:
+            stat = self.path.stat()  # follows the kubelet's ..data symlink
+        except OSError:
+            return False  # mid-swap: keep the last key
+        seen, self._seen = self._seen, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return seen is not None and seen != self._seen
+
+    def value(self) -> str:
+        if self._changed():
+            try:
+                self._value = read_secret(self.ref, self.paths)
+                log.info("the API key Secret %s changed: using the new key", self.ref.name)
+            except WorkloadError:
+                pass  # removed mid-update: keep the last key
+        return self._value
+
+
+class ResponseCache:
+    """Exact-match cache of finished responses: LRU, bounded in entries and age."""
+
+    def __init__(self, max_entries: int, ttl_seconds: float):
+        self.max_entries, self.ttl = max_entries, ttl_seconds
+        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if time.monotonic() - found[0] > self.ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return found[1]
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self._entries[key] = (time.monotonic(), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+# ------------------------------------------------------------------ the server
+@dataclass
+class Generation:
+    """What the handlers resolved for one request, ready for the engine."""
+
+    kind: Kind
+    model: str
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    extension: dict[str, Any]
+    stream: bool
+    include_usage: bool
+
+
+class Server:
+    """State shared by the handlers: the engine, profile, retriever, cache and metrics.
+
+    ``engine`` is served at once; without one, :meth:`load` (run in a background thread)
+    calls ``loader`` (default: ``make_engine`` with the run's adapters). ``make_engine``
+    makes a new engine for another list of adapters, for an engine that cannot load
+    them in place."""
+
+    def __init__(
+        self,
+        run: ServeRun,
+        metrics: ServingMetrics,
+        engine: TokenEngine | None,
+        loader: Callable[[], TokenEngine] | None,
+        make_engine: Callable[[list[ServedAdapter]], TokenEngine],
+        on_load_failure: Callable[[BaseException], None] | None,
+    ):
+        self.run = run
+        self.name = run.served_name
+        self.metrics = metrics
+        self.engine = engine
+        self.make_engine = make_engine
+        self.loader = loader or (lambda: make_engine(self.run.adapters))
+        self.on_load_failure = on_load_failure
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.adapter_set = AdapterSet(
+            run.adapters, run.adapters_revision, run.paths, pull_adapter, check_adapters, metrics
+        )
+        self._changed_run: ServeRun | None = None  # a spec change that came while loading
+        self._apply_lock = threading.Lock()
+        self.api_key = (
+            MountedSecret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
+        )
+        self.profile = (
+            ProfileFile(run.prompt_profile_file, metrics.observe_profile_reload)
+            if run.prompt_profile_file
+            else None
+        )
+        cache = run.spec.cache
+        self.cache = ResponseCache(cache.max_entries, cache.ttl_seconds) if cache.enabled else None
+        self.responses: OrderedDict[str, str] = OrderedDict()  # response id -> model
+        self._retriever: Any = None
+        self._retriever_lock = threading.Lock()
+        self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
+        self._example_lock = threading.Lock()
+        if engine is not None:
+            metrics.set_ready(True)
+
+    # -- lifecycle
+    def load(self) -> None:
+        """Load the model (and warm the retriever); runs in a background thread."""
+        try:
+            if self.run.knowledge_base is not None:
+                try:
+                    self.retriever()
+                except Exception as exc:
+                    log.warning("knowledge base not reachable yet (%s); retrying per request", exc)
+            if self.profile is not None:
+                self.profile.get()
+            self.engine = self.loader()
+            if self._changed_run is not None:
+                self.apply_run(self._changed_run)
+            self.metrics.set_ready(True)
+            log.info("ready: serving %s", ", ".join(self.model_names()))
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the model failed")
+            if self.on_load_failure:
+                self.on_load_failure(exc)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters served now (the engine's, which change without a restart)."""
+        if self.engine is None:
+            return [a.name for a in self.run.adapters]
+        return list(self.engine.adapter_names)
+
+    def apply_run(self, run: ServeRun) -> None:
+        """A changed spec file: serve its adapters (loaded and unloaded in place). Other
+        changes come with a new pod (the operator rolls the Deployment for them)."""
+        with self._apply_lock:
+            if self.engine is None:
+                self._changed_run = run  # applied once the model is loaded
+                return
+            self._changed_run = None
+            reload = None if self.engine.adapters_in_place else self._reload_engine
+            self.adapter_set.apply(self.engine, run.adapters, run.adapters_revision, reload)
+            self.run.adapters = list(self.adapter_set.served.values())
+
+    def _reload_engine(self, adapters: list[ServedAdapter]) -> None:
+        """A new engine with ``adapters`` (an int8 model on CPU takes no adapter once
+        quantized), swapped in; the old one finishes its requests, then stops."""
+        new = self.make_engine(adapters)
+        old, self.engine = self.engine, new
+
+        def retire() -> None:
+            assert old is not None
+            if not old.drain(600):
+                log.warning("the replaced engine still had requests after 10 minutes")
+            old.close()
+
+        threading.Thread(target=retire, name="tailor-retire-engine", daemon=True).start()
+
+    def model_names(self) -> list[str]:
+        return [self.name] + [f"{self.name}/{a}" for a in self.adapters]
+
+    def require_engine(self) -> TokenEngine:
+        if self.engine is None:
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                "server_error",
+                None,
+                "model_not_ready",
+            )
+        return self.engine
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.value().encode()
+        ):
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
+                "from the deployment's auth.apiKeySecretRef.",
+                code="invalid_api_key",
+            )
+
+    def upstream_adapter(self, lora_name: str) -> str:
+        """The adapter of a runtime adapter API name (``<served>/<adapter>``)."""
+        prefix = self.name + "/"
+        if not lora_name.startswith(prefix) or len(lora_name) == len(prefix):
+            raise APIError(
+                400, f"lora_name must be {prefix}<adapter>, got {lora_name!r}", param="lora_name"
+            )
+        return lora_name[len(prefix) :]
+
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a model name refers to (None: the base model); 404 if unknown."""
+        if name == self.name:
+            return None
+        prefix = self.name + "/"
+        if name.startswith(prefix) and name[len(prefix) :] in self.adapters:
+            return name[len(prefix) :]
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. Available: {', '.join(self.model_names())}.",
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- retrieval
+    def retriever(self) -> Any:
+        with self._retriever_lock:
+            if self._retriever is None:
+                from tailor.workloads.knowledge.retriever import Retriever
+
+                assert self.run.knowledge_base is not None
+                self._retriever = Retriever(self.run.knowledge_base, self.run.paths)
+            return self._retriever
+
+    async def retrieve(self, query: str | None) -> tuple[list[Any], str]:
+        """(chunks, "ok" | "unavailable") for the query; never raises."""
+        if not query:
+            return [], "skipped"
+        binding = self.run.spec.knowledge_base_ref
+        started = time.perf_counter()
+        try:
+            retriever = await asyncio.to_thread(self.retriever)
+            chunks = await asyncio.to_thread(
+                retriever.search,
+                query,
+                top_k=binding.top_k if binding else None,
+                score_threshold=binding.score_threshold if binding else None,
+            )
+        except Exception as exc:  # RetrieverUnavailable, or a store that fails otherwise
+            self.metrics.observe_retrieval(time.perf_counter() - started, ok=False)
+            log.warning("retrieval failed, answering without context: %s", exc)
+            return [], "unavailable"
+        self.metrics.observe_retrieval(time.perf_counter() - started, ok=True)
+        return list(chunks), "ok"
+
+    async def few_shot(self, profile: Any, question: str | None) -> list[Any]:
+        """The profile's few-shot examples chosen for this question (fewShotSelection)."""
+        selection = profile.few_shot_selection if profile is not None else None
+        if selection is None:
+            return []
+        if selection.select == "static" or not question:
+            return select_examples(selection, question, None)
+        return await asyncio.to_thread(select_examples, selection, question, self.embed_texts)
+
+    def embed_texts(self, texts: list[str]) -> Any:
+        """Normalised vectors of texts with the knowledge base's embedding model (the builtin
+        MiniLM without one); vectors of texts seen before (a pool) come from a cache."""
+        import numpy as np
+
+        from tailor.api.knowledgebase import Embedding
+        from tailor.workloads.knowledge.retriever import load_embedder
+
+        config = self.run.knowledge_base
+        embedder = load_embedder(config.embedding if config else Embedding(), self.run.paths)
+        cache = self._example_vectors
+        with self._example_lock:
+            missing = list(dict.fromkeys(t for t in texts if (embedder.key, t) not in cache))
+            if missing:
+                for text, vector in zip(missing, embedder.embed_queries(missing), strict=True):
+                    cache[(embedder.key, text)] = vector
+                while len(cache) > 20_000:
+                    cache.pop(next(iter(cache)))
+            return np.stack([cache[(embedder.key, t)] for t in texts])
+
+    # -- request preparation
+    def sampling(
+        self, body: GenerationParameters, max_tokens: int | None, prompt_tokens: int, profile: Any
+    ) -> SamplingParams:
+        """Request parameters over the profile's defaults, fitted into the context window."""
+        merged = merge_parameters(
+            profile,
+            {
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "max_tokens": max_tokens,
+                "stop": body.stop_list(),
+                "seed": body.seed,
+            },
+        )
+        window = self.run.spec.max_context_tokens or self.require_engine().context_window
+        if prompt_tokens >= window:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {window} tokens, but the prompt has "
+                f"{prompt_tokens} tokens. Shorten the messages or the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        budget = merged.max_tokens
+        if max_tokens is not None and prompt_tokens + max_tokens > window:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {window} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+                f"{max_tokens} in the completion). Reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return SamplingParams(
+            max_tokens=min(budget, window - prompt_tokens),
+            temperature=merged.temperature,
+            top_p=merged.top_p,
+            stop=tuple(merged.stop),
+            seed=merged.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            response_format=self.response_format(body, profile),
+        )
+
+    def response_format(self, body: GenerationParameters, profile: Any) -> str | None:
+        """The format key of the request's ``response_format``, else the profile's; compiled
+        here, so a schema that cannot be enforced is a 400 naming the field."""
+        param = "response_format"
+        try:
+            if body.response_format is not None:
+                given = body.response_format
+                if given.type == "json_schema" and given.json_schema is None:
+                    raise FormatError("json_schema needs response_format.json_schema.schema")
+                schema = given.json_schema.schema_ if given.json_schema else None
+                key = format_key(given.type, schema)
+            elif profile is not None and profile.response_format is not None:
+                param = "promptProfile.responseFormat"
+                wanted = profile.response_format
+                key = format_key(wanted.type, wanted.schema_)
+            else:
+                return None
+            self.require_engine().check_format(key)
+        except FormatError as exc:
+            raise APIError(
+                400, f"{param}: {exc}", param=param, code="invalid_response_format"
+            ) from exc
+        return key
+
+    async def prepare_chat(self, body: ChatCompletionRequest) -> Generation:
+        adapter = self.resolve_model(body.model)
+        _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
+        _reject(bool(body.logprobs), "logprobs", "logprobs are not supported")
+        _reject(bool(body.tools or body.functions), "tools", "tool calling is not supported")
+        engine = self.require_engine()
+        conversation = [_message(i, m) for i, m in enumerate(body.messages)]
+        options = body.tailor or TailorOptions()
+        profile = self._profile(options)
+        question = last_user_message(conversation)
+        documents: list[Any] = []
+        extension: dict[str, Any] = {}
+        if self.run.knowledge_base is not None and options.retrieval:
+            documents, state = await self.retrieve(question)
+            extension = {"sources": [source(d) for d in documents], "retrieval": state}
+        examples = await self.few_shot(profile, question)
+        try:
+            messages = build_messages(profile, conversation, documents, options.variables, examples)
+        except PromptError as exc:
+            raise APIError(
+                400,
+                f"the prompt profile could not be applied: {exc}",
+                param="tailor.variables",
+                code="invalid_prompt",
+            ) from exc
+        prompt_ids = engine.encode_chat([m.as_dict() for m in messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self.sampling(body, max_tokens, len(prompt_ids), profile)
+        return Generation(
+            "chat",
+            body.model,
+            adapter,
+            prompt_ids,
+            params,
+            extension,
+            body.stream,
+            body.include_usage(),
+        )
+
+    def _profile(self, options: TailorOptions) -> Any:
+        """The prompt profile to answer with: the served one, or the revision the request
+        brings (what a PromptProfile's test Job sends to try it)."""
+        served = self.profile.get() if self.profile else None
+        if options.prompt_profile is None:
+            return served
+        try:
+            return parse_profile(json.dumps(options.prompt_profile))
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="tailor.promptProfile") from exc
+
+    def prepare_completion(self, body: CompletionRequest) -> Generation:
+        adapter = self.resolve_model(body.model)
+        _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
+        _reject(body.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
+        _reject(body.echo, "echo", "echo is not supported")
+        _reject(body.logprobs is not None, "logprobs", "logprobs are not supported")
+        _reject(body.suffix is not None, "suffix", "suffix is not supported")
+        engine = self.require_engine()
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            _reject(len(prompt) != 1, "prompt", "send one prompt per request")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = engine.encode_text(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        _reject(not prompt_ids, "prompt", "the prompt is empty")
+        profile = self.profile.get() if self.profile else None
+        params = self.sampling(body, body.max_tokens, len(prompt_ids), profile)
+        return Generation(
+            "completion",
+            body.model,
+            adapter,
+            prompt_ids,
+            params,
+            {},
+            body.stream,
+            body.include_usage(),
+        )
+
+    # -- answering
+    async def respond(self, gen: Generation, started: float) -> Response:
+        """Run a prepared generation (or find it in the cache) and answer it."""
+        self.metrics.observe_adapter(gen.adapter)
+        cache_key = self._cache_key(gen)
+        if cache_key is not None and self.cache is not None:
+            cached = self.cache.get(cache_key)
+            self.metrics.observe_cache(gen.model, hit=cached is not None)
+            if cached is not None:
+                return self._answer_cached(gen, cached)
+
+        reply = Reply.new(gen.kind, gen.model)
+        self.remember(reply.id, gen.model)
+        engine = self.require_engine()
+        self.metrics.inflight_inc()
+        # an engine that answers non-streamed requests whole has no first-token time then
+        ttft = gen.stream or not engine.answers_whole
+        tracker = _Tracker(self.metrics, gen, started, cache_key, ttft)
+        chunks = engine.stream(gen.prompt_ids, gen.adapter, gen.params, incremental=gen.stream)
+        try:
+            first = await anext(chunks)  # submits; QueueFull surfaces here
+        except BaseException as exc:
+            tracker.abort()
+            error = _refused(exc)
+            if error is None:
+                raise
+            raise error from exc
+        if gen.stream:
+            return StreamingResponse(
+                self._stream(gen, reply, first, chunks, tracker),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        result = await _whole(gen, first, chunks, tracker)
+        if cache_key is not None and self.cache is not None:
+            self.cache.put(cache_key, result)
+        return JSONResponse(reply.whole(result, {**gen.extension, "cached": False}))
+
+    def _cache_key(self, gen: Generation) -> str | None:
+        """The response cache's key of a deterministic generation (temperature 0, or a
+        seed); None when it is not cached."""
+        if self.cache is None or not (gen.params.temperature == 0 or gen.params.seed is not None):
+            return None
+        # the adapter's weights are part of the key: a replaced adapter answers anew
+        served = self.adapter_set.served.get(gen.adapter) if gen.adapter else None
+        weights = served.source if served else None
+        return ResponseCache.key(gen.kind, gen.model, weights, gen.prompt_ids, gen.params.__dict__)
+
+    def _answer_cached(self, gen: Generation, cached: dict[str, Any]) -> Response:
+        reply = Reply.new(gen.kind, gen.model)
+        self.remember(reply.id, gen.model)
+        extension = {**gen.extension, "cached": True}
+        if not gen.stream:
+            return JSONResponse(reply.whole(cached, extension))
+
+        async def events() -> AsyncIterator[str]:
+            yield sse(reply.chunk("", None, role=True, extension=extension))
+            yield sse(reply.chunk(cached["text"], None))
+            yield sse(reply.chunk("", cached["finish_reason"]))
+            if gen.include_usage:
+                yield sse(reply.usage_chunk(cached["usage"]))
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _stream(
+        self,
+        gen: Generation,
+        reply: Reply,
+        first: Chunk,
+        chunks: AsyncGenerator[Chunk, None],
+        tracker: _Tracker,
+    ) -> AsyncIterator[str]:
+        try:
+            yield sse(reply.chunk("", None, role=True, extension=gen.extension))
+            chunk, parts = first, []
+            while True:
+                tracker.saw(chunk)
+                parts.append(chunk.text)
+                if chunk.finish_reason == "error":
+                    error = APIError(500, chunk.error or "generation failed", "server_error")
+                    yield sse(error.body())
+                    break
+                if chunk.text:
+                    yield sse(reply.chunk(chunk.text, None))
+                if chunk.finish_reason is not None:
+                    yield sse(reply.chunk("", chunk.finish_reason))
+                    counts = usage(len(gen.prompt_ids), chunk.completion_tokens)
+                    if gen.include_usage:
+                        yield sse(reply.usage_chunk(counts))
+                    if tracker.cache_key is not None and self.cache is not None:
+                        result = {
+                            "text": "".join(parts),
+                            "finish_reason": chunk.finish_reason,
+                            "usage": counts,
+                        }
+                        self.cache.put(tracker.cache_key, result)
+                    break
+                chunk = await anext(chunks)
+            yield SSE_DONE
+        finally:
+            await _finish(chunks, tracker)
+
+    def remember(self, response_id: str, model: str) -> None:
+        self.responses[response_id] = model
+        while len(self.responses) > MAX_REMEMBERED_RESPONSES:
+            self.responses.popitem(last=False)
+
+    def record_feedback(self, body: FeedbackRequest) -> dict[str, Any]:
+        """A thumbs up or down on a response: counted by model (the response's, when it was
+        answered here), and logged with its comment."""
+        if not body.id.startswith(("chatcmpl-", "cmpl-")):
+            raise APIError(
+                400,
+                "id must be the id of a chat.completion or text_completion",
+                param="id",
+                code="invalid_value",
+            )
+        model = self.responses.get(body.id)
+        known = model is not None
+        if model is None and body.model is not None:
+            self.resolve_model(body.model)
+            model = body.model
+        model = model or "unknown"
+        self.metrics.observe_feedback(model, body.rating)
+        log.info(
+            "feedback %s on %s (%s)%s",
+            body.rating,
+            body.id,
+            model,
+            f": {body.comment!r}" if body.comment else "",
+        )
+        return {
+            "id": body.id,
+            "object": "feedback",
+            "rating": body.rating,
+            "model": model,
+            "known": known,
+        }
+
+
+class _Tracker:
+    """Per-request timing for the metrics: first token, totals, once at the end."""
+
+    def __init__(
+        self,
+        metrics: ServingMetrics,
+        gen: Generation,
+        started: float,
+        cache_key: str | None,
+        ttft: bool = True,
+    ):
+        self.metrics, self.gen, self.started, self.cache_key = metrics, gen, started, cache_key
+        self.ttft = ttft  # observe the time to the first token
+        self.first_token: float | None = None
+        self.final: Any = None
+        self._done = False
+
+    def saw(self, chunk: Any) -> None:
+        if self.ttft and self.first_token is None and (chunk.text or chunk.completion_tokens):
+            self.first_token = time.perf_counter() - self.started
+        if chunk.finish_reason is not None:
+            self.final = chunk
+
+    def abort(self) -> None:
+        """The request never reached the engine."""
+        if not self._done:
+            self._done = True
+            self.metrics.inflight_dec()
+
+    def done(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.metrics.inflight_dec()
+        final = self.final
+        self.metrics.observe_generation(
+            self.gen.model,
+            len(self.gen.prompt_ids),
+            final.completion_tokens if final else 0,
+            time.perf_counter() - self.started,
+            self.first_token,
+            final.device_seconds if final else 0.0,
+        )
+
+
+async def _whole(
+    gen: Generation, first: Chunk, chunks: AsyncGenerator[Chunk, None], tracker: _Tracker
+) -> dict[str, Any]:
+    """A non-streamed answer, its chunks read to the end: text, finish_reason and usage."""
+    try:
+        parts = [first.text]
+        tracker.saw(first)
+        last = first
+        while last.finish_reason is None:
+            last = await anext(chunks)
+            tracker.saw(last)
+            parts.append(last.text)
+    finally:
+        await _finish(chunks, tracker)
+    if last.finish_reason == "error":
+        raise APIError(500, last.error or "generation failed", "server_error")
+    return {
+        "text": "".join(parts),
+        "finish_reason": last.finish_reason,
+        "usage": usage(len(gen.prompt_ids), last.completion_tokens),
+    }
+
+
+async def _finish(chunks: AsyncGenerator[Chunk, None], tracker: _Tracker) -> None:
+    try:
+        await chunks.aclose()  # cancels the engine request if it is still running
+    finally:
+        tracker.done()
+
+
+def _refused(exc: BaseException) -> APIError | None:
+    """The client's error for a request the engine did not take (None: not the client's)."""
+    if isinstance(exc, QueueFull):
+        return APIError(
+            429, f"the server is busy ({exc}); retry later", "rate_limit_error", None, "queue_full"
+        )
+    if isinstance(exc, EngineClosed):
+        return APIError(503, "the server is shutting down", "server_error")
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc), "server_error", None, "engine_unavailable")
+    if isinstance(exc, EngineRejected):
+        return APIError(exc.status, str(exc), code="rejected_by_engine")
+    if isinstance(exc, ValueError):  # the engine refused the prompt (submit)
+        return APIError(400, str(exc), param="prompt", code="invalid_prompt")
+    return None
+
+
+def _reject(condition: bool, param: str, message: str) -> None:
+    if condition:
+        raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def _message(index: int, message: ChatMessage) -> Message:
+    role = {"developer": "system"}.get(message.role, message.role)
+    if role not in ("system", "user", "assistant"):
+        raise APIError(
+            400,
+            f"role {message.role} is not supported (no tool calling)",
+            param=f"messages[{index}].role",
+            code="unsupported_parameter",
+        )
+    content = message.content
+    if isinstance(content, list):
+        if any(part.type != "text" for part in content):
+            raise APIError(
+                400,
+                "only text content parts are supported",
+                param=f"messages[{index}].content",
+                code="unsupported_parameter",
+            )
+        content = "".join(part.text or "" for part in content)
+    return Message(role, content or "")
