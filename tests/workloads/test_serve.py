@@ -39,7 +39,7 @@ from tailor.api.workloads import (
 )
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.serving.app import create_app
-from tailor.workloads.serving.engine.base import SamplingParams
+from tailor.workloads.serving.engine.base import SamplingParams, TokenEngine
 from tailor.workloads.serving.engine.builtin import Engine, load_engine
 from tailor.workloads.serving.engine.upstream import UpstreamEngine
 from tests.workloads.helpers import ThreadServer
@@ -185,7 +185,7 @@ GATEWAY_ONLY = pytest.mark.parametrize("gateway_engine", ["builtin"], indirect=T
 
 
 @pytest.fixture(scope="module", params=["builtin", "upstream"])
-def gateway_engine(request: pytest.FixtureRequest, engine: Engine) -> Engine:
+def gateway_engine(request: pytest.FixtureRequest, engine: Engine) -> TokenEngine:
     """What the gateway generates with: the engine in-process, or the same engine behind
     HTTP (:class:`UpstreamEngine`, as vLLM is used). Every test through the gateway runs
     with both, unchanged."""
@@ -195,11 +195,11 @@ def gateway_engine(request: pytest.FixtureRequest, engine: Engine) -> Engine:
     upstream_engine = UpstreamEngine(
         config, engine.tokenizer, list(PERSONAS), engine.context_window, ServingMetrics(SERVED)
     )
-    return cast(Engine, upstream_engine)
+    return upstream_engine
 
 
 @pytest.fixture(scope="module")
-def metrics(gateway_engine: Engine) -> ServingMetrics:
+def metrics(gateway_engine: TokenEngine) -> ServingMetrics:
     """The gateway's metrics (requests, cache, in flight, feedback)."""
     assert gateway_engine.metrics is not None
     return gateway_engine.metrics
@@ -225,7 +225,7 @@ class RemoteMetrics:
 
 
 @pytest.fixture(scope="module")
-def engine_metrics(gateway_engine: Engine, engine: Engine) -> Any:
+def engine_metrics(gateway_engine: TokenEngine, engine: Engine) -> Any:
     """The token engine's metrics (batches, generated tokens): in-process, or the upstream
     server's."""
     if isinstance(gateway_engine, UpstreamEngine):
@@ -234,7 +234,7 @@ def engine_metrics(gateway_engine: Engine, engine: Engine) -> Any:
 
 
 @pytest.fixture(scope="module")
-def base_url(run: ServeRun, gateway_engine: Engine) -> Iterator[str]:
+def base_url(run: ServeRun, gateway_engine: TokenEngine) -> Iterator[str]:
     with ThreadServer(create_app(run, engine=gateway_engine)) as server:
         yield server.url
 
@@ -542,7 +542,7 @@ def test_an_upstream_engine_that_is_down_is_a_503_naming_it(run: ServeRun, engin
     down = UpstreamEngine(
         UpstreamEngineConfig(url=url, model=SERVED), engine.tokenizer, list(PERSONAS), 8192
     )
-    with TestClient(create_app(run, engine=cast(Engine, down))) as http:
+    with TestClient(create_app(run, engine=down)) as http:
         for stream in (False, True):
             body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "stream": stream}  # fmt: skip
             response = http.post("/v1/chat/completions", json=body)
@@ -773,7 +773,7 @@ def test_load_failure_is_reported(run: ServeRun) -> None:
 # ------------------------------------------------------------------ PromptProfile
 @GATEWAY_ONLY
 def test_prompt_profile_applied_and_reloaded(
-    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
 ) -> None:
     path = workdir / "profile" / "profile.json"
     path.parent.mkdir(exist_ok=True)
@@ -833,7 +833,7 @@ def test_every_answer_under_a_response_format_validates(
     client: openai.OpenAI,
     workdir: Path,
     adapter_dirs: dict[str, Path],
-    gateway_engine: Engine,
+    gateway_engine: TokenEngine,
 ) -> None:
     """OpenAI's response_format per request (the SDK's own form), and a profile's
     responseFormat by default; an unenforceable schema is a 400 naming the field."""
@@ -884,7 +884,7 @@ def test_every_answer_under_a_response_format_validates(
 
 @GATEWAY_ONLY
 def test_few_shot_examples_are_chosen_per_question_by_the_server(
-    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
 ) -> None:
     """fewShotSelection through the real server: the question's own pool example is sent
     (an example far longer than the others shows in prompt_tokens)."""
@@ -917,7 +917,7 @@ def test_few_shot_examples_are_chosen_per_question_by_the_server(
 
 
 def test_context_window_from_the_spec(
-    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
 ) -> None:
     small = make_run(workdir, adapter_dirs, maxContextTokens=128)
     with TestClient(create_app(small, engine=gateway_engine)) as http:
@@ -978,7 +978,7 @@ def knowledge_base(workdir: Path, apibench: Path) -> dict[str, Any]:
 def test_rag_puts_the_gold_document_in_context(
     workdir: Path,
     adapter_dirs: dict[str, Path],
-    gateway_engine: Engine,
+    gateway_engine: TokenEngine,
     knowledge_base: dict[str, Any],
 ) -> None:
     rag = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench", "topK": 3})
@@ -1008,7 +1008,10 @@ def test_rag_puts_the_gold_document_in_context(
 
 @GATEWAY_ONLY
 def test_rag_answers_without_context_when_the_store_is_down(
-    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: Engine, metrics: ServingMetrics
+    workdir: Path,
+    adapter_dirs: dict[str, Path],
+    gateway_engine: TokenEngine,
+    metrics: ServingMetrics,
 ) -> None:
     down = make_run(workdir, adapter_dirs, knowledgeBaseRef={"name": "apibench"})
     unreachable = {"alias": "apibench", "qdrant": {"url": "http://127.0.0.1:9"}}

@@ -58,7 +58,7 @@ from tailor.workloads.evaluation.apibench import ANSWER_MARK, final_answer
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
 from tailor.workloads.io.sources import read_secret
 from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
-from tailor.workloads.program import run_main, write_termination_message
+from tailor.workloads.program import limit_cpu_threads, run_main, write_termination_message
 from tailor.workloads.progress import make_reporter
 
 log = logging.getLogger("tailor.workloads.raft.data")
@@ -764,6 +764,7 @@ def work(run: RaftDataRun) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_cpu_threads()  # the retriever's embedding model runs in this process
     return run_main(RaftDataRun, work, argv)
 
 
