@@ -4,6 +4,7 @@ volumes, RBAC scope, rollouts) without a cluster."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.raftjob import RAFTJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import TrainRun
-from tailor.builders.common import Parent, child_name
+from tailor.builders.common import Parent, Program, child_name
 from tailor.builders.finetunejob import build_training
 from tailor.builders.knowledgebase import build_index, retriever_config
 from tailor.builders.modeldeployment import ResolvedRefs, build_serving, uri_to_path
@@ -821,3 +822,11 @@ def test_data_uris_mount_what_they_name_and_a_raft_child_reads_its_data_from_the
     )
     volumes = volumes_of(by_kind(child.manifests)["Job"]).values()
     assert [v for v in volumes if "persistentVolumeClaim" in v] == []
+
+
+@pytest.mark.parametrize("program", list(Program))
+def test_every_program_a_builder_names_is_a_module_with_a_main(program: Program) -> None:
+    """Pods and local processes run ``python -m tailor.workloads.<program>``: a name that
+    is not a module (after a move) would fail only when the pod starts."""
+    module = importlib.import_module(f"tailor.workloads.{program}")
+    assert callable(getattr(module, "main", None)), f"{module.__name__} has no main()"

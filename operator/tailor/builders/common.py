@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from tailor.api import API_VERSION
@@ -345,10 +346,22 @@ CONTAINER_SECURITY_CONTEXT: Manifest = {
 }
 
 
+class Program(StrEnum):
+    """The workload programs, by module under ``tailor.workloads``: every pod and local
+    process runs ``python -m tailor.workloads.<program> --spec FILE``."""
+
+    TRAINER = "training.trainer"
+    INDEXER = "knowledge.index"
+    SERVER = "serving.app"
+    PROMPT_TESTS = "evaluation.prompt_tests"
+    RAFT_DATA = "raft.data"
+    RAFT_EVALUATION = "raft.evaluate"
+
+
 def workload_container(
     settings: OperatorSettings,
     name: str,
-    module: str,
+    module: Program,
     resources: Resources,
     volume_mounts: list[Manifest],
     ports: list[Manifest] | None = None,
@@ -495,7 +508,7 @@ class Workload:
     (``backoff_limit``, ``active_deadline_seconds``, ``suspend``)."""
 
     name: str
-    module: str
+    module: Program
     run: Any
     manifests: list[Manifest]
     server: bool = False

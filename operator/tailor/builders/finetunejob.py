@@ -12,6 +12,7 @@ from tailor.builders.common import (
     Manifest,
     Mounts,
     Parent,
+    Program,
     Workload,
     artifact_dir,
     batch_job,
@@ -83,7 +84,7 @@ def launcher(name: str, nodes: int, gpus: int) -> list[str] | None:
     procs = max(gpus, 1)
     if nodes == 1 and procs == 1:
         return None
-    program = ["-m", "tailor.workloads.training.trainer", "--spec", f"{SPEC_DIR}/{SPEC_FILE}"]
+    program = ["-m", f"tailor.workloads.{Program.TRAINER}", "--spec", f"{SPEC_DIR}/{SPEC_FILE}"]
     if nodes == 1:
         return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={procs}", *program]
     return [
@@ -120,7 +121,7 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
     nodes, gpus = spec.resources.nodes, spec.resources.gpus
     command = launcher(name, nodes, gpus)
     container = workload_container(
-        settings, "trainer", "training.trainer", spec.resources, volume_mounts, command=command
+        settings, "trainer", Program.TRAINER, spec.resources, volume_mounts, command=command
     )
     if nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
@@ -167,7 +168,7 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
     manifests.append(job)
     return Workload(
         name=name,
-        module="training.trainer",
+        module=Program.TRAINER,
         run=run,
         manifests=manifests,
         backoff_limit=spec.backoff_limit,

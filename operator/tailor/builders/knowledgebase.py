@@ -11,6 +11,7 @@ from tailor.api.workloads import IndexRun, RetrieverConfig
 from tailor.builders.common import (
     Mounts,
     Parent,
+    Program,
     Workload,
     artifact_dir,
     batch_job,
@@ -85,9 +86,7 @@ def build_index(
         "serviceAccountName": rbac_name,
         "securityContext": pod_security_context(settings),
         "containers": [
-            workload_container(
-                settings, "indexer", "knowledge.index", spec.resources, volume_mounts
-            )
+            workload_container(settings, "indexer", Program.INDEXER, spec.resources, volume_mounts)
         ],
         "volumes": volumes,
         **pod_placement(spec.resources),
@@ -99,5 +98,5 @@ def build_index(
         job,
     ]
     return Workload(
-        name=name, module="knowledge.index", run=run, manifests=manifests, backoff_limit=2
+        name=name, module=Program.INDEXER, run=run, manifests=manifests, backoff_limit=2
     )

@@ -27,6 +27,7 @@ from tailor.builders.common import (
     Manifest,
     Mounts,
     Parent,
+    Program,
     Workload,
     child_name,
     container_resources,
@@ -207,7 +208,7 @@ def build_serving(
     # with vLLM the GPUs are its container's; the gateway tokenizes, retrieves and proxies
     gateway = GATEWAY_RESOURCES if vllm else spec.resources
     container = workload_container(
-        settings, "server", "serving.app", gateway, volume_mounts, ports=ports
+        settings, "server", Program.SERVER, gateway, volume_mounts, ports=ports
     )
     container["readinessProbe"] = {
         "httpGet": {"path": "/readyz", "port": "http"},
@@ -283,7 +284,7 @@ def build_serving(
         manifests.append(build_autoscaler(spec, parent))
     return Workload(
         name=name,
-        module="serving.app",
+        module=Program.SERVER,
         run=run,
         manifests=manifests,
         server=True,

@@ -29,6 +29,7 @@ from tailor.builders.common import (
     Manifest,
     Mounts,
     Parent,
+    Program,
     Workload,
     batch_job,
     child_name,
@@ -181,7 +182,9 @@ def build_prompt_tests(
         "serviceAccountName": rbac_name,
         "securityContext": pod_security_context(settings),
         "containers": [
-            workload_container(settings, "prompt-tests", "prompt_tests", resources, volume_mounts)
+            workload_container(
+                settings, "prompt-tests", Program.PROMPT_TESTS, resources, volume_mounts
+            )
         ],
         "volumes": volumes,
     }
@@ -190,7 +193,9 @@ def build_prompt_tests(
         *reporter_rbac(parent, rbac_name, "prompt-tests", "promptprofiles"),
         batch_job(parent, name, "prompt-tests", pod, backoff_limit=1),
     ]
-    return Workload(name=name, module="prompt_tests", run=run, manifests=manifests, backoff_limit=1)
+    return Workload(
+        name=name, module=Program.PROMPT_TESTS, run=run, manifests=manifests, backoff_limit=1
+    )
 
 
 def template_errors(spec: PromptProfileSpec) -> list[str]:

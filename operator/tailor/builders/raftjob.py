@@ -20,6 +20,7 @@ from tailor.builders.common import (
     Manifest,
     Mounts,
     Parent,
+    Program,
     Workload,
     artifact_dir,
     batch_job,
@@ -93,7 +94,7 @@ def build_data_stage(
     mounts.add_secret(knowledge_base.qdrant.api_key_secret_ref)
     if spec.questions.generate:
         mounts.add_secret(spec.questions.generate.teacher.api_key_secret_ref)
-    return _job(spec, parent, settings, name, "raft-data", "raft.data", run, mounts)
+    return _job(spec, parent, settings, name, "raft-data", Program.RAFT_DATA, run, mounts)
 
 
 def child_fine_tune_name(parent: Parent) -> str:
@@ -158,7 +159,7 @@ def build_evaluation_stage(
         output_dir=f"{settings.artifacts_mount}/{artifact_dir(parent)}/evaluation",
     )
     mounts = Mounts().add_secret(knowledge_base.qdrant.api_key_secret_ref)
-    return _job(spec, parent, settings, name, "evaluator", "raft.evaluate", run, mounts)
+    return _job(spec, parent, settings, name, "evaluator", Program.RAFT_EVALUATION, run, mounts)
 
 
 def eval_deployment_name(parent: Parent) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 from kubernetes import client
 
 from tailor.api.settings import OperatorSettings
-from tailor.builders.common import SPEC_DIR, SPEC_FILE, Manifest, Workload
+from tailor.builders.common import SPEC_DIR, SPEC_FILE, Manifest, Program, Workload
 from tailor.runtime import rest
 from tailor.runtime.base import ReplicaReport, RunState, ServerState
 from tailor.runtime.kubernetes import KubernetesRuntime, ask_replica
@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
 
 def training_processes(workload: Workload) -> int:
     """All ranks of a training run on this host: nodes x GPUs (1 for a CPU node)."""
-    if workload.module != "training.trainer":
+    if workload.module != Program.TRAINER:
         return 1
     resources = workload.run.spec.resources
     return int(resources.nodes * max(resources.gpus, 1))
