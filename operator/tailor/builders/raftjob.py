@@ -48,7 +48,7 @@ def _job(
     settings: OperatorSettings,
     name: str,
     component: str,
-    module: str,
+    module: Program,
     run: RaftDataRun | EvaluateRun,
     mounts: Mounts,
 ) -> Workload:
