@@ -377,7 +377,7 @@ def test_prompt_tests_run_as_a_job_and_the_served_revision_follows_pin_and_gate(
     target = EvalTarget(base_url="http://md.ns.svc:8000/v1", model="md", context="none")
     workload = build_prompt_tests(spec, parent("PromptProfile", "pp"), SETTINGS, 3, target, None)
     job = by_kind(workload.manifests)["Job"]
-    assert workload.name.startswith("pp-test-r3-") and workload.module == "prompt_tests"
+    assert workload.name.startswith("pp-test-r3-") and workload.module == Program.PROMPT_TESTS
     assert job["spec"]["backoffLimit"] == 1
     assert workload.run.cases_hash == cases_hash(spec) and workload.run.revision == 3
     assert workload.run.spec.tests is not None and len(workload.run.spec.tests.cases) == 1
