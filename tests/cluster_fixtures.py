@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +40,27 @@ def dev_cluster() -> Iterator[DevCluster]:
     directory = os.environ.get("TAILOR_TEST_CLUSTER_DIR")
     cluster = DevCluster(Path(directory) if directory else state_root() / "pytest")
     cluster.up(timeout=300)
+    if kueue_installed(cluster):
+        # Kept from a session that ran the Kueue tests (a kept or killed one): Kueue's
+        # objects hold finalizers only a running Kueue removes, so its CRDs cannot simply
+        # be deleted. Start from an empty cluster, as the tests before Kueue's expect.
+        Kueue(cluster).down()
+        cluster.down(purge=True)
+        cluster.up(timeout=300)
     yield cluster
     if os.environ.get("TAILOR_KEEP_CLUSTER") != "1":
-        cluster.down()
+        Kueue(cluster).down()
+        cluster.down(purge=True)
+
+
+def kueue_installed(cluster: DevCluster) -> bool:
+    try:
+        cluster.api("/apis/kueue.x-k8s.io")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return False
+        raise
+    return True
 
 
 @pytest.fixture(scope="session")
