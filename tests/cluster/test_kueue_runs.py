@@ -19,7 +19,6 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,9 +29,7 @@ from tests.cluster.helpers import OperatorProcess, gpu_job, queued_run, wait_for
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN = 20  # seconds kwok keeps a training pod running
-OPERATORS: list[OperatorProcess] = []
 
 
 QUEUE_TESTS = 5  # the tests below that take a queue_ns

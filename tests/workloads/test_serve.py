@@ -42,7 +42,7 @@ from tailor.workloads.serving.app import create_app
 from tailor.workloads.serving.engine.base import SamplingParams, TokenEngine
 from tailor.workloads.serving.engine.builtin import Engine, load_engine
 from tailor.workloads.serving.engine.upstream import UpstreamEngine
-from tests.workloads.helpers import ThreadServer
+from tests.workloads.helpers import ThreadServer, free_port
 
 pytestmark = pytest.mark.workloads
 
@@ -132,12 +132,6 @@ def engine(run: ServeRun) -> Iterator[Engine]:
     engine = load_engine(run.spec, run.adapters, run.paths, ServingMetrics(SERVED))
     yield engine
     engine.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_server(run: ServeRun, spec: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from tailor.workloads.serving.app import main as serve_main
 from tailor.workloads.serving.engine.base import Chunk, QueueFull, SamplingParams
 from tailor.workloads.serving.engine.builtin import Engine, GenerationRequest
 from tailor.workloads.serving.engine.loading import load_model, quantize_int8_dynamic
-from tests.workloads.helpers import tiny_llama_config
+from tests.workloads.helpers import free_port, tiny_llama_config
 
 pytestmark = pytest.mark.workloads
 
@@ -214,13 +213,6 @@ def test_missing_adapter_fails_before_loading(tmp_path: Path) -> None:
     with pytest.raises(WorkloadError, match="support") as error:
         load_model(spec, [adapter], Paths(artifacts=str(tmp_path)))
     assert error.value.reason == "AdapterNotFound"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def serve_process(tmp_path: Path, **run: Any) -> subprocess.Popen[str]:
