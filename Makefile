@@ -45,8 +45,12 @@ prometheus:
 devcluster-build: venv
 	$(PY) -m tailor.devcluster build
 
+# Two pytest workers (one per core): the control-plane tests mostly wait on the API server
+# and its controllers while the model tests compute (tests/conftest.py groups them).
+PYTEST_WORKERS ?= 2
+
 test: venv lint devcluster-build prometheus
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,10 +1,10 @@
 """Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart):
-one real control plane per session, one namespace per test, Kueue started once for the tests
+one real control plane per session (per xdist worker that needs one), one namespace per test, Kueue started once for the tests
 that ask for it (they run last: see ``pytest_collection_modifyitems`` in conftest.py).
 
 The session cluster lives in its own state directory (``$TAILOR_TEST_CLUSTER_DIR``,
-else ``<state root>/pytest``) so it never touches a developer's ``default``
-cluster. It is stopped at the end of the session unless ``TAILOR_KEEP_CLUSTER=1``,
+else ``<state root>/pytest``, with ``-gw0``, ``-gw1``... appended under xdist) so it never
+touches a developer's ``default`` cluster. It is stopped at the end of the session unless ``TAILOR_KEEP_CLUSTER=1``,
 in which case the next session reuses it in a second or two. Every
 ``crds/*.yaml`` is installed with server-side apply before the first test.
 """
@@ -35,10 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO / "crds"
 
 
+def per_worker(directory: Path) -> Path:
+    """``directory`` for this process: each xdist worker (gw0, gw1, ...) that needs a
+    control plane or an S3 server starts its own, in a directory of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return directory.with_name(f"{directory.name}-{worker}") if worker else directory
+
+
 @pytest.fixture(scope="session")
 def dev_cluster() -> Iterator[DevCluster]:
     directory = os.environ.get("TAILOR_TEST_CLUSTER_DIR")
-    cluster = DevCluster(Path(directory) if directory else state_root() / "pytest")
+    cluster = DevCluster(per_worker(Path(directory) if directory else state_root() / "pytest"))
     cluster.up(timeout=300)
     if kueue_installed(cluster):
         # Kept from a session that ran the Kueue tests (a kept or killed one): Kueue's
@@ -66,7 +73,7 @@ def kueue_installed(cluster: DevCluster) -> bool:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """The dev S3 server (SeaweedFS), started once per session."""
-    server = S3Server(state_root() / "s3-pytest")
+    server = S3Server(per_worker(state_root() / "s3-pytest"))
     server.up()
     yield server
     if os.environ.get("TAILOR_KEEP_CLUSTER") != "1":

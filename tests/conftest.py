@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,5 +39,56 @@ pytest_plugins = ["tests.cluster_fixtures"]
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use Kueue run last (in their order): Kueue starts once on the session
-    cluster, and the tests before it check a cluster without Kueue."""
+    cluster, and the tests before it check a cluster without Kueue. The control planes'
+    tests come first, then tests/workloads (long modules), then tests/unit (quick ones,
+    which fill the end of a parallel run); the sort is stable, so order within is kept."""
     items.sort(key=lambda item: "kueue" in getattr(item, "fixturenames", ()))
+    units = {item: work_unit(item.nodeid) for item in items}
+    items.sort(
+        key=lambda item: (
+            units[item] not in CONTROL_PLANE_UNITS,
+            units[item].startswith("tests/unit"),
+        )
+    )
+
+
+# Parallel runs (pytest-xdist; ``make test`` runs two workers on two cores). A worker takes
+# a work unit whole, so each unit sets up its expensive things once:
+# - tests/cluster and tests/chart share one control plane (and Kueue, last);
+# - the end-to-end flows (tests/e2e) share another, so the two run side by side;
+# - every other module is a unit of its own: its module fixtures (a loaded model, a
+#   trained adapter) are set up on one worker only.
+# Units are handed out in collection order (above): the control planes first, one to each
+# worker. (By path, not by xdist_group marks: xdist 3.8 cannot rename pytest 9.2's node ids.)
+CONTROL_PLANE_UNITS = ("control-plane", "e2e-control-plane")
+
+
+def work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/e2e/"):
+        return "e2e-control-plane"
+    if path.startswith(("tests/cluster/", "tests/chart/")):
+        return "control-plane"
+    return path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order above
+    return WorkUnits(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, torch in each worker (and in the workload processes it starts) gets its
+    share of the cores: two workers each running two spinning OpenMP threads on two cores
+    run every step several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -12,5 +12,5 @@ from tests.e2e.helpers import run_local_operator
 
 
 @pytest.fixture
-def local_operator(kube: Kube, tmp_path: Path) -> Iterator[Path]:
-    yield from run_local_operator(kube, tmp_path, {})
+def local_operator(kube: Kube, namespace: str, tmp_path: Path) -> Iterator[Path]:
+    yield from run_local_operator(kube, namespace, tmp_path, {})

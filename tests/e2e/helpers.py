@@ -23,9 +23,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> Iterator[Path]:
-    """``tailor operator run --runtime local`` with ``settings`` (TAILOR_* variables) until
-    the generator is closed; yields the local runtime's state folder."""
+def run_local_operator(
+    kube: Kube, namespace: str, tmp_path: Path, settings: dict[str, str]
+) -> Iterator[Path]:
+    """``tailor operator run --runtime local`` watching the test's ``namespace``, with
+    ``settings`` (TAILOR_* variables), until the generator is closed; yields the local
+    runtime's state folder. Watching one namespace keeps a test's operator from starting
+    the workloads of an earlier test's namespace, still being deleted; on the way out the
+    operator's finalizers are taken off what is left, so that namespace can go."""
     state = tmp_path / "local"
     log = tmp_path / "operator.log"
     env = {
@@ -39,6 +44,7 @@ def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> 
         **settings,
     }
     argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
+    argv += ["--namespace", namespace]
     argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
     proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     yield state
@@ -47,6 +53,10 @@ def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> 
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    left = kube.kubectl("get", KINDS, "-n", namespace, "-o", "name").stdout.split()
+    for name in left:
+        kube.kubectl("patch", name, "-n", namespace, "--type=merge",
+                     "-p", '{"metadata": {"finalizers": null}}')  # fmt: skip
     # The local runtime's processes outlive the operator by design (like pods); stop them.
     for record in state.glob("*/runs/*.json"):
         pid = json.loads(record.read_text()).get("pid")
@@ -59,6 +69,9 @@ def run_local_operator(kube: Kube, tmp_path: Path, settings: dict[str, str]) -> 
         print(log.read_text()[-20000:])
         for attempt in sorted(state.glob("*/runs/*/attempt-*.log")):
             print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
+
+
+KINDS = "knowledgebases,finetunejobs,raftjobs,modeldeployments,promptprofiles"
 
 
 def chat(endpoint: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:

@@ -63,13 +63,14 @@ def test_quickstart_flow_through_the_operator(
     )
 
     ftj = manifest("30-finetunejob.yaml")
+    # A few short steps: what is checked is the flow, not what the adapter learns.
     ftj["spec"]["training"] = {
-        "maxSteps": 6,
-        "batchSize": 4,
+        "maxSteps": 3,
+        "batchSize": 2,
         "maxSeqLength": 384,
         "learningRate": 0.001,
     }
-    ftj["spec"]["checkpoint"] = {"everySteps": 3, "keep": 1}
+    ftj["spec"]["checkpoint"] = {"everySteps": 2, "keep": 1}
     md = manifest("40-modeldeployment.yaml")
     watches = [
         PhaseWatch(kube, ns, "kb", "torchhub-docs"),
@@ -84,7 +85,7 @@ def test_quickstart_flow_through_the_operator(
     assert kb["status"]["documents"] == 24 and kb["status"]["vectors"] == 24
     done = wait_phase(kube, ns, "ftj", "torchhub-lora", {"Succeeded"}, timeout=600)
     progress = done["status"]["progress"]
-    assert progress["step"] == progress["totalSteps"] == 6  # reported by the trainer itself
+    assert progress["step"] == progress["totalSteps"] == 3  # reported by the trainer itself
     assert progress["loss"] > 0 and progress["tokensPerSecond"] > 0
     assert done["status"]["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/")
     adapter_dir = (

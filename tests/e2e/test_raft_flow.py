@@ -18,7 +18,7 @@ import yaml
 
 from tailor.devcluster.kube import Kube
 from tailor.workloads.evaluation.apibench import load_questions, raft_question
-from tests.e2e.helpers import wait_phase
+from tests.e2e.helpers import wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
@@ -100,8 +100,13 @@ def test_raft_job_trains_evaluates_and_serves_through_the_operator(
     assert status["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/")
     child = kube.get_json("ftj", status["fineTuneJob"], "-n", ns)["status"]
     assert child["progress"]["step"] == 3  # the trainer's own report
-    # The evaluation's ModelDeployment is removed once the scores are in.
-    assert "torchhub-raft-md" not in kube.kubectl("get", "md", "-n", ns).stdout
+    # The evaluation's ModelDeployment is removed once the scores are in (deleted when the
+    # run succeeds; gone once the operator's finalizer has run).
+    wait_for(
+        "the evaluation's ModelDeployment gone",
+        lambda: "torchhub-raft-md" not in kube.kubectl("get", "md", "-n", ns).stdout,
+        60,
+    )
 
     md = {
         "apiVersion": "tailor.dev/v1alpha1",

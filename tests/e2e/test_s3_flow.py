@@ -16,6 +16,8 @@ import pytest
 
 from tailor.devcluster.kube import Kube
 from tailor.devcluster.s3 import S3Server
+from tailor.workloads.io.model_loading import materialize_gguf
+from tailor.workloads.io.sources import builtin_path
 from tailor.workloads.io.storage import MARKER
 from tests.e2e.helpers import chat, run_local_operator, wait_phase
 
@@ -23,9 +25,12 @@ pytestmark = [pytest.mark.cluster, pytest.mark.workloads]
 
 
 @pytest.fixture
-def s3_operator(kube: Kube, tmp_path: Path, s3_server: S3Server, bucket: str) -> Iterator[Path]:
+def s3_operator(
+    kube: Kube, namespace: str, tmp_path: Path, s3_server: S3Server, bucket: str
+) -> Iterator[Path]:
     yield from run_local_operator(
         kube,
+        namespace,
         tmp_path,
         {
             "TAILOR_ARTIFACTS_STORE": "s3",
@@ -39,10 +44,16 @@ def s3_operator(kube: Kube, tmp_path: Path, s3_server: S3Server, bucket: str) ->
 
 @pytest.fixture
 def connected_operator(
-    kube: Kube, tmp_path: Path, s3_server: S3Server, bucket: str
+    kube: Kube, namespace: str, tmp_path: Path, s3_server: S3Server, bucket: str
 ) -> Iterator[Path]:
+    # A model cache of its own, to see the fetched adapter land there; SmolLM2's GGUF file
+    # is converted once per machine (36 s), so that conversion is linked in from the shared one.
+    converted = materialize_gguf(builtin_path("smollm2-135m-instruct"))
+    (tmp_path / "model-cache").mkdir()
+    (tmp_path / "model-cache" / converted.name).symlink_to(converted)
     yield from run_local_operator(
         kube,
+        namespace,
         tmp_path,
         {
             "TAILOR_ARTIFACTS_STORE": "pvc",

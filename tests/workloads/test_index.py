@@ -8,11 +8,9 @@ breaks midway through a build), never a mocked Qdrant.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,14 @@ from qdrant_client import QdrantClient, models
 
 from tailor.api.knowledgebase import QdrantStore
 from tailor.api.workloads import IndexRun
+from tailor.builders.common import Program
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.knowledge.index import build_index, main
 from tailor.workloads.knowledge.retriever import Retriever, RetrieverUnavailable
 from tailor.workloads.knowledge.vectorstore import AliasStore, EdgeStore
 from tailor.workloads.knowledge.vectorstore.server import collection_options
 from tailor.workloads.progress import ProgressReporter
+from tests.workloads.helpers import free_port, run_program
 
 pytestmark = pytest.mark.workloads
 
@@ -249,13 +249,15 @@ def test_embedded_readers_never_take_the_storage_lock(root: Path) -> None:
     holder.close()
 
 
-def test_cli_exit_codes_status_and_metrics(tmp_path: Path) -> None:
+def test_cli_exit_codes_status_and_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     spec = make_run(
         tmp_path,
         alias="cli",
         spec={"sources": [{"inline": [{"id": "a", "text": "hello world"}]}], "format": {}},
         reporter={"kind": "file", "path": str(tmp_path / "status.jsonl"), "minIntervalSeconds": 0},
-        metrics_port=_free_port(),
+        metrics_port=free_port(),
     )
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.model_dump_json(by_alias=True))
@@ -278,29 +280,13 @@ def test_cli_exit_codes_status_and_metrics(tmp_path: Path) -> None:
 
     # a user error exits 2 and leaves its reason in the termination log
     missing = make_run(tmp_path, spec={"sources": [{"pvc": {"claimName": "no", "path": "x.md"}}]})
-    spec_file.write_text(missing.model_dump_json(by_alias=True))
-    termination = tmp_path / "termination-log"
-    done = subprocess.run(
-        [sys.executable, "-m", "tailor.workloads.knowledge.index", "--spec", str(spec_file)],
-        env=os.environ | {"TAILOR_TERMINATION_LOG": str(termination), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert json.loads(termination.read_text())["reason"] == "SourceNotFound"
-    assert "no files found" in done.stderr
+    with caplog.at_level(logging.ERROR):
+        code, message = run_program(Program.INDEXER, missing, tmp_path, monkeypatch)
+    assert code == 2 and message["reason"] == "SourceNotFound"
+    assert "no files found" in caplog.text
 
     spec_file.write_text('{"owner": {}, "spec": {"sources": []}}')
     assert main(["--spec", str(spec_file)]) == 2
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_collection_options_for_a_qdrant_server() -> None:

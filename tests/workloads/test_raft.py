@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import EvaluateRun, IndexRun, RaftDataRun, ServeRun
+from tailor.builders.common import Program
 from tailor.devcluster.s3 import S3Server
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import (
@@ -44,7 +43,7 @@ from tailor.workloads.raft.data import (
 from tailor.workloads.raft.evaluate import evaluate, load_holdout, score
 from tailor.workloads.raft.evaluate import work as evaluate_work
 from tailor.workloads.serving.app import create_app
-from tests.workloads.helpers import ThreadServer, store_config
+from tests.workloads.helpers import ThreadServer, run_program, store_config
 
 pytestmark = pytest.mark.workloads
 
@@ -220,25 +219,11 @@ def test_random_distractors_and_no_chain_of_thought(root: Path, knowledge_base: 
     assert BEGIN_QUOTE not in row["messages"][-1]["content"]
 
 
-def run_module(module: str, spec: Any, tmp_path: Path) -> tuple[int, dict[str, str]]:
-    """Run a workload as its pod would; (exit code, termination message)."""
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec if isinstance(spec, str) else spec.model_dump_json(by_alias=True))
-    log = tmp_path / "termination-log"
-    env = {"TAILOR_TERMINATION_LOG": str(log), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", f"tailor.workloads.{module}", "--spec", str(spec_file)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    message = json.loads(log.read_text()) if log.exists() else {}
-    return result.returncode, message
-
-
 def test_the_data_workload_reports_its_dataset_last_for_the_operator(
-    root: Path, knowledge_base: IndexRun, tmp_path: Path
+    root: Path, knowledge_base: IndexRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = data_run(root, knowledge_base, out="reported")
-    code, message = run_module("raft.data", run, tmp_path)
+    code, message = run_program(Program.RAFT_DATA, run, tmp_path, monkeypatch)
     assert code == 0, message
     out = Path(run.output_dir)
     assert message["reason"] == "DataGenerated"
@@ -280,17 +265,19 @@ def test_with_the_s3_store_the_dataset_lands_in_the_bucket_and_the_child_reads_i
 
 
 def test_an_oracle_share_outside_0_1_is_refused_naming_the_field(
-    root: Path, knowledge_base: IndexRun, tmp_path: Path
+    root: Path, knowledge_base: IndexRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = json.loads(data_run(root, knowledge_base).model_dump_json(by_alias=True))
     spec["spec"]["raft"]["oracleProbability"] = 1.5
-    code, message = run_module("raft.data", json.dumps(spec), tmp_path)
+    code, message = run_program(Program.RAFT_DATA, json.dumps(spec), tmp_path, monkeypatch)
     assert code == 2
     assert message["reason"] == "InvalidSpec"
     assert "oracleProbability" in message["message"] and "1" in message["message"]
 
 
-def test_more_distractors_than_documents_fails_with_the_fix(root: Path, tmp_path: Path) -> None:
+def test_more_distractors_than_documents_fails_with_the_fix(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     small = IndexRun.model_validate(
         {
             "owner": {"kind": "KnowledgeBase", "namespace": "test", "name": "small"},
@@ -302,7 +289,9 @@ def test_more_distractors_than_documents_fails_with_the_fix(root: Path, tmp_path
         }
     )  # fmt: skip
     build_index(small)
-    code, message = run_module("raft.data", data_run(root, small, distractors=4), tmp_path)
+    code, message = run_program(
+        Program.RAFT_DATA, data_run(root, small, distractors=4), tmp_path, monkeypatch
+    )
     assert code == 2
     assert message["reason"] == "TooFewDocuments"
     assert "spec.raft.distractors" in message["message"]
@@ -310,7 +299,7 @@ def test_more_distractors_than_documents_fails_with_the_fix(root: Path, tmp_path
 
 
 def test_a_question_without_an_answer_names_file_and_line(
-    root: Path, knowledge_base: IndexRun, tmp_path: Path
+    root: Path, knowledge_base: IndexRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = root / "pvcs" / "data"
     (data / "bad.jsonl").write_text(
@@ -320,14 +309,14 @@ def test_a_question_without_an_answer_names_file_and_line(
     run = data_run(root, knowledge_base)
     assert run.spec.questions.source and run.spec.questions.source.pvc
     run.spec.questions.source.pvc.path = "bad.jsonl"
-    code, message = run_module("raft.data", run, tmp_path)
+    code, message = run_program(Program.RAFT_DATA, run, tmp_path, monkeypatch)
     assert code == 2
     assert message["reason"] == "InvalidQuestions"
     assert "bad.jsonl:2" in message["message"] and "'answer'" in message["message"]
 
 
 def test_questions_naming_unknown_documents_are_skipped_and_all_unknown_fails(
-    root: Path, knowledge_base: IndexRun, tmp_path: Path
+    root: Path, knowledge_base: IndexRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = root / "pvcs" / "data"
     (data / "unknown.jsonl").write_text(
@@ -337,7 +326,7 @@ def test_questions_naming_unknown_documents_are_skipped_and_all_unknown_fails(
     run = data_run(root, knowledge_base)
     assert run.spec.questions.source and run.spec.questions.source.pvc
     run.spec.questions.source.pvc.path = "unknown.jsonl"
-    code, message = run_module("raft.data", run, tmp_path)
+    code, message = run_program(Program.RAFT_DATA, run, tmp_path, monkeypatch)
     assert code == 2
     assert "nope-0" in message["message"] and "idField" in message["message"]
 

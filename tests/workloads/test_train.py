@@ -272,7 +272,7 @@ def test_builtin_smollm2_lora_learns_and_the_adapter_changes_generations(
             "train": {"inline": animal_chats(12)},
             "validation": {"inline": animal_chats(13)[-3:]},
         },
-        training={"epochs": 2, "batchSize": 4, "learningRate": 2e-3, "precision": "bf16"},
+        training={"epochs": 2, "batchSize": 4, "learningRate": 2e-3},
         lora={
             "r": 16,
             "alpha": 32,
