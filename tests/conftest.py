@@ -52,14 +52,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     )
 
 
-# Parallel runs (pytest-xdist; ``make test`` runs two workers on two cores). A worker takes
+# Parallel runs (pytest-xdist; ``make test`` runs three workers on two cores). A worker takes
 # a work unit whole, so each unit sets up its expensive things once:
 # - tests/cluster and tests/chart share one control plane (and Kueue, last);
 # - the end-to-end flows (tests/e2e) share another, so the two run side by side;
 # - every other module is a unit of its own: its module fixtures (a loaded model, a
 #   trained adapter) are set up on one worker only.
 # Units are handed out in collection order (above): the control planes first, one to each
-# worker. (By path, not by xdist_group marks: xdist 3.8 cannot rename pytest 9.2's node ids.)
+# of two workers, while the others start on the modules. (By path, not by xdist_group
+# marks: xdist 3.8 cannot rename pytest 9.2's node ids.)
 CONTROL_PLANE_UNITS = ("control-plane", "e2e-control-plane")
 
 

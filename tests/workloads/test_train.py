@@ -255,6 +255,32 @@ def test_qlora_without_a_gpu_is_a_clear_error(tmp_path: Path, pvcs: Path) -> Non
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("native", "asked", "dtype"), [
+    (False, "auto", torch.float32), (True, "auto", torch.bfloat16), (False, "bf16", torch.bfloat16),
+])  # fmt: skip
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it_and_emulated_bf16_is_named(
+    tmp_path: Path,
+    pvcs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    native: bool,
+    asked: str,
+    dtype: torch.dtype,
+) -> None:
+    """Emulated bf16 makes each step ~20x slower: auto never picks it, and asking for it
+    says so in the log with the fix."""
+    from tailor.workloads.training import model
+
+    if torch.cuda.is_available():
+        pytest.skip("this node has a GPU")
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    run = make_run(tmp_path, pvcs, training={"precision": asked})
+    with caplog.at_level("WARNING", logger=model.log.name):
+        assert model.choose_device(run.spec) == (torch.device("cpu"), dtype)
+    warned = "without native bf16" in caplog.text and "precision to auto or fp32" in caplog.text
+    assert warned is (asked == "bf16" and not native)
+
+
 def test_builtin_smollm2_lora_learns_and_the_adapter_changes_generations(
     tmp_path: Path,
 ) -> None:

@@ -64,7 +64,7 @@ def choose_device(
         precision = "bf16" if native else "fp32"
     elif precision == "bf16" and not cuda and not cpu_has_native_bf16():
         # Emulated bf16 is not a little slower but ~20x (SmolLM2 LoRA step on an AVX2 EPYC:
-        # 37 s against 1.7 s in float32): say so where the user will look for the reason.
+        # 37 s against 1.6 s in float32): say so where the user will look for the reason.
         log.warning(
             "precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): each step runs "
             "about 20x slower than fp32; set spec.training.precision to auto or fp32"
