@@ -48,7 +48,7 @@ devcluster-build: venv
 # Three pytest workers on two cores: the control-plane tests mostly wait on the API server
 # and its controllers while the model tests compute (tests/conftest.py groups them); one
 # worker per control plane leaves the third on the model tests from the start (measured
-# 2026-12-06: 13.8 min with 3 workers, 14.7 with 2, 27.8 with none).
+# 2026-12-06: 13.8 min with 3 workers, 14.7 with 2).
 PYTEST_WORKERS ?= 3
 
 test: venv lint devcluster-build prometheus
