@@ -1,12 +1,13 @@
 """Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart):
-one real control plane per session (per xdist worker that needs one), one namespace per test, Kueue started once for the tests
-that ask for it (they run last: see ``pytest_collection_modifyitems`` in conftest.py).
+one real control plane per session (per xdist worker that needs one), one namespace per
+test, Kueue started once for the tests that ask for it (they run last: see
+``pytest_collection_modifyitems`` in conftest.py).
 
 The session cluster lives in its own state directory (``$TAILOR_TEST_CLUSTER_DIR``,
 else ``<state root>/pytest``, with ``-gw0``, ``-gw1``... appended under xdist) so it never
-touches a developer's ``default`` cluster. It is stopped at the end of the session unless ``TAILOR_KEEP_CLUSTER=1``,
-in which case the next session reuses it in a second or two. Every
-``crds/*.yaml`` is installed with server-side apply before the first test.
+touches a developer's ``default`` cluster. It is stopped at the end of the session unless
+``TAILOR_KEEP_CLUSTER=1``, in which case the next session reuses it in a second or two.
+Every ``crds/*.yaml`` is installed with server-side apply before the first test.
 """
 
 from __future__ import annotations
