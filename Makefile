@@ -8,7 +8,7 @@ UV         := $(VENV)/bin/uv
 STAMP      := $(VENV)/.tailor-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-unit crds up down bench clean devcluster-build prometheus
+.PHONY: venv lint test test-unit test-durations crds up down bench clean devcluster-build prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,12 @@ test: venv lint devcluster-build prometheus
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# After a full `make test`: the seconds per test file that order the next runs (tests/conftest.py).
+test-durations: venv
+	$(PY) -c 'import json, pathlib; from tests.conftest import DURATIONS, seconds_by_file; \
+	  s = seconds_by_file(pathlib.Path(".test-reports/junit.xml")); \
+	  DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(s.items())}, indent=1) + "\n")'
 
 bench: venv
 	for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -40,33 +40,45 @@ pytest_plugins = ["tests.cluster_fixtures"]
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use Kueue run last (in their order): Kueue starts once on the session
     cluster, and the tests before it check a cluster without Kueue. The control planes'
-    tests come first, then the other modules, longest first as the last run measured them
-    (``.test-reports/junit.xml``; on a first run in file order), tests/unit last: under
-    xdist no long module starts when the others are nearly done. The sorts are stable."""
+    tests come first, then the other modules, longest first as measured in
+    ``tests/durations.json`` (unmeasured modules first: they may be long), tests/unit last:
+    under xdist no long module starts when the others are nearly done. The sorts are
+    stable."""
     items.sort(key=lambda item: "kueue" in getattr(item, "fixturenames", ()))
     units = {item: work_unit(item.nodeid) for item in items}
-    seconds = last_seconds_by_file()
+    seconds = measured_seconds_by_file()
     items.sort(
         key=lambda item: (
             units[item] not in CONTROL_PLANE_UNITS,
             units[item].startswith("tests/unit"),
-            -seconds.get(units[item], 0.0),
+            -seconds.get(units[item], float("inf")),
         )
     )
 
 
-def last_seconds_by_file() -> dict[str, float]:
-    """Seconds each test file took in the last run, from its JUnit report (empty if none)."""
+# Seconds per test file from a full run, committed so that a fresh clone (CI) hands the
+# modules out in the same order as this machine; ``make test-durations`` rewrites it from the
+# last run's JUnit report. Not the last report itself: a run of one file would overwrite it.
+DURATIONS = ROOT / "tests" / "durations.json"
+
+
+def measured_seconds_by_file() -> dict[str, float]:
+    import json
+
+    try:
+        return {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def seconds_by_file(junit: Path) -> dict[str, float]:
+    """Seconds each test file took in a JUnit report."""
     import xml.etree.ElementTree as ElementTree
 
     seconds: dict[str, float] = {}
-    try:
-        cases = ElementTree.parse(ROOT / ".test-reports" / "junit.xml").iter("testcase")
-        for case in cases:
-            path = case.get("classname", "").replace(".", "/") + ".py"
-            seconds[path] = seconds.get(path, 0.0) + float(case.get("time") or 0)
-    except (OSError, ElementTree.ParseError, ValueError):
-        return {}
+    for case in ElementTree.parse(junit).iter("testcase"):
+        path = case.get("classname", "").replace(".", "/") + ".py"
+        seconds[path] = seconds.get(path, 0.0) + float(case.get("time") or 0)
     return seconds
 
 
@@ -91,6 +103,7 @@ def work_unit(nodeid: str) -> str:
     return path
 
 
+@pytest.hookimpl(optionalhook=True)  # `pytest -p no:xdist` runs without the plugin
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 

@@ -268,6 +268,33 @@ def test_an_s3_model_source_is_fetched_once_into_the_cache_and_loads(
     assert load_causal_lm(source, connected).config.num_hidden_layers == 2
 
 
+def test_a_gguf_conversion_is_found_by_content_not_by_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh virtual environment holds the builtin GGUF at a new path: the conversion made
+    for the old one is reused; a file rewritten in place (same size and time) is not."""
+    from tailor.workloads.io.model_loading import materialize_gguf
+
+    monkeypatch.setenv("TAILOR_MODEL_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "venv-a" / "m.gguf"
+    second = tmp_path / "venv-b" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(1024))
+    converted = tmp_path / "cache" / "m-done"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    from tailor.workloads.io import model_loading
+
+    target = model_loading._gguf_cache_dir(first)
+    converted.rename(target)
+    assert materialize_gguf(second) == target  # no conversion: the garbage file would fail one
+    stamp = second.stat()
+    second.write_bytes(b"GGUF" + bytes(1023) + b"x")
+    os.utime(second, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert model_loading._gguf_cache_dir(second) != target
+
+
 def test_data_by_s3_uri_one_object_a_folder_and_a_checked_tailor_dataset(
     tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
