@@ -1,7 +1,8 @@
-"""Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart):
-one real control plane per session (per xdist worker that needs one), one namespace per
-test, Kueue started once for the tests that ask for it (they run last: see
-``pytest_collection_modifyitems`` in conftest.py).
+"""Fixtures for tests that need the real control plane (tests/cluster, tests/e2e, tests/chart,
+tests/security/cluster): one real control plane per session (per xdist worker that needs
+one), one namespace per test, the operator as a child process per module, Kueue started once
+for the tests that ask for it (they run last: see ``pytest_collection_modifyitems`` in
+conftest.py).
 
 The session cluster lives in its own state directory (``$TAILOR_TEST_CLUSTER_DIR``,
 else ``<state root>/pytest``, with ``-gw0``, ``-gw1``... appended under xdist) so it never
@@ -31,6 +32,7 @@ from tailor.devcluster.kube import (
 )
 from tailor.devcluster.kueue import Kueue
 from tailor.devcluster.s3 import S3Server
+from tests.cluster.helpers import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO / "crds"
@@ -116,6 +118,28 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     create_namespace(kube, name)
     yield name
     delete_namespace(kube, name)
+
+
+@pytest.fixture(scope="module")
+def operator_process(
+    kube: Kube, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator (``tailor operator run``, Kubernetes runtime) as a child process for a
+    module; ``TAILOR_SHOW_OPERATOR_LOG=1`` prints its log's tail afterwards."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(kube, log)
+    op.start()
+    yield op
+    op.stop()
+    if os.environ.get("TAILOR_SHOW_OPERATOR_LOG"):
+        print(log.read_text()[-20000:])
+
+
+@pytest.fixture
+def ns(kube: Kube, namespace: str, operator_process: OperatorProcess) -> str:
+    """A test namespace served by the module's operator (its artifacts claim binds through
+    the dev cluster's default StorageClass and provisioner)."""
+    return namespace
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,8 @@ def seconds_by_file(junit: Path) -> dict[str, float]:
 
 # Parallel runs (pytest-xdist; ``make test`` runs three workers on two cores). A worker takes
 # a work unit whole, so each unit sets up its expensive things once:
-# - tests/cluster and tests/chart share one control plane (and Kueue, last);
+# - tests/cluster, tests/chart and tests/security/cluster share one control plane (and
+#   Kueue, last);
 # - the end-to-end flows (tests/e2e) share another, so the two run side by side;
 # - every other module is a unit of its own: its module fixtures (a loaded model, a
 #   trained adapter) are set up on one worker only.
@@ -98,7 +99,7 @@ def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path.startswith("tests/e2e/"):
         return "e2e-control-plane"
-    if path.startswith(("tests/cluster/", "tests/chart/")):
+    if path.startswith(("tests/cluster/", "tests/chart/", "tests/security/cluster/")):
         return "control-plane"
     return path
 

@@ -339,11 +339,14 @@ def test_rbac_grants_what_the_builders_create_and_no_more(watch: list[str]) -> N
     assert grants(rules, "", "namespaces", "get")  # KnowledgeBase deletion reads it
     assert grants(rules, "", "configmaps", "get")  # a PromptProfile's fewShotSelection.poolFrom
     assert not grants(rules, "", "configmaps", "list")  # only the ConfigMap a profile names
-    # Nothing broad: no wildcards, no secrets, no escalate/bind/impersonate.
+    # Nothing broad: no wildcards, Secrets only read one by one (their metadata, for the
+    # opt-in check), no escalate/bind/impersonate.
     all_verbs = {verb for rule in rules for verb in rule["verbs"]}
     all_resources = {resource for rule in rules for resource in rule["resources"]}
     assert all_verbs <= {"get", "list", "watch", "create", "patch", "delete", "update"}
-    assert not all_resources & {"*", "secrets", "nodes", "clusterroles", "clusterrolebindings"}
+    assert not all_resources & {"*", "nodes", "clusterroles", "clusterrolebindings"}
+    secret_verbs = {v for rule in rules if "secrets" in rule["resources"] for v in rule["verbs"]}
+    assert secret_verbs == {"get"}
     namespace_verbs = {
         v for rule in rules if "namespaces" in rule["resources"] for v in rule["verbs"]
     }
@@ -590,7 +593,9 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
 
     assert can("create", "jobs.batch", "-n", "default") == "yes"
     assert can("patch", "finetunejobs.tailor.dev", "--subresource=status", "-n", "default") == "yes"
-    assert can("get", "secrets", "-n", "default") == "no"
+    assert can("get", "secrets", "-n", "default") == "yes"  # metadata, for the opt-in check
+    assert can("list", "secrets", "-n", "default") == "no"
+    assert can("watch", "secrets", "-n", "default") == "no"
     assert can("delete", "deployments.apps", "-n", "default") == "no"
     lease = f"leases.coordination.k8s.io/{fullname}"
     assert can("update", lease, "-n", chart_namespace) == "yes"

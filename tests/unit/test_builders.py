@@ -205,7 +205,7 @@ def test_index_job_uses_embedded_qdrant_on_the_artifacts_volume() -> None:
     spec: KnowledgeBaseSpec = spec_of("knowledgebase")
     workload = build_index(spec, parent("KnowledgeBase", "docs"), SETTINGS, build=3)
     assert workload.name == "docs-index-3"
-    assert workload.run.target.alias == "ns-docs"
+    assert workload.run.target.alias == "ns_docs"
     assert workload.run.target.path == "/artifacts/knowledgebase/docs/uid-1/qdrant"
     config = retriever_config(spec, parent("KnowledgeBase", "docs"), SETTINGS)
     assert config == workload.run.target

@@ -8,7 +8,7 @@ One vocabulary across kinds: a model is always a ``ModelSource``, data always a
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, WithJsonSchema
 
@@ -54,6 +54,40 @@ Name = Annotated[
 ]
 
 
+# Paths a user names are relative and stay under their root: no leading '/', no '..'
+# segment (RE2 and Python alike). The workloads check again after resolving symlinks.
+_SEGMENT = r"([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+|[.])"
+RELATIVE_PATH = f"^({_SEGMENT}(/+{_SEGMENT})*/?)?$"
+"""A relative path or glob: segments without '..', no leading '/'."""
+
+OBJECT_KEY = r"^([-_a-zA-Z0-9]|[.][-_a-zA-Z0-9])[-._a-zA-Z0-9]*$"
+"""A ConfigMap or Secret key as Kubernetes allows it (letters, digits, '-', '_', '.'; not
+'.', '..' or a name starting with '..'): it becomes a file name where the key is mounted."""
+
+
+def _key_rule(field: str, kind: str) -> Rule:
+    cel_field = "".join(w.capitalize() if i else w for i, w in enumerate(field.split("_")))
+    return Rule(
+        cel=f"!has(self.{cel_field}) || self.{cel_field}.matches('{OBJECT_KEY}')",
+        message=f"{cel_field} must be a {kind} key: letters, digits, '-', '_' and '.', not "
+        "starting with '..' and without '/'",
+        check=lambda m: (
+            getattr(m, field) is None or re.match(OBJECT_KEY, getattr(m, field)) is not None
+        ),
+        field=cel_field,
+    )
+
+
+def _relative_rule(field: str, what: str) -> Rule:
+    return Rule(
+        cel=f"!has(self.{field}) || self.{field}.matches('{RELATIVE_PATH}')",
+        message=f"{field} must be {what} relative to the volume root: no leading '/' and "
+        "no '..' segment",
+        check=lambda m: re.match(RELATIVE_PATH, getattr(m, field)) is not None,
+        field=field,
+    )
+
+
 class LocalObjectRef(TailorModel):
     """A reference to another object in the same namespace, by name."""
 
@@ -66,6 +100,8 @@ class SecretKeyRef(TailorModel):
 
     name: Name = Field(description="Name of the Secret in the same namespace.")
     key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+    rules = (_key_rule("key", "Secret"),)
 
 
 class HuggingFaceModel(TailorModel):
@@ -97,9 +133,10 @@ class PvcPath(TailorModel):
     path: str = Field(
         default="",
         max_length=1024,
-        pattern=r"^[^/]?([^.]|\.[^.]|\.\.[^/])*$",
         description="Path relative to the volume root (no leading '/', no '..').",
     )
+
+    rules: ClassVar[tuple[Rule, ...]] = (_relative_rule("path", "a path"),)
 
 
 _S3_URI = "s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^.]|[.][^.]|[.][.][^/])+"
@@ -221,6 +258,8 @@ class ConfigMapKey(TailorModel):
         description="Key to read; omit to read every key of the ConfigMap as a file.",
     )
 
+    rules = (_key_rule("key", "ConfigMap"),)
+
 
 class PvcFiles(PvcPath):
     """Files on a PersistentVolumeClaim, selected by a glob under a path."""
@@ -228,8 +267,10 @@ class PvcFiles(PvcPath):
     glob: str = Field(
         default="**/*",
         max_length=256,
-        description="Glob relative to path selecting the files, e.g. **/*.md.",
+        description="Glob relative to path selecting the files, e.g. **/*.md (no '..').",
     )
+
+    rules = (*PvcPath.rules, _relative_rule("glob", "a glob"))
 
 
 class DataSource(TailorModel):

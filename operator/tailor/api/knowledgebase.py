@@ -101,8 +101,9 @@ class QdrantStore(TailorModel):
         max_length=200,
         pattern=r"^[A-Za-z0-9_-]+$",
         description=(
-            "Alias that clients query; versioned collections are named <collection>-v<N>. "
-            "Default: <namespace>-<name>."
+            "Name of the alias that clients query, inside the namespace: the alias is "
+            "<namespace>_<collection> and its versioned collections <alias>-v<N>. "
+            "Default: the KnowledgeBase's name."
         ),
     )
     shards: int = Field(default=1, ge=1, le=64, description="Shards of each collection.")

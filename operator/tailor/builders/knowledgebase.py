@@ -3,7 +3,9 @@ RBAC; plus :func:`retriever_config`, what any reader of the index needs."""
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import re
+from typing import Any, Literal
 
 from tailor.api.knowledgebase import KnowledgeBaseSpec
 from tailor.api.settings import OperatorSettings
@@ -28,17 +30,43 @@ from tailor.builders.common import (
 
 
 def alias_name(spec: KnowledgeBaseSpec, parent: Parent) -> str:
-    """The alias clients query: spec.store.qdrant.collection or <namespace>-<name>."""
+    """The alias clients query: ``<namespace>_<collection or name>``. A namespace cannot
+    contain '_', so two namespaces never share an alias (``team-a``/``docs`` and
+    ``team``/``a-docs`` did under the earlier ``<namespace>-<name>``), and
+    spec.store.qdrant.collection names an alias inside its namespace, never another
+    tenant's: a build writes, moves and prunes only collections under it."""
+    alias = f"{parent.namespace}_{spec.store.qdrant.collection or parent.name}"
+    if len(alias) > 200:  # Qdrant names end at 255 characters, with "-v<N>" after
+        alias = f"{alias[:183]}-{hashlib.sha256(alias.encode()).hexdigest()[:16]}"
+    return alias
+
+
+def legacy_alias_name(spec: KnowledgeBaseSpec, parent: Parent) -> str:
+    """The alias before namespaces qualified it (Tailor <= 0.9): still served until the
+    knowledge base's next build moves it to :func:`alias_name`."""
     return spec.store.qdrant.collection or f"{parent.namespace}-{parent.name}".replace(".", "-")
 
 
+def serving_alias(spec: KnowledgeBaseSpec, parent: Parent, status: dict[str, Any]) -> str:
+    """The alias readers query now: the legacy one while the ready collection is still
+    one of its versions (``status.collection``), else :func:`alias_name`."""
+    legacy, collection = legacy_alias_name(spec, parent), str(status.get("collection") or "")
+    if re.fullmatch(re.escape(legacy) + r"-v\d+", collection):
+        return legacy
+    return alias_name(spec, parent)
+
+
 def retriever_config(
-    spec: KnowledgeBaseSpec, parent: Parent, settings: OperatorSettings
+    spec: KnowledgeBaseSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    status: dict[str, Any] | None = None,
 ) -> RetrieverConfig:
-    """How to reach this knowledge base's index (server Qdrant or embedded on the volume)."""
+    """How to reach this knowledge base's index (server Qdrant or embedded on the volume).
+    ``status`` (the KnowledgeBase's): for readers, who query the alias serving now."""
     root = f"{settings.artifacts_mount}/{artifact_dir(parent)}"
     return RetrieverConfig(
-        alias=alias_name(spec, parent),
+        alias=alias_name(spec, parent) if status is None else serving_alias(spec, parent, status),
         qdrant=spec.store.qdrant,
         path=f"{root}/qdrant" if spec.store.qdrant.url is None else None,
         embedding=spec.embedding,
@@ -58,8 +86,10 @@ def build_index(
     settings: OperatorSettings,
     build: int,
     mode: Literal["incremental", "full"] = "incremental",
+    status: dict[str, Any] | None = None,
 ) -> Workload:
-    """Index build number ``build`` of a KnowledgeBase."""
+    """Index build number ``build`` of a KnowledgeBase; ``status``: the removal of the
+    collections serving now (``--delete``)."""
     name = index_job_name(parent, build)
     rbac_name = child_name(parent, "index")
     run = IndexRun(
@@ -68,7 +98,7 @@ def build_index(
         reporter=reporter(settings),
         metrics_port=settings.metrics_port,
         spec=spec,
-        target=retriever_config(spec, parent, settings),
+        target=retriever_config(spec, parent, settings, status),
         mode=mode,
     )
     mounts = (

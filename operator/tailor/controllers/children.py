@@ -19,6 +19,13 @@ from tailor.controllers.context import EXTERNAL_INPUTS, operator
 MANAGED = {"app.kubernetes.io/managed-by": "tailor"}
 
 
+def is_owned_by(child: dict[str, Any] | None, uid: str) -> bool:
+    """Whether ``child`` has an owner reference carrying ``uid`` (the object that created
+    it): a same-named object anyone else made is not a child."""
+    refs = ((child or {}).get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(ref.get("uid") == uid for ref in refs)
+
+
 def owners_of(labels: dict[str, str]) -> list[tuple[str, str]]:
     """(kind, name) of every Tailor resource named in a child's labels."""
     out = []

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
+from tailor.controllers.secrets import unusable_secret
 from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
 from tailor.runtime import rest
@@ -37,6 +38,8 @@ SyncFn = Callable[["Operator", dict[str, Any]], None]
 # Phases after which only a spec change (a new generation) gives a resync anything to do.
 FINAL = frozenset({"Succeeded", "Failed", "Invalid", "Valid"})
 SYNCERS: dict[str, SyncFn] = {}
+SECRET_RECHECK_SECONDS = 10.0
+"""How soon an object waiting for a Secret to exist or opt in is checked again."""
 EXTERNAL_INPUTS: dict[str, Callable[[dict[str, Any]], bool]] = {}
 """Per kind: whether an object reads an input no watch delivers (a PromptProfile's pool
 ConfigMap), so each resync reconciles it even when it is settled. These kinds also honour
@@ -237,7 +240,45 @@ class Operator:
             body = self.get(kind, namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
+            status = body.get("status") or {}
+            settled = status.get("phase") in FINAL and status.get("observedGeneration") == body[
+                "metadata"
+            ].get("generation")
+            refused = (
+                None if settled else unusable_secret(body, self.settings, self.secret_metadata)
+            )
+            if refused:  # before any pod: see tailor.controllers.secrets
+                generation = body["metadata"].get("generation")
+                self.patch_status(
+                    body,
+                    {
+                        "phase": "Pending",
+                        "conditions": condition(
+                            status.get("conditions"), "Ready", False, "SecretNotUsable",
+                            refused, generation,
+                        ),
+                    },
+                )  # fmt: skip
+                # No watch on Secrets (the operator may not list them): look again soon.
+                self.queue.add_after((kind, namespace, name), SECRET_RECHECK_SECONDS)
+                return
             SYNCERS[kind](self, body)
+
+    def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret's metadata (labels, annotations), never its data: the API server
+        answers with PartialObjectMetadata. None when it does not exist."""
+        try:
+            found = rest.request(
+                self.api_client,
+                "GET",
+                rest.path("v1", "secrets", namespace, name),
+                accept="application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(dict[str, Any], found.get("metadata") or {})
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -209,7 +209,7 @@ def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any
         return
     assert isinstance(spec, KnowledgeBaseSpec)
     parent = Parent.from_body(body)
-    workload = build_index(spec, parent, op.settings, 0)
+    workload = build_index(spec, parent, op.settings, 0, status=body.get("status") or {})
     workload.name = child_name(parent, "cleanup")
     for manifest in workload.manifests:
         if manifest["kind"] in ("Job", "ConfigMap"):
@@ -244,5 +244,5 @@ def remove_collections(body: dict[str, Any], namespace: str, name: str, **_: Any
         raise kopf.TemporaryError(f"cleanup of {name} failed; retrying", delay=delay)
     if state.phase != "Succeeded":
         raise kopf.TemporaryError(f"removing collections of {name}", delay=3)
-    retriever = retriever_config(spec, parent, op.settings)
+    retriever = retriever_config(spec, parent, op.settings, body.get("status") or {})
     kopf.info(body, reason="CollectionsRemoved", message=f"removed {retriever.alias} at {now()}")

@@ -78,7 +78,7 @@ def resolve(
         else:
             kb_spec = parse_spec(KINDS["KnowledgeBase"], body["spec"])
             assert isinstance(kb_spec, KnowledgeBaseSpec)
-            config = retriever_config(kb_spec, Parent.from_body(body), op.settings)
+            config = retriever_config(kb_spec, Parent.from_body(body), op.settings, status)
             if binding.top_k:
                 config.retrieval.top_k = binding.top_k
             if binding.score_threshold is not None:

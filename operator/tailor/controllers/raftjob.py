@@ -32,6 +32,7 @@ from tailor.builders.raftjob import (
     child_fine_tune_name,
     eval_deployment_name,
 )
+from tailor.controllers.children import is_owned_by
 from tailor.controllers.context import Operator, condition, syncer
 from tailor.runtime.base import RunState, require_report
 
@@ -86,6 +87,25 @@ class RaftSync:
     def trained(self) -> dict[str, Any]:
         """The status fields of a trained run: its FineTuneJob and the artifact."""
         return {"fineTuneJob": self.fine_tune_job, "artifact": self.artifact}
+
+    def adopts(self, op: Operator, kind: str, child: dict[str, Any] | None) -> bool:
+        """Whether ``child`` (None: absent, to be created) is this run's own: an object of
+        the same name that no owner reference with this RAFTJob's uid claims is never
+        used, replaced or deleted; the run fails naming it (a name collision, or another
+        tenant's object, is not a takeover)."""
+        if child is None or is_owned_by(child, self.parent.uid):
+            return True
+        name = child["metadata"]["name"]
+        self.patch(
+            op,
+            "Failed",
+            "Failed",
+            "NameTaken",
+            f"{kind} {name} exists and was not created by this RAFTJob (no owner reference "
+            f"with its uid); Tailor does not adopt it: rename or delete that {kind}, or this "
+            "RAFTJob",
+        )
+        return False
 
     def patch(
         self, op: Operator, phase: str, stage: str, reason: str, message: str, **extra: Any
@@ -147,7 +167,7 @@ def _knowledge_base_retriever(
         return None
     kb_spec = parse_spec(KINDS["KnowledgeBase"], kb["spec"])
     assert isinstance(kb_spec, KnowledgeBaseSpec)
-    return retriever_config(kb_spec, Parent.from_body(kb), op.settings)
+    return retriever_config(kb_spec, Parent.from_body(kb), op.settings, kb.get("status") or {})
 
 
 def _teacher_ready(op: Operator, run: RaftSync) -> bool:
@@ -199,6 +219,8 @@ def _fine_tuned(op: Operator, run: RaftSync) -> bool:
     the run's."""
     ftj_name = run.fine_tune_job
     ftj = op.get("FineTuneJob", run.parent.namespace, ftj_name)
+    if not run.adopts(op, "FineTuneJob", ftj):
+        return False
     if ftj is None:
         op.runtime.apply(build_child_fine_tune(run.spec, run.parent, run.settings))
         ftj = op.get("FineTuneJob", run.parent.namespace, ftj_name) or {}
@@ -235,6 +257,8 @@ def _server_ready(op: Operator, run: RaftSync) -> bool:
     Ready with an endpoint."""
     md_name = run.deployment
     md = op.get("ModelDeployment", run.parent.namespace, md_name)
+    if not run.adopts(op, "ModelDeployment", md):
+        return False
     if md is None:
         op.runtime.apply(build_eval_deployment(run.spec, run.parent))
         md = op.get("ModelDeployment", run.parent.namespace, md_name) or {}
@@ -290,7 +314,8 @@ def _evaluated(op: Operator, run: RaftSync) -> bool:
                 **run.trained,
             )
         return False
-    op.runtime.delete(API_VERSION, "ModelDeployment", run.parent.namespace, md_name)
+    if is_owned_by(op.get("ModelDeployment", run.parent.namespace, md_name), run.parent.uid):
+        op.runtime.delete(API_VERSION, "ModelDeployment", run.parent.namespace, md_name)
     if state.phase == "Failed":
         run.patch(op, "Failed", "Failed", state.reason, f"evaluation failed: {state.message}")
         return False

@@ -40,9 +40,10 @@ def request(
     body: Any = None,
     query: dict[str, str] | None = None,
     content_type: str = "application/json",
+    accept: str = "application/json",
 ) -> dict[str, Any]:
     """One request; the decoded JSON response, or ``ApiException`` (with ``status``)."""
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": accept}
     if body is not None:
         headers["Content-Type"] = content_type
     serialized = api_client.param_serialize(

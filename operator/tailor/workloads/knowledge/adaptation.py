@@ -166,9 +166,7 @@ def fine_tune(
     total = sum(len(e) for e in epochs)
     loss_fn = MultipleNegativesRankingLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=adaptation.learning_rate)
-    schedule = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
-        optimizer, max(1, total // 10), max(1, total)
-    )
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, total // 10), max(1, total))
     model.train()
     step, last = 0, float("nan")
     try:

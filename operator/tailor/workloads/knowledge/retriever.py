@@ -97,7 +97,7 @@ class Embedder:
         ids: list[list[int]] = encoded["input_ids"]
         return ids
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # type: ignore[untyped-decorator]
     def embed_token_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Normalised embeddings of already tokenized texts (one forward pass: batch them)."""
         rows = [self._prefix + list(ids[: self.max_tokens]) + self._suffix for ids in batch]

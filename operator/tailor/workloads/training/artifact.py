@@ -49,13 +49,37 @@ def publish(
             fh.writelines(json.dumps(entry) + "\n" for entry in state.history)
         manifest = build_manifest(run, tmp, state, data, schedule)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():  # leftovers of an attempt that died before its manifest
+        if published(run, output):  # this run's own, e.g. a pod retried after the rename
             shutil.rmtree(output)
+        elif output.exists():
+            output.rmdir()  # empty (published() refuses anything else)
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return artifact_of(run, output), manifest
+
+
+def published(run: TrainRun, output: Path) -> bool:
+    """Whether ``output`` holds this run's published artifact (its manifest names this
+    FineTuneJob's uid); False when it is absent or empty. Anything else there (another
+    run's artifact, files Tailor did not write) is refused, never replaced: the output path
+    is the user's to name, e.g. a folder on a shared models claim."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return False
+    try:
+        owner = json.loads((output / "manifest.json").read_text()).get("owner") or {}
+    except (OSError, ValueError, AttributeError):
+        owner = {}
+    ours = {"namespace": run.owner.namespace, "name": run.owner.name, "uid": run.owner.uid}
+    if owner and all(owner.get(k) == v for k, v in ours.items()):
+        return True
+    raise WorkloadError(
+        "OutputNotEmpty",
+        f"spec.output: {output} already holds files this FineTuneJob did not publish "
+        f"({'the artifact of ' + str(owner.get('name')) if owner else 'not a Tailor artifact'}); "
+        "Tailor never replaces them: name an empty path (spec.output.pvc.path), or remove them",
+    )
 
 
 def build_manifest(

@@ -127,7 +127,7 @@ def resume(
         set_state_dict(
             model,
             optimizer,
-            model_state_dict=weights,  # type: ignore[arg-type]
+            model_state_dict=weights,
             optim_state_dict=tensors["optimizer"],
             options=StateDictOptions(full_state_dict=True, strict=False),
         )

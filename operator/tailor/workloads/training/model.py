@@ -135,9 +135,7 @@ def load_model(
     if spec.method == "full":
         return model
     if spec.method == "qlora":  # norms to float32, inputs that carry gradients
-        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=False
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = spec.lora or LoraConfig()
     targets = lora.target_modules
     try:
@@ -163,7 +161,7 @@ def _nf4_config(dtype: torch.dtype) -> Any:
         raise WorkloadError(
             "MissingDependency", "method qlora needs bitsandbytes in the training image"
         ) from exc
-    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -194,7 +192,7 @@ def full_states(
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights: dict[str, torch.Tensor] = get_model_state_dict(model, options=options)  # type: ignore[assignment]
+    weights: dict[str, torch.Tensor] = get_model_state_dict(model, options=options)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     trainable = {k: v.contiguous() for k, v in weights.items() if k in names}
     if optimizer is None:

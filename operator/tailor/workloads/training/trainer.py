@@ -49,7 +49,7 @@ from tailor.workloads.io.storage import artifact_uri, store_of
 from tailor.workloads.program import limit_cpu_threads, run_main, write_termination_message
 from tailor.workloads.progress import make_reporter
 from tailor.workloads.training import distributed
-from tailor.workloads.training.artifact import artifact_of, publish, verify_artifact
+from tailor.workloads.training.artifact import artifact_of, publish, published, verify_artifact
 from tailor.workloads.training.checkpoints import (
     fingerprint_of,
     pull_newest_checkpoint,
@@ -115,7 +115,7 @@ def _train(
             publish_to.pull(publish_to.relative(output))
         elif not uploaded and (output / "manifest.json").exists():  # its upload did not finish
             publish_to.push(output)
-    if (output / "manifest.json").exists():  # a retried pod after the artifact was published
+    if published(run, output):  # a retried pod after the artifact was published
         log.info("artifact %s is already published", output)
         artifact = artifact_of(run, output)
         if world.main:
@@ -373,9 +373,9 @@ def train_step(
     last = len(work.batches) - 1
     for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
         syncing = i == last or not hasattr(model, "no_sync")
-        with nullcontext() if syncing else model.no_sync():  # type: ignore[operator]
+        with nullcontext() if syncing else model.no_sync():
             loss = batch_loss(model, batch.to(device), autocast) * (scale * weight)
-            (scaler.scale(loss) if scaler else loss).backward()  # type: ignore[no-untyped-call]
+            (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item() / world_size
     trainable = [p for p in model.parameters() if p.requires_grad]
     if scaler:
@@ -407,7 +407,7 @@ def batch_loss(
     return F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
 
 
-@torch.no_grad()
+@torch.no_grad()  # type: ignore[untyped-decorator]
 def evaluate(
     model: torch.nn.Module,
     examples: list[Example],

@@ -625,7 +625,7 @@ class Engine:
                     torch.tensor(row.generated, device=logits.device), minlength=logits.shape[1]
                 ).to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens: list[int] = logits.argmax(dim=-1).tolist()
         sampled = [i for i, row in enumerate(rows) if row.generator is not None]
         if not sampled:
             return tokens

@@ -43,11 +43,11 @@ PREFIX_MIN_TOKENS = 32
 """The shortest shared prefix worth reusing."""
 
 
-class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+class _SlabLayer(DynamicLayer):  # type: ignore[misc]
     """One layer of a :class:`KVSlab`: writes at the slab's ``end``, returns the window."""
 
     def __init__(self, slab: KVSlab, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.slab = slab
         self.k_buffer, self.v_buffer = keys, values
         self.is_initialized = True
@@ -76,7 +76,7 @@ class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         return self.slab.end - self.slab.start
 
 
-class KVSlab(DynamicCache):
+class KVSlab(DynamicCache):  # type: ignore[misc]
     """The running batch's cache (see the module docstring). ``rows`` sequences share the
     columns ``[start, end)``; the engine keeps its mask ``end - start`` wide."""
 
@@ -95,7 +95,7 @@ class KVSlab(DynamicCache):
             for layer in sources
         ]
         super().__init__()
-        self.layers = layers  # type: ignore[assignment]
+        self.layers = layers
         self.join(prefill)
 
     @staticmethod
@@ -109,7 +109,7 @@ class KVSlab(DynamicCache):
 
     @property
     def _slab_layers(self) -> list[_SlabLayer]:
-        return self.layers  # type: ignore[return-value]
+        return self.layers
 
     @property
     def capacity(self) -> tuple[int, int]:
