@@ -340,13 +340,13 @@ def test_rbac_grants_what_the_builders_create_and_no_more(watch: list[str]) -> N
     assert grants(rules, "", "configmaps", "get")  # a PromptProfile's fewShotSelection.poolFrom
     assert not grants(rules, "", "configmaps", "list")  # only the ConfigMap a profile names
     # Nothing broad: no wildcards, Secrets only read one by one (their metadata, for the
-    # opt-in check), no escalate/bind/impersonate.
+    # opt-in check; created only as a deployment's test key), no escalate/bind/impersonate.
     all_verbs = {verb for rule in rules for verb in rule["verbs"]}
     all_resources = {resource for rule in rules for resource in rule["resources"]}
     assert all_verbs <= {"get", "list", "watch", "create", "patch", "delete", "update"}
     assert not all_resources & {"*", "nodes", "clusterroles", "clusterrolebindings"}
     secret_verbs = {v for rule in rules if "secrets" in rule["resources"] for v in rule["verbs"]}
-    assert secret_verbs == {"get"}
+    assert secret_verbs == {"get", "create"}  # a deployment's test key, created once
     namespace_verbs = {
         v for rule in rules if "namespaces" in rule["resources"] for v in rule["verbs"]
     }

@@ -329,9 +329,14 @@ def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
     assert vllm["startupProbe"]["httpGet"]["path"] == "/health"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in vllm["volumeMounts"]
     run = json.loads(kinds["ConfigMap"]["data"]["spec.json"])
-    assert run["upstream"] == {"url": "http://127.0.0.1:8001", "model": "chat",
-                               "startupSeconds": 1800.0, "timeoutSeconds": 600.0,
-                               "loadAdapters": True}  # fmt: skip
+    assert run["upstream"] == {
+        "url": "http://127.0.0.1:8001",
+        "model": "chat",
+        "startupSeconds": 1800.0,
+        "timeoutSeconds": 600.0,
+        "loadAdapters": True,
+        "maxInflight": 16 + 256,
+    }  # fmt: skip (maxBatchSize + maxQueue)
     assert run["metricsPort"] == 9090  # /metrics on its own port, with vLLM's re-exported
     ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
     assert ports == {"http": 8000, "metrics": 9090}
@@ -706,7 +711,7 @@ def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
         ("", "s3://models/team-a/finetunejob/t/u/model")
     ]
     secrets = [v["secret"]["secretName"] for v in volumes_of(by_kind(on_pvc.manifests)["Deployment"]).values() if "secret" in v]  # fmt: skip
-    assert secrets == ["s3-keys"]
+    assert sorted(secrets) == ["md-test-key", "s3-keys"]  # the S3 keys, and its test key
 
 
 def test_a_run_can_choose_its_own_store() -> None:

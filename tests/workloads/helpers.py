@@ -224,3 +224,19 @@ def run_program(
     code = importlib.import_module(f"tailor.workloads.{program}").main(["--spec", str(spec_file)])
     message = json.loads(log.read_text()) if log.exists() else {}
     return int(code), message
+
+
+def wait_until_ready(base: str, process: subprocess.Popen[Any], seconds: float = 180) -> None:
+    """Poll a serving process's ``/readyz`` until it answers 200; fail if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stderr.read() if process.stderr else "it exited"
+        assert time.monotonic() < deadline, "the server did not become ready"
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)

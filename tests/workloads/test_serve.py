@@ -593,7 +593,8 @@ def test_adapters_change_in_a_running_server_without_a_restart(
     "int8": dynamic int8 on CPU takes no adapter once quantized, so the server loads a new
     engine with the new list and swaps it in (still the same process). "upstream": the
     gateway in front of Tailor's engine server, loading and unloading through vLLM's
-    runtime adapter API."""
+    runtime adapter API. (int8 stops after the swap: replacing, reporting a missing artifact
+    and removing are the gateway's AdapterSet, the same for every engine.)"""
     folder = workdir / f"hot-{mode}"
     folder.mkdir()
     # names the shared upstream server does not have: this test unloads what it loads
@@ -629,6 +630,9 @@ def test_adapters_change_in_a_running_server_without_a_restart(
         change(both, {SERVED, pirate, robot})
         assert PERSONAS["robot"][1] in answer(chat(base_url, robot, max_tokens=12))
         assert PERSONAS["pirate"][1] in answer(chat(base_url, pirate, max_tokens=12))
+        if mode == "int8":  # the engine swap is what int8 adds; the rest is the gateway's,
+            assert proc.poll() is None  # checked on the builtin engine (test time: ~25 s)
+            return
 
         # the same name, other weights: the new ones answer (a rolled-out artifact)
         change({**both, "droid": adapter_dirs["pirate"]}, {SERVED, pirate, robot})
@@ -748,20 +752,24 @@ def test_readiness_waits_for_the_model(run: ServeRun, engine: Engine) -> None:
             time.sleep(0.05)
 
 
-def test_load_failure_is_reported(run: ServeRun) -> None:
+def test_load_failure_is_reported_in_the_log_not_to_callers(
+    run: ServeRun, caplog: pytest.LogCaptureFixture
+) -> None:
     failures: list[BaseException] = []
 
     def broken() -> Engine:
-        raise RuntimeError("adapter folder is empty")
+        raise RuntimeError("adapter folder /mnt/pvc/secret-path is empty")
 
     with TestClient(create_app(run, loader=broken, on_load_failure=failures.append)) as http:
         deadline = time.monotonic() + 10
         while not failures:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        health = http.get("/healthz")
-        assert health.status_code == 503 and "adapter folder is empty" in health.text
-        assert http.get("/readyz").status_code == 503
+        health, ready = http.get("/healthz"), http.get("/readyz")
+        assert health.status_code == 503 and "failed to load" in health.text
+        assert ready.status_code == 503
+        assert "secret-path" not in health.text + ready.text  # internals stay in the log
+    assert "adapter folder /mnt/pvc/secret-path is empty" in caplog.text
 
 
 # ------------------------------------------------------------------ PromptProfile

@@ -12,7 +12,6 @@ import queue
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from tailor.workloads.serving.app import main as serve_main
 from tailor.workloads.serving.engine.base import Chunk, QueueFull, SamplingParams
 from tailor.workloads.serving.engine.builtin import Engine, GenerationRequest
 from tailor.workloads.serving.engine.loading import load_model, quantize_int8_dynamic
-from tests.workloads.helpers import free_port, tiny_llama_config
+from tests.workloads.helpers import free_port, tiny_llama_config, wait_until_ready
 
 pytestmark = pytest.mark.workloads
 
@@ -240,16 +239,7 @@ def test_entry_point_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
     process = serve_process(tmp_path, port=port, metricsPort=metrics_port)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(base, process)
         body = {"model": "proc", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
         response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tailor.api.base import TailorModel
+from tailor.api.workloads import ServingLimits
 
 
 class OperatorSettings(TailorModel):
@@ -110,6 +111,11 @@ class OperatorSettings(TailorModel):
         description="Annotations on every workload pod, e.g. sidecar.istio.io/inject: "
         '"false" (Helm: workloads.podAnnotations; TAILOR_POD_ANNOTATIONS as JSON).',
     )
+    serving_limits: ServingLimits = Field(
+        default_factory=ServingLimits,
+        description="Per-request limits of every serving replica (Helm: "
+        "workloads.serving.limits; TAILOR_SERVING_LIMITS as JSON).",
+    )
     local_state_dir: str = Field(
         default="", description="local runtime: where volumes, logs and processes live."
     )
@@ -147,5 +153,7 @@ class OperatorSettings(TailorModel):
             key = f"TAILOR_{name.upper()}"
             if key in env:
                 text = env[key]
-                values[name] = json.loads(text) if name == "pod_annotations" else text
+                values[name] = (
+                    json.loads(text) if name in ("pod_annotations", "serving_limits") else text
+                )
         return cls.model_validate(values)

@@ -189,6 +189,42 @@ class UpstreamEngineConfig(TailorModel):
         description="Load the run's adapters into the upstream through its runtime adapter "
         "API (vLLM's /v1/load_lora_adapter) once it serves; else it serves them itself.",
     )
+    max_inflight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests the gateway has at the upstream at once, running and waiting "
+        "(batching.maxBatchSize + maxQueue); one more is answered 429 at once. Unset: no bound.",
+    )
+
+
+TEST_KEY_HEADER = "X-Tailor-Test-Key"
+"""The header that carries a ModelDeployment's test key (ServeRun.test_key_secret_ref)."""
+
+
+class ServingLimits(TailorModel):
+    """What one request to a serving replica may ask for; the cluster admin's (Helm:
+    workloads.serving.limits). Past a limit the request is answered 4xx, naming it, before
+    any work: no request takes the replica down or starves the others."""
+
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body."
+    )
+    max_messages: int = Field(
+        default=256, ge=1, le=100_000, description="Most messages in a chat request."
+    )
+    max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Most completion tokens a request may ask for (max_tokens).",
+    )
+    template_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="CPU time for rendering a prompt profile a request brings "
+        "(tailor.promptProfile), in a process of its own.",
+    )
 
 
 class ServeRun(RunBase):
@@ -214,6 +250,13 @@ class ServeRun(RunBase):
         description="Also serve vLLM's runtime adapter API (/v1/load_lora_adapter, "
         "/v1/unload_lora_adapter), for a gateway in front of this server. Off in pods: it "
         "loads any path it is given.",
+    )
+    limits: ServingLimits = Field(default_factory=ServingLimits)
+    test_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="The key a caller sends (header X-Tailor-Test-Key) to bring its own "
+        "prompt profile (tailor.promptProfile): the PromptProfile test Jobs' credential, "
+        "created by the operator per ModelDeployment. Unset: no request may bring one.",
     )
     host: str = "0.0.0.0"
     port: int = 8000
@@ -256,6 +299,9 @@ class PromptTestRun(RunBase):
     target: EvalTarget = Field(description="The ModelDeployment (and model) that answers.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="The deployment's API key, when it asks for one."
+    )
+    test_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="The deployment's test key (ServeRun.test_key_secret_ref)."
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailor.api.common import Resources
+from tailor.api.common import Resources, SecretKeyRef
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import (
@@ -153,6 +153,24 @@ def endpoint(parent: Parent, settings: OperatorSettings) -> str:
     return f"http://{parent.name}.{parent.namespace}.svc:{settings.serve_port}/v1"
 
 
+def test_key(parent: Parent) -> SecretKeyRef:
+    """The ModelDeployment's test key: the credential a PromptProfile's test Job sends to
+    bring its own profile (the operator creates the Secret, with a random key, once)."""
+    return SecretKeyRef(name=child_name(parent, "test-key"), key="key")
+
+
+def test_key_secret(parent: Parent, value: str) -> Manifest:
+    """The test key's Secret, owned by the ModelDeployment (created once, never updated)."""
+    ref = test_key(parent)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(parent, ref.name, "test-key"),
+        "type": "Opaque",
+        "stringData": {ref.key: value},
+    }
+
+
 def build_serving(
     spec: ModelDeploymentSpec, parent: Parent, settings: OperatorSettings, refs: ResolvedRefs
 ) -> Workload:
@@ -169,6 +187,7 @@ def build_serving(
         adapters.append(ServedAdapter(name=adapter_name, path=path, uri=None if claim else uri))
     if spec.auth:
         mounts.add_secret(spec.auth.api_key_secret_ref)
+    mounts.add_secret(test_key(parent))
     if refs.knowledge_base:
         mounts.add_secret(refs.knowledge_base.qdrant.api_key_secret_ref)
     vllm = spec.resolved_engine() == "vllm"
@@ -183,9 +202,14 @@ def build_serving(
         adapters_revision=adapters_digest(adapters),
         prompt_profile_file=f"{PROMPT_DIR}/{PROMPT_FILE}" if refs.prompt_config_map else None,
         knowledge_base=refs.knowledge_base,
+        limits=settings.serving_limits,
+        test_key_secret_ref=test_key(parent),
         port=settings.serve_port,
         upstream=UpstreamEngineConfig(
-            url=f"http://127.0.0.1:{VLLM_PORT}", model=parent.name, load_adapters=True
+            url=f"http://127.0.0.1:{VLLM_PORT}",
+            model=parent.name,
+            load_adapters=True,
+            max_inflight=spec.batching.max_batch_size + spec.batching.max_queue,
         )
         if vllm
         else None,

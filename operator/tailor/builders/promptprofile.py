@@ -160,6 +160,7 @@ def build_prompt_tests(
     revision: int,
     target: EvalTarget,
     api_key: SecretKeyRef | None,
+    test_key: SecretKeyRef | None = None,
 ) -> Workload:
     """The Job that runs one revision's test cases against the deployment."""
     assert spec.tests is not None
@@ -175,9 +176,12 @@ def build_prompt_tests(
         cases_hash=digest,
         target=target,
         api_key_secret_ref=api_key,
+        test_key_secret_ref=test_key,
     )
     resources = Resources(cpu="200m", memory="256Mi")
-    volumes, volume_mounts = volumes_and_mounts(settings, Mounts().add_secret(api_key), name)
+    volumes, volume_mounts = volumes_and_mounts(
+        settings, Mounts().add_secret(api_key).add_secret(test_key), name
+    )
     pod = {
         "serviceAccountName": rbac_name,
         "securityContext": pod_security_context(settings),

@@ -264,6 +264,18 @@ class Operator:
                 return
             SYNCERS[kind](self, body)
 
+    def create_secret_once(self, manifest: dict[str, Any]) -> None:
+        """Create a Secret the operator generates (a ModelDeployment's test key) unless it
+        exists: its value is made once and never written again."""
+        meta = manifest["metadata"]
+        try:
+            rest.request(
+                self.api_client, "POST", rest.path("v1", "secrets", meta["namespace"]), manifest
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
     def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Secret's metadata (labels, annotations), never its data: the API server
         answers with PartialObjectMetadata. None when it does not exist."""

@@ -11,6 +11,7 @@ place; ``status.replicaAdapters`` says what each ready replica serves, and the
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
@@ -19,7 +20,12 @@ from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import ServeRun
 from tailor.builders.common import Parent
 from tailor.builders.knowledgebase import retriever_config
-from tailor.builders.modeldeployment import ResolvedRefs, build_serving, served_models
+from tailor.builders.modeldeployment import (
+    ResolvedRefs,
+    build_serving,
+    served_models,
+    test_key_secret,
+)
 from tailor.controllers.context import Operator, condition, syncer
 from tailor.runtime.base import ReplicaReport
 
@@ -136,6 +142,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         or status.get("revision") != workload.revision
     ):
         op.runtime.prepare_namespace(parent.namespace)
+        # created once with a random key (never applied again: that would change it)
+        op.create_secret_once(test_key_secret(parent, secrets.token_urlsafe(32)))
         op.runtime.start(workload)
         state = op.runtime.server_state(parent.namespace, workload.name)
     elif status.get("adaptersRevision") != adapters:

@@ -25,6 +25,7 @@ from tailor.api.common import SecretKeyRef
 from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.workloads import EvalTarget
 from tailor.builders.common import Parent
+from tailor.builders.modeldeployment import test_key
 from tailor.builders.promptprofile import (
     HISTORY,
     build_prompt_tests,
@@ -227,6 +228,7 @@ def tests_verdict(
         revision,
         EvalTarget(base_url=endpoint, model=model, context="none"),
         SecretKeyRef.model_validate(auth) if auth else None,
+        test_key(Parent.from_body(md)),
     )
     state = op.runtime.run_state(parent.namespace, workload.name)
     if state is None:

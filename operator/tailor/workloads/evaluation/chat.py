@@ -55,6 +55,7 @@ class ChatClient:
         base_url: str,
         *,
         api_key: str | None = None,
+        headers: dict[str, str] | None = None,
         timeout: float = 300,
         attempts: int = ATTEMPTS,
         backoff: float = BACKOFF_SECONDS,
@@ -66,7 +67,10 @@ class ChatClient:
         self.backoff = backoff
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            headers={
+                **({"Authorization": f"Bearer {api_key}"} if api_key else {}),
+                **(headers or {}),
+            },
             timeout=timeout,
             transport=transport,
             trust_env=False,

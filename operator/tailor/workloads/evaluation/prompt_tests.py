@@ -31,7 +31,7 @@ from tailor.api.promptprofile import (
     PromptTestCase,
     render_profile_data,
 )
-from tailor.api.workloads import PromptTestRun
+from tailor.api.workloads import TEST_KEY_HEADER, PromptTestRun
 from tailor.data import apibench_dir
 from tailor.workloads.evaluation.apibench import Corpus, find_calls
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
@@ -112,8 +112,11 @@ def run_cases(run: PromptTestRun) -> dict[str, Any]:
     api_key = None
     if run.api_key_secret_ref is not None:
         api_key = read_secret(run.api_key_secret_ref, run.paths)
+    headers = {}
+    if run.test_key_secret_ref is not None:  # the server takes a profile from no one else
+        headers[TEST_KEY_HEADER] = read_secret(run.test_key_secret_ref, run.paths)
     results: list[dict[str, Any]] = []
-    with ChatClient(run.target.base_url, api_key=api_key, timeout=300) as client:
+    with ChatClient(run.target.base_url, api_key=api_key, headers=headers, timeout=300) as client:
         for case in run.spec.tests.cases:
             try:
                 answer = ask(run, case, client)

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tailor.api.workloads import ServedAdapter, ServeRun
+from tailor.api.workloads import TEST_KEY_HEADER, ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import RetryableError, WorkloadError
 from tailor.workloads.program import limit_cpu_threads, run_main, spec_path
@@ -85,7 +85,8 @@ def create_app(
         exception_handlers=_error_handlers(),
     )
     app.state.server = server
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_LimitBody, max_bytes=run.limits.max_body_bytes)
+    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 413s too
     app.include_router(probes)
     if not run.metrics_port or run.metrics_port == run.port:
         # only without a metrics port of its own (in a pod it has one: the API port then
@@ -138,6 +139,7 @@ def _lifespan(
         yield
         if watcher is not None:
             watcher.stop()
+        server.renderer.close()
         if owns_engine and server.engine is not None:
             await server.engine.aclose()
 
@@ -156,7 +158,7 @@ async def _authorized(request: Request) -> None:
 # ------------------------------------------------------------------ errors
 def _error_response(request: Request, error: APIError) -> JSONResponse:
     request.state.error_type = error.type
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -199,8 +201,8 @@ probes = APIRouter()
 @probes.get("/healthz", response_class=PlainTextResponse)
 async def healthz(request: Request) -> Response:
     server = _server(request)
-    if server.load_error:
-        return PlainTextResponse(f"model failed to load: {server.load_error}", 503)
+    if server.load_error:  # its text (paths, hosts) stays in the log
+        return PlainTextResponse("model failed to load; the server's log has the details", 503)
     return PlainTextResponse("ok")
 
 
@@ -208,7 +210,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     server = _server(request)
     if server.engine is None:
-        return PlainTextResponse(server.load_error or "loading", 503)
+        return PlainTextResponse("model failed to load" if server.load_error else "loading", 503)
     return PlainTextResponse("ready")
 
 
@@ -271,7 +273,7 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     server = _server(request)
     request.state.model = body.model if body.model in server.model_names() else "unknown"
-    gen = await server.prepare_chat(body)
+    gen = await server.prepare_chat(body, request.headers.get(TEST_KEY_HEADER))
     return await server.respond(gen, request.state.started)
 
 
@@ -323,6 +325,57 @@ class _CountRequests:
             self.metrics.observe_request(state["model"], path, 500, "server_error")
             raise
         self.metrics.observe_request(state["model"], path, status, state["error_type"])
+
+
+class _LimitBody:
+    """Request bodies over ``max_bytes`` (Helm: workloads.serving.limits.maxBodyBytes) are
+    answered 413 before the app reads them: by Content-Length when the client sends one,
+    else while the body streams in (it is buffered up to the limit, as FastAPI would)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode() or "0"
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("state", {})["error_type"] = "invalid_request_error"
+        error = APIError(
+            413,
+            f"the request body is larger than {self.max_bytes} bytes, this server's limit "
+            "(the cluster admin's workloads.serving.limits.maxBodyBytes): send less",
+            code="request_too_large",
+        )
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
 
 
 # ------------------------------------------------------------------ entry point

@@ -11,7 +11,6 @@ model, adapter weights, prompt and parameters. The engine is known only as a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -31,6 +30,7 @@ from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.sources import read_secret
 from tailor.workloads.serving.adapters import AdapterSet, pull_adapter
+from tailor.workloads.serving.cache import ResponseCache
 from tailor.workloads.serving.engine.base import (
     Chunk,
     EngineClosed,
@@ -42,6 +42,7 @@ from tailor.workloads.serving.engine.base import (
 )
 from tailor.workloads.serving.engine.grammar import FormatError, format_key
 from tailor.workloads.serving.engine.loading import check_adapters
+from tailor.workloads.serving.isolated import IsolatedRenderer
 from tailor.workloads.serving.prompting import (
     Message,
     ProfileFile,
@@ -104,34 +105,6 @@ class MountedSecret:
         return self._value
 
 
-class ResponseCache:
-    """Exact-match cache of finished responses: LRU, bounded in entries and age."""
-
-    def __init__(self, max_entries: int, ttl_seconds: float):
-        self.max_entries, self.ttl = max_entries, ttl_seconds
-        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        found = self._entries.get(key)
-        if found is None:
-            return None
-        if time.monotonic() - found[0] > self.ttl:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return found[1]
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self._entries[key] = (time.monotonic(), value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-
 # ------------------------------------------------------------------ the server
 @dataclass
 class Generation:
@@ -181,6 +154,10 @@ class Server:
         self.api_key = (
             MountedSecret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
         )
+        self.test_key = (
+            MountedSecret(run.test_key_secret_ref, run.paths) if run.test_key_secret_ref else None
+        )
+        self.renderer = IsolatedRenderer(run.limits.template_seconds)
         self.profile = (
             ProfileFile(run.prompt_profile_file, metrics.observe_profile_reload)
             if run.prompt_profile_file
@@ -207,6 +184,8 @@ class Server:
                     log.warning("knowledge base not reachable yet (%s); retrying per request", exc)
             if self.profile is not None:
                 self.profile.get()
+            if self.test_key is not None:  # requests may bring profiles: a worker ready
+                self.renderer.start()
             self.engine = self.loader()
             if self._changed_run is not None:
                 self.apply_run(self._changed_run)
@@ -387,7 +366,8 @@ class Server:
                 param="messages",
                 code="context_length_exceeded",
             )
-        budget = merged.max_tokens
+        cap = self.run.limits.max_tokens
+        budget = min(merged.max_tokens, cap)
         if max_tokens is not None and prompt_tokens + max_tokens > window:
             raise APIError(
                 400,
@@ -396,6 +376,14 @@ class Server:
                 f"{max_tokens} in the completion). Reduce the prompt or max_tokens.",
                 param="max_tokens",
                 code="context_length_exceeded",
+            )
+        if max_tokens is not None and max_tokens > cap:
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens}, more than this server's limit of {cap} (the "
+                "cluster admin's workloads.serving.limits.maxTokens): ask for fewer",
+                param="max_tokens",
+                code="max_tokens_too_large",
             )
         return SamplingParams(
             max_tokens=min(budget, window - prompt_tokens),
@@ -432,15 +420,28 @@ class Server:
             ) from exc
         return key
 
-    async def prepare_chat(self, body: ChatCompletionRequest) -> Generation:
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, test_key: str | None = None
+    ) -> Generation:
+        """A chat request as a generation. ``test_key``: the X-Tailor-Test-Key header, the
+        credential for bringing a prompt profile (``tailor.promptProfile``)."""
         adapter = self.resolve_model(body.model)
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(bool(body.logprobs), "logprobs", "logprobs are not supported")
         _reject(bool(body.tools or body.functions), "tools", "tool calling is not supported")
         engine = self.require_engine()
+        most = self.run.limits.max_messages
+        if len(body.messages) > most:
+            raise APIError(
+                400,
+                f"{len(body.messages)} messages, more than this server's limit of {most} (the "
+                "cluster admin's workloads.serving.limits.maxMessages): send fewer",
+                param="messages",
+                code="too_many_messages",
+            )
         conversation = [_message(i, m) for i, m in enumerate(body.messages)]
         options = body.tailor or TailorOptions()
-        profile = self._profile(options)
+        profile = self._profile(options, test_key)
         question = last_user_message(conversation)
         documents: list[Any] = []
         extension: dict[str, Any] = {}
@@ -448,8 +449,12 @@ class Server:
             documents, state = await self.retrieve(question)
             extension = {"sources": [source(d) for d in documents], "retrieval": state}
         examples = await self.few_shot(profile, question)
+        arguments = (profile, conversation, documents, options.variables, examples)
         try:
-            messages = build_messages(profile, conversation, documents, options.variables, examples)
+            if options.prompt_profile is not None:  # a template the caller wrote
+                messages = await self.renderer.build_messages(*arguments)
+            else:  # the namespace's own profile: off the event loop
+                messages = await asyncio.to_thread(build_messages, *arguments)
         except PromptError as exc:
             raise APIError(
                 400,
@@ -457,7 +462,7 @@ class Server:
                 param="tailor.variables",
                 code="invalid_prompt",
             ) from exc
-        prompt_ids = engine.encode_chat([m.as_dict() for m in messages])
+        prompt_ids = await asyncio.to_thread(engine.encode_chat, [m.as_dict() for m in messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = self.sampling(body, max_tokens, len(prompt_ids), profile)
         return Generation(
@@ -471,12 +476,24 @@ class Server:
             body.include_usage(),
         )
 
-    def _profile(self, options: TailorOptions) -> Any:
+    def _profile(self, options: TailorOptions, test_key: str | None) -> Any:
         """The prompt profile to answer with: the served one, or the revision the request
-        brings (what a PromptProfile's test Job sends to try it)."""
+        brings (what a PromptProfile's test Job sends to try it), only with the test key:
+        a profile replaces the operator's system prompt and runs a template."""
         served = self.profile.get() if self.profile else None
         if options.prompt_profile is None:
             return served
+        if self.test_key is None or not hmac.compare_digest(
+            (test_key or "").encode(), self.test_key.value().encode()
+        ):
+            raise APIError(
+                403,
+                "tailor.promptProfile is accepted only from this deployment's PromptProfile "
+                "test Jobs (header X-Tailor-Test-Key with the deployment's test key, in its "
+                "Secret *-test-key); send the request without it to use the served profile",
+                param="tailor.promptProfile",
+                code="prompt_profile_not_allowed",
+            )
         try:
             return parse_profile(json.dumps(options.prompt_profile))
         except PromptError as exc:
@@ -732,7 +749,12 @@ def _refused(exc: BaseException) -> APIError | None:
     """The client's error for a request the engine did not take (None: not the client's)."""
     if isinstance(exc, QueueFull):
         return APIError(
-            429, f"the server is busy ({exc}); retry later", "rate_limit_error", None, "queue_full"
+            429,
+            f"the server is busy ({exc}); retry later",
+            "rate_limit_error",
+            None,
+            "queue_full",
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, EngineClosed):
         return APIError(503, "the server is shutting down", "server_error")

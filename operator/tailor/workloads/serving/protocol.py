@@ -140,8 +140,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers or {}
         self.status, self.message, self.type, self.param, self.code = (
             status,
             message,

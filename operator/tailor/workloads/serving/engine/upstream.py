@@ -77,6 +77,7 @@ class UpstreamEngine:
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]
         self._clients = weakref.WeakKeyDictionary()
         self._versions = itertools.count(2)  # upstream names of replaced adapters
+        self._inflight = 0  # requests at the upstream now (one event loop: no lock)
         if metrics is not None:
             export_upstream_metrics(metrics, self.url)
 
@@ -156,6 +157,23 @@ class UpstreamEngine:
         stream (the upstream cancels the request). ``incremental=False`` (the client did not
         ask for a stream) asks the upstream for the whole answer in one response and yields
         it as one final chunk: a token stream costs both servers a JSON event per token."""
+        bound = self.config.max_inflight
+        if bound is not None and self._inflight >= bound:
+            raise QueueFull(f"{self._inflight} requests are already at the model server")
+        self._inflight += 1
+        try:
+            async for chunk in self._stream(prompt_ids, adapter, params, incremental):
+                yield chunk
+        finally:
+            self._inflight -= 1
+
+    async def _stream(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        incremental: bool,
+    ) -> AsyncGenerator[Chunk, None]:
         body = self._body(prompt_ids, adapter, params, incremental)
         started = time.perf_counter()
         try:
