@@ -720,6 +720,9 @@ def test_metrics_have_their_own_port_and_errors_keep_their_details_in_the_log(
         context_window = 8192
         adapter_names = list(PERSONAS)
 
+        def full(self) -> bool:
+            return False
+
         def encode_chat(self, messages: Any) -> list[int]:
             raise RuntimeError("cannot open /var/secret/token-abc123")
 

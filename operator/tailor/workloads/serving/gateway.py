@@ -234,6 +234,7 @@ class Server:
         return [self.name] + [f"{self.name}/{a}" for a in self.adapters]
 
     def require_engine(self) -> TokenEngine:
+        """The engine, if it is loaded and would take one more request (else 503 or 429)."""
         if self.engine is None:
             raise APIError(
                 503,
@@ -242,6 +243,10 @@ class Server:
                 None,
                 "model_not_ready",
             )
+        if self.engine.full():  # before any work on the request: overload answers at once
+            refused = refusal(QueueFull("the queue is full"))
+            assert refused is not None
+            raise refused
         return self.engine
 
     def check_auth(self, request: Request) -> None:
@@ -552,7 +557,7 @@ class Server:
             first = await anext(chunks)  # submits; QueueFull surfaces here
         except BaseException as exc:
             tracker.abort()
-            error = _refused(exc)
+            error = refusal(exc)
             if error is None:
                 raise
             raise error from exc
@@ -745,7 +750,7 @@ async def _finish(chunks: AsyncGenerator[Chunk, None], tracker: _Tracker) -> Non
         tracker.done()
 
 
-def _refused(exc: BaseException) -> APIError | None:
+def refusal(exc: BaseException) -> APIError | None:
     """The client's error for a request the engine did not take (None: not the client's)."""
     if isinstance(exc, QueueFull):
         return APIError(

@@ -122,6 +122,11 @@ class TokenEngine(Protocol):
         (then the time to the first token is not measured for it)."""
         ...
 
+    def full(self) -> bool:
+        """Whether a request submitted now would be refused (QueueFull): the gateway asks
+        before any work on a request, so that overload is answered 429 at once."""
+        ...
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids of a conversation, with the model's chat template."""
         ...

@@ -282,6 +282,9 @@ class Engine:
             self._cv.notify()
         return request
 
+    def full(self) -> bool:
+        return len(self._waiting) >= self.max_queue  # a glance: submit checks again, locked
+
     async def stream(
         self,
         prompt_ids: Sequence[int],

@@ -136,6 +136,10 @@ class UpstreamEngine:
         if self.config.load_adapters:
             unload_adapter(self.config, upstream)
 
+    def full(self) -> bool:
+        bound = self.config.max_inflight
+        return bound is not None and self._inflight >= bound
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
