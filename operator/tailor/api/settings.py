@@ -13,7 +13,24 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tailor.api.base import TailorModel
+from tailor.api.common import Quantity
 from tailor.api.workloads import ServingLimits
+
+
+class ScratchLimits(TailorModel):
+    """sizeLimit of each emptyDir a workload pod writes (Helm: workloads.scratch). Containers
+    have read-only root filesystems, so these bound a pod's use of the node's disk: past a
+    limit the kubelet evicts the pod, before it fills the disk under other tenants' pods."""
+
+    tmp: Quantity = Field(default="10Gi", description="/tmp of every workload pod.")
+    artifacts: Quantity = Field(
+        default="200Gi",
+        description="The s3 store's local mirror (checkpoints, the artifact before upload).",
+    )
+    cache: Quantity = Field(
+        default="100Gi", description="The model cache (when no claim is set for it)."
+    )
+    vllm: Quantity = Field(default="100Gi", description="vLLM's own cache (compiled kernels).")
 
 
 class OperatorSettings(TailorModel):
@@ -111,6 +128,11 @@ class OperatorSettings(TailorModel):
         description="Annotations on every workload pod, e.g. sidecar.istio.io/inject: "
         '"false" (Helm: workloads.podAnnotations; TAILOR_POD_ANNOTATIONS as JSON).',
     )
+    scratch: ScratchLimits = Field(
+        default_factory=ScratchLimits,
+        description="sizeLimit of workload pods' emptyDirs (Helm: workloads.scratch; "
+        "TAILOR_SCRATCH as JSON).",
+    )
     serving_limits: ServingLimits = Field(
         default_factory=ServingLimits,
         description="Per-request limits of every serving replica (Helm: "
@@ -154,6 +176,8 @@ class OperatorSettings(TailorModel):
             if key in env:
                 text = env[key]
                 values[name] = (
-                    json.loads(text) if name in ("pod_annotations", "serving_limits") else text
+                    json.loads(text)
+                    if name in ("pod_annotations", "serving_limits", "scratch")
+                    else text
                 )
         return cls.model_validate(values)

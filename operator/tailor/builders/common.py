@@ -266,11 +266,11 @@ def volumes_and_mounts(
         {"name": "spec", "configMap": {"name": spec_config_map_name}},
         {"name": "artifacts", "persistentVolumeClaim": {"claimName": settings.artifacts_pvc}}
         if on_claim
-        else {"name": "artifacts", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        else {"name": "artifacts", "emptyDir": {"sizeLimit": str(settings.scratch.artifacts)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(settings.scratch.tmp)}},
         {"name": "cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
         if settings.model_cache_claim
-        else {"name": "cache", "emptyDir": {}},
+        else {"name": "cache", "emptyDir": {"sizeLimit": str(settings.scratch.cache)}},
     ]
     container_mounts: list[Manifest] = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},

@@ -56,10 +56,14 @@ bitsandbytes (its 4-bit NF4)."""
 VLLM_MAX_LORAS = 8
 """Adapters vLLM keeps on its GPUs at once (``--max-loras``; more are swapped in from
 host memory). Fixed, so that adding an adapter never changes the pod."""
-VLLM_VOLUMES: list[Manifest] = [
-    {"name": "vllm-cache", "emptyDir": {}},
-    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-]
+
+
+def vllm_volumes(settings: OperatorSettings) -> list[Manifest]:
+    """vLLM's cache and shared memory, each bounded (workloads.scratch.vllm; 8Gi of RAM)."""
+    return [
+        {"name": "vllm-cache", "emptyDir": {"sizeLimit": str(settings.scratch.vllm)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+    ]
 
 
 def vllm_model(spec: ModelDeploymentSpec) -> tuple[str, list[str]]:
@@ -258,7 +262,7 @@ def build_serving(
             container,
             *([vllm_container(spec, parent, settings, volume_mounts)] if vllm else []),
         ],
-        "volumes": volumes + (VLLM_VOLUMES if vllm else []),
+        "volumes": volumes + (vllm_volumes(settings) if vllm else []),
         **pod_placement(spec.resources),
     }
     wire = spec.wire()
