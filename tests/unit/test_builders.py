@@ -652,7 +652,10 @@ def test_s3_store_trains_in_scratch_with_the_keys_mounted_and_publishes_an_s3_ur
     workload = build_training(spec, parent("FineTuneJob", "t"), S3)
     job = by_kind(workload.manifests)["Job"]
     volumes = volumes_of(job)
-    assert volumes["artifacts"] == {"name": "artifacts", "emptyDir": {}}  # no shared claim
+    assert volumes["artifacts"] == {
+        "name": "artifacts",
+        "emptyDir": {"sizeLimit": "200Gi"},
+    }  # no shared claim
     claims = [v for v in volumes.values() if "persistentVolumeClaim" in v]
     assert claims == []
     secret = next(v for v in volumes.values() if "secret" in v)
@@ -684,7 +687,10 @@ def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
     assert adapter.path == "/artifacts/finetunejob/t/u/model"
     assert adapter.uri == "s3://models/team-a/finetunejob/t/u/model"
     deployment = by_kind(workload.manifests)["Deployment"]
-    assert volumes_of(deployment)["artifacts"] == {"name": "artifacts", "emptyDir": {}}
+    assert volumes_of(deployment)["artifacts"] == {
+        "name": "artifacts",
+        "emptyDir": {"sizeLimit": "200Gi"},
+    }
     # another bucket (or a run that chose the s3 store on a pvc cluster): fetched into
     # the model cache with the connection; a pvc run's adapter: the claim, mounted
     assert uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3) == ("", None)
@@ -726,7 +732,7 @@ def test_a_run_can_choose_its_own_store() -> None:
     own = connected.for_store(spec.output.store)
     assert own.artifacts_store == "s3" and connected.artifacts_store == "pvc"
     job = by_kind(build_training(spec, parent("FineTuneJob", "t"), own).manifests)["Job"]
-    assert volumes_of(job)["artifacts"] == {"name": "artifacts", "emptyDir": {}}
+    assert volumes_of(job)["artifacts"] == {"name": "artifacts", "emptyDir": {"sizeLimit": "200Gi"}}
     assert artifact_uri(spec, parent("FineTuneJob", "t"), own).startswith("s3://models/team-a/")
     assert connected.for_store(None) is connected
     assert connected.store_problem("spec.output.store") is None
@@ -785,7 +791,7 @@ def test_model_uris_mount_what_they_name_and_a_cache_claim_is_shared() -> None:
     mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "cache", "mountPath": "/home/tailor/.cache"} in mounts
     plain = by_kind(build_training(spec, parent("FineTuneJob", "t"), SETTINGS).manifests)["Job"]
-    assert volumes_of(plain)["cache"] == {"name": "cache", "emptyDir": {}}
+    assert volumes_of(plain)["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}}
 
 
 def test_data_uris_mount_what_they_name_and_a_raft_child_reads_its_data_from_the_bucket() -> None:

@@ -206,7 +206,8 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path: Path, pvcs: P
 
 def test_sigterm_checkpoints_after_the_step_and_stops(tmp_path: Path, pvcs: Path) -> None:
     """A pod being deleted (suspend, preemption) gets SIGTERM: the trainer finishes its
-    step, checkpoints it and exits 143, and the next pod continues from there."""
+    step, checkpoints it and exits 143, and the next pod continues from there; from the
+    one before when the newest checkpoint cannot be read."""
     run = make_run(tmp_path, pvcs, checkpoint={"everySteps": 100})
     stop = StopRequested()
     stop.requested = True  # as the SIGTERM handler installed by main() would set it
@@ -215,7 +216,14 @@ def test_sigterm_checkpoints_after_the_step_and_stops(tmp_path: Path, pvcs: Path
     assert exited.value.code == 143
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000001"]
     assert not (tmp_path / "out").exists()
-    train(run)
+    with pytest.raises(SystemExit):  # preempted again, one step later
+        train(run, stop)
+    checkpoints = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000001", "step-00000002"]
+    # the node went away while step 2 was reaching the disk: its weights are cut short
+    weights = checkpoints[-1] / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    train(run)  # resumes from the checkpoint before the unreadable one
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["metrics"]["resumedFromStep"] == 1
     assert manifest["metrics"]["steps"] == 16

@@ -33,6 +33,28 @@ class ScratchLimits(TailorModel):
     vllm: Quantity = Field(default="100Gi", description="vLLM's own cache (compiled kernels).")
 
 
+class EgressPolicy(TailorModel):
+    """Where pods may be sent by a spec's URLs (a DataSource's url, a RAFT teacher's url, a
+    KnowledgeBase's Qdrant url): the cluster admin's (Helm: workloads.egress). A user's
+    fields can only narrow it: allowPrivateAddresses or allowInsecureHttp in a spec is
+    refused unless the admin allows it here."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Hosts a URL may name: exact names, or '.example.com' for a domain and its "
+        "subdomains. Empty: any host (the URL guard still refuses private addresses).",
+    )
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Let specs set allowPrivateAddresses (in-cluster or cloud-internal hosts, "
+        "which include the cloud metadata service).",
+    )
+    allow_insecure_http: bool = Field(
+        default=False, description="Let specs set allowInsecureHttp (plain http URLs)."
+    )
+
+
 class OperatorSettings(TailorModel):
     """How this installation runs workloads."""
 
@@ -128,6 +150,10 @@ class OperatorSettings(TailorModel):
         description="Annotations on every workload pod, e.g. sidecar.istio.io/inject: "
         '"false" (Helm: workloads.podAnnotations; TAILOR_POD_ANNOTATIONS as JSON).',
     )
+    egress: EgressPolicy = Field(
+        default_factory=EgressPolicy,
+        description="Where specs may send pods (Helm: workloads.egress; TAILOR_EGRESS as JSON).",
+    )
     scratch: ScratchLimits = Field(
         default_factory=ScratchLimits,
         description="sizeLimit of workload pods' emptyDirs (Helm: workloads.scratch; "
@@ -177,7 +203,7 @@ class OperatorSettings(TailorModel):
                 text = env[key]
                 values[name] = (
                     json.loads(text)
-                    if name in ("pod_annotations", "serving_limits", "scratch")
+                    if name in ("pod_annotations", "serving_limits", "scratch", "egress")
                     else text
                 )
         return cls.model_validate(values)

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
+from tailor.controllers.egress import refused_egress
 from tailor.controllers.secrets import unusable_secret
 from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
@@ -244,25 +245,33 @@ class Operator:
             settled = status.get("phase") in FINAL and status.get("observedGeneration") == body[
                 "metadata"
             ].get("generation")
-            refused = (
-                None if settled else unusable_secret(body, self.settings, self.secret_metadata)
-            )
-            if refused:  # before any pod: see tailor.controllers.secrets
+            refused = None if settled else self.admission_problem(body)
+            if refused:  # before any pod: see tailor.controllers.secrets and .egress
+                reason, message = refused
                 generation = body["metadata"].get("generation")
                 self.patch_status(
                     body,
                     {
                         "phase": "Pending",
                         "conditions": condition(
-                            status.get("conditions"), "Ready", False, "SecretNotUsable",
-                            refused, generation,
+                            status.get("conditions"), "Ready", False, reason, message,
+                            generation,
                         ),
                     },
                 )  # fmt: skip
-                # No watch on Secrets (the operator may not list them): look again soon.
-                self.queue.add_after((kind, namespace, name), SECRET_RECHECK_SECONDS)
+                if reason == "SecretNotUsable":  # no watch on Secrets: look again soon
+                    self.queue.add_after((kind, namespace, name), SECRET_RECHECK_SECONDS)
                 return
             SYNCERS[kind](self, body)
+
+    def admission_problem(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, message) when the object may not start pods as it is: a URL the admin's
+        egress policy does not allow, or a Secret that did not opt in; else None."""
+        egress = refused_egress(body, self.settings.egress)
+        if egress:
+            return "EgressNotAllowed", egress
+        secret = unusable_secret(body, self.settings, self.secret_metadata)
+        return ("SecretNotUsable", secret) if secret else None
 
     def create_secret_once(self, manifest: dict[str, Any]) -> None:
         """Create a Secret the operator generates (a ModelDeployment's test key) unless it

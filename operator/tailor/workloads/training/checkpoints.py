@@ -69,14 +69,29 @@ def save_checkpoint(
             tmp / "state.pt",
         )
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        _fsync(tmp)  # the files on disk before the rename makes them a checkpoint
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(directory, files=False)  # and the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(folder: Path, files: bool = True) -> None:
+    """Flush ``folder``'s files (unless ``files`` is False) and the folder itself to disk: a
+    node that loses power right after the rename must not leave a checkpoint of empty files."""
+    for path in sorted(folder.iterdir()) if files else []:
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -97,30 +112,34 @@ def resume(
     sharded: bool = False,
 ) -> TrainState:
     """Load the newest checkpoint into the model, optimizer, scheduler and RNG; a fresh
-    state when there is none. Checkpoints of another spec or dataset are removed."""
-    from safetensors.torch import load_file
-
+    state when there is none. A checkpoint that cannot be read (a node lost mid-write, a
+    corrupted volume) is passed over for the one before it. Checkpoints of another spec or
+    dataset are removed."""
     checkpoints = list_checkpoints(directory)
     for tmp in directory.glob(".tmp-*") if directory.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a pod killed while saving
-    if not checkpoints:
+    device = "cpu" if sharded else str(device_of(model))
+    while checkpoints:
+        newest = checkpoints.pop()
+        try:
+            state, weights, tensors = _read(newest, device)
+            break
+        except Exception as exc:  # truncated or garbled files: the previous one will do
+            # left in place (every rank reads it; the run rewrites that step when it gets there)
+            log.warning("checkpoint %s cannot be read (%s); trying the one before", newest, exc)
+    else:
         return TrainState(fingerprint=fingerprint)
-    newest = checkpoints[-1]
-    state = TrainState(**json.loads((newest / "trainer_state.json").read_text()))
     if state.fingerprint != fingerprint:
         log.warning(
             "checkpoints in %s were written for another spec or dataset; starting over",
             directory,
         )
-        for old in checkpoints:
+        for old in [*checkpoints, newest]:
             shutil.rmtree(old, ignore_errors=True)
         return TrainState(fingerprint=fingerprint)
-    device = "cpu" if sharded else str(device_of(model))
-    weights = load_file(str(newest / "trainable.safetensors"), device=device)
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(weights)
     if missing:
         raise WorkloadError("CheckpointInvalid", f"{newest} lacks {sorted(missing)[:3]}")
-    tensors = torch.load(newest / "state.pt", weights_only=True)
     if sharded:  # every rank reads the whole state and keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -143,6 +162,18 @@ def resume(
     state.resumed_from_step = state.step
     log.info("resumed from checkpoint %s (step %d)", newest.name, state.step)
     return state
+
+
+def _read(
+    checkpoint: Path, device: str
+) -> tuple[TrainState, dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything a checkpoint holds, read (and so checked) before any of it is applied."""
+    from safetensors.torch import load_file
+
+    state = TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    weights = load_file(str(checkpoint / "trainable.safetensors"), device=device)
+    tensors = torch.load(checkpoint / "state.pt", weights_only=True)
+    return state, weights, tensors
 
 
 def pull_newest_checkpoint(store: Store, directory: Path, world: World) -> None:
@@ -178,11 +209,13 @@ def push_checkpoint(store: Store, path: Path, keep: int) -> None:
 
 def saved_global_batch(directory: Path, fingerprint: str) -> int:
     """The examples per step of the newest checkpoint of this recipe, or 0 without one."""
-    checkpoints = list_checkpoints(directory)
-    if not checkpoints:
-        return 0
-    saved = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-    return int(saved.get("global_batch", 0)) if saved.get("fingerprint") == fingerprint else 0
+    for checkpoint in reversed(list_checkpoints(directory)):
+        try:
+            saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: resume() falls back past it too
+        return int(saved.get("global_batch", 0)) if saved.get("fingerprint") == fingerprint else 0
+    return 0
 
 
 def fingerprint_of(spec: FineTuneJobSpec, data: Datasets) -> str:

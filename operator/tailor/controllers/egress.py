@@ -1,0 +1,68 @@
+"""Where a spec may send its pods: the cluster admin's egress policy (Helm: workloads.egress).
+
+A URL in a spec (a DataSource's ``url``, a RAFT teacher's ``url``, a KnowledgeBase's
+``store.qdrant.url``) makes a pod connect there, and RAG can read the answer back to the
+user. The workloads' URL guard refuses private, loopback and link-local addresses unless
+the spec says ``allowPrivateAddresses`` (and plain http unless ``allowInsecureHttp``); those
+two switches are the admin's to grant, not the user's: a spec that sets one the policy does
+not allow is refused before any pod, naming the field and the Helm value. With
+``allowedHosts`` set, every URL's host must be one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel
+
+from tailor.api import KINDS, ManifestError, parse_spec
+from tailor.api.settings import EgressPolicy
+
+
+def url_holders(model: Any, path: str = "spec") -> Iterator[tuple[str, BaseModel, str]]:
+    """Every part of a spec with a ``url`` set: (its field path, the part, the url)."""
+    if isinstance(model, BaseModel):
+        url = getattr(model, "url", None)
+        if isinstance(url, str):
+            yield path, model, url
+        for name, info in type(model).model_fields.items():
+            yield from url_holders(getattr(model, name), f"{path}.{info.alias or name}")
+    elif isinstance(model, list | tuple):
+        for index, item in enumerate(model):
+            yield from url_holders(item, f"{path}[{index}]")
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(
+        host == entry.lower() or (entry.startswith(".") and host.endswith(entry.lower()))
+        for entry in allowed
+    )
+
+
+def refused_egress(body: dict[str, Any], policy: EgressPolicy) -> str | None:
+    """Why the object's URLs are not allowed (the field, the Helm value), or None."""
+    try:
+        spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
+    except ManifestError:
+        return None  # the kind's sync reports it
+    for path, holder, url in url_holders(spec):
+        for switch, granted in (
+            ("allow_private_addresses", policy.allow_private_addresses),
+            ("allow_insecure_http", policy.allow_insecure_http),
+        ):
+            if getattr(holder, switch, False) and not granted:
+                field = type(holder).model_fields[switch].alias or switch
+                return (
+                    f"{path}.{field}: the cluster admin does not allow it here (Helm: "
+                    f"workloads.egress.{field}); remove it and use a public https URL"
+                )
+        host = urlsplit(url).hostname or ""
+        if policy.allowed_hosts and not host_allowed(host, policy.allowed_hosts):
+            return (
+                f"{path}.url: host {host} is not among the hosts the cluster admin allows "
+                f"(workloads.egress.allowedHosts: {', '.join(policy.allowed_hosts)})"
+            )
+    return None
