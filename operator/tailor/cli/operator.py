@@ -75,11 +75,11 @@ def run_operator(args: argparse.Namespace) -> int:
     import asyncio
 
     import kopf
-    from prometheus_client import start_http_server
 
     from tailor.api.settings import OperatorSettings
     from tailor.cli import operator_kopf
     from tailor.controllers import context
+    from tailor.observability.exposition import serve
     from tailor.observability.operator import instrument_api_clients
     from tailor.runtime.kubernetes import load_api_client
 
@@ -99,7 +99,7 @@ def run_operator(args: argparse.Namespace) -> int:
     )
     operator_kopf.load_handlers()
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        serve(args.metrics_port)
     elector = None
     if args.leader_election:
         from tailor.controllers.leader import LeaderElector

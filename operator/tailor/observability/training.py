@@ -8,7 +8,9 @@ own metrics use for a resource.
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Gauge
+
+from tailor.observability.exposition import serve
 
 LABELS = ("namespace", "name")
 
@@ -39,4 +41,4 @@ class TrainingMetrics:
 
 def serve_metrics(port: int) -> None:
     """Expose the default registry on ``port`` (a daemon thread that ends with the process)."""
-    start_http_server(port)
+    serve(port)

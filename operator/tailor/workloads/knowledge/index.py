@@ -42,11 +42,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 from qdrant_client.http.exceptions import ResponseHandlingException
 
 from tailor.api.workloads import IndexRun, OwnerRef
+from tailor.observability.exposition import serve
 from tailor.workloads.errors import RetryableError
 from tailor.workloads.io.sources import source_files
 from tailor.workloads.knowledge.adaptation import Adapted, adapt, prune
@@ -153,7 +154,7 @@ class IndexMetrics:
         ).labels(*values)
         self.port = port
         if port is not None:
-            start_http_server(port, registry=self.registry)
+            serve(port, registry=self.registry)
 
     def finished(self, stats: IndexStats) -> None:
         self.documents.set(stats.documents)

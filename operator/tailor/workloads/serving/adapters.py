@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from tailor.api.common import split_s3_uri
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun
+from tailor.observability.exposition import serve
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.io.storage import pull_model, store_of
 
@@ -300,11 +301,4 @@ def metrics_app(registry: Any, report: Callable[[], dict[str, Any]]) -> Any:
 
 def serve_metrics(port: int, registry: Any, report: Callable[[], dict[str, Any]]) -> None:
     """Serve :func:`metrics_app` on ``port`` (all interfaces) in a daemon thread."""
-    from wsgiref.simple_server import make_server
-
-    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
-
-    server = make_server(
-        "", port, metrics_app(registry, report), ThreadingWSGIServer, handler_class=_SilentHandler
-    )
-    threading.Thread(target=server.serve_forever, name="tailor-metrics", daemon=True).start()
+    serve(port, metrics_app(registry, report))
