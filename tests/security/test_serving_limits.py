@@ -111,7 +111,8 @@ def test_an_abusive_template_is_refused_within_seconds_while_healthz_answers(
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == "invalid_prompt"
     assert took < 3.0, took  # the 1 s limit (the worker was started with the server)
-    assert probes and max(probes) < 0.5, probes  # the event loop was never held
+    # the event loop was never held for the render (it would be until the kill, 1 s and more)
+    assert probes and max(probes) < 1.0, probes
     assert chat(server).status_code == 200  # and the server still answers
 
 
