@@ -12,7 +12,7 @@ valid. :func:`describe_errors` turns a pydantic error into the lines a user shou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -132,3 +132,16 @@ def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
             message = "unknown field; check the spelling against `kubectl explain`"
         lines.append(f"{path}: {message}" if path else message)
     return lines
+
+
+def walk(model: Any, path: str = "spec") -> Iterator[tuple[str, BaseModel]]:
+    """Every model inside ``model`` (itself included), with its field path in camelCase
+    (``spec.sources[0].pvc``): what the operator checks in a spec (Secrets, URLs) finds
+    its fields with one walk."""
+    if isinstance(model, BaseModel):
+        yield path, model
+        for name, info in type(model).model_fields.items():
+            yield from walk(getattr(model, name), f"{path}.{info.alias or name}")
+    elif isinstance(model, list | tuple):
+        for index, item in enumerate(model):
+            yield from walk(item, f"{path}[{index}]")

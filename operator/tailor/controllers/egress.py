@@ -18,20 +18,16 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from tailor.api import KINDS, ManifestError, parse_spec
+from tailor.api.base import walk
 from tailor.api.settings import EgressPolicy
 
 
-def url_holders(model: Any, path: str = "spec") -> Iterator[tuple[str, BaseModel, str]]:
+def url_holders(spec: Any) -> Iterator[tuple[str, BaseModel, str]]:
     """Every part of a spec with a ``url`` set: (its field path, the part, the url)."""
-    if isinstance(model, BaseModel):
-        url = getattr(model, "url", None)
+    for path, part in walk(spec):
+        url = getattr(part, "url", None)
         if isinstance(url, str):
-            yield path, model, url
-        for name, info in type(model).model_fields.items():
-            yield from url_holders(getattr(model, name), f"{path}.{info.alias or name}")
-    elif isinstance(model, list | tuple):
-        for index, item in enumerate(model):
-            yield from url_holders(item, f"{path}[{index}]")
+            yield path, part, url
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:

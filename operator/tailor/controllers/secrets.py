@@ -24,25 +24,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel
-
 from tailor.api import KINDS, ManifestError, parse_spec
+from tailor.api.base import walk
 from tailor.api.common import SecretKeyRef
 from tailor.api.settings import OperatorSettings
 
 USABLE_BY = "tailor.dev/usable-by"
 
 
-def secret_refs(model: Any, path: str = "spec") -> Iterator[tuple[str, SecretKeyRef]]:
+def secret_refs(spec: Any) -> Iterator[tuple[str, SecretKeyRef]]:
     """Every SecretKeyRef in a spec, with its field path (``spec.auth.apiKeySecretRef``)."""
-    if isinstance(model, SecretKeyRef):
-        yield path, model
-    elif isinstance(model, BaseModel):
-        for name, info in type(model).model_fields.items():
-            yield from secret_refs(getattr(model, name), f"{path}.{info.alias or name}")
-    elif isinstance(model, list | tuple):
-        for index, item in enumerate(model):
-            yield from secret_refs(item, f"{path}[{index}]")
+    return ((path, ref) for path, ref in walk(spec) if isinstance(ref, SecretKeyRef))
 
 
 def allows(annotation: str | None, kind: str, name: str) -> bool:
