@@ -585,6 +585,25 @@ def test_restart_mid_reconcile_creates_no_duplicates(
     assert len(pods) == len(names)
 
 
+def test_a_run_whose_status_was_lost_after_its_job_finished_is_not_left_pending(
+    kube: Kube, ns: str, operator_process: OperatorProcess
+) -> None:
+    """The state a leader killed between creating the training Job and writing the run's
+    status leaves behind (seen under load after failovers): a run without ``jobName``
+    whose Job has already finished. Its last Job and pod events came before the new
+    leader's sync, so that sync must read the Job it applies instead of writing Pending
+    and waiting for events that will not come (until the 5-minute resync)."""
+    kube.apply(fine_tune("orphaned", 0), "-n", ns)
+    wait_for("Succeeded", phase_is(kube, ns, "ftj", "orphaned", "Succeeded"))
+    kube.kubectl("patch", "ftj", "orphaned", "-n", ns, "--subresource=status",
+                 "--type=merge", "-p", json.dumps({"status": None}))  # fmt: skip
+    ftj = wait_for(
+        "Succeeded again", phase_is(kube, ns, "ftj", "orphaned", "Succeeded"), timeout=30
+    )
+    assert ftj["status"]["jobName"] == "orphaned-train"
+    assert ftj["status"]["artifact"]["uri"].startswith("pvc://tailor-artifacts/finetunejob/")
+
+
 def test_operator_metrics(kube: Kube, ns: str, operator_process: OperatorProcess) -> None:
     kube.apply(fine_tune("measured", 0), "-n", ns)
     wait_for("Succeeded", phase_is(kube, ns, "ftj", "measured", "Succeeded"))

@@ -185,8 +185,11 @@ def _job_applied(op: Operator, run: FineTuneSync) -> bool:
             op.patch_status(run.body, not_started(run.body, problem))
             return False
         op.runtime.start(run.workload)
-        if state is not None:
-            run.state = op.runtime.run_state(run.parent.namespace, run.workload.name)
+        # Read what was applied, also for a run that had no Job in its status: a leader
+        # killed between creating the Job and writing the status leaves a Job that may have
+        # finished already; its last events came before this sync, so nothing would sync the
+        # run again until the resync. The applied Job is in the watch cache: no request.
+        run.state = op.runtime.run_state(run.parent.namespace, run.workload.name)
     return True
 
 
