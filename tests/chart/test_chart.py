@@ -175,6 +175,9 @@ def test_the_s3_store_reaches_the_operator_and_its_secret_by_name_only() -> None
     )
     assert settings.s3_endpoint == "http://minio.minio.svc:9000"
     assert settings.s3_secret == "s3-keys"
+    shared = {**s3, "sharedReadable": ["s3://published-models/"]}
+    settings = OperatorSettings.from_env(operator_env({"artifacts": {"s3": shared}}))
+    assert settings.s3_shared_readable == ["s3://published-models/"]
     assert "TAILOR_S3_BUCKET" not in operator_env({})  # the pvc store by default
     # the pvc store with an S3 connection (s3:// sources, runs with output.store: s3)
     settings = OperatorSettings.from_env(operator_env({"artifacts": {"s3": s3}}))

@@ -98,7 +98,10 @@ def test_one_run_picks_the_s3_store_and_reads_its_data_by_uri_on_a_pvc_cluster(
     ns = namespace
     s3_keys_secret(kube, ns, s3_server)
     body = "\n".join(json.dumps(c) for c in code_word_chats())
-    s3_server.client().put_object(Bucket=bucket, Key="in/chats.jsonl", Body=body.encode())
+    # in the namespace's own folder: a spec may read S3 only there (and where the admin shares)
+    s3_server.client().put_object(
+        Bucket=bucket, Key=f"team/{ns}/in/chats.jsonl", Body=body.encode()
+    )
     ftj = {
         "apiVersion": "tailor.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -106,7 +109,7 @@ def test_one_run_picks_the_s3_store_and_reads_its_data_by_uri_on_a_pvc_cluster(
         "spec": {
             "baseModel": {"builtin": "smollm2-135m-instruct"},
             "method": "lora",
-            "dataset": {"train": {"uri": f"s3://{bucket}/in/chats.jsonl"}},
+            "dataset": {"train": {"uri": f"s3://{bucket}/team/{ns}/in/chats.jsonl"}},
             "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
             "training": {"maxSteps": 2, "batchSize": 4, "maxSeqLength": 64},
             "output": {"store": "s3"},
@@ -128,11 +131,12 @@ def test_one_run_picks_the_s3_store_and_reads_its_data_by_uri_on_a_pvc_cluster(
     done = wait_phase(kube, ns, "ftj", "own-store", {"Succeeded"}, timeout=600)
     uid = done["metadata"]["uid"]
     assert (
-        done["status"]["artifact"]["uri"] == f"s3://{bucket}/team/finetunejob/own-store/{uid}/model"
+        done["status"]["artifact"]["uri"]
+        == f"s3://{bucket}/team/{ns}/finetunejob/own-store/{uid}/model"
     )
     assert not list((connected_operator / ns / "volumes").glob("*/finetunejob/own-store"))
     ready = wait_phase(kube, ns, "md", "pvc-serve", {"Ready"}, timeout=600)
-    cached = tmp_path / "model-cache" / "s3" / bucket / "team" / "finetunejob" / "own-store"
+    cached = tmp_path / "model-cache" / "s3" / bucket / "team" / ns / "finetunejob" / "own-store"
     assert (cached / uid / "model" / MARKER).is_file()  # fetched into the cache, checked
     answer = chat(
         ready["status"]["endpoint"],
@@ -183,9 +187,9 @@ def test_an_adapter_goes_through_the_bucket_from_training_to_serving(
     done = wait_phase(kube, ns, "ftj", "s3-lora", {"Succeeded"}, timeout=600)
     uri = done["status"]["artifact"]["uri"]
     uid = done["metadata"]["uid"]
-    assert uri == f"s3://{bucket}/team/finetunejob/s3-lora/{uid}/model"
+    assert uri == f"s3://{bucket}/team/{ns}/finetunejob/s3-lora/{uid}/model"
     client = s3_server.client()
-    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"team/finetunejob/s3-lora/{uid}/")
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"team/{ns}/finetunejob/s3-lora/{uid}/")
     keys_in_bucket = {o["Key"].split(f"{uid}/", 1)[1] for o in listed["Contents"]}
     assert f"model/{MARKER}" in keys_in_bucket and "model/adapter_config.json" in keys_in_bucket
     assert any(k.startswith("checkpoints/step-") for k in keys_in_bucket)

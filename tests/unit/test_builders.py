@@ -351,12 +351,12 @@ def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
 
 
 def test_uri_to_path_for_foreign_volumes() -> None:
-    assert uri_to_path("pvc://models/adapters/x", SETTINGS) == (
+    assert uri_to_path("pvc://models/adapters/x", SETTINGS, "ns") == (
         "/mnt/pvc/models/adapters/x",
         "models",
     )
     with pytest.raises(ValueError):
-        uri_to_path("s3://bucket/x", SETTINGS)
+        uri_to_path("s3://bucket/x", SETTINGS, "ns")
 
 
 def test_prompt_revision_is_immutable_and_content_addressed() -> None:
@@ -661,14 +661,14 @@ def test_s3_store_trains_in_scratch_with_the_keys_mounted_and_publishes_an_s3_ur
     secret = next(v for v in volumes.values() if "secret" in v)
     assert secret["secret"]["secretName"] == "s3-keys"
     store = workload.run.paths.store
-    assert (store.bucket, store.prefix, store.secret_name) == ("models", "team-a", "s3-keys")
+    assert (store.bucket, store.prefix, store.secret_name) == ("models", "team-a/ns", "s3-keys")
     assert store.credentials_dir == "/etc/tailor/secrets/s3-keys"
     # keys by reference only: the spec names the Secret's keys, it has no field for values
     assert {"access_key_id", "secret_access_key"}.isdisjoint(type(store).model_fields)
     from tailor.builders.finetunejob import artifact_uri
 
     assert artifact_uri(spec, parent("FineTuneJob", "t"), S3) == (
-        "s3://models/team-a/finetunejob/t/uid-1/model"
+        "s3://models/team-a/ns/finetunejob/t/uid-1/model"
     )
     # the pvc store keeps the claim
     pvc = volumes_of(
@@ -681,11 +681,11 @@ def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
     spec: ModelDeploymentSpec = spec_of(
         "modeldeployment", knowledgeBaseRef=None, promptProfileRef=None
     )
-    refs = ResolvedRefs(adapters=[("torchhub", "s3://models/team-a/finetunejob/t/u/model")])
+    refs = ResolvedRefs(adapters=[("torchhub", "s3://models/team-a/ns/finetunejob/t/u/model")])
     workload = build_serving(spec, parent("ModelDeployment", "md"), S3, refs)
     adapter = workload.run.adapters[0]
     assert adapter.path == "/artifacts/finetunejob/t/u/model"
-    assert adapter.uri == "s3://models/team-a/finetunejob/t/u/model"
+    assert adapter.uri == "s3://models/team-a/ns/finetunejob/t/u/model"
     deployment = by_kind(workload.manifests)["Deployment"]
     assert volumes_of(deployment)["artifacts"] == {
         "name": "artifacts",
@@ -693,9 +693,9 @@ def test_s3_store_serves_adapters_downloaded_from_the_bucket() -> None:
     }
     # another bucket (or a run that chose the s3 store on a pvc cluster): fetched into
     # the model cache with the connection; a pvc run's adapter: the claim, mounted
-    assert uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3) == ("", None)
+    assert uri_to_path("s3://elsewhere/finetunejob/t/u/model", S3, "ns") == ("", None)
     with pytest.raises(ValueError, match="no S3 connection"):
-        uri_to_path("s3://elsewhere/finetunejob/t/u/model", SETTINGS)
+        uri_to_path("s3://elsewhere/finetunejob/t/u/model", SETTINGS, "ns")
     mixed = ResolvedRefs(
         adapters=[("a", "pvc://tailor-artifacts/finetunejob/p/u/model"), ("b", "s3://x/y/")]
     )
@@ -733,7 +733,7 @@ def test_a_run_can_choose_its_own_store() -> None:
     assert own.artifacts_store == "s3" and connected.artifacts_store == "pvc"
     job = by_kind(build_training(spec, parent("FineTuneJob", "t"), own).manifests)["Job"]
     assert volumes_of(job)["artifacts"] == {"name": "artifacts", "emptyDir": {"sizeLimit": "200Gi"}}
-    assert artifact_uri(spec, parent("FineTuneJob", "t"), own).startswith("s3://models/team-a/")
+    assert artifact_uri(spec, parent("FineTuneJob", "t"), own).startswith("s3://models/team-a/ns/")
     assert connected.for_store(None) is connected
     assert connected.store_problem("spec.output.store") is None
     problem = OperatorSettings().for_store("s3").store_problem("spec.output.store")
@@ -744,7 +744,7 @@ def test_a_run_can_choose_its_own_store() -> None:
     raft: RAFTJobSpec = spec_of("raftjob", output={"store": "s3"})
     child = build_child_fine_tune(raft, parent("RAFTJob", "r"), connected.for_store("s3"))
     assert child["spec"]["output"]["store"] == "s3"
-    assert child["spec"]["dataset"]["train"]["uri"].startswith("s3://models/team-a/raftjob/r/")
+    assert child["spec"]["dataset"]["train"]["uri"].startswith("s3://models/team-a/ns/raftjob/r/")
 
 
 def test_s3_store_needs_a_bucket() -> None:
@@ -824,7 +824,7 @@ def test_data_uris_mount_what_they_name_and_a_raft_child_reads_its_data_from_the
     raft: RAFTJobSpec = spec_of("raftjob")
     ftj = build_child_fine_tune(raft, parent("RAFTJob", "r"), S3)
     assert ftj["spec"]["dataset"]["train"]["uri"] == (
-        "s3://models/team-a/raftjob/r/uid-1/data/train.jsonl"
+        "s3://models/team-a/ns/raftjob/r/uid-1/data/train.jsonl"
     )
     assert "pvc" not in ftj["spec"]["dataset"]["train"]
     assert ftj["spec"]["dataset"]["validation"]["uri"].endswith("/data/validation.jsonl")

@@ -256,8 +256,9 @@ def test_with_the_s3_store_the_dataset_lands_in_the_bucket_and_the_child_reads_i
     settings = OperatorSettings(
         artifacts_store="s3", s3_bucket=bucket, s3_prefix="tailor", s3_secret="s3-keys"
     )
-    source = dataset_file(settings, "raftjob/raft/u1/data", "train.jsonl")
-    assert source == DataSource(uri=f"s3://{bucket}/tailor/raftjob/raft/u1/data/train.jsonl")
+    source = dataset_file(settings, "ns", "raftjob/raft/u1/data", "train.jsonl")
+    assert source == DataSource(uri=f"s3://{bucket}/tailor/ns/raftjob/raft/u1/data/train.jsonl")
+    source = DataSource(uri=f"s3://{bucket}/tailor/raftjob/raft/u1/data/train.jsonl")  # as written
     child = Paths(artifacts=str(tmp_path / "child-scratch"), store=store, s3=store)
     read = [record for _, record in read_raw(source, child)]
     assert read == records(root / "artifacts/raftjob/raft/u1/data/train.jsonl")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -105,6 +106,14 @@ class OperatorSettings(TailorModel):
         description="s3 store: Secret (in each namespace) with AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY; unset: the pods' own credentials (IRSA, workload identity).",
     )
+    s3_shared_readable: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="s3:// folders every namespace's specs may read (e.g. a team's published "
+        "base models), each s3://bucket/ or s3://bucket/prefix/. Besides these, a spec may "
+        "read only its own namespace's prefix, s3://<bucket>/<prefix>/<namespace>/ (Helm: "
+        "artifacts.s3.sharedReadable; TAILOR_S3_SHARED_READABLE as JSON).",
+    )
     model_cache_claim: str | None = Field(
         default=None,
         description="A claim (in each namespace that runs workloads) mounted as every "
@@ -176,6 +185,18 @@ class OperatorSettings(TailorModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _shared_folders(self) -> OperatorSettings:
+        for entry in self.s3_shared_readable:
+            if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/.][^/]*/)*", entry) or (
+                "/../" in entry or "/./" in entry
+            ):
+                raise ValueError(
+                    f"s3SharedReadable: {entry!r} must be an s3://bucket/ or "
+                    "s3://bucket/folder/ URI ending in / (Helm: artifacts.s3.sharedReadable)"
+                )
+        return self
+
     def for_store(self, store: str | None) -> OperatorSettings:
         """These settings with a run's own artifact store (``spec.output.store``)."""
         if store is None or store == self.artifacts_store:
@@ -203,7 +224,14 @@ class OperatorSettings(TailorModel):
                 text = env[key]
                 values[name] = (
                     json.loads(text)
-                    if name in ("pod_annotations", "serving_limits", "scratch", "egress")
+                    if name
+                    in (
+                        "pod_annotations",
+                        "serving_limits",
+                        "scratch",
+                        "egress",
+                        "s3_shared_readable",
+                    )
                     else text
                 )
         return cls.model_validate(values)

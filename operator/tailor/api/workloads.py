@@ -172,6 +172,12 @@ class ServedAdapter(TailorModel):
         default=None,
         description="s3:// artifact: downloaded to path (checked against its upload) at start.",
     )
+    sha256: str | None = Field(
+        default=None,
+        description="sha256 of the artifact's manifest.json as the operator recorded it in "
+        "the run's status: the server loads the folder only if it still matches (and every "
+        "file matches the manifest), whatever was written beside it since.",
+    )
 
 
 class UpstreamEngineConfig(TailorModel):

@@ -112,20 +112,30 @@ def artifact_dir(parent: Parent) -> str:
     return f"{parent.kind.lower()}/{parent.name}/{parent.uid}"
 
 
-def store_uri(settings: OperatorSettings, path: str) -> str:
-    """The URI of a path under the artifacts root: ``s3://<bucket>/<prefix>/<path>`` with
-    the s3 store, ``pvc://<claim>/<path>`` with the pvc store."""
-    store = object_store(settings)
+def store_uri(settings: OperatorSettings, namespace: str, path: str) -> str:
+    """The URI of a path under a namespace's artifacts root:
+    ``s3://<bucket>/<prefix>/<namespace>/<path>`` with the s3 store (one bucket, each
+    namespace under its own prefix), ``pvc://<claim>/<path>`` with the pvc store (the claim
+    is the namespace's own)."""
+    store = object_store(settings, namespace)
     if store:
         return store.uri(path)
     return f"pvc://{settings.artifacts_pvc}/{path}"
 
 
+def namespace_prefix(settings: OperatorSettings, namespace: str) -> str:
+    """``s3://<bucket>/<prefix>/<namespace>/``: where a namespace's artifacts live in the
+    cluster's bucket, and what its specs may read from S3 (besides the admin's shared
+    prefixes, :attr:`OperatorSettings.s3_shared_readable`)."""
+    connection = s3_connection(settings, namespace)
+    return connection.uri("").rstrip("/") + "/" if connection else ""
+
+
 def artifact_uri(settings: OperatorSettings, parent: Parent, sub: str = "") -> str:
-    return store_uri(settings, artifact_dir(parent) + (f"/{sub}" if sub else ""))
+    return store_uri(settings, parent.namespace, artifact_dir(parent) + (f"/{sub}" if sub else ""))
 
 
-def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str | None]:
+def uri_to_path(uri: str, settings: OperatorSettings, namespace: str) -> tuple[str, str | None]:
     """(path inside a pod, claim to mount or None) of an artifact URI: a path under the
     artifacts root for the store's own ``s3://<bucket>/<prefix>/<path>`` (downloaded
     there) and the pvc store's claim; ``/mnt/pvc/<claim>/<path>`` for any other claim
@@ -133,10 +143,10 @@ def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str | None]:
     store wrote it); "" for any other ``s3://`` folder (a run that chose the s3 store on a
     pvc cluster), which the pod fetches into its model cache with the S3 connection."""
     if uri.startswith("s3://"):
-        base = store_uri(settings, "").rstrip("/") + "/" if settings.artifacts_store == "s3" else ""
+        base = namespace_prefix(settings, namespace) if settings.artifacts_store == "s3" else ""
         if base and uri.startswith(base):
             return f"{settings.artifacts_mount}/{uri[len(base) :]}".rstrip("/"), None
-        if s3_connection(settings) is None:
+        if s3_connection(settings, namespace) is None:
             raise ValueError(f"{uri} is in S3 but the operator has no S3 connection")
         return "", None
     if not uri.startswith("pvc://"):
@@ -147,22 +157,25 @@ def uri_to_path(uri: str, settings: OperatorSettings) -> tuple[str, str | None]:
     return f"{PVCS_DIR}/{claim}/{path}".rstrip("/"), claim
 
 
-def object_store(settings: OperatorSettings) -> ObjectStore | None:
-    """What a workload needs to reach the s3 store (credentials by Secret mount only)."""
+def object_store(settings: OperatorSettings, namespace: str) -> ObjectStore | None:
+    """What a workload of ``namespace`` needs to reach the s3 store (credentials by Secret
+    mount only): every key it writes is under ``<prefix>/<namespace>/``."""
     if settings.artifacts_store != "s3":
         return None
-    return s3_connection(settings)
+    return s3_connection(settings, namespace)
 
 
-def s3_connection(settings: OperatorSettings) -> ObjectStore | None:
-    """The operator's S3 connection (endpoint, region, credentials Secret) whether or not
-    it holds the artifacts: s3:// models, data and adapters are read with it."""
+def s3_connection(settings: OperatorSettings, namespace: str) -> ObjectStore | None:
+    """The operator's S3 connection (endpoint, region, credentials Secret) for a workload
+    of ``namespace``, whether or not it holds the artifacts: s3:// models, data and
+    adapters are read with it (the bucket and key come from each URI, checked by the
+    operator against the namespace's prefix first: ``controllers/storage.py``)."""
     if not settings.s3_bucket:
         return None
     secret = settings.s3_secret
     return ObjectStore(
         bucket=settings.s3_bucket,
-        prefix=settings.s3_prefix,
+        prefix="/".join(p for p in (settings.s3_prefix.strip("/"), namespace) if p),
         endpoint=settings.s3_endpoint,
         region=settings.s3_region,
         addressing_style=settings.s3_addressing_style,
@@ -171,14 +184,14 @@ def s3_connection(settings: OperatorSettings) -> ObjectStore | None:
     )
 
 
-def workload_paths(settings: OperatorSettings) -> Paths:
+def workload_paths(settings: OperatorSettings, namespace: str) -> Paths:
     return Paths(
         artifacts=settings.artifacts_mount,
         config_maps=CONFIG_MAPS_DIR,
         pvcs=PVCS_DIR,
         secrets=SECRETS_DIR,
-        store=object_store(settings),
-        s3=s3_connection(settings),
+        store=object_store(settings, namespace),
+        s3=s3_connection(settings, namespace),
     )
 
 

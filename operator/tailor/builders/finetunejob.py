@@ -61,13 +61,13 @@ def output_dir(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings
 def artifact_uri(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> str:
     if spec.output.pvc:
         return f"pvc://{spec.output.pvc.claim_name}/{spec.output.pvc.path}".rstrip("/")
-    return store_uri(settings, f"{artifact_dir(parent)}/model")
+    return store_uri(settings, parent.namespace, f"{artifact_dir(parent)}/model")
 
 
 def build_train_run(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSettings) -> TrainRun:
     return TrainRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=reporter(settings),
         metrics_port=settings.metrics_port,
         spec=spec,

@@ -94,7 +94,7 @@ def build_index(
     rbac_name = child_name(parent, "index")
     run = IndexRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=reporter(settings),
         metrics_port=settings.metrics_port,
         spec=spec,

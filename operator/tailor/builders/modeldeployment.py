@@ -143,6 +143,8 @@ class ResolvedRefs:
     """What the controller found behind a ModelDeployment's references."""
 
     adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, artifact uri)
+    adapter_sha256: dict[str, str] = field(default_factory=dict)
+    """By adapter name: the sha256 of its manifest.json recorded in its run's status."""
     prompt_config_map: str | None = None
     knowledge_base: RetrieverConfig | None = None
     knowledge_base_version: str | None = None
@@ -184,11 +186,18 @@ def build_serving(
     mounts = Mounts().add_model(spec.base_model)
     adapters = []
     for adapter_name, uri in refs.adapters:
-        path, claim = uri_to_path(uri, settings)
+        path, claim = uri_to_path(uri, settings, parent.namespace)
         if claim and not path.startswith(settings.artifacts_mount + "/"):
             mounts.pvcs.add(claim)
         mounts.s3 = mounts.s3 or not claim
-        adapters.append(ServedAdapter(name=adapter_name, path=path, uri=None if claim else uri))
+        adapters.append(
+            ServedAdapter(
+                name=adapter_name,
+                path=path,
+                uri=None if claim else uri,
+                sha256=refs.adapter_sha256.get(adapter_name),
+            )
+        )
     if spec.auth:
         mounts.add_secret(spec.auth.api_key_secret_ref)
     mounts.add_secret(test_key(parent))
@@ -197,7 +206,7 @@ def build_serving(
     vllm = spec.resolved_engine() == "vllm"
     run = ServeRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=Reporter(kind="none"),
         metrics_port=settings.metrics_port,  # /metrics on its own port, not the API's
         spec=spec,

@@ -169,7 +169,7 @@ def build_prompt_tests(
     rbac_name = child_name(parent, "tests")
     run = PromptTestRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=reporter(settings),
         spec=spec,
         revision=revision,

@@ -83,7 +83,7 @@ def build_data_stage(
     name = child_name(parent, "data")
     run = RaftDataRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=reporter(settings),
         spec=spec,
         knowledge_base=knowledge_base,
@@ -101,12 +101,14 @@ def child_fine_tune_name(parent: Parent) -> str:
     return child_name(parent, "ft")
 
 
-def dataset_file(settings: OperatorSettings, data_path: str, name: str) -> DataSource:
+def dataset_file(
+    settings: OperatorSettings, namespace: str, data_path: str, name: str
+) -> DataSource:
     """One file of the generated dataset as the child FineTuneJob reads it: from the bucket
     with the s3 store (checked against the dataset's upload marker, so the training pods
     mount no claim and may run on several nodes), else from the artifacts claim."""
     if settings.artifacts_store == "s3":
-        return DataSource(uri=store_uri(settings, f"{data_path}/{name}"))
+        return DataSource(uri=store_uri(settings, namespace, f"{data_path}/{name}"))
     return DataSource(pvc=PvcFiles(claim_name=settings.artifacts_pvc, path=data_path, glob=name))
 
 
@@ -124,8 +126,8 @@ def build_child_fine_tune(
         checkpoint=recipe.checkpoint,
         resources=recipe.resources,
         dataset=DatasetSpec(
-            train=dataset_file(settings, data_path, RAFT_TRAIN_FILE),
-            validation=dataset_file(settings, data_path, RAFT_VALIDATION_FILE),
+            train=dataset_file(settings, parent.namespace, data_path, RAFT_TRAIN_FILE),
+            validation=dataset_file(settings, parent.namespace, data_path, RAFT_VALIDATION_FILE),
             format="chat",
         ),
         output=Output(store=spec.output.store),
@@ -150,7 +152,7 @@ def build_evaluation_stage(
     name = child_name(parent, "eval")
     run = EvaluateRun(
         owner=parent.owner(),
-        paths=workload_paths(settings),
+        paths=workload_paths(settings, parent.namespace),
         reporter=reporter(settings),
         spec=spec,
         knowledge_base=knowledge_base,

@@ -27,6 +27,7 @@ from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.egress import refused_egress
 from tailor.controllers.secrets import unusable_secret
+from tailor.controllers.storage import refused_storage
 from tailor.controllers.workqueue import WorkQueue
 from tailor.observability.operator import PHASES, reconciling
 from tailor.runtime import rest
@@ -71,6 +72,9 @@ class Operator:
     api_client: client.ApiClient
     namespaces: list[str] = field(default_factory=list)
     """Watched namespaces; empty: cluster-wide."""
+    excluded_namespaces: list[str] = field(default_factory=list)
+    """Namespaces never reconciled in (cluster-wide mode: kube-system and the like). kopf
+    still watches them (one cluster-wide watch per kind); nothing there is enqueued."""
     cache: WatchCache = field(default_factory=WatchCache)
     """Latest bodies from the watches (:mod:`tailor.runtime.cache`), shared with the
     runtime, which reads Jobs, pods and Deployments from it."""
@@ -90,7 +94,10 @@ class Operator:
             return self._queue
 
     def enqueue(self, kind: str, namespace: str, name: str) -> None:
-        """Reconcile one object soon (coalesced, retried on failure)."""
+        """Reconcile one object soon (coalesced, retried on failure); never one in an
+        excluded namespace."""
+        if namespace in self.excluded_namespaces:
+            return
         self.queue.add((kind, namespace, name))
 
     def start_resync(self) -> threading.Thread | None:
@@ -246,7 +253,7 @@ class Operator:
                 "metadata"
             ].get("generation")
             refused = None if settled else self.admission_problem(body)
-            if refused:  # before any pod: see tailor.controllers.secrets and .egress
+            if refused:  # before any pod: see tailor.controllers.secrets, .egress, .storage
                 reason, message = refused
                 generation = body["metadata"].get("generation")
                 self.patch_status(
@@ -266,10 +273,14 @@ class Operator:
 
     def admission_problem(self, body: dict[str, Any]) -> tuple[str, str] | None:
         """(reason, message) when the object may not start pods as it is: a URL the admin's
-        egress policy does not allow, or a Secret that did not opt in; else None."""
+        egress policy does not allow, an s3:// URI outside the namespace's folder, or a
+        Secret that did not opt in; else None."""
         egress = refused_egress(body, self.settings.egress)
         if egress:
             return "EgressNotAllowed", egress
+        storage = refused_storage(body, self.settings)
+        if storage:
+            return "StorageNotAllowed", storage
         secret = unusable_secret(body, self.settings, self.secret_metadata)
         return ("SecretNotUsable", secret) if secret else None
 

@@ -60,6 +60,9 @@ def resolve(
             )
         else:
             refs.adapters.append((adapter.name, uri))
+            sha256 = (status.get("artifact") or {}).get("sha256")
+            if sha256:
+                refs.adapter_sha256[adapter.name] = sha256
     if spec.prompt_profile_ref:
         body = op.get("PromptProfile", namespace, spec.prompt_profile_ref.name)
         status = (body or {}).get("status") or {}

@@ -421,6 +421,31 @@ def pull_model(location: tuple[str, str], paths: Paths) -> Path:
             ) from exc
 
 
+def check_manifest(folder: Path, expected_sha256: str | None = None) -> dict[str, Any]:
+    """A published artifact's ``manifest.json``, after checking that every file it lists is
+    in ``folder`` with its size and sha256, and (``expected_sha256``) that the manifest is
+    the one the operator recorded in the run's status: a folder rewritten since, manifest
+    and all, is refused rather than served."""
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WorkloadError("ArtifactMissing", f"{manifest_path}: {exc}") from exc
+    if expected_sha256 and sha256_file(manifest_path) != expected_sha256:
+        raise WorkloadError(
+            "ArtifactCorrupt",
+            f"{manifest_path}: sha256 differs from the one its run recorded "
+            f"({expected_sha256[:12]}...): the artifact was replaced after it was published",
+        )
+    for entry in manifest.get("files") or []:
+        path = inside(folder, entry["path"], f"{manifest_path} entry")
+        if not path.is_file() or path.stat().st_size != entry["sizeBytes"]:
+            raise WorkloadError("ArtifactCorrupt", f"{path}: missing or of the wrong size")
+        if sha256_file(path) != entry["sha256"]:
+            raise WorkloadError("ArtifactCorrupt", f"{path}: sha256 differs from the manifest")
+    return dict(manifest)
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -28,7 +28,7 @@ from tailor.api.common import split_s3_uri
 from tailor.api.workloads import Paths, ServedAdapter, ServeRun
 from tailor.observability.exposition import serve
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.io.storage import pull_model, store_of
+from tailor.workloads.io.storage import check_manifest, pull_model, store_of
 
 log = logging.getLogger("tailor.workloads.serving.adapters")
 
@@ -53,17 +53,20 @@ def pull_adapters(run: ServeRun) -> None:
 
 
 def pull_adapter(adapter: ServedAdapter, paths: Paths) -> None:
-    """One adapter from the object store into this pod (nothing for one on a volume);
-    ``adapter.path`` is then where it is."""
+    """One adapter from the object store into this pod (nothing to fetch for one on a
+    volume); ``adapter.path`` is then where it is. An adapter a run published is checked
+    against the manifest checksum the operator recorded in that run's status (the marker
+    beside an upload only proves the upload is complete, not whose it is)."""
     location = split_s3_uri(adapter.uri)
-    if location is None:
-        return
-    store = store_of(paths)
-    if store is not None and adapter.path and store.holds(adapter.path):
-        store.pull(store.relative(adapter.path))
-    else:  # written by a run with its own store: fetched once into the model cache
-        bucket, key = location
-        adapter.path = str(pull_model((bucket, key.strip("/")), paths))
+    if location is not None:
+        store = store_of(paths)
+        if store is not None and adapter.path and store.holds(adapter.path):
+            store.pull(store.relative(adapter.path))
+        else:  # written by a run with its own store: fetched once into the model cache
+            bucket, key = location
+            adapter.path = str(pull_model((bucket, key.strip("/")), paths))
+    if adapter.sha256:
+        check_manifest(Path(adapter.path), adapter.sha256)
 
 
 class AdapterSet:

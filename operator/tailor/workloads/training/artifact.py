@@ -22,7 +22,7 @@ from tailor.api.finetunejob import LoraConfig
 from tailor.api.workloads import TrainRun
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.storage import MARKER as STORE_MARKER
-from tailor.workloads.io.storage import Store, artifact_uri, sha256_file
+from tailor.workloads.io.storage import Store, artifact_uri, check_manifest, sha256_file
 from tailor.workloads.training.data import Datasets
 from tailor.workloads.training.state import Schedule, TrainState
 
@@ -168,16 +168,7 @@ def verify_artifact(output: Path, store: Store | None = None) -> dict[str, Any]:
                 f"{store.uri(store.relative(output))} does not hold the artifact's files "
                 f"completely ({len(uploaded)} of {len(local)} uploaded with matching sha256)",
             )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WorkloadError("ArtifactMissing", f"{manifest_path}: {exc}") from exc
-    for entry in manifest.get("files") or []:
-        path = output / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["sizeBytes"]:
-            raise WorkloadError("ArtifactCorrupt", f"{path}: missing or of the wrong size")
-        if sha256_file(path) != entry["sha256"]:
-            raise WorkloadError("ArtifactCorrupt", f"{path}: sha256 differs from the manifest")
+    manifest = check_manifest(output)
     return {
         "sha256": sha256_file(manifest_path),
         "files": len(manifest.get("files") or []),

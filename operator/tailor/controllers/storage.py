@@ -1,0 +1,45 @@
+"""What a spec may read from S3: its own namespace's prefix and the admin's shared folders.
+
+Every workload of a namespace reads and writes the cluster's bucket under
+``<prefix>/<namespace>/`` (:func:`tailor.builders.common.object_store`). A spec can also name
+``s3://`` URIs (a base or embedding model, a data source), which pods read with the S3
+connection the admin configured: with one identity for the whole cluster, such a URI could
+name another namespace's datasets, evaluations or weights. So an ``s3://`` URI in a spec
+must lie under the namespace's own prefix or under a folder the admin shares with every
+namespace (Helm: ``artifacts.s3.sharedReadable``); anything else is refused before any pod,
+naming the field. With credentials per namespace (``artifacts.s3.secretName`` names a Secret
+in each namespace), the bucket's policy enforces the same line (docs/security.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tailor.api import KINDS, ManifestError, parse_spec
+from tailor.api.base import walk
+from tailor.api.settings import OperatorSettings
+from tailor.builders.common import namespace_prefix
+
+
+def refused_storage(body: dict[str, Any], settings: OperatorSettings) -> str | None:
+    """Why an ``s3://`` URI of the object may not be read from its namespace, or None."""
+    try:
+        spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
+    except ManifestError:
+        return None  # the kind's sync reports it
+    own = namespace_prefix(settings, body["metadata"]["namespace"])
+    if not own:
+        return None  # no S3 connection: the builders refuse any s3:// URI themselves
+    readable = [own, *settings.s3_shared_readable]
+    for path, part in walk(spec):
+        uri = getattr(part, "uri", None)
+        if not (isinstance(uri, str) and uri.startswith("s3://")):
+            continue
+        if not any(uri.startswith(folder) for folder in readable):
+            shared = ", ".join(settings.s3_shared_readable) or "none"
+            return (
+                f"{path}.uri: {uri} is outside this namespace's folder {own} and the folders "
+                f"the cluster admin shares (artifacts.s3.sharedReadable: {shared}); copy it "
+                f"under {own} (tailor store push) or ask the admin to share it"
+            )
+    return None

@@ -1,0 +1,113 @@
+"""A namespace reads S3 only under its own prefix and the folders the admin shares
+(docs/security.md, "Storage"), against the real API server with the operator running.
+
+Before, every artifact key was ``<prefix>/<kind>/<name>/<uid>`` and an ``s3://`` URI in a
+spec was read with the cluster's one S3 identity wherever it pointed: a tenant could index
+another tenant's datasets or load its weights by naming them. Now keys are under
+``<prefix>/<namespace>/`` and the operator refuses, before any pod, an ``s3://`` URI outside
+the namespace's folder and the admin's ``artifacts.s3.sharedReadable``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tailor.api.settings import OperatorSettings
+from tailor.controllers.storage import refused_storage
+from tailor.devcluster.kube import Kube
+from tests.cluster.helpers import OperatorProcess, fine_tune, get, wait_for
+
+pytestmark = pytest.mark.cluster
+
+SHARED = "s3://shared-models/published/"
+
+
+@pytest.fixture(scope="module")
+def operator_process(
+    kube: Kube, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """This module's operator has an S3 connection (bucket ``models``, prefix ``tailor``)
+    and shares one folder with every namespace; nothing here reaches S3 itself."""
+    op = OperatorProcess(kube, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.env = {
+        "TAILOR_S3_BUCKET": "models",
+        "TAILOR_S3_PREFIX": "tailor",
+        "TAILOR_S3_SHARED_READABLE": json.dumps([SHARED]),
+    }
+    op.start()
+    yield op
+    op.stop()
+
+
+def knowledge_base(uri: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "KnowledgeBase",
+        "metadata": {"name": "docs"},
+        "spec": {"sources": [{"uri": uri}], "embedding": {"model": {"builtin": "minilm-l6-v2"}}},
+    }
+
+
+def ready_reason(kube: Kube, ns: str, kind: str, name: str) -> dict[str, Any]:
+    status = get(kube, ns, kind, name).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+
+
+def test_another_namespaces_artifacts_are_refused_before_any_pod(kube: Kube, ns: str) -> None:
+    stolen = "s3://models/tailor/team-b/raftjob/r/u1/data/train.jsonl"
+    kube.apply(knowledge_base(stolen), "-n", ns)
+    ready = wait_for(
+        "the spec to be refused",
+        lambda: (
+            (r := ready_reason(kube, ns, "kb", "docs")).get("reason") == "StorageNotAllowed" and r
+        ),
+        timeout=60,
+        interval=0.3,
+    )
+    assert ready["message"].startswith(f"spec.sources[0].uri: {stolen} is outside")
+    assert f"s3://models/tailor/{ns}/" in ready["message"]
+    assert "artifacts.s3.sharedReadable" in ready["message"]
+    assert kube.get_json("jobs,pods", "-n", ns)["items"] == []  # nothing was started
+
+    # its own folder, and the shared one, are readable: the runs start
+    kube.apply(knowledge_base(f"s3://models/tailor/{ns}/docs/handbook.md"), "-n", ns)
+    base = fine_tune("shared-base", 0)
+    base["spec"]["baseModel"] = {"uri": f"{SHARED}smollm2/"}
+    kube.apply(base, "-n", ns)
+    wait_for("the index Job", lambda: kube.get_json("jobs", "-n", ns)["items"], timeout=60)
+    wait_for(
+        "the training Job",
+        lambda: any(
+            j["metadata"]["name"] == "shared-base-train"
+            for j in kube.get_json("jobs", "-n", ns)["items"]
+        ),
+        timeout=60,
+    )
+    assert ready_reason(kube, ns, "kb", "docs").get("reason") != "StorageNotAllowed"
+
+
+def test_only_the_namespaces_folder_and_shared_folders_are_readable() -> None:
+    settings = OperatorSettings(s3_bucket="models", s3_prefix="tailor", s3_shared_readable=[SHARED])
+
+    def refused(uri: str, namespace: str = "team-a") -> str | None:
+        body = {**knowledge_base(uri), "metadata": {"name": "docs", "namespace": namespace}}
+        return refused_storage(body, settings)
+
+    assert refused("s3://models/tailor/team-a/kb/docs.md") is None
+    assert refused("s3://models/tailor/team-a/") is None
+    assert refused(f"{SHARED}handbook.md") is None
+    assert refused("s3://models/tailor/team-ab/kb/docs.md")  # a namespace sharing a prefix
+    assert refused("s3://models/tailor/team-a")  # not inside the folder
+    assert refused("s3://models/tailor/finetunejob/x/u/model/")  # the old, shared layout
+    assert refused("s3://shared-models/published-other/x")
+    assert refused("s3://other-bucket/tailor/team-a/x")
+    # without an S3 connection nothing is readable from S3 (the builders say so)
+    assert refused_storage({**knowledge_base("s3://b/x"), "metadata": {"name": "d",
+                            "namespace": "t"}}, OperatorSettings()) is None  # fmt: skip
+    with pytest.raises(ValueError, match="sharedReadable"):
+        OperatorSettings(s3_bucket="models", s3_shared_readable=["s3://models/tailor"])
+    with pytest.raises(ValueError, match="sharedReadable"):
+        OperatorSettings(s3_bucket="models", s3_shared_readable=["s3://models/a/../b/"])
