@@ -8,7 +8,7 @@ Clients pick a model with OpenAI's ``model`` field: ``<deployment>`` for the bas
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,8 @@ from tailor.api.common import (
     StatusBase,
 )
 
+ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+
 
 class Adapter(TailorModel):
     """A LoRA adapter served beside the base model."""
@@ -29,7 +31,7 @@ class Adapter(TailorModel):
     name: str = Field(
         min_length=1,
         max_length=63,
-        pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        pattern=ADAPTER_NAME,
         description="Name clients use: model=<deployment>/<name>.",
     )
     fine_tune_job_ref: LocalObjectRef | None = Field(
@@ -62,17 +64,68 @@ class KnowledgeBaseBinding(TailorModel):
 
 
 class Cache(TailorModel):
-    """Exact-match response cache (model, messages and parameters)."""
+    """Exact-match response cache (model, messages and parameters), one per caller: an
+    answer is found again only for the API key that asked (all callers are one without
+    auth). The cluster admin caps its entries (workloads.serving.limits.cacheMaxEntries)."""
 
     enabled: bool = Field(default=True, description="Cache deterministic responses.")
     ttl_seconds: int = Field(default=600, ge=1, description="Entry lifetime.")
-    max_entries: int = Field(default=10000, ge=1, le=10_000_000, description="Entries kept.")
+    max_entries: int = Field(
+        default=10000,
+        ge=1,
+        le=100_000,
+        description="Entries kept (at most the cluster admin's cacheMaxEntries).",
+    )
+
+
+AdapterName = Annotated[str, Field(min_length=1, max_length=63, pattern=ADAPTER_NAME)]
+
+
+class ScopedKey(TailorModel):
+    """An API key that may use only the models it lists."""
+
+    secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
+    adapters: list[AdapterName] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Adapters it may use (model=<deployment>/<adapter>).",
+    )
+    base_model: bool = Field(default=False, description="It may use the base model too.")
+
+    rules = (
+        Rule(
+            cel="(has(self.adapters) && size(self.adapters) > 0) || "
+            "(has(self.baseModel) && self.baseModel)",
+            message="a scoped key grants nothing: list the adapters it may use, or set "
+            "baseModel: true (a key for every model is auth.apiKeySecretRef)",
+            field="adapters",
+            check=lambda m: bool(m.adapters) or m.base_model,
+        ),
+    )
 
 
 class Auth(TailorModel):
-    """Bearer-token authentication of clients."""
+    """Bearer-token authentication of clients: a key for every model, keys scoped to some
+    models, or both. A key is sent as ``Authorization: Bearer <key>``."""
 
-    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key for every model."
+    )
+    keys: list[ScopedKey] = Field(
+        default_factory=list,
+        max_length=64,
+        description="API keys each limited to some models; any other model is 403.",
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.apiKeySecretRef) || (has(self.keys) && size(self.keys) > 0)",
+            message="auth needs a key: set apiKeySecretRef (every model) or keys (scoped "
+            "keys), or remove auth",
+            field="apiKeySecretRef",
+            check=lambda m: m.api_key_secret_ref is not None or bool(m.keys),
+        ),
+    )
 
 
 class Autoscaling(TailorModel):

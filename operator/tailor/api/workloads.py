@@ -231,6 +231,27 @@ class ServingLimits(TailorModel):
         description="CPU time for rendering a prompt profile a request brings "
         "(tailor.promptProfile), in a process of its own.",
     )
+    prepare_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="Time for preparing a request off the event loop: tokenising it, and "
+        "checking and compiling its response_format (past it: 400).",
+    )
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Requests one replica handles at once, bodies being received included "
+        "(past it: 503 with Retry-After; the probes are not counted).",
+    )
+    cache_max_entries: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most response cache entries per replica, whatever a spec's "
+        "cache.maxEntries asks.",
+    )
 
 
 class ServeRun(RunBase):

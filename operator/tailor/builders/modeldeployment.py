@@ -198,8 +198,10 @@ def build_serving(
                 sha256=refs.adapter_sha256.get(adapter_name),
             )
         )
-    if spec.auth:
+    if spec.auth:  # every key the gateway checks callers against
         mounts.add_secret(spec.auth.api_key_secret_ref)
+        for key in spec.auth.keys:
+            mounts.add_secret(key.secret_ref)
     mounts.add_secret(test_key(parent))
     if refs.knowledge_base:
         mounts.add_secret(refs.knowledge_base.qdrant.api_key_secret_ref)

@@ -39,6 +39,7 @@ from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import RetryableError, WorkloadError
 from tailor.workloads.program import limit_cpu_threads, run_main, spec_path
 from tailor.workloads.serving.adapters import SpecWatcher, pull_adapters, serve_metrics
+from tailor.workloads.serving.auth import Caller
 from tailor.workloads.serving.engine.base import TokenEngine
 from tailor.workloads.serving.engine.builtin import load_engine
 from tailor.workloads.serving.engine.loading import check_adapters
@@ -86,7 +87,8 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(_LimitBody, max_bytes=run.limits.max_body_bytes)
-    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 413s too
+    app.add_middleware(_LimitConcurrency, most=run.limits.max_concurrent_requests)
+    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 413s, 503s
     app.include_router(probes)
     if not run.metrics_port or run.metrics_port == run.port:
         # only without a metrics port of its own (in a pod it has one: the API port then
@@ -152,7 +154,25 @@ def _server(request: Request) -> Server:
 
 
 async def _authorized(request: Request) -> None:
-    _server(request).check_auth(request)
+    request.state.caller = _server(request).access.caller(request)
+
+
+def _caller(request: Request) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
+
+
+async def _unscoped(request: Request) -> None:
+    """The runtime adapter API changes what every caller is served: a key for every model
+    only (without auth, anyone: the API is off unless the run turns it on)."""
+    if _caller(request).adapters is not None:
+        raise APIError(
+            403,
+            "this API key is scoped to some models (auth.keys); loading and unloading "
+            "adapters needs the key for every model (auth.apiKeySecretRef)",
+            "permission_error",
+            code="key_scoped",
+        )
 
 
 # ------------------------------------------------------------------ errors
@@ -223,7 +243,7 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-adapter_api = APIRouter(dependencies=[Depends(_authorized)])
+adapter_api = APIRouter(dependencies=[Depends(_authorized), Depends(_unscoped)])
 
 
 @adapter_api.post("/v1/load_lora_adapter")
@@ -258,14 +278,15 @@ openai_api = APIRouter(dependencies=[Depends(_authorized)])
 @openai_api.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     server = _server(request)
-    cards = [model_card(m, server.name, server.created) for m in server.model_names()]
+    names = server.model_names(_caller(request))  # a scoped key sees only its own
+    cards = [model_card(m, server.name, server.created) for m in names]
     return {"object": "list", "data": cards}
 
 
 @openai_api.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     server = _server(request)
-    server.resolve_model(model)
+    server.resolve_model(model, _caller(request))
     return model_card(model, server.name, server.created)
 
 
@@ -273,7 +294,8 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     server = _server(request)
     request.state.model = body.model if body.model in server.model_names() else "unknown"
-    gen = await server.prepare_chat(body, request.headers.get(TEST_KEY_HEADER))
+    test_key = request.headers.get(TEST_KEY_HEADER)
+    gen = await server.prepare_chat(body, _caller(request), test_key)
     return await server.respond(gen, request.state.started)
 
 
@@ -281,13 +303,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     server = _server(request)
     request.state.model = body.model if body.model in server.model_names() else "unknown"
-    gen = server.prepare_completion(body)
+    gen = await server.prepare_completion(body, _caller(request))
     return await server.respond(gen, request.state.started)
 
 
 @openai_api.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
-    answer = _server(request).record_feedback(body)
+    answer = _server(request).record_feedback(body, _caller(request))
     request.state.model = answer["model"]
     return answer
 
@@ -325,6 +347,44 @@ class _CountRequests:
             self.metrics.observe_request(state["model"], path, 500, "server_error")
             raise
         self.metrics.observe_request(state["model"], path, status, state["error_type"])
+
+
+class _LimitConcurrency:
+    """At most ``most`` requests at once (Helm: workloads.serving.limits.
+    maxConcurrentRequests), counted from their first byte, so also while their bodies come
+    in (each buffered up to maxBodyBytes: many slow uploads could take the replica's
+    memory); past it 503 with Retry-After, naming the limit. The probes are not counted and
+    never refused: a flood must not fail the liveness probe and have the kubelet restart
+    a replica (a model load). Not uvicorn's ``limit_concurrency``: it refuses the probes
+    too, and counts idle connections."""
+
+    PROBES = ("/healthz", "/readyz")
+
+    def __init__(self, app: Any, most: int):
+        self.app, self.most, self.running = app, most, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.running >= self.most:
+            scope.setdefault("state", {})["error_type"] = "server_error"
+            error = APIError(
+                503,
+                f"this server already handles {self.most} requests, its limit (the cluster "
+                "admin's workloads.serving.limits.maxConcurrentRequests); retry shortly",
+                "server_error",
+                code="too_many_requests_at_once",
+                headers={"Retry-After": "1"},
+            )
+            response = JSONResponse(error.body(), 503, headers=error.headers)
+            await response(scope, receive, send)
+            return
+        self.running += 1  # one event loop: no lock
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
 
 
 class _LimitBody:

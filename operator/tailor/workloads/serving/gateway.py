@@ -4,7 +4,8 @@ changes) and, with a knowledge base, retrieval: the top chunks for the last user
 into the prompt and come back as ``"tailor": {"sources": [...], "retrieval": "ok"}``; an
 unavailable vector store gives an answer without context and ``"retrieval": "unavailable"``
 instead of an error. Deterministic responses (temperature 0, or a seed) are cached by
-model, adapter weights, prompt and parameters. The engine is known only as a
+caller (a hash of its API key), model, adapter weights, prompt and parameters, at most
+the admin's ``cacheMaxEntries``. The engine is known only as a
 :class:`~tailor.workloads.serving.engine.base.TokenEngine` (the builtin scheduler or vLLM).
 """
 
@@ -19,17 +20,14 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tailor.api.workloads import ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
-from tailor.workloads.errors import WorkloadError
-from tailor.workloads.io.sources import read_secret
 from tailor.workloads.serving.adapters import AdapterSet, pull_adapter
+from tailor.workloads.serving.auth import Access, Caller, MountedSecret, check_scope
 from tailor.workloads.serving.cache import ResponseCache
 from tailor.workloads.serving.engine.base import (
     Chunk,
@@ -40,9 +38,9 @@ from tailor.workloads.serving.engine.base import (
     SamplingParams,
     TokenEngine,
 )
-from tailor.workloads.serving.engine.grammar import FormatError, format_key
 from tailor.workloads.serving.engine.loading import check_adapters
 from tailor.workloads.serving.isolated import IsolatedRenderer
+from tailor.workloads.serving.preparing import Preparer
 from tailor.workloads.serving.prompting import (
     Message,
     ProfileFile,
@@ -74,43 +72,13 @@ log = logging.getLogger("tailor.workloads.serving.gateway")
 MAX_REMEMBERED_RESPONSES = 100_000
 
 
-# ------------------------------------------------------------------ API key, response cache
-class MountedSecret:
-    """A mounted Secret key, re-read when the kubelet updates the file (a rotated API key
-    takes effect without a restart); stat per use, read only on change."""
-
-    def __init__(self, ref: Any, paths: Any):
-        self.ref, self.paths = ref, paths
-        self.path = Path(paths.secrets) / ref.name / ref.key
-        self._seen: tuple[int, int, int] | None = None
-        self._value = read_secret(ref, paths)
-        self._changed()
-
-    def _changed(self) -> bool:
-        """Whether the file is another one than at the last look (False mid-swap)."""
-        try:
-            stat = self.path.stat()  # follows the kubelet's ..data symlink
-        except OSError:
-            return False  # mid-swap: keep the last key
-        seen, self._seen = self._seen, (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        return seen is not None and seen != self._seen
-
-    def value(self) -> str:
-        if self._changed():
-            try:
-                self._value = read_secret(self.ref, self.paths)
-                log.info("the API key Secret %s changed: using the new key", self.ref.name)
-            except WorkloadError:
-                pass  # removed mid-update: keep the last key
-        return self._value
-
-
 # ------------------------------------------------------------------ the server
 @dataclass
 class Generation:
     """What the handlers resolved for one request, ready for the engine."""
 
     kind: Kind
+    caller: Caller
     model: str
     adapter: str | None
     prompt_ids: list[int]
@@ -151,20 +119,20 @@ class Server:
         )
         self._changed_run: ServeRun | None = None  # a spec change that came while loading
         self._apply_lock = threading.Lock()
-        self.api_key = (
-            MountedSecret(run.spec.auth.api_key_secret_ref, run.paths) if run.spec.auth else None
-        )
+        self.access = Access(run.spec.auth, run.paths)
         self.test_key = (
             MountedSecret(run.test_key_secret_ref, run.paths) if run.test_key_secret_ref else None
         )
         self.renderer = IsolatedRenderer(run.limits.template_seconds)
+        self.preparer = Preparer(run.limits.prepare_seconds)
         self.profile = (
             ProfileFile(run.prompt_profile_file, metrics.observe_profile_reload)
             if run.prompt_profile_file
             else None
         )
         cache = run.spec.cache
-        self.cache = ResponseCache(cache.max_entries, cache.ttl_seconds) if cache.enabled else None
+        entries = min(cache.max_entries, run.limits.cache_max_entries)  # the admin's cap
+        self.cache = ResponseCache(entries, cache.ttl_seconds) if cache.enabled else None
         self.responses: OrderedDict[str, str] = OrderedDict()  # response id -> model
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
@@ -230,8 +198,10 @@ class Server:
 
         threading.Thread(target=retire, name="tailor-retire-engine", daemon=True).start()
 
-    def model_names(self) -> list[str]:
-        return [self.name] + [f"{self.name}/{a}" for a in self.adapters]
+    def model_names(self, caller: Caller | None = None) -> list[str]:
+        """The models served now (those ``caller`` may use, when given)."""
+        names = {None: self.name} | {a: f"{self.name}/{a}" for a in self.adapters}
+        return [n for a, n in names.items() if caller is None or caller.may_use(a)]
 
     def require_engine(self) -> TokenEngine:
         """The engine, if it is loaded and would take one more request (else 503 or 429)."""
@@ -249,21 +219,6 @@ class Server:
             raise refused
         return self.engine
 
-    def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.value().encode()
-        ):
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
-                "from the deployment's auth.apiKeySecretRef.",
-                code="invalid_api_key",
-            )
-
     def upstream_adapter(self, lora_name: str) -> str:
         """The adapter of a runtime adapter API name (``<served>/<adapter>``)."""
         prefix = self.name + "/"
@@ -273,19 +228,24 @@ class Server:
             )
         return lora_name[len(prefix) :]
 
-    def resolve_model(self, name: str) -> str | None:
-        """The adapter a model name refers to (None: the base model); 404 if unknown."""
-        if name == self.name:
-            return None
+    def resolve_model(self, name: str, caller: Caller) -> str | None:
+        """The adapter a model name refers to (None: the base model); 404 if unknown, 403
+        if ``caller``'s key may not use it."""
         prefix = self.name + "/"
-        if name.startswith(prefix) and name[len(prefix) :] in self.adapters:
-            return name[len(prefix) :]
-        raise APIError(
-            404,
-            f"The model `{name}` does not exist. Available: {', '.join(self.model_names())}.",
-            param="model",
-            code="model_not_found",
-        )
+        if name == self.name:
+            adapter = None
+        elif name.startswith(prefix) and name[len(prefix) :] in self.adapters:
+            adapter = name[len(prefix) :]
+        else:
+            usable = ", ".join(self.model_names(caller))
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Available: {usable}.",
+                param="model",
+                code="model_not_found",
+            )
+        check_scope(caller, adapter, name, self.model_names(caller))
+        return adapter
 
     # -- retrieval
     def retriever(self) -> Any:
@@ -349,7 +309,12 @@ class Server:
 
     # -- request preparation
     def sampling(
-        self, body: GenerationParameters, max_tokens: int | None, prompt_tokens: int, profile: Any
+        self,
+        body: GenerationParameters,
+        max_tokens: int | None,
+        prompt_tokens: int,
+        profile: Any,
+        response_format: str | None,
     ) -> SamplingParams:
         """Request parameters over the profile's defaults, fitted into the context window."""
         merged = merge_parameters(
@@ -398,39 +363,15 @@ class Server:
             seed=merged.seed,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            response_format=self.response_format(body, profile),
+            response_format=response_format,
         )
 
-    def response_format(self, body: GenerationParameters, profile: Any) -> str | None:
-        """The format key of the request's ``response_format``, else the profile's; compiled
-        here, so a schema that cannot be enforced is a 400 naming the field."""
-        param = "response_format"
-        try:
-            if body.response_format is not None:
-                given = body.response_format
-                if given.type == "json_schema" and given.json_schema is None:
-                    raise FormatError("json_schema needs response_format.json_schema.schema")
-                schema = given.json_schema.schema_ if given.json_schema else None
-                key = format_key(given.type, schema)
-            elif profile is not None and profile.response_format is not None:
-                param = "promptProfile.responseFormat"
-                wanted = profile.response_format
-                key = format_key(wanted.type, wanted.schema_)
-            else:
-                return None
-            self.require_engine().check_format(key)
-        except FormatError as exc:
-            raise APIError(
-                400, f"{param}: {exc}", param=param, code="invalid_response_format"
-            ) from exc
-        return key
-
     async def prepare_chat(
-        self, body: ChatCompletionRequest, test_key: str | None = None
+        self, body: ChatCompletionRequest, caller: Caller, test_key: str | None = None
     ) -> Generation:
         """A chat request as a generation. ``test_key``: the X-Tailor-Test-Key header, the
         credential for bringing a prompt profile (``tailor.promptProfile``)."""
-        adapter = self.resolve_model(body.model)
+        adapter = self.resolve_model(body.model, caller)
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(bool(body.logprobs), "logprobs", "logprobs are not supported")
         _reject(bool(body.tools or body.functions), "tools", "tool calling is not supported")
@@ -467,11 +408,14 @@ class Server:
                 param="tailor.variables",
                 code="invalid_prompt",
             ) from exc
-        prompt_ids = await asyncio.to_thread(engine.encode_chat, [m.as_dict() for m in messages])
+        chat = [m.as_dict() for m in messages]
+        prompt_ids = await self.preparer.tokens(engine.encode_chat, chat, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self.sampling(body, max_tokens, len(prompt_ids), profile)
+        response_format = await self.preparer.response_format(engine, body, profile)
+        params = self.sampling(body, max_tokens, len(prompt_ids), profile, response_format)
         return Generation(
             "chat",
+            caller,
             body.model,
             adapter,
             prompt_ids,
@@ -504,8 +448,8 @@ class Server:
         except PromptError as exc:
             raise APIError(400, str(exc), param="tailor.promptProfile") from exc
 
-    def prepare_completion(self, body: CompletionRequest) -> Generation:
-        adapter = self.resolve_model(body.model)
+    async def prepare_completion(self, body: CompletionRequest, caller: Caller) -> Generation:
+        adapter = self.resolve_model(body.model, caller)
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(body.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
         _reject(body.echo, "echo", "echo is not supported")
@@ -517,14 +461,16 @@ class Server:
             _reject(len(prompt) != 1, "prompt", "send one prompt per request")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = engine.encode_text(prompt)
+            prompt_ids = await self.preparer.tokens(engine.encode_text, prompt, "prompt")
         else:
             prompt_ids = [int(t) for t in prompt]
         _reject(not prompt_ids, "prompt", "the prompt is empty")
         profile = self.profile.get() if self.profile else None
-        params = self.sampling(body, body.max_tokens, len(prompt_ids), profile)
+        response_format = await self.preparer.response_format(engine, body, profile)
+        params = self.sampling(body, body.max_tokens, len(prompt_ids), profile, response_format)
         return Generation(
             "completion",
+            caller,
             body.model,
             adapter,
             prompt_ids,
@@ -574,13 +520,16 @@ class Server:
 
     def _cache_key(self, gen: Generation) -> str | None:
         """The response cache's key of a deterministic generation (temperature 0, or a
-        seed); None when it is not cached."""
+        seed); None when it is not cached. The caller is part of it: a hit (and its speed)
+        would tell one caller what another one asked."""
         if self.cache is None or not (gen.params.temperature == 0 or gen.params.seed is not None):
             return None
         # the adapter's weights are part of the key: a replaced adapter answers anew
         served = self.adapter_set.served.get(gen.adapter) if gen.adapter else None
         weights = served.source if served else None
-        return ResponseCache.key(gen.kind, gen.model, weights, gen.prompt_ids, gen.params.__dict__)
+        return ResponseCache.key(
+            gen.caller.identity, gen.kind, gen.model, weights, gen.prompt_ids, gen.params.__dict__
+        )
 
     def _answer_cached(self, gen: Generation, cached: dict[str, Any]) -> Response:
         reply = Reply.new(gen.kind, gen.model)
@@ -642,7 +591,7 @@ class Server:
         while len(self.responses) > MAX_REMEMBERED_RESPONSES:
             self.responses.popitem(last=False)
 
-    def record_feedback(self, body: FeedbackRequest) -> dict[str, Any]:
+    def record_feedback(self, body: FeedbackRequest, caller: Caller) -> dict[str, Any]:
         """A thumbs up or down on a response: counted by model (the response's, when it was
         answered here), and logged with its comment."""
         if not body.id.startswith(("chatcmpl-", "cmpl-")):
@@ -655,7 +604,7 @@ class Server:
         model = self.responses.get(body.id)
         known = model is not None
         if model is None and body.model is not None:
-            self.resolve_model(body.model)
+            self.resolve_model(body.model, caller)
             model = body.model
         model = model or "unknown"
         self.metrics.observe_feedback(model, body.rating)

@@ -78,37 +78,43 @@ class Grammars:
         self._size = size
         self._compiler: Any = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache of compiled grammars
+        self._compiler_lock = threading.Lock()
 
     def _get_compiler(self) -> Any:
         import xgrammar as xgr
 
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(
-                self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_ids
-            )
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        return self._compiler
+        with self._compiler_lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_ids
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
 
     def compile(self, key: str) -> Any:
-        """The compiled grammar of a format key; FormatError when it cannot be built."""
+        """The compiled grammar of a format key; FormatError when it cannot be built. The
+        lock guards the cache only, not a compile: a found grammar (what the engine's submit
+        asks for, on the event loop) never waits for another format's compile, which can
+        take seconds (the gateway compiles off the event loop first, one at a time)."""
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
-            compiler = self._get_compiler()
-            spec = json.loads(key)
-            try:
-                schema = spec.get("schema") or {"type": "object"}  # json_object: any object
-                compiled = compiler.compile_json_schema(
-                    json.dumps(schema), any_whitespace=False, strict_mode=True
-                )
-            except Exception as exc:  # xgrammar raises RuntimeError for unsupported schemas
-                raise FormatError(f"the schema cannot be enforced: {exc}") from exc
+        compiler = self._get_compiler()
+        spec = json.loads(key)
+        try:
+            schema = spec.get("schema") or {"type": "object"}  # json_object: any object
+            compiled = compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=False, strict_mode=True
+            )
+        except Exception as exc:  # xgrammar raises RuntimeError for unsupported schemas
+            raise FormatError(f"the schema cannot be enforced: {exc}") from exc
+        with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > self._size:
                 self._compiled.popitem(last=False)
-            return compiled
+        return compiled
 
     @staticmethod
     def matcher(compiled: Any) -> Any:
