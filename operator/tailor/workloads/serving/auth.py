@@ -103,7 +103,7 @@ class Access:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode()
         if scheme.lower() == "bearer" and given:
-            for key in self.keys:  # every key compared: the time does not tell which matched
+            for key in self.keys:  # each compared in constant time (hmac)
                 value = key.secret.value().encode()
                 if hmac.compare_digest(given, value):
                     identity = hashlib.sha256(value).hexdigest()
