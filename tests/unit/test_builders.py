@@ -841,3 +841,32 @@ def test_every_program_a_builder_names_is_a_module_with_a_main(program: Program)
     is not a module (after a move) would fail only when the pod starts."""
     module = importlib.import_module(f"tailor.workloads.{program}")
     assert callable(getattr(module, "main", None)), f"{module.__name__} has no main()"
+
+
+def test_a_deployment_with_no_allowed_callers_admits_none() -> None:
+    """``allowFrom: []`` closes the API port: an ingress rule with an empty ``from`` would
+    admit every source, so there is none; the metrics port admits the admin's namespaces."""
+    spec: ModelDeploymentSpec = spec_of(
+        "modeldeployment", knowledgeBaseRef=None, promptProfileRef=None, network={"allowFrom": []}
+    )
+    settings = type(SETTINGS).model_validate(
+        {**SETTINGS.model_dump(), "network_policy": {"metrics_from_namespaces": ["monitoring"]}}
+    )
+    workload = build_serving(spec, parent("ModelDeployment", "md"), settings, ResolvedRefs())
+    policy = by_kind(workload.manifests)["NetworkPolicy"]
+    assert policy["spec"]["ingress"] == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": settings.metrics_port}],
+        }
+    ]
+    off = type(SETTINGS).model_validate(
+        {**SETTINGS.model_dump(), "network_policy": {"enabled": False}}
+    )
+    assert "NetworkPolicy" not in by_kind(build_serving(spec, parent("ModelDeployment", "md"), off, ResolvedRefs()).manifests)  # fmt: skip

@@ -128,6 +128,37 @@ class Auth(TailorModel):
     )
 
 
+class NetworkPeer(TailorModel):
+    """Pods that may call a deployment's API: every pod of a namespace, or those with some
+    labels (a NetworkPolicy peer)."""
+
+    namespace: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="A namespace by name; unset: the deployment's own.",
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Only pods with all these labels; empty: every pod of the namespace.",
+    )
+
+
+class Network(TailorModel):
+    """Who may reach the deployment (a NetworkPolicy the operator writes beside it; it is
+    enforced where the cluster's network plugin enforces NetworkPolicies)."""
+
+    allow_from: list[NetworkPeer] = Field(
+        default_factory=lambda: [NetworkPeer()],
+        max_length=32,
+        description="Pods that may call the API port. Default: every pod of this namespace "
+        "(`[{}]`); a list replaces it (keep `{}` in it for this namespace). Prometheus and "
+        "the operator reach the metrics port only (the cluster admin's "
+        "workloads.networkPolicy).",
+    )
+
+
 class Autoscaling(TailorModel):
     """HorizontalPodAutoscaler on in-flight requests per replica."""
 
@@ -204,6 +235,10 @@ class ModelDeploymentSpec(TailorModel):
     cache: Cache = Field(default_factory=Cache, description="Response cache.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
     auth: Auth | None = Field(default=None, description="Require an API key.")
+    network: Network = Field(
+        default_factory=Network,
+        description="Who may reach the server (default: pods of this namespace).",
+    )
     replicas: int = Field(
         default=1,
         ge=0,

@@ -34,6 +34,34 @@ class ScratchLimits(TailorModel):
     vllm: Quantity = Field(default="100Gi", description="vLLM's own cache (compiled kernels).")
 
 
+class PodPolicy(TailorModel):
+    """Defaults and allow-lists for workload pods (Helm: workloads.pods): what a spec leaves
+    out is bounded anyway, and what it may ask of the scheduler is the admin's to allow."""
+
+    default_cpu: Quantity | None = Field(
+        default="2",
+        description="CPU request and limit of a workload container whose spec sets none "
+        "(null: none). Counts against a Kueue ClusterQueue's quota like any request.",
+    )
+    default_memory: Quantity | None = Field(
+        default="8Gi",
+        description="Memory request and limit of a workload container whose spec sets none "
+        "(null: none): past it the container is OOM-killed, not its neighbours.",
+    )
+    allowed_priority_classes: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="PriorityClasses a spec's resources.priorityClassName may name (empty: "
+        "none, so no tenant can preempt others with system-node-critical).",
+    )
+    allowed_toleration_keys: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu", "amd.com/gpu"],
+        max_length=64,
+        description="Taint keys a spec's resources.tolerations may tolerate (a toleration "
+        "without a key tolerates every taint, and is refused unless '*' is listed).",
+    )
+
+
 class EgressPolicy(TailorModel):
     """Where pods may be sent by a spec's URLs (a DataSource's url, a RAFT teacher's url, a
     KnowledgeBase's Qdrant url): the cluster admin's (Helm: workloads.egress). A user's
@@ -53,6 +81,23 @@ class EgressPolicy(TailorModel):
     )
     allow_insecure_http: bool = Field(
         default=False, description="Let specs set allowInsecureHttp (plain http URLs)."
+    )
+
+
+class NetworkPolicySettings(TailorModel):
+    """NetworkPolicies the operator writes (Helm: workloads.networkPolicy)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="A NetworkPolicy per ModelDeployment admitting only its spec.network."
+        "allowFrom on the API port and metricsFromNamespaces on the metrics port.",
+    )
+    metrics_from_namespaces: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Namespaces whose pods may reach a server's metrics port: Prometheus's "
+        "and the operator's (it reads each replica's /adapters there). The chart adds its "
+        "own namespace.",
     )
 
 
@@ -163,10 +208,20 @@ class OperatorSettings(TailorModel):
         default_factory=EgressPolicy,
         description="Where specs may send pods (Helm: workloads.egress; TAILOR_EGRESS as JSON).",
     )
+    pods: PodPolicy = Field(
+        default_factory=PodPolicy,
+        description="Workload pods' default CPU and memory, allowed priority classes and "
+        "tolerations (Helm: workloads.pods; TAILOR_PODS as JSON).",
+    )
     scratch: ScratchLimits = Field(
         default_factory=ScratchLimits,
         description="sizeLimit of workload pods' emptyDirs (Helm: workloads.scratch; "
         "TAILOR_SCRATCH as JSON).",
+    )
+    network_policy: NetworkPolicySettings = Field(
+        default_factory=NetworkPolicySettings,
+        description="NetworkPolicies of servers (Helm: workloads.networkPolicy; "
+        "TAILOR_NETWORK_POLICY as JSON).",
     )
     serving_limits: ServingLimits = Field(
         default_factory=ServingLimits,
@@ -231,6 +286,8 @@ class OperatorSettings(TailorModel):
                         "scratch",
                         "egress",
                         "s3_shared_readable",
+                        "network_policy",
+                        "pods",
                     )
                     else text
                 )

@@ -25,7 +25,7 @@ from tailor.api.common import (
     Resources,
     SecretKeyRef,
 )
-from tailor.api.settings import OperatorSettings
+from tailor.api.settings import OperatorSettings, PodPolicy
 from tailor.api.workloads import ObjectStore, OwnerRef, Paths, Reporter
 
 Manifest = dict[str, Any]
@@ -323,14 +323,19 @@ def volumes_and_mounts(
     return volumes, container_mounts
 
 
-def container_resources(resources: Resources, gpus_per_pod: int | None = None) -> Manifest:
-    """requests/limits: CPU and memory as given, accelerators as an extended resource."""
+def container_resources(
+    resources: Resources, defaults: PodPolicy, gpus_per_pod: int | None = None
+) -> Manifest:
+    """requests/limits: CPU and memory as given (else the admin's defaults: no container
+    runs unbounded), accelerators as an extended resource."""
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
-    if resources.cpu is not None:
-        requests["cpu"] = limits["cpu"] = str(resources.cpu)
-    if resources.memory is not None:
-        requests["memory"] = limits["memory"] = str(resources.memory)
+    cpu = resources.cpu if resources.cpu is not None else defaults.default_cpu
+    memory = resources.memory if resources.memory is not None else defaults.default_memory
+    if cpu is not None:
+        requests["cpu"] = limits["cpu"] = str(cpu)
+    if memory is not None:
+        requests["memory"] = limits["memory"] = str(memory)
     gpus = resources.gpus if gpus_per_pod is None else gpus_per_pod
     if gpus:
         requests[resources.gpu_resource] = limits[resources.gpu_resource] = str(gpus)
@@ -394,7 +399,7 @@ def workload_container(
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "TAILOR_LOG_LEVEL", "value": "INFO"},
         ],
-        "resources": container_resources(resources),
+        "resources": container_resources(resources, settings.pods),
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "volumeMounts": volume_mounts,
         "ports": ports or [{"name": "metrics", "containerPort": settings.metrics_port}],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailor.api.common import Resources, SecretKeyRef
-from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.modeldeployment import ModelDeploymentSpec, NetworkPeer
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import (
     Reporter,
@@ -128,7 +128,7 @@ def vllm_container(
         "command": ["vllm"],
         "args": args,
         "env": env,
-        "resources": container_resources(spec.resources),
+        "resources": container_resources(spec.resources, settings.pods),
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "volumeMounts": mounts,
         # loading weights takes minutes: up to 30 before the kubelet gives up
@@ -174,6 +174,53 @@ def test_key_secret(parent: Parent, value: str) -> Manifest:
         "metadata": metadata(parent, ref.name, "test-key"),
         "type": "Opaque",
         "stringData": {ref.key: value},
+    }
+
+
+def network_policy(
+    spec: ModelDeploymentSpec,
+    parent: Parent,
+    settings: OperatorSettings,
+    selector: dict[str, str],
+) -> Manifest:
+    """Ingress of the server's pods: the API port from ``spec.network.allowFrom`` only, the
+    metrics port (which lists adapters) from the admin's namespaces only (Prometheus, the
+    operator). The kubelet's probes are not pod traffic and stay allowed."""
+
+    def peer(allowed: NetworkPeer) -> dict[str, Any]:
+        pods = {"podSelector": {"matchLabels": dict(allowed.pod_labels)}}
+        if allowed.namespace is None:
+            return pods  # a podSelector alone: pods of the policy's own namespace
+        by_name = {"matchLabels": {"kubernetes.io/metadata.name": allowed.namespace}}
+        return {"namespaceSelector": by_name, **pods}
+
+    ingress: list[dict[str, Any]] = []
+    if spec.network.allow_from:  # an empty `from` would admit every source: then no rule
+        ingress.append(
+            {
+                "from": [peer(p) for p in spec.network.allow_from],
+                "ports": [{"protocol": "TCP", "port": settings.serve_port}],
+            }
+        )
+    if settings.network_policy.metrics_from_namespaces:
+        ingress.append(
+            {
+                "from": [
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                    for ns in settings.network_policy.metrics_from_namespaces
+                ],
+                "ports": [{"protocol": "TCP", "port": settings.metrics_port}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(parent, parent.name, "server"),
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
     }
 
 
@@ -319,6 +366,8 @@ def build_serving(
     }
     manifests: list[Manifest] = [spec_config_map(parent, spec_name, "server", run), deployment]
     manifests.append(service)
+    if settings.network_policy.enabled:
+        manifests.append(network_policy(spec, parent, settings, selector))
     if spec.autoscaling:
         manifests.append(build_autoscaler(spec, parent))
     return Workload(

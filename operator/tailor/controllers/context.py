@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.egress import refused_egress
+from tailor.controllers.placement import refused_placement
 from tailor.controllers.secrets import unusable_secret
 from tailor.controllers.storage import refused_storage
 from tailor.controllers.workqueue import WorkQueue
@@ -253,7 +254,8 @@ class Operator:
                 "metadata"
             ].get("generation")
             refused = None if settled else self.admission_problem(body)
-            if refused:  # before any pod: see tailor.controllers.secrets, .egress, .storage
+            # before any pod: see tailor.controllers.secrets, .egress, .storage, .placement
+            if refused:
                 reason, message = refused
                 generation = body["metadata"].get("generation")
                 self.patch_status(
@@ -273,14 +275,18 @@ class Operator:
 
     def admission_problem(self, body: dict[str, Any]) -> tuple[str, str] | None:
         """(reason, message) when the object may not start pods as it is: a URL the admin's
-        egress policy does not allow, an s3:// URI outside the namespace's folder, or a
-        Secret that did not opt in; else None."""
+        egress policy does not allow, an s3:// URI outside the namespace's folder, a
+        priority class or toleration the admin does not allow, or a Secret that did not opt
+        in; else None."""
         egress = refused_egress(body, self.settings.egress)
         if egress:
             return "EgressNotAllowed", egress
         storage = refused_storage(body, self.settings)
         if storage:
             return "StorageNotAllowed", storage
+        placement = refused_placement(body, self.settings.pods)
+        if placement:
+            return "PlacementNotAllowed", placement
         secret = unusable_secret(body, self.settings, self.secret_metadata)
         return ("SecretNotUsable", secret) if secret else None
 

@@ -1,5 +1,6 @@
-"""A namespace reads S3 only under its own prefix and the folders the admin shares
-(docs/security.md, "Storage"), against the real API server with the operator running.
+"""What the operator refuses before any pod, against the real API server with the operator
+running: S3 outside the namespace's own folder and the folders the admin shares
+(docs/security.md, "Storage"), and placement the admin did not allow.
 
 Before, every artifact key was ``<prefix>/<kind>/<name>/<uid>`` and an ``s3://`` URI in a
 spec was read with the cluster's one S3 identity wherever it pointed: a tenant could index
@@ -111,3 +112,66 @@ def test_only_the_namespaces_folder_and_shared_folders_are_readable() -> None:
         OperatorSettings(s3_bucket="models", s3_shared_readable=["s3://models/tailor"])
     with pytest.raises(ValueError, match="sharedReadable"):
         OperatorSettings(s3_bucket="models", s3_shared_readable=["s3://models/a/../b/"])
+
+
+def test_a_priority_class_or_toleration_the_admin_did_not_allow_is_refused(
+    kube: Kube, ns: str
+) -> None:
+    """The same gate for what a spec asks of the scheduler (controllers/placement.py):
+    ``system-node-critical`` would preempt every tenant's pods; a keyless toleration would
+    land pods on nodes tainted for others."""
+    critical = fine_tune("critical", 0)
+    critical["spec"]["resources"]["priorityClassName"] = "system-node-critical"
+    kube.apply(critical, "-n", ns)
+    ready = wait_for(
+        "the spec to be refused",
+        lambda: (
+            (r := ready_reason(kube, ns, "ftj", "critical")).get("reason") == "PlacementNotAllowed"
+            and r
+        ),
+        timeout=60,
+        interval=0.3,
+    )
+    assert ready["message"].startswith("spec.resources.priorityClassName: system-node-critical")
+    assert "workloads.pods.allowedPriorityClasses" in ready["message"]
+    assert kube.get_json("jobs", "-n", ns)["items"] == []
+
+
+def test_placement_allow_lists_and_default_resources() -> None:
+    from tailor.api.finetunejob import FineTuneJobSpec
+    from tailor.api.settings import PodPolicy
+    from tailor.builders.common import Parent
+    from tailor.builders.finetunejob import build_training
+    from tailor.controllers.placement import refused_placement
+
+    def body(**resources: Any) -> dict[str, Any]:
+        manifest = fine_tune("r", 0)
+        manifest["spec"]["resources"].update(resources)
+        return {**manifest, "metadata": {"name": "r", "namespace": "t"}}
+
+    policy = PodPolicy()
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert refused_placement(body(tolerations=[gpu]), policy) is None
+    everything = refused_placement(body(tolerations=[gpu, {"operator": "Exists"}]), policy)
+    assert everything and everything.startswith("spec.resources.tolerations[1].key: a toleration")
+    control_plane = {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}
+    assert refused_placement(body(tolerations=[control_plane]), policy)
+    assert refused_placement(body(tolerations=[control_plane]), PodPolicy(
+        allowed_toleration_keys=["*"])) is None  # fmt: skip
+    batch = PodPolicy(allowed_priority_classes=["batch-low"])
+    assert refused_placement(body(priorityClassName="batch-low"), batch) is None
+    assert refused_placement(body(priorityClassName="system-cluster-critical"), batch)
+
+    # a spec without cpu and memory still runs bounded: the admin's defaults
+    spec = body()["spec"]
+    spec["resources"] = {"gpus": 0}
+    parent = Parent(kind="FineTuneJob", name="r", namespace="t", uid="u", generation=1)
+    job = next(
+        m
+        for m in build_training(
+            FineTuneJobSpec.model_validate(spec), parent, OperatorSettings()
+        ).manifests
+        if m["kind"] == "Job"
+    )
+    limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "2", "memory": "8Gi"}

@@ -71,3 +71,52 @@ def test_the_admins_policy_narrows_and_allows() -> None:
     assert teacher and teacher.startswith(
         "spec.questions.generate.teacher.url: host api.evil.example.net"
     )
+
+
+def test_a_deployment_admits_only_its_namespace_unless_its_spec_names_more(
+    kube: Kube, ns: str
+) -> None:
+    """The other direction: who may reach a server. Each ModelDeployment gets a
+    NetworkPolicy; by default its API port admits pods of its own namespace only, so a pod
+    of another namespace cannot call it (enforced by the cluster's network plugin: the dev
+    cluster has none, so the object the API server stores is what is checked here)."""
+    md = yaml.safe_load((EXAMPLES / "modeldeployment.yaml").read_text())
+    md["spec"].update(replicas=0, adapters=[], autoscaling=None)
+    for ref in ("knowledgeBaseRef", "promptProfileRef"):
+        md["spec"].pop(ref, None)
+    kube.apply(md, "-n", ns)
+    name = md["metadata"]["name"]
+    policy = wait_for(
+        "the NetworkPolicy",
+        lambda: kube.get_json("networkpolicies", "-n", ns)["items"],
+        timeout=60,
+        interval=0.3,
+    )[0]
+    pods = get(kube, ns, "deploy", name)["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pods.items()  # it selects the server's pods
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    api, *rest = policy["spec"]["ingress"]
+    assert api["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert api["from"] == [{"podSelector": {}}]  # this namespace's pods, no other namespace
+    assert all(rule.get("from") for rule in rest)  # no rule admits every source
+
+    md["spec"]["network"] = {"allowFrom": [{"namespace": "apps", "podLabels": {"app": "web"}}]}
+    kube.apply(md, "-n", ns)
+
+    def widened() -> Any:
+        items = kube.get_json("networkpolicies", "-n", ns)["items"]
+        return items[0]["spec"]["ingress"][0]["from"] if items else None
+
+    seen = wait_for(
+        "the policy to follow the spec",
+        lambda: (f := widened()) != api["from"] and f,
+        timeout=60,
+        interval=0.3,
+    )
+    assert seen == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}},
+            "podSelector": {"matchLabels": {"app": "web"}},
+        }
+    ]
