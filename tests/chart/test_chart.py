@@ -78,13 +78,14 @@ def test_one_replica_without_leader_election_and_never_two() -> None:
     deployment = single["Deployment"][0]
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    assert "PodDisruptionBudget" not in single and "Role" not in single
+    assert "PodDisruptionBudget" not in single
+    assert not [r for r in single["Role"] if r["metadata"]["name"].endswith("-leader-election")]
     refused = helm("template", "t", str(CHART), values={"operator": {"leaderElection": False,
                    "replicas": 2}}, check=False)  # fmt: skip
     assert refused.returncode != 0 and "needs operator.leaderElection" in refused.stderr
 
 
-def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
+def test_default_render_is_a_locked_down_namespaced_operator() -> None:
     objects = by_kind(render())
     assert sorted(objects) == [
         "ClusterRole",
@@ -95,13 +96,17 @@ def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
         "RoleBinding",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     deployment = objects["Deployment"][0]
     # two replicas, one leading through a Lease; a PDB keeps one through disruptions
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
     assert objects["PodDisruptionBudget"][0]["spec"]["minAvailable"] == 1
-    (lease_role,) = objects["Role"]
+    (lease_role,) = [
+        r for r in objects["Role"] if r["metadata"]["name"] == "tailor-leader-election"
+    ]
     assert {r["resources"][0] for r in lease_role["rules"]} == {"leases"}
     assert lease_role["rules"][1]["resourceNames"] == ["tailor"]
     assert "--leader-election" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -124,7 +129,10 @@ def test_default_render_is_a_locked_down_cluster_wide_operator() -> None:
     assert container["args"][:2] == ["operator", "run"]
     assert "--metrics-port=8081" in container["args"]
     assert "--health-port=8080" in container["args"]
-    assert not [a for a in container["args"] if a.startswith("--namespace")]  # cluster-wide
+    # namespaced: the release namespace only (tests/chart/test_operator_rights.py)
+    assert [a for a in container["args"] if a.startswith("--namespace")] == [
+        "--namespace=tailor-system"
+    ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TAILOR_IMAGE"] == "ghcr.io/tailor-dev/tailor-workloads:0.1.0"
     # Every TAILOR_* variable the chart sets is a real operator setting.
@@ -303,6 +311,7 @@ RESOURCES = {
     ("batch/v1", "Job"): ("batch", "jobs"),
     ("apps/v1", "Deployment"): ("apps", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("autoscaling", "horizontalpodautoscalers"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("networking.k8s.io", "networkpolicies"),
     ("tailor.dev/v1alpha1", "FineTuneJob"): ("tailor.dev", "finetunejobs"),
     ("tailor.dev/v1alpha1", "ModelDeployment"): ("tailor.dev", "modeldeployments"),
 }
@@ -310,7 +319,7 @@ RESOURCES = {
 
 @pytest.mark.parametrize("watch", [[], ["ns"]], ids=["cluster-wide", "namespaced"])
 def test_rbac_grants_what_the_builders_create_and_no_more(watch: list[str]) -> None:
-    objects = by_kind(render({"watchNamespaces": watch}))
+    objects = by_kind(render({"watchNamespaces": watch} if watch else {"clusterWide": True}))
     rules = (objects["Role"] if watch else objects["ClusterRole"])[0]["rules"]
     manifests = builder_manifests(OperatorSettings())
     kinds = {(m["apiVersion"], m["kind"]) for m in manifests}
@@ -515,7 +524,7 @@ def test_the_api_server_accepts_every_rendered_object(
     try:
         cases = {
             "defaults": {},
-            "every toggle, cluster-wide": EVERY_TOGGLE,
+            "every toggle, cluster-wide": {**EVERY_TOGGLE, "clusterWide": True},
             "every toggle, namespaced": {
                 **EVERY_TOGGLE,
                 "watchNamespaces": [chart_namespace, other],
@@ -537,6 +546,8 @@ def test_the_api_server_accepts_every_rendered_object(
                     "CustomResourceDefinition",
                     "ClusterRole",
                     "ClusterRoleBinding",
+                    "ValidatingAdmissionPolicy",
+                    "ValidatingAdmissionPolicyBinding",
                 ):
                     obj["metadata"].setdefault("namespace", chart_namespace)
             applied = server_dry_run(chart_cluster, objects)
@@ -564,7 +575,7 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
         "--wait",
         "--timeout",
         "120s",
-        values={},
+        values={"clusterWide": True},  # the default, namespaced: test_operator_rights.py
         kube=kube,
     )
     assert "kubectl get tailor -A" in result.stdout  # the notes
@@ -588,6 +599,9 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
     assert any("finetunejobs/status" in r["resources"] for r in role["rules"])
     binding = kube.get_json("clusterrolebinding", fullname)
     assert binding["subjects"][0]["name"] == fullname
+    # The API server took the admission policy and found its expressions well typed.
+    policy = kube.get_json("validatingadmissionpolicy", f"{fullname}-operator-writes")
+    assert not (policy.get("status") or {}).get("typeChecking", {}).get("expressionWarnings")
     # The installed ServiceAccount can do what the operator does, and not more.
     sa_user = f"system:serviceaccount:{chart_namespace}:{fullname}"
 
@@ -638,6 +652,8 @@ def test_install_creates_the_operator_and_uninstall_removes_it(
         ("service", f"{fullname}-metrics", True),
         ("clusterrole", fullname, False),
         ("clusterrolebinding", fullname, False),
+        ("validatingadmissionpolicy", f"{fullname}-operator-writes", False),
+        ("validatingadmissionpolicybinding", f"{fullname}-operator-writes", False),
     ):
         args = ["get", kind, name, *(["-n", chart_namespace] if namespaced else [])]
         assert kube.kubectl(*args, check=False).returncode != 0, f"{kind} {name} left behind"

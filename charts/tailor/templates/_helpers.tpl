@@ -78,11 +78,28 @@ app.kubernetes.io/component: qdrant
 {{- default (include "tailor.qdrant.fullname" .) .Values.qdrant.apiKey.existingSecret }}
 {{- end }}
 
+{{/* The namespaces the operator watches, as a JSON list: watchNamespaces, else the
+release namespace; empty in cluster-wide mode (clusterWide: every namespace but
+excludedNamespaces). Fails when a watched namespace is an excluded one. */}}
+{{- define "tailor.watchNamespaces" -}}
+{{- $watch := list }}
+{{- if not .Values.clusterWide }}
+{{- $watch = .Values.watchNamespaces | default (list (include "tailor.namespace" .)) }}
+{{- end }}
+{{- range $watch }}
+{{- if has . $.Values.excludedNamespaces }}
+{{- fail (printf "watchNamespaces (or the release namespace) includes %s, which excludedNamespaces excludes" .) }}
+{{- end }}
+{{- end }}
+{{- toJson $watch }}
+{{- end }}
+
 {{/* The namespaces the PodMonitors look in: the watched ones, else all. */}}
 {{- define "tailor.podMonitorNamespaces" -}}
-{{- if .Values.watchNamespaces -}}
+{{- $watch := include "tailor.watchNamespaces" . | fromJsonArray }}
+{{- if $watch -}}
 matchNames:
-{{- range .Values.watchNamespaces }}
+{{- range $watch }}
 - {{ . | quote }}
 {{- end }}
 {{- else -}}

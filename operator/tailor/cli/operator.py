@@ -34,6 +34,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch only these (repeatable)"
     )
+    run.add_argument(
+        "--exclude-namespace",
+        action="append",
+        default=[],
+        help="cluster-wide: never reconcile in this namespace (repeatable)",
+    )
     run.add_argument("--runtime", choices=["kubernetes", "local"], default=None)
     run.add_argument(
         "--metrics-port",
@@ -95,7 +101,11 @@ def run_operator(args: argparse.Namespace) -> int:
     instrument_api_clients()
     api_client = load_api_client(pool_size=settings.workers + 16)
     context.OPERATOR = context.Operator(
-        settings, make_runtime(settings, api_client), api_client, namespaces=args.namespace
+        settings,
+        make_runtime(settings, api_client),
+        api_client,
+        namespaces=args.namespace,
+        excluded_namespaces=args.exclude_namespace,
     )
     operator_kopf.load_handlers()
     if args.metrics_port:
@@ -109,9 +119,10 @@ def run_operator(args: argparse.Namespace) -> int:
             elector.acquire()
     context.OPERATOR.start_resync()
     log.info(
-        "starting: runtime=%s namespaces=%s metrics=:%s health=:%s",
+        "starting: runtime=%s namespaces=%s excluded=%s metrics=:%s health=:%s",
         settings.runtime,
         ",".join(args.namespace) or "all",
+        ",".join(args.exclude_namespace) or "none",
         args.metrics_port,
         args.health_port,
     )
