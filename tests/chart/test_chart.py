@@ -156,6 +156,24 @@ def operator_env(values: dict[str, Any]) -> dict[str, str | None]:
     }
 
 
+def test_pod_defaults_and_network_policies_reach_the_operator() -> None:
+    settings = OperatorSettings.from_env(operator_env({}))
+    assert (settings.pods.default_cpu, settings.pods.default_memory) == ("2", "8Gi")
+    assert settings.pods.allowed_priority_classes == []
+    # the operator reads each replica's metrics port: its namespace is always admitted
+    assert settings.network_policy.metrics_from_namespaces == ["monitoring", "tailor-system"]
+    values = {
+        "workloads": {
+            "pods": {"defaultMemory": "", "allowedPriorityClasses": ["batch-low"]},
+            "networkPolicy": {"enabled": False},
+        }
+    }
+    settings = OperatorSettings.from_env(operator_env(values))
+    assert settings.pods.default_memory is None and settings.pods.default_cpu == "2"
+    assert settings.pods.allowed_priority_classes == ["batch-low"]
+    assert settings.network_policy.enabled is False
+
+
 def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
     env = operator_env(
         {

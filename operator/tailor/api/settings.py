@@ -11,7 +11,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tailor.api.base import TailorModel
 from tailor.api.common import Quantity
@@ -41,13 +41,19 @@ class PodPolicy(TailorModel):
     default_cpu: Quantity | None = Field(
         default="2",
         description="CPU request and limit of a workload container whose spec sets none "
-        "(null: none). Counts against a Kueue ClusterQueue's quota like any request.",
+        '("" or null: none). Counts against a Kueue ClusterQueue\'s quota like any request.',
     )
     default_memory: Quantity | None = Field(
         default="8Gi",
         description="Memory request and limit of a workload container whose spec sets none "
-        "(null: none): past it the container is OOM-killed, not its neighbours.",
+        '("" or null: none): past it the container is OOM-killed, not its neighbours.',
     )
+
+    @field_validator("default_cpu", "default_memory", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # Helm drops a null value: "" says none
+
     allowed_priority_classes: list[str] = Field(
         default_factory=list,
         max_length=64,
