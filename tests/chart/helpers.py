@@ -54,7 +54,10 @@ def helm(
 
 
 def render(values: dict[str, Any] | None = None, *flags: str) -> list[dict[str, Any]]:
-    """The objects ``helm template`` renders (release "tailor", namespace "tailor-system")."""
+    """The objects ``helm template`` renders (release "tailor", namespace "tailor-system"):
+    what an install creates, without hooks (``render(values, "--hooks")`` adds them)."""
+    hooks = "--hooks" in flags
+    flags = tuple(f for f in flags if f != "--hooks")
     out = helm(
         "template",
         "tailor",
@@ -62,6 +65,7 @@ def render(values: dict[str, Any] | None = None, *flags: str) -> list[dict[str, 
         "--namespace",
         "tailor-system",
         *flags,
+        *([] if hooks else ["--no-hooks"]),
         values=values or {},
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]

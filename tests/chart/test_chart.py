@@ -159,16 +159,20 @@ def operator_env(values: dict[str, Any]) -> dict[str, str | None]:
 def test_pod_defaults_and_network_policies_reach_the_operator() -> None:
     settings = OperatorSettings.from_env(operator_env({}))
     assert (settings.pods.default_cpu, settings.pods.default_memory) == ("2", "8Gi")
+    assert settings.network_policy.egress.enabled is False  # needs the admin's destinations
     assert settings.pods.allowed_priority_classes == []
     # the operator reads each replica's metrics port: its namespace is always admitted
     assert settings.network_policy.metrics_from_namespaces == ["monitoring", "tailor-system"]
-    values = {
+    values: dict[str, Any] = {
         "workloads": {
             "pods": {"defaultMemory": "", "allowedPriorityClasses": ["batch-low"]},
             "networkPolicy": {"enabled": False},
         }
     }
+    allow = [{"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 443}]}]
+    values["workloads"]["networkPolicy"]["egress"] = {"enabled": True, "allow": allow}
     settings = OperatorSettings.from_env(operator_env(values))
+    assert settings.network_policy.egress.enabled and settings.network_policy.egress.allow == allow
     assert settings.pods.default_memory is None and settings.pods.default_cpu == "2"
     assert settings.pods.allowed_priority_classes == ["batch-low"]
     assert settings.network_policy.enabled is False
@@ -704,3 +708,38 @@ def test_every_documented_helm_install_is_accepted_by_the_chart() -> None:
         args = [str(ROOT / a) if a.startswith("charts/") else a for a in args]
         result = helm(*args, check=False)
         assert result.returncode == 0, f"{where}\n{result.stderr}"
+
+
+def test_uninstalling_releases_tailors_finalizers_with_a_hook_of_its_own() -> None:
+    """After `helm uninstall` no operator is left to remove `tailor.dev/finalizer`: a
+    post-delete hook Job runs `tailor operator release-finalizers` on the watched namespaces
+    (the command itself: tests/security/cluster/test_uninstall.py), as a ServiceAccount that
+    may only read and patch Tailor's kinds."""
+    hooks = [
+        o
+        for o in render({}, "--hooks")
+        if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "post-delete"
+    ]
+    kinds = {o["kind"]: o for o in hooks}
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    assert kinds["ClusterRole"]["rules"] == [
+        {
+            "apiGroups": ["tailor.dev"],
+            "resources": [
+                "finetunejobs", "knowledgebases", "modeldeployments", "promptprofiles", "raftjobs",
+            ],
+            "verbs": ["get", "list", "patch"],
+        }
+    ]  # fmt: skip
+    pod = kinds["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["operator", "release-finalizers", "--namespace=tailor-system"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["resources"]["limits"]["memory"]
+    cluster = {o["kind"]: o for o in render({"clusterWide": True}, "--hooks") if o["kind"] == "Job"}
+    assert cluster["Job"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "operator",
+        "release-finalizers",
+    ]
+    off = render({"uninstall": {"releaseFinalizers": False}}, "--hooks")
+    assert not any(o["metadata"]["name"].endswith("release-finalizers") for o in off)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -90,6 +90,21 @@ class EgressPolicy(TailorModel):
     )
 
 
+class WorkloadEgress(TailorModel):
+    """An egress NetworkPolicy beside every workload (Helm: workloads.networkPolicy.egress):
+    its pods may reach DNS, pods of their own namespace and what the admin lists, nothing
+    else. Off by default: what workloads need (the API server for their status, the S3
+    endpoint, Qdrant, the Hub, a teacher) differs per cluster and only the admin knows it."""
+
+    enabled: bool = Field(default=False, description="Write the egress NetworkPolicies.")
+    allow: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="More NetworkPolicy egress rules ({to: [...], ports: [...]}), e.g. an "
+        "ipBlock for the API server's address on 443 and one for the S3 endpoint.",
+    )
+
+
 class NetworkPolicySettings(TailorModel):
     """NetworkPolicies the operator writes (Helm: workloads.networkPolicy)."""
 
@@ -104,6 +119,10 @@ class NetworkPolicySettings(TailorModel):
         description="Namespaces whose pods may reach a server's metrics port: Prometheus's "
         "and the operator's (it reads each replica's /adapters there). The chart adds its "
         "own namespace.",
+    )
+    egress: WorkloadEgress = Field(
+        default_factory=WorkloadEgress,
+        description="An egress NetworkPolicy beside every workload (off by default).",
     )
 
 

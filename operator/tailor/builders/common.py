@@ -420,6 +420,44 @@ def pod_placement(resources: Resources) -> Manifest:
     return out
 
 
+DNS_PEER: Manifest = {
+    "namespaceSelector": {},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def egress_policy(pods_of: Manifest, settings: OperatorSettings) -> Manifest:
+    """The egress NetworkPolicy of a Job's or Deployment's pods (the admin's
+    ``workloads.networkPolicy.egress``): DNS, pods of their own namespace (a serving
+    endpoint under evaluation, an in-namespace Qdrant) and the admin's rules; every other
+    destination is dropped where the network plugin enforces NetworkPolicies. Owned like
+    the Job or Deployment, so it goes with it."""
+    meta = pods_of["metadata"]
+    template_labels = pods_of["spec"]["template"]["metadata"]["labels"]
+    selector = {k: v for k, v in template_labels.items() if k.startswith("tailor.dev/")}
+    selector["app.kubernetes.io/component"] = template_labels["app.kubernetes.io/component"]
+    dns_ports = [{"protocol": protocol, "port": 53} for protocol in ("UDP", "TCP")]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"{meta['name']}-egress",
+            "namespace": meta["namespace"],
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": list(meta.get("ownerReferences") or []),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {"to": [DNS_PEER], "ports": dns_ports},
+                {"to": [{"podSelector": {}}]},
+                *settings.network_policy.egress.allow,
+            ],
+        },
+    }
+
+
 def reporter_rbac(parent: Parent, name: str, component: str, plural: str) -> list[Manifest]:
     """A ServiceAccount allowed to get and patch the status of this one resource, no more."""
     meta = metadata(parent, name, component)

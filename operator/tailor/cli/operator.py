@@ -65,6 +65,63 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--lease-name", default=os.environ.get("TAILOR_LEASE_NAME", "tailor-operator"))
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=run_operator)
+    release = sub.add_parser(
+        "release-finalizers",
+        help="remove Tailor's finalizer from every Tailor object (the chart's post-delete "
+        "hook: without the operator, nothing would ever remove it and the objects and their "
+        "namespaces could never be deleted)",
+    )
+    release.add_argument(
+        "-n", "--namespace", action="append", default=[], help="only these (repeatable)"
+    )
+    release.set_defaults(handler=release_finalizers)
+
+
+FINALIZER = "tailor.dev/finalizer"
+
+
+def release_finalizers(args: argparse.Namespace) -> int:
+    """Remove ``tailor.dev/finalizer`` from every Tailor object in ``args.namespace`` (all
+    namespaces when none), leaving other finalizers. Each patch carries the object's
+    resourceVersion, so one written meanwhile is read again rather than overwritten."""
+    from kubernetes.client.exceptions import ApiException
+
+    from tailor.api import GROUP, KINDS, VERSION
+    from tailor.runtime import rest
+    from tailor.runtime.kubernetes import load_api_client
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    api_client = load_api_client()
+    api_version = f"{GROUP}/{VERSION}"
+    released = 0
+    for kind in KINDS.values():
+        for namespace in args.namespace or [None]:
+            listed = rest.request(api_client, "GET", rest.path(api_version, kind.plural, namespace))
+            for item in listed.get("items") or []:
+                meta = item["metadata"]
+                path = rest.path(api_version, kind.plural, meta["namespace"], meta["name"])
+                for _ in range(5):  # 409: someone wrote it since it was read; read it again
+                    if FINALIZER not in (meta.get("finalizers") or []):
+                        break
+                    kept = [f for f in meta["finalizers"] if f != FINALIZER]
+                    patch = {"metadata": {"finalizers": kept,
+                                          "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
+                    try:
+                        rest.request(
+                            api_client, "PATCH", path, patch, content_type=rest.MERGE_PATCH
+                        )
+                    except ApiException as exc:
+                        if exc.status == 404:  # gone already
+                            break
+                        if exc.status != 409:
+                            raise
+                        meta = rest.request(api_client, "GET", path)["metadata"]
+                        continue
+                    released += 1
+                    log.info("released %s %s/%s", kind.kind, meta["namespace"], meta["name"])
+                    break
+    log.info("released the finalizer of %d objects", released)
+    return 0
 
 
 def make_runtime(settings: OperatorSettings, api_client: Any) -> Any:

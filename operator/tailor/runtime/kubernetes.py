@@ -21,7 +21,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from tailor.api.settings import OperatorSettings
-from tailor.builders.common import Manifest, Workload, artifacts_pvc
+from tailor.builders.common import Manifest, Workload, artifacts_pvc, egress_policy
 from tailor.runtime import rest
 from tailor.runtime.base import (
     ReplicaReport,
@@ -137,6 +137,12 @@ class KubernetesRuntime:
         the Job controller backs off). Side by side, a new FineTuneJob's Job exists after
         two round trips to the API server instead of five."""
         needed = [m for m in workload.manifests if m["kind"] not in WORKLOAD_KINDS]
+        if self.settings.network_policy.egress.enabled:  # before the pods that it governs
+            needed += [
+                egress_policy(m, self.settings)
+                for m in workload.manifests
+                if m["kind"] in WORKLOAD_KINDS
+            ]
         if len(needed) > 1:
             list(_APPLY_POOL.map(self.apply, needed))  # raises the first error
         elif needed:

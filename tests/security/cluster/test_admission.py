@@ -24,6 +24,10 @@ from tests.cluster.helpers import OperatorProcess, fine_tune, get, wait_for
 pytestmark = pytest.mark.cluster
 
 SHARED = "s3://shared-models/published/"
+API_SERVER = {
+    "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+    "ports": [{"protocol": "TCP", "port": 443}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,7 @@ def operator_process(
         "TAILOR_S3_BUCKET": "models",
         "TAILOR_S3_PREFIX": "tailor",
         "TAILOR_S3_SHARED_READABLE": json.dumps([SHARED]),
+        "TAILOR_NETWORK_POLICY": json.dumps({"egress": {"enabled": True, "allow": [API_SERVER]}}),
     }
     op.start()
     yield op
@@ -88,6 +93,20 @@ def test_another_namespaces_artifacts_are_refused_before_any_pod(kube: Kube, ns:
         timeout=60,
     )
     assert ready_reason(kube, ns, "kb", "docs").get("reason") != "StorageNotAllowed"
+
+    # with the admin's egress policy on, each workload's pods reach DNS, their namespace and
+    # the admin's destinations only (enforced by the network plugin; the object is checked)
+    policy = get(kube, ns, "networkpolicy", "shared-base-train-egress")
+    pods = get(kube, ns, "job", "shared-base-train")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    dns, own_namespace, admins = policy["spec"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53} and own_namespace == {
+        "to": [{"podSelector": {}}]
+    }
+    assert admins == API_SERVER
+    owner = policy["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == get(kube, ns, "ftj", "shared-base")["metadata"]["uid"]
 
 
 def test_only_the_namespaces_folder_and_shared_folders_are_readable() -> None:
