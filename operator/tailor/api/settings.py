@@ -184,6 +184,11 @@ class OperatorSettings(TailorModel):
         "read only its own namespace's prefix, s3://<bucket>/<prefix>/<namespace>/ (Helm: "
         "artifacts.s3.sharedReadable; TAILOR_S3_SHARED_READABLE as JSON).",
     )
+    require_pinned_revisions: bool = Field(
+        default=False,
+        description="Refuse a Hugging Face model named by branch or tag: every Hub source "
+        "must name a 40-digit commit (Helm: workloads.huggingface.requirePinnedRevisions).",
+    )
     model_cache_claim: str | None = Field(
         default=None,
         description="A claim (in each namespace that runs workloads) mounted as every "

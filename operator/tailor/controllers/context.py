@@ -27,6 +27,7 @@ from tailor.api import GROUP, KINDS, VERSION
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.egress import refused_egress
 from tailor.controllers.placement import refused_placement
+from tailor.controllers.provenance import unpinned_revision
 from tailor.controllers.secrets import unusable_secret
 from tailor.controllers.storage import refused_storage
 from tailor.controllers.workqueue import WorkQueue
@@ -254,7 +255,8 @@ class Operator:
                 "metadata"
             ].get("generation")
             refused = None if settled else self.admission_problem(body)
-            # before any pod: see tailor.controllers.secrets, .egress, .storage, .placement
+            # before any pod: see tailor.controllers.secrets, .egress, .storage, .placement,
+            # .provenance
             if refused:
                 reason, message = refused
                 generation = body["metadata"].get("generation")
@@ -276,8 +278,8 @@ class Operator:
     def admission_problem(self, body: dict[str, Any]) -> tuple[str, str] | None:
         """(reason, message) when the object may not start pods as it is: a URL the admin's
         egress policy does not allow, an s3:// URI outside the namespace's folder, a
-        priority class or toleration the admin does not allow, or a Secret that did not opt
-        in; else None."""
+        priority class or toleration the admin does not allow, a Hub model not pinned to a
+        commit where the admin requires it, or a Secret that did not opt in; else None."""
         egress = refused_egress(body, self.settings.egress)
         if egress:
             return "EgressNotAllowed", egress
@@ -287,6 +289,10 @@ class Operator:
         placement = refused_placement(body, self.settings.pods)
         if placement:
             return "PlacementNotAllowed", placement
+        if self.settings.require_pinned_revisions:
+            unpinned = unpinned_revision(body)
+            if unpinned:
+                return "RevisionNotPinned", unpinned
         secret = unusable_secret(body, self.settings, self.secret_metadata)
         return ("SecretNotUsable", secret) if secret else None
 

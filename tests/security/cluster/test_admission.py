@@ -194,3 +194,38 @@ def test_placement_allow_lists_and_default_resources() -> None:
     )
     limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "2", "memory": "8Gi"}
+
+
+def test_an_admin_can_require_hub_models_pinned_to_a_commit() -> None:
+    """With workloads.huggingface.requirePinnedRevisions, a Hub model named by branch (the
+    default ``main``) is refused before any pod: every pod must load the same weights."""
+    from tailor.controllers.provenance import unpinned_revision
+
+    def body(model: dict[str, Any]) -> dict[str, Any]:
+        manifest = fine_tune("r", 0)
+        manifest["spec"]["baseModel"] = model
+        return {**manifest, "metadata": {"name": "r", "namespace": "t"}}
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    branch = unpinned_revision(body({"huggingface": {"repo": repo}}))
+    assert branch and branch.startswith("spec.baseModel.huggingface.revision: ")
+    assert "'main' is not a commit" in branch and "requirePinnedRevisions" in branch
+    by_uri = unpinned_revision(body({"uri": f"hf://{repo}@v1.0"}))
+    assert by_uri and by_uri.startswith("spec.baseModel.uri: ")
+    assert unpinned_revision(body({"huggingface": {"repo": repo, "revision": commit}})) is None
+    assert unpinned_revision(body({"uri": f"hf://{repo}@{commit}"})) is None
+    assert unpinned_revision(body({"builtin": "smollm2-135m-instruct"})) is None
+    kb = {
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "KnowledgeBase",
+        "metadata": {"name": "docs", "namespace": "t"},
+        "spec": {
+            "sources": [{"configMap": {"name": "docs", "key": "a.md"}}],
+            "embedding": {"model": {"uri": "hf://sentence-transformers/all-MiniLM-L6-v2"}},
+        },
+    }
+    embedding = unpinned_revision(kb)
+    assert embedding and embedding.startswith("spec.embedding.model.uri: ")
+    env = {"TAILOR_REQUIRE_PINNED_REVISIONS": "true"}
+    assert OperatorSettings.from_env(env).require_pinned_revisions is True
