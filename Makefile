@@ -8,7 +8,7 @@ UV         := $(VENV)/bin/uv
 STAMP      := $(VENV)/.tailor-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-unit test-durations crds up down bench clean devcluster-build prometheus
+.PHONY: venv lint test test-unit test-durations crds up down bench clean devcluster-build prometheus images
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -77,3 +77,10 @@ up: venv
 
 down:
 	test -x $(VENV)/bin/tailor && $(VENV)/bin/tailor down || true
+
+# The operator and workload images, built without a daemon or Docker Hub (mmdebstrap +
+# buildah, as root; images/build.sh): OCI archives and their sizes in dist/images/.
+# PUSH=registry.example.com/team pushes them; TORCH_INDEX_URL=https://pypi.org/simple where
+# PyTorch's CPU index is out of reach.
+images:
+	PUSH=$(PUSH) images/build.sh $(IMAGE)

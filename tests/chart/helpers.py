@@ -30,12 +30,32 @@ EVERY_TOGGLE: dict[str, Any] = {
 }
 
 
+IMAGES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/team/tailor-operator"},
+    "workloads": {"image": {"repository": "registry.example.com/team/tailor-workloads"}},
+}
+"""Where the images were pushed (the chart requires it: nobody publishes them)."""
+
+
+def with_images(values: dict[str, Any], defaults: dict[str, Any] = IMAGES) -> dict[str, Any]:
+    """``values`` with the image repositories filled in where it names none."""
+    out = dict(values)
+    for key, default in defaults.items():
+        if isinstance(default, dict):
+            out[key] = with_images(dict(out.get(key) or {}), default)
+        else:
+            out.setdefault(key, default)
+    return out
+
+
 def helm(
     *args: str, values: dict[str, Any] | None = None, kube: Kube | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run helm (the packaged binary), values given as a YAML document on stdin."""
+    """Run helm (the packaged binary), values given as a YAML document on stdin (with the
+    image repositories of :data:`IMAGES` unless they name their own)."""
     argv = [str(helm_path()), *args]
     if values is not None:
+        values = with_images(values)
         argv += ["--values", "-"]
     env = {**os.environ, "HELM_CACHE_HOME": str(ROOT / ".pytest_cache" / "helm")}
     if kube is not None:
@@ -69,3 +89,10 @@ def render(values: dict[str, Any] | None = None, *flags: str) -> list[dict[str, 
         values=values or {},
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out

@@ -35,17 +35,10 @@ from tailor.builders.raftjob import (
 )
 from tailor.cli.crds import write_crds
 from tailor.devcluster.kube import Kube
-from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, helm, render
+from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, by_kind, helm, render
 
 TAILOR_KINDS = ("promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments")
 IMAGES = sorted((ROOT / "images").glob("*.Dockerfile"))
-
-
-def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for obj in objects:
-        out.setdefault(obj["kind"], []).append(obj)
-    return out
 
 
 def grants(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
@@ -134,7 +127,7 @@ def test_default_render_is_a_locked_down_namespaced_operator() -> None:
         "--namespace=tailor-system"
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TAILOR_IMAGE"] == "ghcr.io/tailor-dev/tailor-workloads:0.1.0"
+    assert env["TAILOR_IMAGE"] == "registry.example.com/team/tailor-workloads:0.1.0"
     # Every TAILOR_* variable the chart sets is a real operator setting.
     settings = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None})
     assert settings.image == env["TAILOR_IMAGE"] and settings.metrics_port == 9090
@@ -186,7 +179,7 @@ def test_cuda_variant_and_storage_settings_reach_the_operator() -> None:
         }
     )
     settings = OperatorSettings.from_env(env)
-    assert settings.image == "ghcr.io/tailor-dev/tailor-workloads:1.2.3-cuda"
+    assert settings.image == "registry.example.com/team/tailor-workloads:1.2.3-cuda"
     assert settings.artifacts_storage_class == "fast" and settings.artifacts_size == "200Gi"
     assert settings.create_artifacts_pvc is False
 
@@ -503,9 +496,12 @@ def test_image_is_hadolint_clean_pinned_and_non_root(dockerfile: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = dockerfile.read_text().splitlines()
-    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    # every stage starts FROM ${BASE} (images/build.sh passes its Debian base), whose default
+    # elsewhere is an exact tag or digest
+    assert {line.split()[1] for line in lines if line.startswith("FROM ")} == {"${BASE}"}
+    (default,) = [line.split("=", 1)[1] for line in lines if line.startswith("ARG BASE=")]
     pinned = re.compile(r"^[^:@]+(:\d+\.\d+[^:@]*|@sha256:[0-9a-f]{64})$")  # exact tag or digest
-    assert bases and all(pinned.match(base) for base in bases), bases
+    assert pinned.match(default), default
     assert [line for line in lines if line.startswith("USER ")][-1] == "USER 1000:1000"
 
 

@@ -47,8 +47,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* No registry publishes Tailor's images: they are built with `make images` and pushed
+     to the user's own registry, which these values name. */}}
+{{- define "tailor.buildHint" -}}
+build and push the images first (make images PUSH=registry.example.com/team; see the README's install section), then set
+{{- end }}
+
 {{- define "tailor.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := required (printf "image.repository is required: %s image.repository=registry.example.com/team/tailor-operator" (include "tailor.buildHint" .)) .Values.image.repository }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "tailor.workloadsRepository" -}}
+{{- required (printf "workloads.image.repository is required: %s workloads.image.repository=registry.example.com/team/tailor-workloads" (include "tailor.buildHint" .)) .Values.workloads.image.repository }}
 {{- end }}
 
 {{/* The workload image: <repository>:<tag>, with -cuda for the CUDA variant. */}}
@@ -56,13 +67,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $image := .Values.workloads.image }}
 {{- $tag := default .Chart.AppVersion $image.tag }}
 {{- if eq $image.variant "cuda" }}{{ $tag = printf "%s-cuda" $tag }}{{ end }}
-{{- printf "%s:%s" $image.repository $tag }}
+{{- printf "%s:%s" (include "tailor.workloadsRepository" .) $tag }}
 {{- end }}
 
 {{/* The workload image of pods that request GPUs: always the CUDA variant. */}}
 {{- define "tailor.workloadsGpuImage" -}}
 {{- $image := .Values.workloads.image }}
-{{- printf "%s:%s-cuda" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- printf "%s:%s-cuda" (include "tailor.workloadsRepository" .) (default .Chart.AppVersion $image.tag) }}
 {{- end }}
 
 {{- define "tailor.qdrant.fullname" -}}

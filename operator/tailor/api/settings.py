@@ -134,7 +134,7 @@ class OperatorSettings(TailorModel):
         description="kubernetes: Jobs and Deployments; local: processes on the operator's host.",
     )
     image: str = Field(
-        default="ghcr.io/tailor-dev/tailor-workloads:0.1.0",
+        default="localhost/tailor-workloads:0.1.0",
         description="Image of the workload programs (CPU or CUDA variant).",
     )
     gpu_image: str | None = Field(
