@@ -13,7 +13,8 @@
 #
 # Settings (environment): VERSION (the project's), SUITE (trixie), MIRROR
 # (http://deb.debian.org/debian), TORCH_INDEX_URL (PyTorch's CPU index; set it to
-# https://pypi.org/simple where only PyPI is reachable), PUSH, OUT, STORAGE_DRIVER (vfs:
+# https://pypi.org/simple where only PyPI is reachable), PUSH (and PUSH_TLS_VERIFY=false for a
+# registry without TLS), OUT, STORAGE_DRIVER (vfs:
 # works as root anywhere; overlay where the kernel allows it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 OUT=${OUT:-dist/images}
 PUSH=${PUSH:-}
+PUSH_TLS_VERIFY=${PUSH_TLS_VERIFY:-true}  # false: a registry without TLS (a local test one)
 export BUILDAH_ISOLATION=chroot STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 BASE=localhost/tailor-base:$SUITE
 
@@ -93,7 +95,7 @@ build() {
   { grep -v "^${NAME[$which]}:${TAG[$which]}	" "$table" || true; echo "$row"; } > "$table.new"
   mv "$table.new" "$table"  # one row per image, the newest build's
   if [ -n "$PUSH" ]; then
-    buildah push "$image" "docker://$PUSH/${NAME[$which]}:${TAG[$which]}"
+    buildah push --tls-verify="$PUSH_TLS_VERIFY" "$image" "docker://$PUSH/${NAME[$which]}:${TAG[$which]}"
   fi
 }
 

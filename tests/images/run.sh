@@ -91,5 +91,24 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "pef
     echo "   tailor.workloads.$program --help: ok"
   done
 done
+# `make images PUSH=...` against a real registry (Debian's docker-registry, the CNCF
+# distribution server, on loopback without TLS): the operator image goes in and its manifest
+# comes back by tag.
+if command -v docker-registry >/dev/null && { [ "$ONLY" = all ] || [ "$ONLY" = operator ]; }; then
+  reg=$(mktemp -d)
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  printf 'version: 0.1\nstorage: {filesystem: {rootdirectory: %s/data}}\nhttp: {addr: 127.0.0.1:%s}\n' \
+    "$reg" "$port" > "$reg/config.yml"
+  docker-registry serve "$reg/config.yml" > "$reg/log" 2>&1 &
+  registry=$!
+  trap 'kill $registry 2>/dev/null || true' EXIT
+  sleep 2
+  buildah push --tls-verify=false "localhost/tailor-operator:$VERSION" \
+    "docker://127.0.0.1:$port/team/tailor-operator:$VERSION" >/dev/null
+  curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:$port/v2/team/tailor-operator/manifests/$VERSION" | grep -q '"layers"'
+  echo "-- pushed to a registry and read back: 127.0.0.1:$port/team/tailor-operator:$VERSION"
+fi
+
 cat dist/images/images.tsv
 echo "== all images built and smoke-run in $((SECONDS - start)) s"
