@@ -27,6 +27,7 @@ from tailor.builders.modeldeployment import (
     test_key_secret,
 )
 from tailor.controllers.context import Operator, condition, syncer
+from tailor.controllers.storage import unreadable
 from tailor.runtime.base import ReplicaReport
 
 KIND = "ModelDeployment"
@@ -58,6 +59,8 @@ def resolve(
             waiting.append(
                 f"{kind} {ref.name} ({status.get('phase') or 'not found' if body is None else status.get('phase') or 'Pending'})"
             )
+        elif outside := unreadable(uri, op.settings, namespace):
+            waiting.append(f"{kind} {ref.name} (its status.artifact.uri: {outside})")
         else:
             refs.adapters.append((adapter.name, uri))
             sha256 = (status.get("artifact") or {}).get("sha256")

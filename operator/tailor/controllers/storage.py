@@ -27,19 +27,28 @@ def refused_storage(body: dict[str, Any], settings: OperatorSettings) -> str | N
         spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
     except ManifestError:
         return None  # the kind's sync reports it
-    own = namespace_prefix(settings, body["metadata"]["namespace"])
-    if not own:
-        return None  # no S3 connection: the builders refuse any s3:// URI themselves
-    readable = [own, *settings.s3_shared_readable]
     for path, part in walk(spec):
         uri = getattr(part, "uri", None)
-        if not (isinstance(uri, str) and uri.startswith("s3://")):
-            continue
-        if not any(uri.startswith(folder) for folder in readable):
-            shared = ", ".join(settings.s3_shared_readable) or "none"
-            return (
-                f"{path}.uri: {uri} is outside this namespace's folder {own} and the folders "
-                f"the cluster admin shares (artifacts.s3.sharedReadable: {shared}); copy it "
-                f"under {own} (tailor store push) or ask the admin to share it"
-            )
+        if isinstance(uri, str):
+            outside = unreadable(uri, settings, body["metadata"]["namespace"])
+            if outside:
+                return f"{path}.uri: {outside}"
     return None
+
+
+def unreadable(uri: str, settings: OperatorSettings, namespace: str) -> str | None:
+    """Why ``namespace`` may not read ``uri`` (an ``s3://`` URI outside its folder and the
+    admin's shared folders), or None. Also applied to the artifact URIs the operator reads
+    from a run's status before serving them: whoever may write that status subresource
+    must not be able to point a deployment at another namespace's weights."""
+    own = namespace_prefix(settings, namespace)
+    if not uri.startswith("s3://") or not own:
+        return None  # no S3 connection: the builders refuse any s3:// URI themselves
+    if any(uri.startswith(folder) for folder in [own, *settings.s3_shared_readable]):
+        return None
+    shared = ", ".join(settings.s3_shared_readable) or "none"
+    return (
+        f"{uri} is outside this namespace's folder {own} and the folders the cluster admin "
+        f"shares (artifacts.s3.sharedReadable: {shared}); copy it under {own} (tailor store "
+        "push) or ask the admin to share it"
+    )

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.storage import refused_storage
 from tailor.devcluster.kube import Kube
-from tests.cluster.helpers import OperatorProcess, fine_tune, get, wait_for
+from tests.cluster.helpers import EXAMPLES, OperatorProcess, fine_tune, get, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -229,3 +230,39 @@ def test_an_admin_can_require_hub_models_pinned_to_a_commit() -> None:
     assert embedding and embedding.startswith("spec.embedding.model.uri: ")
     env = {"TAILOR_REQUIRE_PINNED_REVISIONS": "true"}
     assert OperatorSettings.from_env(env).require_pinned_revisions is True
+
+
+def test_a_deployment_does_not_serve_an_adapter_a_status_points_at_another_namespace(
+    kube: Kube, ns: str
+) -> None:
+    """An adapter's URI comes from its run's status, which whoever may write that
+    subresource can set: a status naming another namespace's weights is not served (the
+    same line as a spec's s3:// URIs), and the deployment says why."""
+    run = fine_tune("borrowed", 0, suspend=True)
+    kube.apply(run, "-n", ns)
+    generation = get(kube, ns, "ftj", "borrowed")["metadata"]["generation"]
+    stolen = "s3://models/tailor/team-b/finetunejob/x/u1/model/"
+    status = {"phase": "Succeeded", "jobName": "borrowed-train", "observedGeneration": generation,
+              "artifact": {"uri": stolen, "sha256": "ab" * 32}}  # fmt: skip
+    kube.kubectl("patch", "ftj", "borrowed", "-n", ns, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": status}))  # fmt: skip
+    md = yaml.safe_load((EXAMPLES / "modeldeployment.yaml").read_text())
+    md["spec"].update(
+        adapters=[{"name": "b", "fineTuneJobRef": {"name": "borrowed"}}], autoscaling=None
+    )
+    for ref in ("knowledgeBaseRef", "promptProfileRef"):
+        md["spec"].pop(ref, None)
+    kube.apply(md, "-n", ns)
+    name = md["metadata"]["name"]
+    ready = wait_for(
+        "the deployment to refuse the adapter",
+        lambda: (
+            "is outside this namespace's folder"
+            in (r := ready_reason(kube, ns, "md", name)).get("message", "")
+            and r
+        ),
+        timeout=60,
+        interval=0.3,
+    )
+    assert f"FineTuneJob borrowed (its status.artifact.uri: {stolen}" in ready["message"]
+    assert kube.get_json("deployments", "-n", ns)["items"] == []
