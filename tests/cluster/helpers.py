@@ -29,6 +29,15 @@ def example(kind: str, **spec_changes: Any) -> dict[str, Any]:
     return manifest
 
 
+def bare_deployment(**spec_changes: Any) -> dict[str, Any]:
+    """The example ModelDeployment without its KnowledgeBase and PromptProfile references
+    (nothing to wait for) or autoscaling, with ``spec_changes``."""
+    manifest = example("modeldeployment", autoscaling=None, **spec_changes)
+    for ref in ("knowledgeBaseRef", "promptProfileRef"):
+        manifest["spec"].pop(ref, None)
+    return manifest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ import yaml
 from tailor.devcluster.kube import Kube
 from tests.cluster.helpers import (
     OperatorProcess,
+    bare_deployment,
     example,
     fine_tune,
     get,
@@ -405,9 +406,7 @@ def test_model_deployment_waits_for_its_adapter_then_rolls_on_prompt_change(
 def test_zero_replicas_is_an_idle_state_and_scaling_up_serves(kube: Kube, ns: str) -> None:
     """``replicas: 0`` is valid: the Deployment scales to zero and the phase is Idle (not
     Progressing forever); scaling up makes it Ready."""
-    md = example("modeldeployment", autoscaling=None, replicas=0, adapters=[])
-    md["spec"].pop("knowledgeBaseRef", None)
-    md["spec"].pop("promptProfileRef", None)
+    md = bare_deployment(replicas=0, adapters=[])
     kube.apply(md, "-n", ns)
     idle = wait_for("Idle", phase_is(kube, ns, "md", "api-assistant", "Idle"))
     ready = next(c for c in idle["status"]["conditions"] if c["type"] == "Ready")

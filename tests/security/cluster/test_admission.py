@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.storage import refused_storage
 from tailor.devcluster.kube import Kube
-from tests.cluster.helpers import EXAMPLES, OperatorProcess, fine_tune, get, wait_for
+from tests.cluster.helpers import OperatorProcess, bare_deployment, fine_tune, get, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -246,12 +245,7 @@ def test_a_deployment_does_not_serve_an_adapter_a_status_points_at_another_names
               "artifact": {"uri": stolen, "sha256": "ab" * 32}}  # fmt: skip
     kube.kubectl("patch", "ftj", "borrowed", "-n", ns, "--subresource=status", "--type=merge",
                  "-p", json.dumps({"status": status}))  # fmt: skip
-    md = yaml.safe_load((EXAMPLES / "modeldeployment.yaml").read_text())
-    md["spec"].update(
-        adapters=[{"name": "b", "fineTuneJobRef": {"name": "borrowed"}}], autoscaling=None
-    )
-    for ref in ("knowledgeBaseRef", "promptProfileRef"):
-        md["spec"].pop(ref, None)
+    md = bare_deployment(adapters=[{"name": "b", "fineTuneJobRef": {"name": "borrowed"}}])
     kube.apply(md, "-n", ns)
     name = md["metadata"]["name"]
     ready = wait_for(

@@ -16,7 +16,7 @@ import yaml
 from tailor.api.settings import EgressPolicy
 from tailor.controllers.egress import refused_egress
 from tailor.devcluster.kube import Kube
-from tests.cluster.helpers import EXAMPLES, get, wait_for
+from tests.cluster.helpers import EXAMPLES, bare_deployment, get, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -80,10 +80,7 @@ def test_a_deployment_admits_only_its_namespace_unless_its_spec_names_more(
     NetworkPolicy; by default its API port admits pods of its own namespace only, so a pod
     of another namespace cannot call it (enforced by the cluster's network plugin: the dev
     cluster has none, so the object the API server stores is what is checked here)."""
-    md = yaml.safe_load((EXAMPLES / "modeldeployment.yaml").read_text())
-    md["spec"].update(replicas=0, adapters=[], autoscaling=None)
-    for ref in ("knowledgeBaseRef", "promptProfileRef"):
-        md["spec"].pop(ref, None)
+    md = bare_deployment(replicas=0, adapters=[])
     kube.apply(md, "-n", ns)
     name = md["metadata"]["name"]
     policy = wait_for(
