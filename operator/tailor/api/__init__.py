@@ -213,6 +213,15 @@ def parse_spec(kind: Kind, spec: Any) -> TailorModel:
         raise ManifestError(describe_errors(exc, "spec")) from exc
 
 
+def valid_spec(body: dict[str, Any]) -> TailorModel | None:
+    """The typed spec of a stored object, or None when it does not parse (its kind's sync
+    reports that): what the operator's checks before any pod read."""
+    try:
+        return parse_spec(KINDS[body["kind"]], body.get("spec"))
+    except ManifestError:
+        return None
+
+
 def parse(manifest: dict[str, Any]) -> TailorModel:
     """Validate a manifest as the API server would (schema and rules); return its spec."""
     kind = kind_of(manifest)

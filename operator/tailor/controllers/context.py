@@ -23,7 +23,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tailor.api import GROUP, KINDS, VERSION
+from tailor.api import GROUP, KINDS, VERSION, valid_spec
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.egress import refused_egress
 from tailor.controllers.placement import refused_placement
@@ -280,20 +280,23 @@ class Operator:
         egress policy does not allow, an s3:// URI outside the namespace's folder, a
         priority class or toleration the admin does not allow, a Hub model not pinned to a
         commit where the admin requires it, or a Secret that did not opt in; else None."""
-        egress = refused_egress(body, self.settings.egress)
+        spec = valid_spec(body)  # parsed once for every check
+        if spec is None:
+            return None  # the kind's sync reports it
+        egress = refused_egress(body, self.settings.egress, spec)
         if egress:
             return "EgressNotAllowed", egress
-        storage = refused_storage(body, self.settings)
+        storage = refused_storage(body, self.settings, spec)
         if storage:
             return "StorageNotAllowed", storage
-        placement = refused_placement(body, self.settings.pods)
+        placement = refused_placement(body, self.settings.pods, spec)
         if placement:
             return "PlacementNotAllowed", placement
         if self.settings.require_pinned_revisions:
-            unpinned = unpinned_revision(body)
+            unpinned = unpinned_revision(body, spec)
             if unpinned:
                 return "RevisionNotPinned", unpinned
-        secret = unusable_secret(body, self.settings, self.secret_metadata)
+        secret = unusable_secret(body, self.settings, self.secret_metadata, spec)
         return ("SecretNotUsable", secret) if secret else None
 
     def create_secret_once(self, manifest: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from tailor.api import KINDS, ManifestError, parse_spec
-from tailor.api.base import walk
+from tailor.api import valid_spec
+from tailor.api.base import TailorModel, walk
 from tailor.api.settings import EgressPolicy
 
 
@@ -38,11 +38,12 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     )
 
 
-def refused_egress(body: dict[str, Any], policy: EgressPolicy) -> str | None:
+def refused_egress(
+    body: dict[str, Any], policy: EgressPolicy, spec: TailorModel | None = None
+) -> str | None:
     """Why the object's URLs are not allowed (the field, the Helm value), or None."""
-    try:
-        spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
-    except ManifestError:
+    spec = spec or valid_spec(body)
+    if spec is None:
         return None  # the kind's sync reports it
     for path, holder, url in url_holders(spec):
         for switch, granted in (

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tailor.api import KINDS, ManifestError, parse_spec
-from tailor.api.base import walk
+from tailor.api import valid_spec
+from tailor.api.base import TailorModel, walk
 from tailor.api.common import Resources
 from tailor.api.settings import PodPolicy
 
 
-def refused_placement(body: dict[str, Any], policy: PodPolicy) -> str | None:
+def refused_placement(
+    body: dict[str, Any], policy: PodPolicy, spec: TailorModel | None = None
+) -> str | None:
     """Why the object's placement is not allowed (the field, the Helm value), or None."""
-    try:
-        spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
-    except ManifestError:
+    spec = spec or valid_spec(body)
+    if spec is None:
         return None  # the kind's sync reports it
     for path, part in walk(spec):
         if not isinstance(part, Resources):

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from tailor.api import KINDS, ManifestError, parse_spec
-from tailor.api.base import walk
+from tailor.api import valid_spec
+from tailor.api.base import TailorModel, walk
 from tailor.api.common import SecretKeyRef
 from tailor.api.settings import OperatorSettings
 
@@ -43,15 +43,16 @@ def allows(annotation: str | None, kind: str, name: str) -> bool:
     return bool(entries & {"*", kind.lower(), f"{kind}/{name}".lower()})
 
 
-def unusable_secret(body: dict[str, Any], settings: OperatorSettings, metadata: Any) -> str | None:
+def unusable_secret(
+    body: dict[str, Any], settings: OperatorSettings, metadata: Any, spec: TailorModel | None = None
+) -> str | None:
     """Why the object may not use a Secret it names (the field, the fix), or None.
     ``metadata(namespace, name)`` returns a Secret's metadata, None when it does not exist.
     A spec that does not parse is left to the kind's sync, which reports it."""
     kind, meta = body["kind"], body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    try:
-        spec = parse_spec(KINDS[kind], body.get("spec"))
-    except ManifestError:
+    spec = spec or valid_spec(body)
+    if spec is None:
         return None
     admin = {settings.s3_secret} - {None}
     for path, ref in secret_refs(spec):

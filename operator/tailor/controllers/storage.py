@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tailor.api import KINDS, ManifestError, parse_spec
-from tailor.api.base import walk
+from tailor.api import valid_spec
+from tailor.api.base import TailorModel, walk
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import namespace_prefix
 
 
-def refused_storage(body: dict[str, Any], settings: OperatorSettings) -> str | None:
+def refused_storage(
+    body: dict[str, Any], settings: OperatorSettings, spec: TailorModel | None = None
+) -> str | None:
     """Why an ``s3://`` URI of the object may not be read from its namespace, or None."""
-    try:
-        spec = parse_spec(KINDS[body["kind"]], body.get("spec"))
-    except ManifestError:
+    spec = spec or valid_spec(body)
+    if spec is None:
         return None  # the kind's sync reports it
     for path, part in walk(spec):
         uri = getattr(part, "uri", None)
