@@ -275,6 +275,7 @@ def test_requests_past_the_concurrency_limit_get_503_while_probes_answer(server:
 def test_scoped_keys_secrets_must_opt_in_and_are_mounted() -> None:
     """A scoped key's Secret passes the same opt-in as apiKeySecretRef (the operator's one
     walk over the spec), and the serving pod mounts it."""
+    from tailor.api import valid_spec
     from tailor.api.settings import OperatorSettings
     from tailor.controllers.secrets import USABLE_BY, unusable_secret
 
@@ -284,10 +285,14 @@ def test_scoped_keys_secrets_must_opt_in_and_are_mounted() -> None:
             "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}, "auth": auth}}  # fmt: skip
     opted_in = {"annotations": {USABLE_BY: "ModelDeployment/md"}}
     secrets = {"all-key": opted_in, "team-a-key": {"annotations": {}}}
-    why = unusable_secret(body, OperatorSettings(), lambda _, name: secrets.get(name))
+    spec = valid_spec(body)
+    assert spec is not None
+    why = unusable_secret(body, spec, OperatorSettings(), lambda _, name: secrets.get(name))
     assert why is not None and why.startswith("spec.auth.keys[0].secretRef.name: ")
     secrets["team-a-key"] = opted_in
-    assert unusable_secret(body, OperatorSettings(), lambda _, name: secrets.get(name)) is None
+    assert (
+        unusable_secret(body, spec, OperatorSettings(), lambda _, name: secrets.get(name)) is None
+    )
     # the serving pod mounts both keys' Secrets
     from tailor.api.modeldeployment import ModelDeploymentSpec
     from tailor.builders.common import Parent

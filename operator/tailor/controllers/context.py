@@ -283,20 +283,20 @@ class Operator:
         spec = valid_spec(body)  # parsed once for every check
         if spec is None:
             return None  # the kind's sync reports it
-        egress = refused_egress(body, self.settings.egress, spec)
+        egress = refused_egress(spec, self.settings.egress)
         if egress:
             return "EgressNotAllowed", egress
-        storage = refused_storage(body, self.settings, spec)
+        storage = refused_storage(spec, self.settings, body["metadata"]["namespace"])
         if storage:
             return "StorageNotAllowed", storage
-        placement = refused_placement(body, self.settings.pods, spec)
+        placement = refused_placement(spec, self.settings.pods)
         if placement:
             return "PlacementNotAllowed", placement
         if self.settings.require_pinned_revisions:
-            unpinned = unpinned_revision(body, spec)
+            unpinned = unpinned_revision(spec)
             if unpinned:
                 return "RevisionNotPinned", unpinned
-        secret = unusable_secret(body, self.settings, self.secret_metadata, spec)
+        secret = unusable_secret(body, spec, self.settings, self.secret_metadata)
         return ("SecretNotUsable", secret) if secret else None
 
     def create_secret_once(self, manifest: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from tailor.api import valid_spec
 from tailor.api.base import TailorModel, walk
 from tailor.api.settings import EgressPolicy
 
@@ -38,13 +37,8 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     )
 
 
-def refused_egress(
-    body: dict[str, Any], policy: EgressPolicy, spec: TailorModel | None = None
-) -> str | None:
-    """Why the object's URLs are not allowed (the field, the Helm value), or None."""
-    spec = spec or valid_spec(body)
-    if spec is None:
-        return None  # the kind's sync reports it
+def refused_egress(spec: TailorModel, policy: EgressPolicy) -> str | None:
+    """Why a spec's URLs are not allowed (the field, the Helm value), or None."""
     for path, holder, url in url_holders(spec):
         for switch, granted in (
             ("allow_private_addresses", policy.allow_private_addresses),

@@ -11,21 +11,13 @@ field and the Helm value.
 
 from __future__ import annotations
 
-from typing import Any
-
-from tailor.api import valid_spec
 from tailor.api.base import TailorModel, walk
 from tailor.api.common import Resources
 from tailor.api.settings import PodPolicy
 
 
-def refused_placement(
-    body: dict[str, Any], policy: PodPolicy, spec: TailorModel | None = None
-) -> str | None:
-    """Why the object's placement is not allowed (the field, the Helm value), or None."""
-    spec = spec or valid_spec(body)
-    if spec is None:
-        return None  # the kind's sync reports it
+def refused_placement(spec: TailorModel, policy: PodPolicy) -> str | None:
+    """Why a spec's placement is not allowed (the field, the Helm value), or None."""
     for path, part in walk(spec):
         if not isinstance(part, Resources):
             continue

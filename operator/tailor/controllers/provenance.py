@@ -12,19 +12,14 @@ pod, naming the field.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from tailor.api import valid_spec
 from tailor.api.base import TailorModel, walk
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def unpinned_revision(body: dict[str, Any], spec: TailorModel | None = None) -> str | None:
-    """Why a Hub source of the object is not pinned to a commit, or None."""
-    spec = spec or valid_spec(body)
-    if spec is None:
-        return None  # the kind's sync reports it
+def unpinned_revision(spec: TailorModel) -> str | None:
+    """Why a Hub source of a spec is not pinned to a commit, or None."""
     for path, part in walk(spec):
         hub = getattr(part, "hub", None)  # a model source (ModelSource, an embedding model)
         if hub is None or COMMIT.fullmatch(hub.revision):

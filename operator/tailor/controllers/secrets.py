@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from tailor.api import valid_spec
 from tailor.api.base import TailorModel, walk
 from tailor.api.common import SecretKeyRef
 from tailor.api.settings import OperatorSettings
@@ -44,16 +43,13 @@ def allows(annotation: str | None, kind: str, name: str) -> bool:
 
 
 def unusable_secret(
-    body: dict[str, Any], settings: OperatorSettings, metadata: Any, spec: TailorModel | None = None
+    body: dict[str, Any], spec: TailorModel, settings: OperatorSettings, metadata: Any
 ) -> str | None:
-    """Why the object may not use a Secret it names (the field, the fix), or None.
-    ``metadata(namespace, name)`` returns a Secret's metadata, None when it does not exist.
-    A spec that does not parse is left to the kind's sync, which reports it."""
+    """Why the object (``body``, its parsed ``spec``) may not use a Secret it names (the
+    field, the fix), or None. ``metadata(namespace, name)`` returns a Secret's metadata,
+    None when it does not exist."""
     kind, meta = body["kind"], body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    spec = spec or valid_spec(body)
-    if spec is None:
-        return None
     admin = {settings.s3_secret} - {None}
     for path, ref in secret_refs(spec):
         if ref.name in admin:

@@ -13,25 +13,17 @@ in each namespace), the bucket's policy enforces the same line (docs/security.md
 
 from __future__ import annotations
 
-from typing import Any
-
-from tailor.api import valid_spec
 from tailor.api.base import TailorModel, walk
 from tailor.api.settings import OperatorSettings
 from tailor.builders.common import namespace_prefix
 
 
-def refused_storage(
-    body: dict[str, Any], settings: OperatorSettings, spec: TailorModel | None = None
-) -> str | None:
-    """Why an ``s3://`` URI of the object may not be read from its namespace, or None."""
-    spec = spec or valid_spec(body)
-    if spec is None:
-        return None  # the kind's sync reports it
+def refused_storage(spec: TailorModel, settings: OperatorSettings, namespace: str) -> str | None:
+    """Why an ``s3://`` URI of a spec may not be read from ``namespace``, or None."""
     for path, part in walk(spec):
         uri = getattr(part, "uri", None)
         if isinstance(uri, str):
-            outside = unreadable(uri, settings, body["metadata"]["namespace"])
+            outside = unreadable(uri, settings, namespace)
             if outside:
                 return f"{path}.uri: {outside}"
     return None

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tailor.api import KINDS, parse_spec
+from tailor.api.base import TailorModel
 from tailor.api.settings import OperatorSettings
 from tailor.controllers.storage import refused_storage
 from tailor.devcluster.kube import Kube
@@ -24,6 +26,7 @@ from tests.cluster.helpers import OperatorProcess, bare_deployment, fine_tune, g
 pytestmark = pytest.mark.cluster
 
 SHARED = "s3://shared-models/published/"
+KB = KINDS["KnowledgeBase"]
 API_SERVER = {
     "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
     "ports": [{"protocol": "TCP", "port": 443}],
@@ -113,8 +116,7 @@ def test_only_the_namespaces_folder_and_shared_folders_are_readable() -> None:
     settings = OperatorSettings(s3_bucket="models", s3_prefix="tailor", s3_shared_readable=[SHARED])
 
     def refused(uri: str, namespace: str = "team-a") -> str | None:
-        body = {**knowledge_base(uri), "metadata": {"name": "docs", "namespace": namespace}}
-        return refused_storage(body, settings)
+        return refused_storage(parse_spec(KB, knowledge_base(uri)["spec"]), settings, namespace)
 
     assert refused("s3://models/tailor/team-a/kb/docs.md") is None
     assert refused("s3://models/tailor/team-a/") is None
@@ -125,8 +127,8 @@ def test_only_the_namespaces_folder_and_shared_folders_are_readable() -> None:
     assert refused("s3://shared-models/published-other/x")
     assert refused("s3://other-bucket/tailor/team-a/x")
     # without an S3 connection nothing is readable from S3 (the builders say so)
-    assert refused_storage({**knowledge_base("s3://b/x"), "metadata": {"name": "d",
-                            "namespace": "t"}}, OperatorSettings()) is None  # fmt: skip
+    kb = parse_spec(KB, knowledge_base("s3://bucket-b/x")["spec"])
+    assert refused_storage(kb, OperatorSettings(), "t") is None
     with pytest.raises(ValueError, match="sharedReadable"):
         OperatorSettings(s3_bucket="models", s3_shared_readable=["s3://models/tailor"])
     with pytest.raises(ValueError, match="sharedReadable"):
@@ -163,10 +165,10 @@ def test_placement_allow_lists_and_default_resources() -> None:
     from tailor.builders.finetunejob import build_training
     from tailor.controllers.placement import refused_placement
 
-    def body(**resources: Any) -> dict[str, Any]:
+    def body(**resources: Any) -> TailorModel:
         manifest = fine_tune("r", 0)
         manifest["spec"]["resources"].update(resources)
-        return {**manifest, "metadata": {"name": "r", "namespace": "t"}}
+        return parse_spec(KINDS["FineTuneJob"], manifest["spec"])
 
     policy = PodPolicy()
     gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -182,7 +184,7 @@ def test_placement_allow_lists_and_default_resources() -> None:
     assert refused_placement(body(priorityClassName="system-cluster-critical"), batch)
 
     # a spec without cpu and memory still runs bounded: the admin's defaults
-    spec = body()["spec"]
+    spec = fine_tune("r", 0)["spec"]
     spec["resources"] = {"gpus": 0}
     parent = Parent(kind="FineTuneJob", name="r", namespace="t", uid="u", generation=1)
     job = next(
@@ -201,10 +203,10 @@ def test_an_admin_can_require_hub_models_pinned_to_a_commit() -> None:
     default ``main``) is refused before any pod: every pod must load the same weights."""
     from tailor.controllers.provenance import unpinned_revision
 
-    def body(model: dict[str, Any]) -> dict[str, Any]:
+    def body(model: dict[str, Any]) -> TailorModel:
         manifest = fine_tune("r", 0)
         manifest["spec"]["baseModel"] = model
-        return {**manifest, "metadata": {"name": "r", "namespace": "t"}}
+        return parse_spec(KINDS["FineTuneJob"], manifest["spec"])
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -217,15 +219,10 @@ def test_an_admin_can_require_hub_models_pinned_to_a_commit() -> None:
     assert unpinned_revision(body({"uri": f"hf://{repo}@{commit}"})) is None
     assert unpinned_revision(body({"builtin": "smollm2-135m-instruct"})) is None
     kb = {
-        "apiVersion": "tailor.dev/v1alpha1",
-        "kind": "KnowledgeBase",
-        "metadata": {"name": "docs", "namespace": "t"},
-        "spec": {
-            "sources": [{"configMap": {"name": "docs", "key": "a.md"}}],
-            "embedding": {"model": {"uri": "hf://sentence-transformers/all-MiniLM-L6-v2"}},
-        },
+        "sources": [{"configMap": {"name": "docs", "key": "a.md"}}],
+        "embedding": {"model": {"uri": "hf://sentence-transformers/all-MiniLM-L6-v2"}},
     }
-    embedding = unpinned_revision(kb)
+    embedding = unpinned_revision(parse_spec(KB, kb))
     assert embedding and embedding.startswith("spec.embedding.model.uri: ")
     env = {"TAILOR_REQUIRE_PINNED_REVISIONS": "true"}
     assert OperatorSettings.from_env(env).require_pinned_revisions is True

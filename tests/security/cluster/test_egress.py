@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tailor.api import KINDS, parse_spec
+from tailor.api.base import TailorModel
 from tailor.api.settings import EgressPolicy
 from tailor.controllers.egress import refused_egress
 from tailor.devcluster.kube import Kube
@@ -48,8 +50,8 @@ def test_a_user_cannot_grant_itself_private_addresses(kube: Kube, ns: str) -> No
 
 
 def test_the_admins_policy_narrows_and_allows() -> None:
-    def body(**source: Any) -> dict[str, Any]:
-        return {**knowledge_base(source), "metadata": {"name": "docs", "namespace": "t"}}
+    def body(**source: Any) -> TailorModel:
+        return parse_spec(KINDS["KnowledgeBase"], knowledge_base(source)["spec"])
 
     open_policy = EgressPolicy(allow_private_addresses=True, allow_insecure_http=True)
     assert refused_egress(body(url=METADATA, allowPrivateAddresses=True,
@@ -64,10 +66,9 @@ def test_the_admins_policy_narrows_and_allows() -> None:
     assert elsewhere and elsewhere.startswith("spec.sources[0].url: host evil.example.net")
     assert refused_egress(body(url="https://corp.example.evil.net/"), hosts)  # not a suffix
     raft = yaml.safe_load((EXAMPLES / "raftjob.yaml").read_text())
-    raft["metadata"]["namespace"] = "t"
     raft["spec"]["questions"] = {"generate": {"teacher": {
         "url": "https://api.evil.example.net/v1", "model": "m"}}}  # fmt: skip
-    teacher = refused_egress(raft, hosts)
+    teacher = refused_egress(parse_spec(KINDS["RAFTJob"], raft["spec"]), hosts)
     assert teacher and teacher.startswith(
         "spec.questions.generate.teacher.url: host api.evil.example.net"
     )
