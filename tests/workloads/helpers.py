@@ -26,6 +26,7 @@ class ThreadServer:
     """uvicorn serving an app on 127.0.0.1 (a free port) in a thread."""
 
     def __init__(self, app: Any):
+        self.app = app
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"

@@ -8,6 +8,7 @@ One vocabulary across kinds: a model is always a ``ModelSource``, data always a
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, WithJsonSchema
@@ -273,8 +274,41 @@ class PvcFiles(PvcPath):
     rules = (*PvcPath.rules, _relative_rule("glob", "a glob"))
 
 
+class FeedbackData(TailorModel):
+    """Records a ModelDeployment of this namespace captured (its spec.feedback), joined with
+    the ratings on them, as a dataset."""
+
+    deployment_ref: LocalObjectRef = Field(description="The ModelDeployment that captured them.")
+    format: Literal["sft", "kto", "dpo", "retrieval"] = Field(
+        default="sft",
+        description="sft: up-rated answers and corrections as chat examples; kto: {prompt, "
+        "completion, label} (TRL's unpaired preference format); dpo: {prompt, chosen, "
+        "rejected} (a correction or an up-rated answer against a down-rated one for the "
+        "same question); retrieval: {question, document} pairs for a KnowledgeBase's "
+        "spec.adaptation (a cited document marked useful, or cited by an up-rated answer).",
+    )
+    since: datetime | None = Field(default=None, description="Exchanges from this time on.")
+    until: datetime | None = Field(default=None, description="Exchanges before this time.")
+    min_records: int = Field(
+        default=1,
+        ge=1,
+        le=10_000_000,
+        description="Fail (FeedbackTooSmall) with fewer records than this after filtering.",
+    )
+    held_out_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of questions (chosen by a hash of the question, the same in "
+        "every dataset) kept out of training for evaluations.",
+    )
+    split: Literal["train", "heldOut"] = Field(
+        default="train", description="train: every exchange but the held-out share; heldOut: it."
+    )
+
+
 class DataSource(TailorModel):
-    """Where data comes from: exactly one of configMap, pvc, uri, url or inline."""
+    """Where data comes from: exactly one of configMap, pvc, uri, url, inline or feedback."""
 
     config_map: ConfigMapKey | None = Field(
         default=None, description="Small files stored in a ConfigMap (up to 1 MiB in all)."
@@ -308,6 +342,11 @@ class DataSource(TailorModel):
             "{messages: [...]}, {prompt, completion} pairs, or documents {id, text, metadata}."
         ),
     )
+    feedback: FeedbackData | None = Field(
+        default=None,
+        description="Exchanges a ModelDeployment captured and the feedback on them "
+        "(records, for training and evaluation data; not documents).",
+    )
     allow_private_addresses: bool = Field(
         default=False,
         description="Allow url to resolve to private, loopback or link-local addresses.",
@@ -324,9 +363,9 @@ class DataSource(TailorModel):
 
     rules = (
         Rule(
-            cel=cel_exactly_one("configMap", "pvc", "uri", "url", "inline"),
-            message="set exactly one of configMap, pvc, uri, url or inline",
-            check=lambda m: exactly_one(m, "config_map", "pvc", "uri", "url", "inline"),
+            cel=cel_exactly_one("configMap", "pvc", "uri", "url", "inline", "feedback"),
+            message="set exactly one of configMap, pvc, uri, url, inline or feedback",
+            check=lambda m: exactly_one(m, "config_map", "pvc", "uri", "url", "inline", "feedback"),
         ),
         Rule(
             cel=f"!has(self.uri) || self.uri.matches('{DATA_URI}')",

@@ -278,6 +278,26 @@ class KnowledgeBaseSpec(TailorModel):
         default_factory=Resources, description="Compute for the index Job."
     )
 
+    rules = (
+        Rule(
+            cel="self.sources.all(s, !has(s.feedback))",
+            message="a feedback source gives records, not documents: use it in "
+            "spec.adaptation.questions (format: retrieval), or name the documents' files",
+            field="sources",
+            check=lambda m: all(s.feedback is None for s in m.sources),
+        ),
+        Rule(
+            cel="!has(self.adaptation) || !has(self.adaptation.questions.feedback) || "
+            "self.adaptation.questions.feedback.format == 'retrieval'",
+            message="spec.adaptation.questions from feedback needs format: retrieval "
+            "({question, document} pairs)",
+            field="adaptation.questions.feedback.format",
+            check=lambda m: m.adaptation is None
+            or m.adaptation.questions.feedback is None
+            or m.adaptation.questions.feedback.format == "retrieval",
+        ),
+    )
+
 
 class KnowledgeBaseStatus(StatusBase):
     """Observed state of a KnowledgeBase."""

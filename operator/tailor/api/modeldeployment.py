@@ -8,6 +8,7 @@ Clients pick a model with OpenAI's ``model`` field: ``<deployment>`` for the bas
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -187,6 +188,78 @@ class Batching(TailorModel):
     )
 
 
+def _compiles(patterns: list[str]) -> bool:
+    try:
+        for pattern in patterns:
+            re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+class Redaction(TailorModel):
+    """What is replaced before a captured exchange or a feedback record is written."""
+
+    emails: bool = Field(default=True, description="Replace e-mail addresses with [EMAIL].")
+    phone_numbers: bool = Field(
+        default=True, description="Replace phone numbers (7 or more digits) with [PHONE]."
+    )
+    patterns: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="More regular expressions (RE2 syntax: no lookaround or backreferences) "
+        "whose matches are replaced with [REDACTED], e.g. account numbers.",
+    )
+
+    rules = (
+        Rule(
+            cel="!has(self.patterns) || self.patterns.all(p, 'x'.matches(p) == 'x'.matches(p))",
+            message="every redact.patterns entry must be a valid RE2 regular expression",
+            field="patterns",
+            check=lambda m: _compiles(m.patterns),
+        ),
+    )
+
+
+class Rotation(TailorModel):
+    """When an open capture segment is closed and published (whichever comes first). What
+    a killed pod can lose is the open segment: at most this much."""
+
+    max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024**3,
+        description="Close a segment at this size.",
+    )
+    max_seconds: int = Field(
+        default=300, ge=5, le=86400, description="Close a segment this long after it opened."
+    )
+
+
+class Feedback(TailorModel):
+    """Capture of answered exchanges and the feedback on them (POST /v1/feedback), as
+    append-only JSONL segments in the namespace's artifacts store under
+    feedback/<deployment>/, for datasets (a DataSource's feedback) and metrics."""
+
+    sample_rate: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of exchanges captured, chosen by response id (the same on every "
+        "replica); feedback on an exchange not captured is counted but not kept.",
+    )
+    retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="Segments older than this are deleted; feedback on older ids is a 404.",
+    )
+    redact: Redaction = Field(
+        default_factory=Redaction, description="Replaced before anything is written."
+    )
+    rotate: Rotation = Field(default_factory=Rotation, description="Segment size and age.")
+
+
 _VLLM_LOADS = (
     "(!has(self.baseModel.builtin) && "
     "!(has(self.baseModel.uri) && self.baseModel.uri.startsWith('s3://')))"
@@ -246,6 +319,11 @@ class ModelDeploymentSpec(TailorModel):
         description="Replicas without autoscaling; 0 scales the server to zero (phase Idle).",
     )
     autoscaling: Autoscaling | None = Field(default=None, description="Scale on load.")
+    feedback: Feedback | None = Field(
+        default=None,
+        description="Capture answered exchanges and the feedback on them, for datasets that "
+        "learn from use (a DataSource's feedback). Unset: feedback is counted, nothing kept.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Compute per replica.")
 
     rules = (

@@ -254,6 +254,12 @@ class ServingLimits(TailorModel):
     )
 
 
+def feedback_folder(deployment: str) -> str:
+    """Where a ModelDeployment's captured exchanges and feedback live, under its
+    namespace's artifacts root (spec.feedback)."""
+    return f"feedback/{deployment}"
+
+
 class ServeRun(RunBase):
     """The spec file of ``tailor.workloads.serving.app``."""
 
@@ -279,6 +285,15 @@ class ServeRun(RunBase):
         "loads any path it is given.",
     )
     limits: ServingLimits = Field(default_factory=ServingLimits)
+    prompt_profile_revision: str | None = Field(
+        default=None, description="The served PromptProfile revision (captured exchanges)."
+    )
+    knowledge_base_version: str | None = Field(
+        default=None, description="The served index version (captured exchanges)."
+    )
+    replica: str | None = Field(
+        default=None, description="This replica's name in capture segments (default: HOSTNAME)."
+    )
     test_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="The key a caller sends (header X-Tailor-Test-Key) to bring its own "

@@ -20,6 +20,7 @@ from tailor.api.workloads import (
     ServeRun,
     UpstreamEngineConfig,
     adapters_digest,
+    feedback_folder,
 )
 from tailor.builders.common import (
     CONTAINER_SECURITY_CONTEXT,
@@ -146,6 +147,7 @@ class ResolvedRefs:
     adapter_sha256: dict[str, str] = field(default_factory=dict)
     """By adapter name: the sha256 of its manifest.json recorded in its run's status."""
     prompt_config_map: str | None = None
+    prompt_profile_revision: str | None = None
     knowledge_base: RetrieverConfig | None = None
     knowledge_base_version: str | None = None
 
@@ -265,6 +267,8 @@ def build_serving(
         prompt_profile_file=f"{PROMPT_DIR}/{PROMPT_FILE}" if refs.prompt_config_map else None,
         knowledge_base=refs.knowledge_base,
         limits=settings.serving_limits,
+        prompt_profile_revision=refs.prompt_profile_revision,
+        knowledge_base_version=refs.knowledge_base_version,
         test_key_secret_ref=test_key(parent),
         port=settings.serve_port,
         upstream=UpstreamEngineConfig(
@@ -284,6 +288,16 @@ def build_serving(
         # an embedded knowledge base is read from its files on the claim
         artifacts_volume=bool(refs.knowledge_base and refs.knowledge_base.on_claim),
     )
+    claim_root = any(v["name"] == "artifacts" and "persistentVolumeClaim" in v for v in volumes)
+    if spec.feedback and claim_root:  # capture writes its own folder, nothing else
+        folder = feedback_folder(parent.name)
+        volume_mounts.append(
+            {
+                "name": "artifacts",
+                "mountPath": f"{settings.artifacts_mount}/{folder}",
+                "subPath": folder,
+            }
+        )
     if refs.prompt_config_map:
         volumes.append({"name": "prompt", "configMap": {"name": refs.prompt_config_map}})
         volume_mounts.append({"name": "prompt", "mountPath": PROMPT_DIR, "readOnly": True})

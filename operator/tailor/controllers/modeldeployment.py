@@ -73,6 +73,7 @@ def resolve(
         gated = bool((((body or {}).get("spec") or {}).get("tests") or {}).get("gate"))
         if status.get("phase") == "Valid" and served.get("configMap"):
             refs.prompt_config_map = served["configMap"]  # newest, pinned or last passed
+            refs.prompt_profile_revision = served.get("revision")
         elif status.get("phase") == "Valid" and gated and status.get("revision"):
             pass  # no revision has passed its tests yet: served without the profile
         else:

@@ -104,8 +104,16 @@ class ServingMetrics:
         )
         self.feedback = Counter(
             "tailor_serve_feedback",
-            "User feedback on responses (user satisfaction), by rating up or down.",
-            [*per_model, "rating"],
+            "User feedback on responses (user satisfaction), by rating up or down and the "
+            "prompt-profile revision that answered (empty without a profile).",
+            [*per_model, "rating", "revision"],
+            registry=r,
+        )
+        self.capture = Counter(
+            "tailor_serve_capture",
+            "Capture (spec.feedback): records written, records dropped (the writer fell "
+            "behind) and segments published.",
+            ["deployment", "outcome"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -222,8 +230,11 @@ class ServingMetrics:
         if not ok:
             self.retrieval_failures.labels(self.deployment).inc()
 
-    def observe_feedback(self, model: str, rating: str) -> None:
-        self.feedback.labels(self.deployment, model, rating).inc()
+    def observe_feedback(self, model: str, rating: str, revision: str = "") -> None:
+        self.feedback.labels(self.deployment, model, rating, revision).inc()
+
+    def observe_capture(self, outcome: str, count: int) -> None:
+        self.capture.labels(self.deployment, outcome).inc(count)
 
     def observe_profile_reload(self, ok: bool) -> None:
         self.profile_reloads.labels(self.deployment, "ok" if ok else "invalid").inc()

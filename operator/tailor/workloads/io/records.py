@@ -48,6 +48,12 @@ def read_raw(source: DataSource, paths: Paths) -> list[tuple[str, Any]]:
     """(where, raw record) for every record of a source; a plain text file is one record."""
     if source.inline is not None:
         return [(f"inline[{i}]", item) for i, item in enumerate(source.inline)]
+    if source.feedback is not None:
+        from tailor.workloads.io.feedback import feedback_records
+
+        records, _ = feedback_records(source.feedback, paths)
+        name = f"feedback of ModelDeployment {source.feedback.deployment_ref.name}"
+        return [(f"{name}[{i}]", item) for i, item in enumerate(records)]
     if source.url:
         fetched = fetch_source(source)
         name = fetched.url.split("?")[0]

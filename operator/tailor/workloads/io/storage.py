@@ -296,6 +296,44 @@ class Store:
                     names.add(child)
         return sorted(names)
 
+    # -- single objects (capture segments: each one PUT, complete or absent) -----------------
+
+    def put_file(self, local: str | Path, rel: str) -> None:
+        """Upload one file as one object (a single PUT: readers see all of it or nothing)."""
+        doing = f"uploading {local} to {self.uri(rel)}"
+        body = Path(local).read_bytes()
+        self._call(
+            doing, self.client.put_object, Bucket=self.config.bucket, Key=self.key(rel), Body=body
+        )
+
+    def read(self, rel: str) -> bytes:
+        """One object's bytes."""
+        doing = f"reading {self.uri(rel)}"
+        response = self._call(
+            doing, self.client.get_object, Bucket=self.config.bucket, Key=self.key(rel)
+        )
+        body: bytes = response["Body"].read()
+        return body
+
+    def listing(self, rel: str) -> list[str]:
+        """Paths (relative to the artifacts root) of every object under the folder ``rel``."""
+        base = self.key(rel) + "/"
+        root = self.key("")
+        cut = len(root) + 1 if root else 0
+        return sorted(key[cut:] for key, _ in self.objects(base))
+
+    def remove(self, rels: list[str]) -> None:
+        """Delete objects by path."""
+        doing = f"deleting under {self.uri('')}"
+        for start in range(0, len(rels), 1000):
+            batch = [{"Key": self.key(r)} for r in rels[start : start + 1000]]
+            self._call(
+                doing,
+                self.client.delete_objects,
+                Bucket=self.config.bucket,
+                Delete={"Objects": batch},
+            )
+
     def delete(self, rel: str) -> int:
         """Remove a folder: its marker first (so it stops being complete), then the rest."""
         bucket, base = self.config.bucket, self.key(rel)

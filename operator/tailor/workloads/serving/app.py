@@ -142,6 +142,8 @@ def _lifespan(
         if watcher is not None:
             watcher.stop()
         server.renderer.close()
+        if server.capture is not None:  # the open segment is published, not left behind
+            await asyncio.to_thread(server.capture.close)
         if owns_engine and server.engine is not None:
             await server.engine.aclose()
 
@@ -309,7 +311,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 @openai_api.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
-    answer = _server(request).record_feedback(body, _caller(request))
+    answer = await _server(request).record_feedback(body, _caller(request))
     request.state.model = answer["model"]
     return answer
 

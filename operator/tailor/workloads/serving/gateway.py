@@ -15,20 +15,24 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tailor.api.workloads import ServedAdapter, ServeRun
 from tailor.observability.serving import ServingMetrics
+from tailor.workloads.io.storage import store_of
 from tailor.workloads.serving.adapters import AdapterSet, pull_adapter
 from tailor.workloads.serving.auth import Access, Caller, MountedSecret, check_scope
 from tailor.workloads.serving.cache import ResponseCache
+from tailor.workloads.serving.capture import CaptureLog, FeedbackDesk
 from tailor.workloads.serving.engine.base import (
     Chunk,
     EngineClosed,
@@ -69,8 +73,6 @@ from tailor.workloads.serving.protocol import (
 
 log = logging.getLogger("tailor.workloads.serving.gateway")
 
-MAX_REMEMBERED_RESPONSES = 100_000
-
 
 # ------------------------------------------------------------------ the server
 @dataclass
@@ -86,6 +88,10 @@ class Generation:
     extension: dict[str, Any]
     stream: bool
     include_usage: bool
+    asked: Any = None
+    """What the caller sent (its messages, or the prompt), for capture."""
+    seen: Any = None
+    """What the engine saw (the messages after the profile and retrieval), for capture."""
 
 
 class Server:
@@ -133,13 +139,30 @@ class Server:
         cache = run.spec.cache
         entries = min(cache.max_entries, run.limits.cache_max_entries)  # the admin's cap
         self.cache = ResponseCache(entries, cache.ttl_seconds) if cache.enabled else None
-        self.responses: OrderedDict[str, str] = OrderedDict()  # response id -> model
+        capture = (
+            CaptureLog(
+                run.spec.feedback,
+                run.served_name,
+                Path(run.paths.artifacts),
+                store_of(run.paths),
+                run.replica or os.environ.get("HOSTNAME") or socket.gethostname(),
+                metrics.observe_capture,
+            )
+            if run.spec.feedback
+            else None
+        )
+        self.desk = FeedbackDesk(capture, metrics, run.prompt_profile_revision or "")
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
         self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
         self._example_lock = threading.Lock()
         if engine is not None:
             metrics.set_ready(True)
+
+    @property
+    def capture(self) -> CaptureLog | None:
+        """The capture writer (spec.feedback), or None."""
+        return self.desk.capture
 
     # -- lifecycle
     def load(self) -> None:
@@ -423,6 +446,8 @@ class Server:
             extension,
             body.stream,
             body.include_usage(),
+            asked=[m.as_dict() for m in conversation] if self.capture else None,
+            seen=chat if self.capture else None,
         )
 
     def _profile(self, options: TailorOptions, test_key: str | None) -> Any:
@@ -478,6 +503,8 @@ class Server:
             {},
             body.stream,
             body.include_usage(),
+            asked=prompt if self.capture and isinstance(prompt, str) else None,
+            seen=prompt if self.capture and isinstance(prompt, str) else None,
         )
 
     # -- answering
@@ -516,6 +543,7 @@ class Server:
         result = await _whole(gen, first, chunks, tracker)
         if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result)
+        self.captured(gen, reply, result, started)
         return JSONResponse(reply.whole(result, {**gen.extension, "cached": False}))
 
     def _cache_key(self, gen: Generation) -> str | None:
@@ -534,6 +562,7 @@ class Server:
     def _answer_cached(self, gen: Generation, cached: dict[str, Any]) -> Response:
         reply = Reply.new(gen.kind, gen.model)
         self.remember(reply.id, gen.model)
+        self.captured(gen, reply, cached, time.perf_counter())
         extension = {**gen.extension, "cached": True}
         if not gen.stream:
             return JSONResponse(reply.whole(cached, extension))
@@ -573,13 +602,14 @@ class Server:
                     counts = usage(len(gen.prompt_ids), chunk.completion_tokens)
                     if gen.include_usage:
                         yield sse(reply.usage_chunk(counts))
+                    result = {
+                        "text": "".join(parts),
+                        "finish_reason": chunk.finish_reason,
+                        "usage": counts,
+                    }
                     if tracker.cache_key is not None and self.cache is not None:
-                        result = {
-                            "text": "".join(parts),
-                            "finish_reason": chunk.finish_reason,
-                            "usage": counts,
-                        }
                         self.cache.put(tracker.cache_key, result)
+                    self.captured(gen, reply, result, tracker.started)
                     break
                 chunk = await anext(chunks)
             yield SSE_DONE
@@ -587,41 +617,41 @@ class Server:
             await _finish(chunks, tracker)
 
     def remember(self, response_id: str, model: str) -> None:
-        self.responses[response_id] = model
-        while len(self.responses) > MAX_REMEMBERED_RESPONSES:
-            self.responses.popitem(last=False)
+        self.desk.remember(response_id, model)
 
-    def record_feedback(self, body: FeedbackRequest, caller: Caller) -> dict[str, Any]:
-        """A thumbs up or down on a response: counted by model (the response's, when it was
-        answered here), and logged with its comment."""
-        if not body.id.startswith(("chatcmpl-", "cmpl-")):
-            raise APIError(
-                400,
-                "id must be the id of a chat.completion or text_completion",
-                param="id",
-                code="invalid_value",
-            )
-        model = self.responses.get(body.id)
-        known = model is not None
-        if model is None and body.model is not None:
-            self.resolve_model(body.model, caller)
-            model = body.model
-        model = model or "unknown"
-        self.metrics.observe_feedback(model, body.rating)
-        log.info(
-            "feedback %s on %s (%s)%s",
-            body.rating,
-            body.id,
-            model,
-            f": {body.comment!r}" if body.comment else "",
+    def captured(
+        self, gen: Generation, reply: Reply, result: dict[str, Any], started: float
+    ) -> None:
+        """Queue an answered exchange for capture (spec.feedback), if it is sampled."""
+        if self.capture is None or not self.capture.sampled(reply.id):
+            return
+        sources = [
+            {"id": s.get("id"), "document": s.get("document_id")}
+            for s in gen.extension.get("sources") or []
+        ]
+        self.capture.append(
+            {
+                "type": "exchange",
+                "id": reply.id,
+                "time": time.time(),
+                "model": gen.model,
+                "adapter": gen.adapter,
+                "promptProfileRevision": self.run.prompt_profile_revision,
+                "knowledgeBaseVersion": self.run.knowledge_base_version,
+                "kind": gen.kind,
+                "asked": gen.asked,
+                "seen": gen.seen,
+                "answer": result["text"],
+                "finishReason": result["finish_reason"],
+                "sources": sources,
+                "retrieval": gen.extension.get("retrieval"),
+                "usage": result["usage"],
+                "latencySeconds": round(time.perf_counter() - started, 4),
+            }
         )
-        return {
-            "id": body.id,
-            "object": "feedback",
-            "rating": body.rating,
-            "model": model,
-            "known": known,
-        }
+
+    async def record_feedback(self, body: FeedbackRequest, caller: Caller) -> dict[str, Any]:
+        return await self.desk.rate(body, caller, self.resolve_model)
 
 
 class _Tracker:

@@ -123,9 +123,21 @@ class CompletionRequest(GenerationParameters):
     suffix: str | None = None
 
 
+class SourceJudgement(_Wire):
+    id: str = Field(min_length=1, max_length=200, description="A tailor.sources[].id.")
+    useful: bool
+
+
 class FeedbackRequest(_Wire):
     id: str = Field(min_length=1, max_length=200, description="The response's id.")
     rating: Literal["up", "down"]
+    score: int | None = Field(default=None, ge=1, le=5, description="An optional 1-5 scale.")
+    correction: str | None = Field(
+        default=None, max_length=32768, description="The answer the user wanted."
+    )
+    sources: list[SourceJudgement] = Field(
+        default_factory=list, max_length=64, description="Whether each cited source helped."
+    )
     model: str | None = Field(default=None, description="The model, for responses not seen here.")
     comment: str | None = Field(default=None, max_length=4096)
 
@@ -203,7 +215,10 @@ class Reply:
 
     @classmethod
     def new(cls, kind: Kind, model: str) -> Reply:
-        return cls(kind, model, ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex)
+        # 11 hex digits of the time in ms, then 21 random: a rating finds its exchange
+        # (capture.id_time) without an index
+        stamp = f"{int(time.time() * 1000):011x}{uuid.uuid4().hex[:21]}"
+        return cls(kind, model, ("chatcmpl-" if kind == "chat" else "cmpl-") + stamp)
 
     def whole(self, result: dict[str, Any], extension: dict[str, Any]) -> dict[str, Any]:
         """The whole answer; ``result`` has its text, finish_reason and usage."""
