@@ -300,3 +300,33 @@ def test_each_dataset_format_is_built_from_captured_records(tmp_path: Path) -> N
         {"feedback": {"deploymentRef": {"name": SERVED}, "format": "dpo", "heldOutFraction": 0}}
     )
     assert [r for _, r in read_raw(source, paths)] == dpo
+
+
+def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
+    """spec.adaptation.questions from feedback (format retrieval): the cited documents users
+    marked useful, or that an up-rated answer cited, become the labelled pairs the
+    embedding model is tuned on (the tuning itself: tests/workloads/test_adaptation.py)."""
+    from tailor.api.knowledgebase import Adaptation
+    from tailor.workloads.knowledge.adaptation import read_pairs
+
+    log = CaptureLog(Feedback(), SERVED, tmp_path, None, "r0")
+    for i in range(12):
+        log.append(exchange(i, f"Which model classifies images, number {i}?", "resnet"))
+        useful = i % 3 != 0  # every third user marked the cited card not useful
+        log.append(rating(i, "up", sources=[{"id": f"chunk-{i}", "useful": useful}]))
+    log.close()
+    adaptation = Adaptation.model_validate(
+        {
+            "questions": {
+                "feedback": {
+                    "deploymentRef": {"name": SERVED},
+                    "format": "retrieval",
+                    "heldOutFraction": 0,
+                }
+            }
+        }
+    )
+    pairs = read_pairs(adaptation, Paths(artifacts=str(tmp_path)))
+    assert [(p.question, p.document) for p in pairs] == [
+        (f"Which model classifies images, number {i}?", f"doc-{i}") for i in range(12) if i % 3
+    ]

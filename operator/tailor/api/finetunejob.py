@@ -13,6 +13,7 @@ from pydantic import Field
 
 from tailor.api.base import Rule, TailorModel
 from tailor.api.common import (
+    DATA_URI,
     Artifact,
     DataSource,
     ModelSource,
@@ -211,9 +212,53 @@ class Output(RunOutput):
     )
 
 
+class Reference(TailorModel):
+    """The model a preference run is measured against and starts from."""
+
+    uri: str = Field(
+        max_length=1024,
+        pattern=DATA_URI,
+        description="A LoRA adapter (a FineTuneJob's status.artifact.uri: s3://... or "
+        "pvc://claim/path): training continues from it, and it is the reference, so a "
+        "deployed adapter is improved in place.",
+    )
+
+
+class Preference(TailorModel):
+    """Settings of the kto and dpo objectives."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="How far the trained model may move from the reference (TRL's beta).",
+    )
+    desirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="kto: weight of desirable examples."
+    )
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="kto: weight of undesirable examples."
+    )
+    reference: Reference | None = Field(
+        default=None,
+        description="Start from and compare with this adapter; unset: a new adapter, the "
+        "base model as the reference.",
+    )
+
+
 class FineTuneJobSpec(FineTuneRecipe, Queueing):
     """A fine-tuning run."""
 
+    objective: Literal["sft", "kto", "dpo"] = Field(
+        default="sft",
+        description="sft: learn the answers of chat, completion or text records; kto: "
+        "learn from answers labelled desirable or not ({prompt, completion, label}); dpo: "
+        "learn from pairs ({prompt, chosen, rejected}). Separate from method (lora, "
+        "qlora, full): any objective with any method.",
+    )
+    preference: Preference = Field(
+        default_factory=Preference, description="Settings of the kto and dpo objectives."
+    )
     dataset: DatasetSpec = Field(description="Training and validation data.")
     output: Output = Field(default_factory=Output, description="Where the artifact goes.")
     suspend: bool = Field(default=False, description="Pause the run (pods are removed).")
@@ -228,6 +273,25 @@ class FineTuneJobSpec(FineTuneRecipe, Queueing):
     )
 
     rules = FineTuneRecipe.rules + (
+        Rule(
+            cel="self.objective == 'sft' || !has(self.dataset.format) || "
+            "self.dataset.format == 'auto'",
+            message="objective kto and dpo read their own record formats: set dataset.format "
+            "to auto (or leave it out)",
+            field="dataset.format",
+            check=lambda m: m.objective == "sft" or m.dataset.format == "auto",
+        ),
+        Rule(
+            cel="!has(self.preference) || !has(self.preference.reference) || "
+            "(self.objective != 'sft' && self.method in ['lora', 'qlora'])",
+            message="preference.reference continues a LoRA adapter with objective kto or "
+            "dpo: set objective and use method lora or qlora, or remove it",
+            field="preference.reference",
+            check=lambda m: (
+                m.preference.reference is None
+                or (m.objective != "sft" and m.method in LORA_METHODS)
+            ),
+        ),
         Rule(
             cel="self.baseModel == oldSelf.baseModel",
             message="baseModel is immutable; create a new FineTuneJob to train another model",

@@ -292,9 +292,11 @@ class KnowledgeBaseSpec(TailorModel):
             message="spec.adaptation.questions from feedback needs format: retrieval "
             "({question, document} pairs)",
             field="adaptation.questions.feedback.format",
-            check=lambda m: m.adaptation is None
-            or m.adaptation.questions.feedback is None
-            or m.adaptation.questions.feedback.format == "retrieval",
+            check=lambda m: (
+                m.adaptation is None
+                or m.adaptation.questions.feedback is None
+                or m.adaptation.questions.feedback.format == "retrieval"
+            ),
         ),
     )
 

@@ -214,8 +214,9 @@ class Redaction(TailorModel):
     rules = (
         Rule(
             cel="!has(self.patterns) || self.patterns.all(p, 'x'.matches(p) == 'x'.matches(p))",
+            # no field: a regex that does not compile is an evaluation error, which the API
+            # server reports at this object whatever fieldPath says
             message="every redact.patterns entry must be a valid RE2 regular expression",
-            field="patterns",
             check=lambda m: _compiles(m.patterns),
         ),
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from tailor.api.common import ModelSource
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import TrainRun
@@ -109,6 +110,8 @@ def build_training(spec: FineTuneJobSpec, parent: Parent, settings: OperatorSett
         .add_model(spec.base_model)
         .add_pvc(spec.output.pvc)
     )
+    if spec.preference.reference:  # the adapter a preference run continues
+        mounts.add_model(ModelSource(uri=spec.preference.reference.uri))
     volumes, volume_mounts = volumes_and_mounts(settings, mounts, name)
     if spec.output.pvc:  # the output volume must be writable
         for m in volume_mounts:

@@ -222,7 +222,9 @@ def fingerprint_of(spec: FineTuneJobSpec, data: Datasets) -> str:
     """What a checkpoint must match to be resumed: the training recipe and the data."""
     digest = hashlib.sha256()
     recipe = spec.model_dump(
-        mode="json", include={"base_model", "method", "lora", "training", "dataset"}
+        mode="json",
+        include={"base_model", "method", "lora", "training", "dataset"}
+        | ({"objective", "preference"} if spec.objective != "sft" else set()),
     )
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     for example in data.train:

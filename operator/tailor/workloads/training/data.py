@@ -22,7 +22,7 @@ padding while attention stays cheap. Without packing, one example per right-padd
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -33,7 +33,8 @@ from tailor.api.workloads import Paths
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.records import read_raw
 
-Format = Literal["chat", "completion", "text"]
+Format = Literal["chat", "completion", "text", "kto", "dpo"]
+"""A dataset's format; kto and dpo records hold chat or completion records inside."""
 
 
 IGNORE_INDEX = -100
@@ -71,6 +72,30 @@ class Record:
     prompt: str = ""
     completion: str = ""
     text: str = ""
+    rejected: Record | None = None
+    """dpo: the rejected answer to the same prompt (this record holds the chosen one)."""
+    label: bool | None = None
+    """kto: whether this record's answer is desirable."""
+
+    def answered_with(self, other: Record) -> Record:
+        """This record's prompt with ``other``'s answer (kto's mismatched pairs)."""
+        if self.format == "completion":
+            return Record(self.where, "completion", prompt=self.prompt, completion=other.completion)
+        context = tuple(m for m in self.messages if not m.weight)
+        answer = tuple(m for m in other.messages if m.weight)
+        return Record(self.where, "chat", messages=(*context, *answer))
+
+
+@dataclass
+class Paired:
+    """What a preference example adds to its tokenized answer."""
+
+    label: bool | None = None
+    """kto: desirable or not."""
+    rejected: Example | None = None
+    """dpo: the rejected answer (the example itself is the chosen one)."""
+    kl: Example | None = None
+    """kto: the prompt with another record's answer, for the KL baseline."""
 
 
 @dataclass
@@ -80,6 +105,13 @@ class Example:
 
     input_ids: list[int]
     targets: list[int]
+    pair: Paired | None = None
+    """Set for kto and dpo examples."""
+
+    @property
+    def units(self) -> int:
+        """What a step's loss is averaged over: learned tokens (sft), or examples."""
+        return 1 if self.pair is not None else self.num_targets
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -117,6 +149,10 @@ def detect_format(where: str, item: Any) -> Format:
     if isinstance(item, str):
         return "text"
     if isinstance(item, dict):
+        if "chosen" in item and "rejected" in item:
+            return "dpo"
+        if "label" in item and "completion" in item:
+            return "kto"
         if "messages" in item:
             return "chat"
         if "prompt" in item or "completion" in item:
@@ -127,7 +163,8 @@ def detect_format(where: str, item: Any) -> Format:
         raise WorkloadError(
             "InvalidDataset",
             f"{where}: cannot tell the record format: expected {{messages: [...]}} (chat), "
-            f"{{prompt, completion}} or {{text}}; found keys {found}",
+            f"{{prompt, completion}}, {{text}}, {{prompt, completion, label}} (kto) or "
+            f"{{prompt, chosen, rejected}} (dpo); found keys {found}",
         )
     raise WorkloadError(
         "InvalidDataset", f"{where}: a record must be a JSON object, not {_kind(item)}"
@@ -140,6 +177,8 @@ def validate_record(where: str, item: Any, fmt: Format) -> Record:
     def bad(problem: str) -> WorkloadError:
         return WorkloadError("InvalidDataset", f"{where}: {problem}")
 
+    if fmt in ("kto", "dpo"):
+        return _validate_preference(where, item, fmt, bad)
     if fmt == "text" and isinstance(item, str):
         if not item.strip():
             raise bad("empty text")
@@ -175,6 +214,29 @@ def validate_record(where: str, item: Any, fmt: Format) -> Record:
     if not text.strip():
         raise bad("text is empty")
     return Record(where, "text", text=text)
+
+
+def _validate_preference(where: str, item: Any, fmt: Format, bad: Any) -> Record:
+    """A kto or dpo record in TRL's formats: prompt and answers as strings, or as message
+    lists (the prompt's messages are context, the answers' assistant messages learned)."""
+    if not isinstance(item, dict):
+        raise bad(f"a record must be a JSON object, not {_kind(item)}")
+    wanted = ("prompt", "completion", "label") if fmt == "kto" else ("prompt", "chosen", "rejected")
+    if any(key not in item for key in wanted):
+        raise bad(f"expected {{{', '.join(wanted)}}} ({fmt}); found keys {_keys(item)}")
+
+    def answer(key: str) -> Record:
+        pair = {"prompt": item["prompt"], "completion": item[key]}
+        try:
+            return validate_record(where, pair, "completion")
+        except WorkloadError as exc:
+            raise bad(str(exc).split(": ", 1)[-1].replace("completion", key)) from exc
+
+    if fmt == "kto":
+        if not isinstance(item["label"], bool):
+            raise bad(f"label must be true or false, not {_kind(item['label'])}")
+        return replace(answer("completion"), label=item["label"])
+    return replace(answer("chosen"), rejected=answer("rejected"))
 
 
 def _validate_messages(
@@ -325,11 +387,29 @@ def _from_spans(
 def tokenize_records(
     records: list[Record], tokenizer: Any, max_length: int
 ) -> tuple[list[Example], DatasetStats]:
-    """Tokenize every record; examples left with nothing to learn are dropped and counted."""
+    """Tokenize every record; examples left with nothing to learn are dropped and counted.
+    A kto or dpo record is one example, its other answer (dpo) or its mismatched pair
+    (kto: the prompt with the next record's answer) inside."""
     stats = DatasetStats(records=len(records))
     examples: list[Example] = []
-    for record in records:
+    for i, record in enumerate(records):
         produced, truncated = tokenize_record(record, tokenizer, max_length)
+        if produced and (record.rejected is not None or record.label is not None):
+            other = (
+                record.rejected
+                if record.rejected is not None
+                else record.answered_with(records[(i + 1) % len(records)])
+            )
+            second, cut = tokenize_record(other, tokenizer, max_length)
+            truncated = truncated or cut
+            if second:
+                kto = record.label is not None
+                produced[0].pair = Paired(
+                    label=record.label,
+                    rejected=None if kto else second[0],
+                    kl=second[0] if kto else None,
+                )
+            produced = produced[:1] if second else []
         stats.truncated += truncated
         stats.dropped += not produced
         examples.extend(produced)

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from tailor.api.common import ModelSource
 from tailor.api.finetunejob import FineTuneJobSpec, LoraConfig
 from tailor.api.workloads import Paths
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_causal_lm
+from tailor.workloads.io.sources import model_path
 from tailor.workloads.training.distributed import World
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,17 @@ def load_model(
         return model
     if spec.method == "qlora":  # norms to float32, inputs that carry gradients
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.preference.reference:  # continue the named adapter (and compare with it)
+        from peft import PeftModel
+
+        uri = spec.preference.reference.uri
+        try:
+            folder = model_path(ModelSource(uri=uri), paths)
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        except (OSError, ValueError) as exc:
+            raise WorkloadError(
+                "ModelLoadFailed", f"preference.reference.uri {uri}: not a LoRA adapter: {exc}"
+            ) from exc
     lora = spec.lora or LoraConfig()
     targets = lora.target_modules
     try:

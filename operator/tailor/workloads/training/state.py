@@ -23,6 +23,9 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int | None = None
+    reference: list[list[float]] = field(default_factory=list)
+    """kto, dpo: the reference log-probabilities of each train then validation example,
+    computed before the first step (a resumed run compares with the same reference)."""
 
     @property
     def recent_loss(self) -> float | None:

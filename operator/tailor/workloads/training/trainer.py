@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -75,6 +75,11 @@ from tailor.workloads.training.model import (
     load_model,
     make_optimizer,
     shard,
+)
+from tailor.workloads.training.preference import (
+    check_objective,
+    preference_loss,
+    reference_logps,
 )
 from tailor.workloads.training.state import Schedule, TrainState
 
@@ -136,6 +141,7 @@ def _train(
         tokenizer = load_tokenizer(spec.base_model, run.paths)
     except (OSError, ValueError) as exc:
         raise WorkloadError("ModelLoadFailed", f"cannot load the tokenizer: {exc}") from exc
+    check_objective(spec.objective, records.format)
     data = tokenize_datasets(records, tokenizer, cfg.max_seq_length)
     checkpoints = Path(run.checkpoint_dir)
     if store:  # each pod has its own scratch: bring the newest complete checkpoint there
@@ -211,8 +217,22 @@ def _train(
         torch.manual_seed(cfg.seed + 1000 * world.rank + state.step)
     progression = Progression(run, schedule, state)
     pad_id = tokenizer.pad_token_id
+    if spec.objective != "sft" and not state.reference:  # the model before any step
+        state.reference = reference_logps(
+            core, data.train + data.validation, pad_id, cfg.max_seq_length, autocast,
+            cfg.batch_size,
+        )  # fmt: skip
+        log.info("reference log-probabilities of %d examples computed", len(state.reference))
+    loss_of = _loss_function(spec, data.train, state.reference, pad_id, autocast)
+
+    def validate() -> float:
+        held = state.reference[len(data.train) :]  # kto, dpo: the validation examples'
+        return float(
+            evaluate(core, data.validation, spec, pad_id, device, autocast, eval_world, held)
+        )
+
     if data.validation and not state.evals:
-        eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, eval_world)
+        eval_loss = validate()
         state.evals.append(_eval_entry(0, 0.0, eval_loss))
         log.info("eval before training: loss %.4f", eval_loss)
 
@@ -225,7 +245,7 @@ def _train(
         work = next(works, None)
         if work is None:
             break
-        loss = train_step(model, work, optimizer, scaler, autocast, cfg.max_grad_norm, world.size)
+        loss = train_step(model, work, optimizer, scaler, loss_of, cfg.max_grad_norm, world.size)
         scheduler.step()
         if world.distributed:  # every rank's part, and whether any rank was told to stop
             loss = distributed.all_sum([loss], device)[0]
@@ -252,7 +272,7 @@ def _train(
 
         last = state.step == schedule.total_steps
         if data.validation and (state.step % schedule.steps_per_epoch == 0 or last):
-            eval_loss = evaluate(core, data.validation, spec, pad_id, device, autocast, eval_world)
+            eval_loss = validate()
             state.evals.append(_eval_entry(state.step, schedule.epoch_of(state.step), eval_loss))
             log.info("eval at step %d: loss %.4f", state.step, eval_loss)
         if not last and (state.step % spec.checkpoint.every_steps == 0 or stop.requested):
@@ -329,10 +349,11 @@ def step_work(
                 collate([examples[i] for i in g], pad_id, cfg.packing, cfg.max_seq_length)
                 for g in groups
             ],
-            num_targets=sum(examples[i].num_targets for i in chosen),
+            num_targets=sum(examples[i].units for i in chosen),
             num_tokens=sum(len(examples[i]) for i in chosen),
             examples=mine,
             weights=weights,
+            groups=groups,
         )
 
 
@@ -351,6 +372,31 @@ class StepWork:
     """Per micro-batch: 1, or 0 for a stand-in that only keeps the ranks in step (a rank
     with no example in the epoch's last, short step; under FSDP, a rank with fewer
     micro-batches than another, since every forward gathers parameters from all)."""
+    groups: list[list[int]] = field(default_factory=list)
+    """Per micro-batch: the indices of its examples."""
+
+
+LossOf = Callable[[torch.nn.Module, Batch, list[int]], torch.Tensor]
+"""The summed loss of a micro-batch (its collated batch and its examples' indices)."""
+
+
+def _loss_function(
+    spec: FineTuneJobSpec,
+    examples: list[Example],
+    reference: list[list[float]],
+    pad_id: int,
+    autocast: AbstractContextManager[Any],
+) -> LossOf:
+    """sft: cross-entropy of the collated batch; kto and dpo: :mod:`.preference`."""
+    if spec.objective == "sft":
+        return lambda model, batch, _: batch_loss(model, batch, autocast)
+
+    def loss(model: torch.nn.Module, _: Batch, indices: list[int]) -> torch.Tensor:
+        group = [examples[i] for i in indices]
+        refs = [reference[i] for i in indices]
+        return preference_loss(model, group, refs, spec, pad_id, autocast)[0]
+
+    return loss
 
 
 def train_step(
@@ -358,13 +404,13 @@ def train_step(
     work: StepWork,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-    autocast: AbstractContextManager[Any],
+    loss_of: LossOf,
     max_grad_norm: float,
     world_size: int = 1,
 ) -> float:
     """One optimizer step over gradient-accumulated micro-batches; the loss is the mean
-    over every learned token of the step, every rank's (as transformers' Trainer
-    normalises it). Under DDP gradients are all-reduced (averaged) on the last
+    over every learned token of the step (sft) or every example (kto, dpo), every rank's
+    (as transformers' Trainer normalises it). Under DDP gradients are all-reduced (averaged) on the last
     micro-batch only, so each rank's sum is scaled by the world size; the returned value
     is this rank's part of the step's loss (the parts add up to the loss)."""
     device = device_of(model)
@@ -374,7 +420,7 @@ def train_step(
     for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
         syncing = i == last or not hasattr(model, "no_sync")
         with nullcontext() if syncing else model.no_sync():
-            loss = batch_loss(model, batch.to(device), autocast) * (scale * weight)
+            loss = loss_of(model, batch.to(device), work.groups[i]) * (scale * weight)
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item() / world_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -416,17 +462,27 @@ def evaluate(
     device: torch.device,
     autocast: AbstractContextManager[Any],
     world: World | None = None,
+    reference: list[list[float]] | None = None,
 ) -> float:
-    """Mean loss per learned token over the validation set (in length order: the order does
-    not matter here, and it leaves almost no padding). With several ranks each scores
-    every n-th example and the sums are all-reduced."""
+    """Mean loss per learned token (sft) or per example (kto, dpo: ``reference`` holds the
+    examples' reference log-probabilities) over the validation set, in length order (the
+    order does not matter here, and it leaves almost no padding). With several ranks each
+    scores every n-th example and the sums are all-reduced."""
     world = world or World()
     model.eval()
-    ordered = sorted(examples, key=len)[world.rank :: world.size]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))[world.rank :: world.size]
     size = spec.training.batch_size
     total, count = 0.0, 0
-    for start in range(0, len(ordered), size):
-        batch = collate(ordered[start : start + size], pad_id, False, spec.training.max_seq_length)
+    for start in range(0, len(order), size):
+        indices = order[start : start + size]
+        group = [examples[i] for i in indices]
+        if spec.objective != "sft":
+            assert reference is not None
+            refs = [reference[i] for i in indices]
+            total += preference_loss(model, group, refs, spec, pad_id, autocast)[0].item()
+            count += len(group)
+            continue
+        batch = collate(group, pad_id, False, spec.training.max_seq_length)
         total += batch_loss(model, batch.to(device), autocast).item()
         count += batch.num_targets
     model.train()
