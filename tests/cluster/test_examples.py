@@ -25,6 +25,9 @@ FINAL = {
     "finetunejob": ("torchhub-lora", "Succeeded"),
     "modeldeployment": ("api-assistant", "Ready"),
     "raftjob": ("torchhub-raft", "Succeeded"),
+    "modeldeployment-feedback": ("assistant-feedback", "Ready"),
+    "finetunejob-kto": ("assistant-kto", "Succeeded"),
+    "knowledgebase-adaptive": ("torchhub-docs-adaptive", "Ready"),
 }
 
 
@@ -42,7 +45,8 @@ def test_every_example_reaches_its_final_phase_unchanged(
     )  # fmt: skip
     for file in files:
         kube.kubectl("apply", "-n", namespace, "-f", str(file))
-    for kind, (name, phase) in FINAL.items():
+    for example, (name, phase) in FINAL.items():
+        kind = example.split("-")[0]
         try:
             wait_for(f"{kind}/{name} {phase}", phase_is(kube, namespace, kind, name, phase), 240)
         except AssertionError as error:

@@ -466,12 +466,13 @@ def test_cache_only_for_deterministic_requests(base_url: str, metrics: ServingMe
 def test_feedback_counts_up_and_down(base_url: str, metrics: ServingMetrics) -> None:
     response = chat(base_url, f"{SERVED}/robot", max_tokens=3)
     response_id = response.json()["id"]
-    before = metrics.value("tailor_serve_feedback_total", model=f"{SERVED}/robot", rating="down")
+    robot = {"model": f"{SERVED}/robot", "rating": "down", "revision": ""}  # no profile
+    before = metrics.value("tailor_serve_feedback_total", **robot)
     feedback = httpx.post(
         f"{base_url}/v1/feedback", json={"id": response_id, "rating": "down", "comment": "meh"}
     )
     assert feedback.status_code == 200 and feedback.json()["known"] is True
-    after = metrics.value("tailor_serve_feedback_total", model=f"{SERVED}/robot", rating="down")
+    after = metrics.value("tailor_serve_feedback_total", **robot)
     assert after == before + 1
     bad = httpx.post(f"{base_url}/v1/feedback", json={"id": response_id, "rating": "meh"})
     assert error_of(bad, 400)["param"] == "rating"

@@ -952,17 +952,19 @@ def serving_dashboard() -> Dashboard:
                     Panel(
                         "Feedback",
                         "Thumbs up and down on responses per hour (POST /v1/feedback), and the "
-                        "share of thumbs up over the last day.",
+                        "share of thumbs up over the last day (satisfaction) per model and "
+                        "prompt-profile revision.",
                         (
                             q(
                                 f"sum by (model, rating) (increase(tailor_serve_feedback_total{md}[1h]))",
                                 "{{model}} {{rating}}",
                             ),
                             q(
-                                "sum by (model) (increase(tailor_serve_feedback_total"
+                                "sum by (model, revision) (increase(tailor_serve_feedback_total"
                                 '{namespace=~"$namespace", deployment=~"$deployment", rating="up"}[1d])) '
-                                f"/ sum by (model) (increase(tailor_serve_feedback_total{md}[1d]))",
-                                "{{model}} share up",
+                                "/ sum by (model, revision) "
+                                f"(increase(tailor_serve_feedback_total{md}[1d]))",
+                                "{{model}} {{revision}} share up",
                             ),
                         ),
                         width=8,
