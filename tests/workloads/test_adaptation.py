@@ -218,11 +218,16 @@ def test_rank_scores_rank_documents_by_their_best_chunk() -> None:
 
 
 def test_batches_never_hold_a_text_twice_and_split_is_seeded() -> None:
-    pairs = [(f"q{i % 7}", f"d{i % 5}") for i in range(40)]
+    pairs = [(f"q{i % 7}", f"d{i % 5}", None) for i in range(40)]
     batches = no_duplicate_batches(pairs, 4, random.Random(0))
     for batch in batches:
-        texts = [t for pair in batch for t in pair]
+        texts = [t for pair in batch for t in pair if t is not None]
         assert len(texts) == len(set(texts)) and 1 < len(batch) <= 4
+    # a hard negative counts as one of the batch's texts; a missing one as none
+    triples = [(f"q{i}", f"d{i}", f"d{i + 1}" if i % 2 else None) for i in range(12)]
+    for batch in no_duplicate_batches(triples, 4, random.Random(0)):
+        texts = [t for triple in batch for t in triple if t is not None]
+        assert len(texts) == len(set(texts))
     items = [Pair(f"q{i}", "d", f"f:{i}") for i in range(50)]
     train, held = split(items, 0.2, seed=3)
     assert len(held) == 10 and len(train) == 40 and not set(train) & set(held)

@@ -205,8 +205,7 @@ def exchange(i: int, question: str, answer: str, **extra: Any) -> dict[str, Any]
         "seen": seen,
         "answer": answer,
         "sources": [{"id": f"chunk-{i}", "document": f"doc-{i}"}],
-        **extra,
-    }
+    } | extra
 
 
 def rating(i: int, value: str, caller: str = "k1", **extra: Any) -> dict[str, Any]:
@@ -311,9 +310,13 @@ def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
 
     log = CaptureLog(Feedback(), SERVED, tmp_path, None, "r0")
     for i in range(12):
-        log.append(exchange(i, f"Which model classifies images, number {i}?", "resnet"))
+        cited = [{"id": f"chunk-{i}", "document": f"doc-{i}"}, {"id": "c-x", "document": "doc-x"}]
+        log.append(
+            exchange(i, f"Which model classifies images, number {i}?", "resnet", sources=cited)
+        )
         useful = i % 3 != 0  # every third user marked the cited card not useful
-        log.append(rating(i, "up", sources=[{"id": f"chunk-{i}", "useful": useful}]))
+        judged = [{"id": f"chunk-{i}", "useful": useful}, {"id": "c-x", "useful": False}]
+        log.append(rating(i, "up", sources=judged))
     log.close()
     adaptation = Adaptation.model_validate(
         {
@@ -327,6 +330,8 @@ def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
         }
     )
     pairs = read_pairs(adaptation, Paths(artifacts=str(tmp_path)))
-    assert [(p.question, p.document) for p in pairs] == [
-        (f"Which model classifies images, number {i}?", f"doc-{i}") for i in range(12) if i % 3
-    ]
+    assert [(p.question, p.document, p.negatives) for p in pairs] == [
+        (f"Which model classifies images, number {i}?", f"doc-{i}", ("doc-x",))
+        for i in range(12)
+        if i % 3
+    ]  # the card marked not useful is a hard negative

@@ -185,3 +185,31 @@ def test_bad_preference_records_are_named_before_any_model_loads(tmp_path: Path)
         check_objective("sft", fmt)
     with pytest.raises(WorkloadError, match=r"spec\.objective is dpo"):
         check_objective("dpo", fmt)
+
+
+def test_a_kto_run_reads_a_deployments_captured_feedback_and_reports_what_it_used(
+    tmp_path: Path, pvcs: Path
+) -> None:
+    """Captured exchanges and ratings (as the gateway writes them) train a kto run through
+    a feedback DataSource; the run reports what it used and skipped in its status."""
+    from tailor.api.modeldeployment import Feedback
+    from tailor.workloads.serving.capture import CaptureLog
+
+    log = CaptureLog(Feedback(), "assistant", tmp_path, None, "r0")
+    for i, (animal, sound) in enumerate(SOUNDS):
+        asked = prompt(animal)[1:]
+        response_id = f"chatcmpl-{i:032x}"
+        answer = f"The {animal} says {sound}." if i % 2 else BAD
+        log.append({"type": "exchange", "id": response_id, "time": 1.0 + i, "asked": asked,
+                    "seen": prompt(animal), "answer": answer, "sources": []})  # fmt: skip
+        log.append({"type": "feedback", "id": response_id, "time": 2.0 + i, "caller": "k",
+                    "rating": "up" if i % 2 else "down"})  # fmt: skip
+    log.append({"type": "exchange", "id": "chatcmpl-" + "f" * 32, "time": 99.0, "seen": []})
+    log.close()
+    feedback = {"deploymentRef": {"name": "assistant"}, "format": "kto", "heldOutFraction": 0}
+    run = make_run(tmp_path, pvcs, objective="kto", dataset={"train": {"feedback": feedback}})
+    train(run)
+    reports = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    used = next(r["status"]["feedback"]["train"] for r in reports if "feedback" in r["status"])
+    assert used == {"exchanges": 11, "rated": 10, "records": 10, "skipped": {"notRated": 1}}
+    assert (tmp_path / "out" / "manifest.json").exists()

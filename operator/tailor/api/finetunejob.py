@@ -213,14 +213,14 @@ class Output(RunOutput):
 
 
 class Reference(TailorModel):
-    """The model a preference run is measured against and starts from."""
+    """The adapter a run continues (and kto and dpo measure against)."""
 
     uri: str = Field(
         max_length=1024,
         pattern=DATA_URI,
         description="A LoRA adapter (a FineTuneJob's status.artifact.uri: s3://... or "
-        "pvc://claim/path): training continues from it, and it is the reference, so a "
-        "deployed adapter is improved in place.",
+        "pvc://claim/path): training continues from it (any objective), and for kto and "
+        "dpo it is the reference, so a deployed adapter is improved in place.",
     )
 
 
@@ -241,8 +241,8 @@ class Preference(TailorModel):
     )
     reference: Reference | None = Field(
         default=None,
-        description="Start from and compare with this adapter; unset: a new adapter, the "
-        "base model as the reference.",
+        description="Continue this adapter (and, for kto and dpo, compare with it); unset: "
+        "a new adapter, the base model as the reference.",
     )
 
 
@@ -283,14 +283,11 @@ class FineTuneJobSpec(FineTuneRecipe, Queueing):
         ),
         Rule(
             cel="!has(self.preference) || !has(self.preference.reference) || "
-            "(self.objective != 'sft' && self.method in ['lora', 'qlora'])",
-            message="preference.reference continues a LoRA adapter with objective kto or "
-            "dpo: set objective and use method lora or qlora, or remove it",
+            "self.method in ['lora', 'qlora']",
+            message="preference.reference continues a LoRA adapter: use method lora or "
+            "qlora, or remove it",
             field="preference.reference",
-            check=lambda m: (
-                m.preference.reference is None
-                or (m.objective != "sft" and m.method in LORA_METHODS)
-            ),
+            check=lambda m: m.preference.reference is None or m.method in LORA_METHODS,
         ),
         Rule(
             cel="self.baseModel == oldSelf.baseModel",
@@ -323,6 +320,20 @@ class Progress(TailorModel):
     updated: str | None = Field(default=None, description="When this was reported.")
 
 
+class FeedbackUse(TailorModel):
+    """What a feedback DataSource was made of (reported by the trainer when it reads it)."""
+
+    exchanges: int = Field(description="Captured exchanges in the time window.")
+    rated: int = Field(description="Of those, exchanges with a rating.")
+    records: int = Field(description="Records used, after the held-out split and duplicates.")
+    skipped: dict[str, int] = Field(
+        default_factory=dict,
+        description="Skipped, by reason: notRated, conflictingRatings, otherSplit, "
+        "duplicate, downWithoutCorrection (sft), noPair (dpo), noUsefulSource (retrieval), "
+        "exchangeNotCaptured, notAChat.",
+    )
+
+
 class FineTuneJobStatus(StatusBase):
     """Observed state of a FineTuneJob."""
 
@@ -338,6 +349,10 @@ class FineTuneJobStatus(StatusBase):
         default=None, description="Where the run stands in its Kueue queue (with a queue)."
     )
     progress: Progress | None = Field(default=None, description="Progress of the run.")
+    feedback: dict[str, FeedbackUse] | None = Field(
+        default=None,
+        description="By dataset (train, validation): what a feedback DataSource gave.",
+    )
     artifact: Artifact | None = Field(default=None, description="The published adapter/weights.")
     job_name: str | None = Field(default=None, description="The training Job.")
     job_spec_hash: str | None = Field(

@@ -184,7 +184,8 @@ class Adaptation(TailorModel):
         description=(
             "JSON lines or a JSON array of {question, document} records: a question and the "
             "id of the document that answers it (format.json.idField's value, or a file's "
-            "label for file sources)."
+            "label for file sources), optionally negatives: ids of documents that do not "
+            "(hard negatives); or a feedback source with format: retrieval."
         )
     )
     question_field: str = Field(

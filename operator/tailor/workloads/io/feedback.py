@@ -12,8 +12,9 @@ model trained on it is trained on what it is served with.
   corrections are desirable, down-rated answers undesirable.
 - ``dpo``: ``{prompt, chosen, rejected}``: a down-rated answer against its correction, or
   against an up-rated answer (or correction) to the same question.
-- ``retrieval``: ``{question, document}``: the question and each cited document marked useful
-  (or cited by an up-rated answer), for a KnowledgeBase's spec.adaptation.
+- ``retrieval``: ``{question, document, negatives?}``: the question and each cited document
+  marked useful (or cited by an up-rated answer), with the cited documents marked not useful
+  as hard negatives, for a KnowledgeBase's spec.adaptation.
 
 The held-out share is chosen by a hash of the question (the last user message), so every
 dataset of a deployment leaves out the same exchanges, a question asked twice is never on
@@ -228,7 +229,11 @@ def _retrieval(
         if not question or not useful:
             counts.skipped["noUsefulSource"] += 1
             continue
-        records.extend({"question": question, "document": d} for d in dict.fromkeys(useful))
+        wrong = [documents[c] for c, ok in judged.items() if not ok and documents.get(c)]
+        extra = {"negatives": list(dict.fromkeys(wrong))} if wrong else {}
+        records.extend(
+            {"question": question, "document": d, **extra} for d in dict.fromkeys(useful)
+        )
     return records
 
 

@@ -44,14 +44,19 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-def read_raw(source: DataSource, paths: Paths) -> list[tuple[str, Any]]:
-    """(where, raw record) for every record of a source; a plain text file is one record."""
+def read_raw(
+    source: DataSource, paths: Paths, counts: dict[str, Any] | None = None
+) -> list[tuple[str, Any]]:
+    """(where, raw record) for every record of a source; a plain text file is one record.
+    ``counts`` receives what a feedback source was made of."""
     if source.inline is not None:
         return [(f"inline[{i}]", item) for i, item in enumerate(source.inline)]
     if source.feedback is not None:
         from tailor.workloads.io.feedback import feedback_records
 
-        records, _ = feedback_records(source.feedback, paths)
+        records, used = feedback_records(source.feedback, paths)
+        if counts is not None:
+            counts.update(used.wire())
         name = f"feedback of ModelDeployment {source.feedback.deployment_ref.name}"
         return [(f"{name}[{i}]", item) for i, item in enumerate(records)]
     if source.url:

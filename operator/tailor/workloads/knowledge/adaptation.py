@@ -55,6 +55,14 @@ MIN_PAIRS = 10
 RANKED = 50
 """Documents ranked per held-out question (MRR counts 0 beyond)."""
 STATUS_FILE = "adaptation.json"
+NEGATIVES_FIELD = "negatives"
+"""Optional field of a pair: ids of documents that do not answer its question (hard
+negatives; a feedback source's retrieval format writes the cited documents users marked
+not useful)."""
+
+
+Example = tuple[str, str, str | None]
+"""(question, positive text, hard negative text or None): what the model is tuned on."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class Pair:
     question: str
     document: str
     where: str
+    negatives: tuple[str, ...] = ()
+    """Documents marked as not answering it (hard negatives), e.g. from feedback."""
 
 
 def read_pairs(adaptation: Adaptation, paths: Paths) -> list[Pair]:
@@ -90,7 +100,17 @@ def read_pairs(adaptation: Adaptation, paths: Paths) -> list[Pair]:
                 f"spec.adaptation.questions: {where}: no document id in field {df!r} (the "
                 f"record has {sorted(record)[:10]}); set spec.adaptation.documentField",
             )
-        pairs.append(Pair(question.strip(), str(document), where))
+        negatives = record.get(NEGATIVES_FIELD) or []
+        if isinstance(negatives, str | int):
+            negatives = [negatives]
+        if not isinstance(negatives, list) or not all(isinstance(n, str | int) for n in negatives):
+            raise WorkloadError(
+                "InvalidAdaptation",
+                f"spec.adaptation.questions: {where}: {NEGATIVES_FIELD!r} must be a list of "
+                "document ids (documents that do not answer the question)",
+            )
+        others = tuple(str(n) for n in negatives if str(n) != str(document))
+        pairs.append(Pair(question.strip(), str(document), where, others))
     return pairs
 
 
@@ -128,8 +148,8 @@ def rank_scores(
 
 
 def no_duplicate_batches(
-    pairs: Sequence[tuple[str, str]], batch_size: int, rng: random.Random
-) -> list[list[tuple[str, str]]]:
+    pairs: Sequence[Example], batch_size: int, rng: random.Random
+) -> list[list[Example]]:
     """Shuffled batches in which no question and no document text appears twice: an equal
     text elsewhere in the batch would be scored as a negative of its own pair (the idea of
     sentence-transformers' NoDuplicatesBatchSampler)."""
@@ -137,13 +157,14 @@ def no_duplicate_batches(
     rng.shuffle(pending)
     batches = []
     while pending:
-        batch: list[tuple[str, str]] = []
+        batch: list[Example] = []
         texts: set[str] = set()
         rest = []
         for pair in pending:
-            if len(batch) < batch_size and not texts & set(pair):
+            own = {t for t in pair if t is not None}
+            if len(batch) < batch_size and not texts & own:
                 batch.append(pair)
-                texts.update(pair)
+                texts.update(own)
             else:
                 rest.append(pair)
         batches.append(batch)
@@ -153,11 +174,15 @@ def no_duplicate_batches(
 
 def fine_tune(
     model: SentenceTransformer,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[Example],
     adaptation: Adaptation,
     progress: Callable[[int, int], None] | None = None,
+    pool: Sequence[str] = (),
 ) -> float:
-    """Train ``model`` in place on (question, document text) pairs; returns the last loss."""
+    """Train ``model`` in place on (question, document text, hard negative text or None)
+    examples; returns the last loss. A batch with a hard negative gives MNRL a third column
+    (every anchor is scored against every positive and every negative); the examples of
+    that batch without one get a text of ``pool`` that is not in the batch."""
     torch.manual_seed(adaptation.seed)
     rng = random.Random(adaptation.seed)
     epochs = [
@@ -172,10 +197,14 @@ def fine_tune(
     try:
         for batches in epochs:
             for batch in batches:
-                features = [
-                    _to(model.preprocess([pair[side] for pair in batch]), model.device)
-                    for side in (0, 1)
-                ]
+                columns = [[pair[0] for pair in batch], [pair[1] for pair in batch]]
+                if any(pair[2] for pair in batch) and pool:
+                    taken = {t for pair in batch for t in pair if t}
+                    spare = [
+                        t for t in rng.sample(list(pool), min(len(pool), 64)) if t not in taken
+                    ]
+                    columns.append([pair[2] or spare.pop() for pair in batch])
+                features = [_to(model.preprocess(c), model.device) for c in columns]
                 loss = loss_fn(features, torch.empty(0))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -257,16 +286,23 @@ def adapt(
     questions = base.embed_queries([p.question for p in matched])
     # The positive of each pair: its document's chunk nearest to the question (base model).
     position = {p: i for i, p in enumerate(matched)}
-    positives = []
+    examples: list[Example] = []
     for pair in train:
-        candidates = documents[pair.document]
-        best = max(candidates, key=lambda c: float(base_vectors[c] @ questions[position[pair]]))
-        positives.append((pair.question, chunks[best].text))
+        vector = questions[position[pair]]
+
+        def nearest(document: str, vector: np.ndarray = vector) -> str:
+            """The document's chunk nearest to the question (base model)."""
+            best = max(documents[document], key=lambda c: float(base_vectors[c] @ vector))
+            return chunks[best].text
+
+        negative = next((nearest(d) for d in pair.negatives if d in documents), None)
+        examples.append((pair.question, nearest(pair.document), negative))
     held_gold = [p.document for p in held]
     before = rank_scores(questions[[position[p] for p in held]], base_vectors, owners, held_gold)
 
     model = copy.deepcopy(base.model)  # the base stays as loaded (it is shared in-process)
-    loss = fine_tune(model, positives, adaptation, progress)
+    pool = [chunk.text for chunk in chunks]
+    loss = fine_tune(model, examples, adaptation, progress, pool)
     tuned = Embedder(model, f"{base.key}+adapted-{key}", base.location)
     tuned_vectors = _embed_chunks(tuned, chunks, batch_size)
     held_questions = tuned.embed_queries([p.question for p in held])
@@ -325,7 +361,7 @@ def _key(
     settings = adaptation.model_dump(mode="json", exclude={"questions"})
     digest.update(json.dumps([base.key, settings], sort_keys=True).encode())
     for pair in pairs:
-        digest.update(f"\0{pair.question}\0{pair.document}".encode())
+        digest.update(f"\0{pair.question}\0{pair.document}\0{pair.negatives}".encode())
     for document in sorted({p.document for p in pairs}):
         for i in documents[document]:
             digest.update(f"\0{document}\0{chunks[i].text}".encode())

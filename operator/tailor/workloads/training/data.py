@@ -294,9 +294,12 @@ def _keys(item: dict[str, Any]) -> str:
     return ", ".join(sorted(item)) or "none"
 
 
-def read_records(source: DataSource, paths: Paths, fmt: str) -> tuple[Format, list[Record]]:
-    """Every record of a source, validated; ``fmt`` is ``auto`` or a :data:`Format`."""
-    raw = read_raw(source, paths)
+def read_records(
+    source: DataSource, paths: Paths, fmt: str, counts: dict[str, Any] | None = None
+) -> tuple[Format, list[Record]]:
+    """Every record of a source, validated; ``fmt`` is ``auto`` or a :data:`Format`;
+    ``counts`` receives what a feedback source was made of."""
+    raw = read_raw(source, paths, counts)
     if not raw:
         raise WorkloadError("InvalidDataset", "the dataset has no records")
     detected: Format = detect_format(*raw[0]) if fmt == "auto" else fmt  # type: ignore[assignment]
@@ -426,15 +429,18 @@ class RecordSets:
     format: Format
     train: list[Record]
     validation: list[Record]
+    feedback: dict[str, Any] = field(default_factory=dict)
+    """By dataset (train, validation): what a feedback source was made of."""
 
 
 def read_datasets(spec: DatasetSpec, paths: Paths, seed: int) -> RecordSets:
     """Read and validate train and validation records (a source or a held-out share of
     train, chosen by ``seed``). Needs no model, so bad data fails in a second."""
-    fmt, train = read_records(spec.train, paths, spec.format)
+    feedback: dict[str, Any] = {"train": {}, "validation": {}}
+    fmt, train = read_records(spec.train, paths, spec.format, feedback["train"])
     validation: list[Record] = []
     if spec.validation is not None:
-        _, validation = read_records(spec.validation, paths, fmt)
+        _, validation = read_records(spec.validation, paths, fmt, feedback["validation"])
     elif spec.validation_split:
         if len(train) < 2:
             raise WorkloadError(
@@ -445,7 +451,7 @@ def read_datasets(spec: DatasetSpec, paths: Paths, seed: int) -> RecordSets:
         chosen = set(order[:held].tolist())
         validation = [r for i, r in enumerate(train) if i in chosen]
         train = [r for i, r in enumerate(train) if i not in chosen]
-    return RecordSets(fmt, train, validation)
+    return RecordSets(fmt, train, validation, {k: v for k, v in feedback.items() if v})
 
 
 def tokenize_datasets(records: RecordSets, tokenizer: Any, max_length: int) -> Datasets:

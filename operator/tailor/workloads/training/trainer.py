@@ -142,6 +142,8 @@ def _train(
     except (OSError, ValueError) as exc:
         raise WorkloadError("ModelLoadFailed", f"cannot load the tokenizer: {exc}") from exc
     check_objective(spec.objective, records.format)
+    if records.feedback and world.main:  # what the feedback sources gave, in the status
+        make_reporter(run.reporter, run.owner).report({"feedback": records.feedback}, final=True)
     data = tokenize_datasets(records, tokenizer, cfg.max_seq_length)
     checkpoints = Path(run.checkpoint_dir)
     if store:  # each pod has its own scratch: bring the newest complete checkpoint there
