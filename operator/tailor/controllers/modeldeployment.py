@@ -73,7 +73,8 @@ def resolve(
         gated = bool((((body or {}).get("spec") or {}).get("tests") or {}).get("gate"))
         if status.get("phase") == "Valid" and served.get("configMap"):
             refs.prompt_config_map = served["configMap"]  # newest, pinned or last passed
-            refs.prompt_profile_revision = served.get("revision")
+            revision = served.get("revision")  # a number in the profile's status
+            refs.prompt_profile_revision = None if revision is None else str(revision)
         elif status.get("phase") == "Valid" and gated and status.get("revision"):
             pass  # no revision has passed its tests yet: served without the profile
         else:
