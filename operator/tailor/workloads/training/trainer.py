@@ -220,11 +220,20 @@ def _train(
     progression = Progression(run, schedule, state)
     pad_id = tokenizer.pad_token_id
     if spec.objective != "sft" and not state.reference:  # the model before any step
-        state.reference = reference_logps(
-            core, data.train + data.validation, pad_id, cfg.max_seq_length, autocast,
+        # only the training examples the schedule reaches (maxSteps may stop short of an
+        # epoch), and every validation example
+        needed = scheduled(len(data.train), schedule, cfg.seed) + [
+            len(data.train) + i for i in range(len(data.validation))
+        ]
+        every = data.train + data.validation
+        values = reference_logps(
+            core, [every[i] for i in needed], pad_id, cfg.max_seq_length, autocast,
             cfg.batch_size,
         )  # fmt: skip
-        log.info("reference log-probabilities of %d examples computed", len(state.reference))
+        state.reference = [[] for _ in every]
+        for i, value in zip(needed, values, strict=True):
+            state.reference[i] = value
+        log.info("reference log-probabilities of %d examples computed", len(needed))
     loss_of = _loss_function(spec, data.train, state.reference, pad_id, autocast)
 
     def validate() -> float:
@@ -314,6 +323,17 @@ def _train(
 
 
 # --- one step: its examples, loss and update; evaluation -----------------------------------
+
+
+def scheduled(num_examples: int, schedule: Schedule, seed: int) -> list[int]:
+    """The training examples the run's steps take, in index order."""
+    used: set[int] = set()
+    for epoch in range(math.ceil(schedule.total_steps / schedule.steps_per_epoch)):
+        batches = epoch_batches(num_examples, schedule.global_batch, seed, epoch)
+        first = epoch * schedule.steps_per_epoch
+        for within in range(min(schedule.steps_per_epoch, schedule.total_steps - first)):
+            used.update(batches[within])
+    return sorted(used)
 
 
 def step_work(
