@@ -152,6 +152,29 @@ def test_exchanges_and_ratings_go_to_the_bucket_redacted_and_any_replica_joins_t
     assert "jane.doe" not in json.dumps(records)
 
 
+def test_only_the_caller_that_asked_may_rate_an_exchange(engine: Engine, tmp_path: Path) -> None:
+    """With API keys, a rating by another key than the one that asked is a 404 (as if the
+    exchange did not exist): one user cannot put words into another's training data."""
+    for name in ("alice", "bob"):
+        (tmp_path / "secrets" / name).mkdir(parents=True)
+        (tmp_path / "secrets" / name / "key").write_text(f"sk-{name}-0123456789\n")
+    run = serve_run(tmp_path, None, "r0")
+    keys = [{"secretRef": {"name": n, "key": "key"}, "baseModel": True} for n in ("alice", "bob")]
+    run.spec = run.spec.model_validate({**run.spec.wire(), "auth": {"keys": keys}})
+    run.paths.secrets = str(tmp_path / "secrets")
+    with ThreadServer(create_app(run, engine=engine)) as server:
+        alice = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-alice-0123456789")
+        response_id, _ = ask(alice, "Who are you?")
+
+        def rate_as(name: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer sk-{name}-0123456789"}
+            body = {"id": response_id, "rating": "down", "correction": f"{name} says so"}
+            return httpx.post(f"{server.url}/v1/feedback", json=body, headers=headers)
+
+        assert rate_as("bob").status_code == 404
+        assert rate_as("alice").status_code == 200
+
+
 WRITER = """
 import json, os, sys, time
 from pathlib import Path

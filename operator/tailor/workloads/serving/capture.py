@@ -318,11 +318,11 @@ class FeedbackDesk:
 
     def __init__(self, capture: CaptureLog | None, metrics: ServingMetrics, revision: str):
         self.capture, self.metrics, self.revision = capture, metrics, revision
-        self.responses: OrderedDict[str, str] = OrderedDict()  # response id -> model
+        self.responses: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (model, caller)
         self.rated: OrderedDict[tuple[str, str], bool] = OrderedDict()  # (id, caller)
 
-    def remember(self, response_id: str, model: str) -> None:
-        self.responses[response_id] = model
+    def remember(self, response_id: str, model: str, caller: str) -> None:
+        self.responses[response_id] = (model, caller)
         while len(self.responses) > MAX_REMEMBERED_RESPONSES:
             self.responses.popitem(last=False)
 
@@ -339,7 +339,7 @@ class FeedbackDesk:
                 param="id",
                 code="invalid_value",
             )
-        model = self.responses.get(body.id)
+        model, owner = self.responses.get(body.id, (None, None))
         known = model is not None
         captured = False
         if self.capture is not None:
@@ -357,7 +357,10 @@ class FeedbackDesk:
             if captured and not known:  # answered by another replica (or never)
                 found = await asyncio.to_thread(self.capture.find, body.id)
                 known, model = found is not None, (found or {}).get("model")
-            if not known or created is None:
+                owner = (found or {}).get("caller")
+            # only the caller that asked rates an exchange: another key's rating would put
+            # its words in the training data of someone else's conversation
+            if not known or created is None or owner != (caller.identity or ""):
                 raise APIError(
                     404,
                     f"no response {body.id} was answered by this deployment: rate the id of "

@@ -519,7 +519,7 @@ class Server:
                 return self._answer_cached(gen, cached)
 
         reply = Reply.new(gen.kind, gen.model)
-        self.remember(reply.id, gen.model)
+        self.remember(reply.id, gen.model, gen.caller.identity or "")
         engine = self.require_engine()
         self.metrics.inflight_inc()
         # an engine that answers non-streamed requests whole has no first-token time then
@@ -561,7 +561,7 @@ class Server:
 
     def _answer_cached(self, gen: Generation, cached: dict[str, Any]) -> Response:
         reply = Reply.new(gen.kind, gen.model)
-        self.remember(reply.id, gen.model)
+        self.remember(reply.id, gen.model, gen.caller.identity or "")
         self.captured(gen, reply, cached, time.perf_counter())
         extension = {**gen.extension, "cached": True}
         if not gen.stream:
@@ -616,8 +616,8 @@ class Server:
         finally:
             await _finish(chunks, tracker)
 
-    def remember(self, response_id: str, model: str) -> None:
-        self.desk.remember(response_id, model)
+    def remember(self, response_id: str, model: str, caller: str) -> None:
+        self.desk.remember(response_id, model, caller)
 
     def captured(
         self, gen: Generation, reply: Reply, result: dict[str, Any], started: float
@@ -634,6 +634,7 @@ class Server:
                 "type": "exchange",
                 "id": reply.id,
                 "time": time.time(),
+                "caller": gen.caller.identity or "",
                 "model": gen.model,
                 "adapter": gen.adapter,
                 "promptProfileRevision": self.run.prompt_profile_revision,
