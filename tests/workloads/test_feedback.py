@@ -175,6 +175,18 @@ def test_only_the_caller_that_asked_may_rate_an_exchange(engine: Engine, tmp_pat
         assert rate_as("alice").status_code == 200
 
 
+def test_a_pattern_that_backtracks_forever_redacts_the_whole_string_in_bounded_time() -> None:
+    """A user's redaction pattern cannot hold the capture writer: past its time limit the
+    string is written as [REDACTED] whole, never as it was."""
+    from tailor.api.modeldeployment import Redaction
+    from tailor.workloads.serving.capture import Redactor
+
+    redactor = Redactor(Redaction(patterns=["(a|aa)+c"]))
+    started = time.perf_counter()
+    assert redactor.record({"asked": ["a" * 60, "ok"]}) == {"asked": ["[REDACTED]", "ok"]}
+    assert time.perf_counter() - started < 5 and redactor.timeouts == 1
+
+
 WRITER = """
 import json, os, sys, time
 from pathlib import Path

@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from tailor.api.modeldeployment import Feedback, Redaction
 from tailor.api.workloads import feedback_folder
 from tailor.observability.serving import ServingMetrics
@@ -61,8 +63,10 @@ PRUNE_EVERY_SECONDS = 3600
 _ROTATE: dict[str, Any] = {"rotate": True}  # a queue item: publish the open segment
 SEGMENTS_READ_CACHED = 512
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-PHONE = re.compile(r"(?<![\w+])\+?\d(?:[\s().-]*\d){6,14}(?!\w)")
+EMAIL = regex.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+PHONE = regex.compile(r"(?<![\w+])\+?\d(?:[\s().-]*\d){6,14}(?!\w)")
+REDACT_SECONDS = 0.5
+"""Most time one rule may take on one string."""
 
 
 def id_time(response_id: str) -> float | None:
@@ -85,19 +89,29 @@ def sampled(response_id: str, rate: float) -> bool:
 
 class Redactor:
     """Replaces e-mail addresses, phone numbers and the spec's patterns in every string of
-    a record (keys and numbers are left alone)."""
+    a record (keys and numbers are left alone).
+
+    Patterns run on the ``regex`` engine with a time limit: a pattern that backtracks
+    catastrophically (``(a|aa)+c`` on a long message) would otherwise hold the writer
+    forever. A string whose redaction runs out of time is written as ``[REDACTED]`` whole:
+    never unredacted."""
 
     def __init__(self, spec: Redaction):
-        self.rules: list[tuple[re.Pattern[str], str]] = []
+        self.rules: list[tuple[Any, str]] = []
         if spec.emails:
             self.rules.append((EMAIL, "[EMAIL]"))
         if spec.phone_numbers:
             self.rules.append((PHONE, "[PHONE]"))
-        self.rules += [(re.compile(p), "[REDACTED]") for p in spec.patterns]
+        self.rules += [(regex.compile(p), "[REDACTED]") for p in spec.patterns]
+        self.timeouts = 0
 
     def text(self, value: str) -> str:
-        for pattern, replacement in self.rules:
-            value = pattern.sub(replacement, value)
+        try:
+            for pattern, replacement in self.rules:
+                value = pattern.sub(replacement, value, timeout=REDACT_SECONDS)
+        except TimeoutError:
+            self.timeouts += 1
+            return "[REDACTED]"
         return value
 
     def record(self, value: Any) -> Any:
