@@ -112,7 +112,7 @@ class ServingMetrics:
         self.capture = Counter(
             "tailor_serve_capture",
             "Capture (spec.feedback): records written, records dropped (the writer fell "
-            "behind) and segments published.",
+            "behind), records failed (could not be written) and segments published.",
             ["deployment", "outcome"],
             registry=r,
         )

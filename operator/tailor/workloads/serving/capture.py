@@ -194,9 +194,11 @@ class CaptureLog:
         self.flush()
 
     def close(self) -> None:
-        """Write what is queued and publish the open segment (graceful shutdown)."""
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+        """Write what is queued and publish the open segment (graceful shutdown); a second
+        call does nothing."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
 
     def recover(self) -> None:
         """Publish open segments no writer holds: this replica's own from before a restart,
@@ -225,7 +227,11 @@ class CaptureLog:
                     self._idle.set()
                     return
             elif item:
-                self._write(item)
+                try:
+                    self._write(item)
+                except Exception as exc:  # a full disk: count it, keep the server answering
+                    self.on_written("failed", 1)
+                    log.warning("a captured record could not be written: %s", exc)
             if self._queue.empty():
                 self._idle.set()
             now = time.time()
