@@ -870,3 +870,25 @@ def test_a_deployment_with_no_allowed_callers_admits_none() -> None:
         {**SETTINGS.model_dump(), "network_policy": {"enabled": False}}
     )
     assert "NetworkPolicy" not in by_kind(build_serving(spec, parent("ModelDeployment", "md"), off, ResolvedRefs()).manifests)  # fmt: skip
+
+
+def test_capture_gets_its_own_folder_of_the_claim_writable_and_nothing_else() -> None:
+    """spec.feedback on the pvc store: the server's artifacts claim stays read-only but for
+    feedback/<deployment>/ (a subPath mount); without feedback there is no such mount."""
+    spec = spec_of("modeldeployment", feedback={"sampleRate": 0.5})
+    md = parent("ModelDeployment", "chat")
+    pod = by_kind(build_serving(spec, md, SETTINGS, ResolvedRefs()).manifests)["Deployment"]
+    mounts = pod["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    artifacts = [m for m in mounts if m["name"] == "artifacts"]
+    root = SETTINGS.artifacts_mount
+    assert {
+        "name": "artifacts",
+        "mountPath": f"{root}/feedback/chat",
+        "subPath": "feedback/chat",
+    } in artifacts
+    assert all(m.get("readOnly") for m in artifacts if "subPath" not in m)
+    plain = by_kind(
+        build_serving(spec_of("modeldeployment"), md, SETTINGS, ResolvedRefs()).manifests
+    )
+    plain_mounts = plain["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert not any("subPath" in m for m in plain_mounts)
