@@ -311,6 +311,7 @@ def test_each_dataset_format_is_built_from_captured_records(tmp_path: Path) -> N
     assert counts["skipped"]["noPair"] == 1  # Lyon
     retrieval, _ = dataset("retrieval")
     assert retrieval == [
+        {"question": "What is 2+2?", "correction": "4"},  # labelled by the document it names
         {"question": "What is 2+2?", "document": "doc-2"},
         {"question": "What is 2+2?", "document": "doc-6"},
     ]
@@ -339,9 +340,11 @@ def test_each_dataset_format_is_built_from_captured_records(tmp_path: Path) -> N
 def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
     """spec.adaptation.questions from feedback (format retrieval): the cited documents users
     marked useful, or that an up-rated answer cited, become the labelled pairs the
-    embedding model is tuned on (the tuning itself: tests/workloads/test_adaptation.py)."""
+    embedding model is tuned on (the tuning itself: tests/workloads/test_adaptation.py); a
+    correction labels its question with the document whose id it writes, also one that was
+    not retrieved, and the cited ones become its hard negatives."""
     from tailor.api.knowledgebase import Adaptation
-    from tailor.workloads.knowledge.adaptation import read_pairs
+    from tailor.workloads.knowledge.adaptation import _labelled, named_document, read_pairs
 
     log = CaptureLog(Feedback(), SERVED, tmp_path, None, "r0")
     for i in range(12):
@@ -352,6 +355,10 @@ def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
         useful = i % 3 != 0  # every third user marked the cited card not useful
         judged = [{"id": f"chunk-{i}", "useful": useful}, {"id": "c-x", "useful": False}]
         log.append(rating(i, "up", sources=judged))
+    cited = [{"id": "c-x", "document": "doc-x"}]
+    log.append(exchange(20, "Which model segments images?", "resnet", sources=cited))
+    fix = "torch.hub.load('pytorch/vision', 'deeplabv3_resnet101') segments images"
+    log.append(rating(20, "down", correction=fix, sources=[{"id": "c-x", "useful": False}]))
     log.close()
     adaptation = Adaptation.model_validate(
         {
@@ -365,8 +372,16 @@ def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
         }
     )
     pairs = read_pairs(adaptation, Paths(artifacts=str(tmp_path)))
-    assert [(p.question, p.document, p.negatives) for p in pairs] == [
+    assert [(p.question, p.document, p.negatives) for p in pairs[:-1]] == [
         (f"Which model classifies images, number {i}?", f"doc-{i}", ("doc-x",))
         for i in range(12)
         if i % 3
     ]  # the card marked not useful is a hard negative
+    corrected = pairs[-1]
+    assert (corrected.question, corrected.document) == ("Which model segments images?", "")
+    ids = ["doc-x", "deeplabv3_resnet10", "deeplabv3_resnet101", "fcn_resnet101", "101"]
+    labelled = _labelled(corrected, ids)
+    # the longest id written in the correction; a short id ("101") is never looked for
+    assert (labelled.document, labelled.negatives) == ("deeplabv3_resnet101", ("doc-x",))
+    assert named_document("use a bigger model", ids) is None
+    assert _labelled(corrected, ["doc-x"]).document == ""  # names nothing indexed: unmatched

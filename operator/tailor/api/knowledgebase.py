@@ -185,7 +185,9 @@ class Adaptation(TailorModel):
             "JSON lines or a JSON array of {question, document} records: a question and the "
             "id of the document that answers it (format.json.idField's value, or a file's "
             "label for file sources), optionally negatives: ids of documents that do not "
-            "(hard negatives); or a feedback source with format: retrieval."
+            "(hard negatives), or instead of document a correction: a text that writes the "
+            "id of the document that answers (the longest id written in it labels the "
+            "question); or a feedback source with format: retrieval."
         )
     )
     question_field: str = Field(

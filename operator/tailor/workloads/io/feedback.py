@@ -14,7 +14,10 @@ model trained on it is trained on what it is served with.
   against an up-rated answer (or correction) to the same question.
 - ``retrieval``: ``{question, document, negatives?}``: the question and each cited document
   marked useful (or cited by an up-rated answer), with the cited documents marked not useful
-  as hard negatives, for a KnowledgeBase's spec.adaptation.
+  as hard negatives, for a KnowledgeBase's spec.adaptation. A rating with no useful source
+  but a correction gives ``{question, correction, negatives?}``: the knowledge base labels
+  the question with the document the correction names (its id written in the correction),
+  which reaches documents the retriever missed (a user can only mark what was cited).
 
 The held-out share is chosen by a hash of the question (the last user message), so every
 dataset of a deployment leaves out the same exchanges, a question asked twice is never on
@@ -226,11 +229,14 @@ def _retrieval(
         useful = [documents[c] for c, ok in judged.items() if ok and documents.get(c)]
         if not judged and rating["rating"] == "up":  # an up-rated answer vouches for its sources
             useful = [d for d in documents.values() if d]
+        wrong = [documents[c] for c, ok in judged.items() if not ok and documents.get(c)]
+        extra = {"negatives": list(dict.fromkeys(wrong))} if wrong else {}
+        if question and not useful and rating.get("correction"):
+            records.append({"question": question, "correction": rating["correction"], **extra})
+            continue
         if not question or not useful:
             counts.skipped["noUsefulSource"] += 1
             continue
-        wrong = [documents[c] for c, ok in judged.items() if not ok and documents.get(c)]
-        extra = {"negatives": list(dict.fromkeys(wrong))} if wrong else {}
         records.extend(
             {"question": question, "document": d, **extra} for d in dict.fromkeys(useful)
         )

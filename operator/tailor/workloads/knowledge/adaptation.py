@@ -22,6 +22,7 @@ questions raise Torch Hub hit@5 and, with no HuggingFace question seen, HuggingF
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +60,10 @@ NEGATIVES_FIELD = "negatives"
 """Optional field of a pair: ids of documents that do not answer its question (hard
 negatives; a feedback source's retrieval format writes the cited documents users marked
 not useful)."""
+CORRECTION_FIELD = "correction"
+"""Field of a pair with no document: the answer a user wanted (a feedback source's retrieval
+format writes it when no cited document was useful); the pair is labelled with the document
+whose id the correction names (:func:`named_document`)."""
 
 
 Example = tuple[str, str, str | None]
@@ -74,6 +79,8 @@ class Pair:
     where: str
     negatives: tuple[str, ...] = ()
     """Documents marked as not answering it (hard negatives), e.g. from feedback."""
+    correction: str = ""
+    """With no document: the answer the user wanted, which names the document by its id."""
 
 
 def read_pairs(adaptation: Adaptation, paths: Paths) -> list[Pair]:
@@ -88,17 +95,21 @@ def read_pairs(adaptation: Adaptation, paths: Paths) -> list[Pair]:
                 f"{qf!r} and {df!r}, got {type(record).__name__}",
             )
         question, document = record.get(qf), record.get(df)
+        correction = record.get(CORRECTION_FIELD) if document is None else None
+        if isinstance(correction, str) and correction.strip():
+            document = ""  # labelled by the document the correction names, once indexed
         if not isinstance(question, str) or not question.strip():
             raise WorkloadError(
                 "InvalidAdaptation",
                 f"spec.adaptation.questions: {where}: no question in field {qf!r} (the record "
                 f"has {sorted(record)[:10]}); set spec.adaptation.questionField",
             )
-        if not isinstance(document, str | int) or str(document) == "":
+        if not isinstance(document, str | int) or (str(document) == "" and not correction):
             raise WorkloadError(
                 "InvalidAdaptation",
-                f"spec.adaptation.questions: {where}: no document id in field {df!r} (the "
-                f"record has {sorted(record)[:10]}); set spec.adaptation.documentField",
+                f"spec.adaptation.questions: {where}: no document id in field {df!r} and no "
+                f"{CORRECTION_FIELD!r} naming one (the record has {sorted(record)[:10]}); "
+                "set spec.adaptation.documentField",
             )
         negatives = record.get(NEGATIVES_FIELD) or []
         if isinstance(negatives, str | int):
@@ -110,8 +121,34 @@ def read_pairs(adaptation: Adaptation, paths: Paths) -> list[Pair]:
                 "document ids (documents that do not answer the question)",
             )
         others = tuple(str(n) for n in negatives if str(n) != str(document))
-        pairs.append(Pair(question.strip(), str(document), where, others))
+        pairs.append(Pair(question.strip(), str(document), where, others, correction or ""))
     return pairs
+
+
+def _labelled(pair: Pair, ids: Sequence[str]) -> Pair:
+    """A pair labelled by its correction gets the document the correction names (or none)."""
+    if not pair.correction:
+        return pair
+    document = named_document(pair.correction, ids) or ""
+    negatives = tuple(n for n in pair.negatives if n != document)
+    return dataclasses.replace(pair, document=document, negatives=negatives)
+
+
+def _named(pair: Pair) -> str:
+    """What an unmatched pair named, for messages."""
+    return repr(pair.document) if pair.document else "a correction naming no indexed document"
+
+
+MIN_NAMED_ID = 4
+"""Shorter document ids are not looked for in corrections (an id "7" is in too many texts)."""
+
+
+def named_document(correction: str, ids: Sequence[str]) -> str | None:
+    """The document a correction names: the longest id written in it (an id that is part of
+    a longer named id, e.g. ``resnet50`` in ``resnet50_2``, loses), or None. Not a guess by
+    similarity: a pair labelled by the embedder it tunes would teach it its own mistakes."""
+    named = [d for d in ids if len(d) >= MIN_NAMED_ID and d in correction]
+    return max(named, key=len) if named else None
 
 
 def split(pairs: Sequence[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -250,11 +287,11 @@ def adapt(
     documents: dict[str, list[int]] = {}
     for i, chunk in enumerate(chunks):
         documents.setdefault(chunk.document.id, []).append(i)
-    pairs = read_pairs(adaptation, paths)
+    pairs = [_labelled(p, list(documents)) for p in read_pairs(adaptation, paths)]
     matched = [p for p in pairs if p.document in documents]
     unmatched = [p for p in pairs if p.document not in documents]
     if len(matched) < MIN_PAIRS:
-        example = f" (e.g. {unmatched[0].document!r} at {unmatched[0].where})" if unmatched else ""
+        example = f" (e.g. {_named(unmatched[0])} at {unmatched[0].where})" if unmatched else ""
         raise WorkloadError(
             "InvalidAdaptation",
             f"spec.adaptation.questions: {len(matched)} of {len(pairs)} pairs name a document "
@@ -263,9 +300,9 @@ def adapt(
         )
     if unmatched:
         log.warning(
-            "adaptation: %d pairs name documents that are not indexed (e.g. %r at %s); skipped",
+            "adaptation: %d pairs name documents that are not indexed (e.g. %s at %s); skipped",
             len(unmatched),
-            unmatched[0].document,
+            _named(unmatched[0]),
             unmatched[0].where,
         )
     key = _key(adaptation, base, matched, chunks, documents)
