@@ -37,7 +37,9 @@ from tailor.cli.crds import write_crds
 from tailor.devcluster.kube import Kube
 from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, by_kind, helm, render
 
-TAILOR_KINDS = ("promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments")
+TAILOR_KINDS = (
+    "promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments", "evaluations",
+)  # fmt: skip
 IMAGES = sorted((ROOT / "images").glob("*.Dockerfile"))
 
 
@@ -722,7 +724,8 @@ def test_uninstalling_releases_tailors_finalizers_with_a_hook_of_its_own() -> No
         {
             "apiGroups": ["tailor.dev"],
             "resources": [
-                "finetunejobs", "knowledgebases", "modeldeployments", "promptprofiles", "raftjobs",
+                "evaluations", "finetunejobs", "knowledgebases", "modeldeployments",
+                "promptprofiles", "raftjobs",
             ],
             "verbs": ["get", "list", "patch"],
         }

@@ -28,6 +28,7 @@ FINAL = {
     "modeldeployment-feedback": ("assistant-feedback", "Ready"),
     "finetunejob-kto": ("assistant-kto", "Succeeded"),
     "knowledgebase-adaptive": ("torchhub-docs-adaptive", "Ready"),
+    "evaluation": ("torchhub-ladder", "Succeeded"),
 }
 
 

@@ -71,7 +71,7 @@ def run_local_operator(
             print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
 
 
-KINDS = "knowledgebases,finetunejobs,raftjobs,modeldeployments,promptprofiles"
+KINDS = "knowledgebases,finetunejobs,raftjobs,modeldeployments,promptprofiles,evaluations"
 
 
 def chat(endpoint: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:

@@ -2,14 +2,19 @@
 server, the real operator, real workload processes (index, train, serve) on real models.
 
 Resources must reach their final phases, the FineTuneJob's progress must come from the
-trainer itself, and a chat request to the ModelDeployment's endpoint must answer with
-sources from the knowledge base.
+trainer itself, a chat request to the ModelDeployment's endpoint must answer with
+sources from the knowledge base, and an Evaluation of two rungs (RAG, LoRA + RAG) must
+finish with intervals, a paired test and a recommendation after its process is killed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,11 @@ def manifest(name: str, **spec: Any) -> dict[str, Any]:
     doc = yaml.safe_load((QUICKSTART / name).read_text())
     doc["spec"].update(spec)
     return doc
+
+
+def condition_of(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or []
+                 if c["type"] == type_), None)  # fmt: skip
 
 
 def test_quickstart_flow_through_the_operator(
@@ -125,6 +135,75 @@ def test_quickstart_flow_through_the_operator(
         assert row[key] in (0, 0.25, 0.5, 0.75, 1)
     assert row["accuracy"] + row["hallucination"] <= 1
     assert chart({"LoRA + RAG": row}, tmp_path / "ladder.png")
+
+    # The same rungs as an Evaluation: a candidate naming a missing deployment waits with
+    # a condition naming it; then two candidates on the deployment, the run's process
+    # killed after its first answers: the restarted one asks only what is missing.
+    def evaluation(name: str, deployment: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "tailor.dev/v1alpha1",
+            "kind": "Evaluation",
+            "metadata": {"name": name},
+            "spec": {
+                "questions": {
+                    "inline": [{"question": q.question, "apiCall": q.api_call} for q in asked[:4]]
+                },
+                "scoring": {"type": "apibench", "corpus": "torchhub"},
+                "candidates": [
+                    {"name": "rag", "deploymentRef": {"name": deployment}},
+                    {
+                        "name": "lora-rag",
+                        "deploymentRef": {"name": deployment},
+                        "adapter": "torchhub",
+                    },
+                ],
+                "baseline": "rag",
+                "target": {"metric": "accuracy", "min": 0.0},
+                "concurrency": 1,
+                "maxTokens": 24,
+            },
+        }
+
+    kube.apply([evaluation("missing", "no-such-deployment")], "-n", ns)
+    waiting = wait_for(
+        "a condition naming the missing deployment",
+        lambda: condition_of(kube.get_json("ev", "missing", "-n", ns), "Ready"),
+        60,
+    )
+    assert waiting["reason"] == "DeploymentNotFound"
+    assert waiting["message"].startswith("spec.candidates[0].deploymentRef.name:")
+    kube.apply([evaluation("ladder", "api-assistant")], "-n", ns)
+    run_record = local_operator / ns / "runs" / "ladder-eval.json"
+    ev_uid = wait_for("the Evaluation's uid", lambda: kube.get_json("ev", "ladder", "-n", ns)
+                      ["metadata"].get("uid"), 30)  # fmt: skip
+    answers = (
+        local_operator / ns / "volumes" / "tailor-artifacts" / "evaluation" / "ladder" / ev_uid
+        / "answers.jsonl"
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (answers.exists() and len(answers.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, "no answers written"
+        time.sleep(0.1)
+    os.killpg(int(json.loads(run_record.read_text())["pid"]), signal.SIGKILL)
+    done = wait_phase(kube, ns, "ev", "ladder", {"Succeeded"}, timeout=300)
+    assert json.loads(run_record.read_text())["attempts"] == 2  # killed, then restarted
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    asked_twice = Counter((r["candidate"], r["id"]) for r in rows if not r["error"])
+    assert len(asked_twice) == 8 and set(asked_twice.values()) == {1}
+    status = done["status"]
+    results = {r["name"]: r for r in status["candidates"]}
+    assert status["questions"] == 4 and set(results) == {"rag", "lora-rag"}
+    for r in results.values():
+        assert r["n"] == 4 and r["errors"] == 0 and r["costPerQuery"] > 0
+        for metric in ("accuracy", "exact", "hallucination"):
+            low, value, high = (r[metric][k] for k in ("low", "value", "high"))
+            assert 0 <= low <= value <= high <= 1 and value * 4 == round(value * 4)
+    assert "pValue" not in results["rag"] and 0 < results["lora-rag"]["pValue"] <= 1
+    # both meet a target of 0: the cheaper one is recommended
+    cheaper = min(results.values(), key=lambda r: (r["costPerQuery"], r["latencyP50Seconds"]))
+    assert status["recommendation"]["candidate"] == cheaper["name"]
+    assert status["report"]["uri"].rstrip("/").endswith(f"evaluation/ladder/{ev_uid}")
+    assert (answers.parent / "report.png").stat().st_size > 0
 
     # An adapter added to the running deployment is served by the same server process
     # (no rollout: same revision, same pid), and the status says what the replica serves.

@@ -74,7 +74,7 @@ assert importlib.util.find_spec("torch") is None, "torch in the operator image"
 print("kopf", kopf.__version__ if hasattr(kopf, "__version__") else "", "imports; no torch")'
 fi
 
-PROGRAMS="training.trainer knowledge.index serving.app evaluation.prompt_tests raft.data raft.evaluate"
+PROGRAMS="training.trainer knowledge.index serving.app evaluation.prompt_tests raft.data raft.evaluate evaluation.measure"
 for variant in workloads workloads-cuda; do
   if [ "$ONLY" != all ] && [ "$ONLY" != "$variant" ]; then continue; fi
   tag=$VERSION; [ "$variant" = workloads-cuda ] && tag=$VERSION-cuda

@@ -1,5 +1,5 @@
 """The named matchers: each sibling pair on a case where the two disagree, and the callers'
-matcher names (PromptProfile's on the text as written, the RAFT evaluation's forgiving)
+matcher names (PromptProfile's on the text as written, the gold matchers forgiving)
 bound to the right ones."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tailor.workloads.evaluation.matchers import (
     regex_ignore_case,
 )
 from tailor.workloads.evaluation.prompt_tests import check
-from tailor.workloads.raft.evaluate import MATCHERS, score
+from tailor.workloads.evaluation.scoring import GOLD_MATCHERS, gold_matches
 
 
 def test_normalise_lowers_case_and_drops_punctuation_and_articles() -> None:
@@ -98,14 +98,15 @@ def test_prompt_profile_matchers_compare_the_text_as_written(
     assert message.startswith(failure) and bool(message) is bool(failure)
 
 
-def test_the_raft_evaluation_matchers_are_the_forgiving_ones() -> None:
+def test_the_gold_matchers_are_the_forgiving_ones() -> None:
+    """The Evaluation's and the RAFT evaluation's exact, contains and regex."""
     assert {
         "exact": equals_normalised,
         "contains": contains_normalised,
         "regex": regex_ignore_case,
-    } == MATCHERS
+    } == GOLD_MATCHERS
     # on the final answer (after ##Answer:), where the PromptProfile matchers would fail
-    assert score("exact", "##Reason: ...\n##Answer: The Eiffel Tower.", "eiffel tower")
-    assert score("contains", "##Answer: It is the Eiffel Tower", "the eiffel tower")
-    assert score("regex", "##Answer: STATUS OK", r"status ok")
-    assert not score("contains", "##Reason: Eiffel Tower\n##Answer: Louvre", "Eiffel Tower")
+    assert gold_matches("exact", "##Reason: ...\n##Answer: The Eiffel Tower.", "eiffel tower")
+    assert gold_matches("contains", "##Answer: It is the Eiffel Tower", "the eiffel tower")
+    assert gold_matches("regex", "##Answer: STATUS OK", r"status ok")
+    assert not gold_matches("contains", "##Reason: Eiffel Tower\n##Answer: Louvre", "Eiffel Tower")

@@ -27,6 +27,7 @@ from tailor.workloads.evaluation.apibench import (
     raft_question,
 )
 from tailor.workloads.evaluation.matchers import normalise
+from tailor.workloads.evaluation.scoring import gold_matches
 from tailor.workloads.io.storage import MARKER, sha256_file
 from tailor.workloads.knowledge.index import build_index
 from tailor.workloads.raft.data import (
@@ -40,7 +41,7 @@ from tailor.workloads.raft.data import (
     quotes,
     quotes_are_verbatim,
 )
-from tailor.workloads.raft.evaluate import evaluate, load_holdout, score
+from tailor.workloads.raft.evaluate import evaluate, load_holdout
 from tailor.workloads.raft.evaluate import work as evaluate_work
 from tailor.workloads.serving.app import create_app
 from tests.workloads.helpers import ThreadServer, run_program, store_config
@@ -347,7 +348,7 @@ def test_questions_naming_unknown_documents_are_skipped_and_all_unknown_fails(
     ],
 )  # fmt: skip
 def test_matchers(matcher: str, reply: str, gold: str, correct: bool) -> None:
-    assert score(matcher, reply, gold) is correct
+    assert gold_matches(matcher, reply, gold) is correct
 
 
 def test_normalise_is_squad_style() -> None:

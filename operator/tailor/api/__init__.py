@@ -2,7 +2,7 @@
 
 This package is the single source of truth: the CRDs in ``crds/``, the Helm chart's CRDs,
 the docs' field tables and the workloads' spec files are all generated from these models.
-:data:`KINDS` lists the five resources with their names, and :func:`parse` turns a
+:data:`KINDS` lists the resources with their names, and :func:`parse` turns a
 manifest into a typed resource or a list of field-naming error lines.
 """
 
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tailor.api.base import TailorModel, describe_errors, transition_errors
 from tailor.api.common import StatusBase
+from tailor.api.evaluation import EvaluationSpec, EvaluationStatus
 from tailor.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from tailor.api.knowledgebase import KnowledgeBaseSpec, KnowledgeBaseStatus
 from tailor.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus
@@ -148,6 +149,25 @@ KINDS: dict[str, Kind] = {
                     '.status.conditions[?(@.type=="AdaptersLoaded")].reason',
                     priority=1,
                 ),
+                AGE,
+            ),
+        ),
+        Kind(
+            "Evaluation",
+            "evaluations",
+            "ev",
+            EvaluationSpec,
+            EvaluationStatus,
+            "A one-shot measurement of candidates (deployment, adapter, retrieval) on a "
+            "question set: metric with intervals, latency, cost, a paired test, a "
+            "recommendation.",
+            (
+                PHASE,
+                PrinterColumn("Questions", ".status.questions", "integer"),
+                PrinterColumn(
+                    "Recommended", ".status.recommendation.candidate", description="Candidate."
+                ),
+                PrinterColumn("Scoring", ".spec.scoring.type", priority=1),
                 AGE,
             ),
         ),

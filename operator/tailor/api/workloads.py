@@ -21,6 +21,7 @@ from pydantic import Field
 
 from tailor.api.base import TailorModel
 from tailor.api.common import SecretKeyRef
+from tailor.api.evaluation import EvaluationSpec
 from tailor.api.finetunejob import FineTuneJobSpec
 from tailor.api.knowledgebase import Embedding, KnowledgeBaseSpec, QdrantStore, Retrieval
 from tailor.api.modeldeployment import ModelDeploymentSpec
@@ -357,3 +358,26 @@ class EvaluateRun(RunBase):
         default_factory=dict, description="System name (rag, raft) to the endpoint to ask."
     )
     output_dir: str
+
+
+class CandidateTarget(EvalTarget):
+    """Where one Evaluation candidate is asked, resolved by the operator."""
+
+    retrieval: bool = Field(default=True, description="Ask with the deployment's retrieval.")
+    devices: float = Field(
+        default=1.0, description="Devices the deployment holds (GPUs, else CPU cores)."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="The deployment's API key, when it asks for one."
+    )
+
+
+class EvaluationRun(RunBase):
+    """The spec file of ``tailor.workloads.evaluation.measure``."""
+
+    spec: EvaluationSpec
+    targets: dict[str, CandidateTarget] = Field(description="Candidate name to its endpoint.")
+    output_dir: str = Field(
+        description="answers.jsonl (kept across restarts: a restarted pod asks only what "
+        "is missing), report.json and report.png."
+    )

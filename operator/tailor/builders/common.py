@@ -374,6 +374,7 @@ class Program(StrEnum):
     PROMPT_TESTS = "evaluation.prompt_tests"
     RAFT_DATA = "raft.data"
     RAFT_EVALUATION = "raft.evaluate"
+    EVALUATION = "evaluation.measure"
 
 
 def workload_container(
@@ -581,3 +582,40 @@ class Workload:
                 manifest["spec"]["template"]["spec"]["containers"][0]["command"].extend(args)
         self.extra_args.extend(args)
         return self
+
+
+def batch_workload(
+    parent: Parent,
+    settings: OperatorSettings,
+    *,
+    name: str,
+    component: str,
+    module: Program,
+    run: Any,
+    resources: Resources,
+    mounts: Mounts,
+    rbac_name: str,
+    plural: str,
+    backoff_limit: int,
+    artifacts_volume: bool = False,
+) -> Workload:
+    """A run-once workload: its spec ConfigMap, a ServiceAccount whose Role patches only
+    the parent's status (``plural``), and a Job of one pod running ``module``."""
+    volumes, volume_mounts = volumes_and_mounts(
+        settings, mounts, name, artifacts_volume=artifacts_volume
+    )
+    pod = {
+        "serviceAccountName": rbac_name,
+        "securityContext": pod_security_context(settings),
+        "containers": [workload_container(settings, component, module, resources, volume_mounts)],
+        "volumes": volumes,
+        **pod_placement(resources),
+    }
+    manifests = [
+        spec_config_map(parent, name, component, run),
+        *reporter_rbac(parent, rbac_name, component, plural),
+        batch_job(parent, name, component, pod, backoff_limit=backoff_limit),
+    ]
+    return Workload(
+        name=name, module=module, run=run, manifests=manifests, backoff_limit=backoff_limit
+    )

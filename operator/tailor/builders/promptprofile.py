@@ -31,15 +31,10 @@ from tailor.builders.common import (
     Parent,
     Program,
     Workload,
-    batch_job,
+    batch_workload,
     child_name,
     metadata,
-    pod_security_context,
     reporter,
-    reporter_rbac,
-    spec_config_map,
-    volumes_and_mounts,
-    workload_container,
     workload_paths,
 )
 
@@ -178,27 +173,18 @@ def build_prompt_tests(
         api_key_secret_ref=api_key,
         test_key_secret_ref=test_key,
     )
-    resources = Resources(cpu="200m", memory="256Mi")
-    volumes, volume_mounts = volumes_and_mounts(
-        settings, Mounts().add_secret(api_key).add_secret(test_key), name
-    )
-    pod = {
-        "serviceAccountName": rbac_name,
-        "securityContext": pod_security_context(settings),
-        "containers": [
-            workload_container(
-                settings, "prompt-tests", Program.PROMPT_TESTS, resources, volume_mounts
-            )
-        ],
-        "volumes": volumes,
-    }
-    manifests = [
-        spec_config_map(parent, name, "prompt-tests", run),
-        *reporter_rbac(parent, rbac_name, "prompt-tests", "promptprofiles"),
-        batch_job(parent, name, "prompt-tests", pod, backoff_limit=1),
-    ]
-    return Workload(
-        name=name, module=Program.PROMPT_TESTS, run=run, manifests=manifests, backoff_limit=1
+    return batch_workload(
+        parent,
+        settings,
+        name=name,
+        component="prompt-tests",
+        module=Program.PROMPT_TESTS,
+        run=run,
+        resources=Resources(cpu="200m", memory="256Mi"),
+        mounts=Mounts().add_secret(api_key).add_secret(test_key),
+        rbac_name=rbac_name,
+        plural="promptprofiles",
+        backoff_limit=1,
     )
 
 

@@ -23,17 +23,11 @@ from tailor.builders.common import (
     Program,
     Workload,
     artifact_dir,
-    batch_job,
+    batch_workload,
     child_name,
     metadata,
-    pod_placement,
-    pod_security_context,
     reporter,
-    reporter_rbac,
-    spec_config_map,
     store_uri,
-    volumes_and_mounts,
-    workload_container,
     workload_paths,
 )
 
@@ -52,25 +46,22 @@ def _job(
     run: RaftDataRun | EvaluateRun,
     mounts: Mounts,
 ) -> Workload:
-    rbac = child_name(parent, "raft")
     # RAFT's data and evaluation stages stay on the claim with either store: they read an
     # embedded knowledge base's files and the data the child FineTuneJob trains on.
-    volumes, volume_mounts = volumes_and_mounts(settings, mounts, name, artifacts_volume=True)
-    pod = {
-        "serviceAccountName": rbac,
-        "securityContext": pod_security_context(settings),
-        "containers": [
-            workload_container(settings, component, module, spec.resources, volume_mounts)
-        ],
-        "volumes": volumes,
-        **pod_placement(spec.resources),
-    }
-    manifests = [
-        spec_config_map(parent, name, component, run),
-        *reporter_rbac(parent, rbac, component, "raftjobs"),
-        batch_job(parent, name, component, pod, backoff_limit=1),
-    ]
-    return Workload(name=name, module=module, run=run, manifests=manifests, backoff_limit=1)
+    return batch_workload(
+        parent,
+        settings,
+        name=name,
+        component=component,
+        module=module,
+        run=run,
+        resources=spec.resources,
+        mounts=mounts,
+        rbac_name=child_name(parent, "raft"),
+        plural="raftjobs",
+        backoff_limit=1,
+        artifacts_volume=True,
+    )
 
 
 def build_data_stage(

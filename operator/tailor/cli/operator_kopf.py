@@ -19,6 +19,7 @@ def load_handlers() -> None:
     """Import every controller module so that its kopf handlers are registered."""
     from tailor.controllers import (  # noqa: F401
         children,
+        evaluation,
         finetunejob,
         knowledgebase,
         local,

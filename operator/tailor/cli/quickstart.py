@@ -375,5 +375,7 @@ def example_data(args: argparse.Namespace) -> int:
         args.kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     )
     load_data(Kube(Path(kubeconfig)), Path(args.data), args.namespace, state_dir() / "data")
-    say(f"ConfigMaps torchhub-api, torchhub-chat, torchhub-questions in {args.namespace}")
+    say(
+        f"ConfigMaps torchhub-api, torchhub-chat, torchhub-questions, torchhub-eval in {args.namespace}"
+    )
     return 0

@@ -1,8 +1,8 @@
 """The data the quickstart and every file in docs/examples read, from the APIBench Torch Hub
 files shipped in ``tailor.data``: ConfigMaps ``torchhub-api`` (the corpus), ``torchhub-chat``
 (chat training examples in the exact form the ModelDeployment serves, the gold API card among
-two others: ``rag_training_examples``) and ``torchhub-questions`` (RAFTJob question records),
-loaded by ``tailor up`` and ``tailor example-data`` (``load_data``)."""
+two others: ``rag_training_examples``), ``torchhub-questions`` (RAFTJob question records) and
+``torchhub-eval`` (the eval questions as Evaluation records), loaded by ``tailor up`` and ``tailor example-data`` (``load_data``)."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def rag_training_examples(
 
 
 def load_data(kube: Kube, data: Path, namespace: str, work: Path) -> None:
-    """ConfigMaps torchhub-api (the corpus), torchhub-chat (chat training examples) and
-    torchhub-questions (RAFTJob question records): what the quickstart and every file in
-    docs/examples read. The files they are made from are written into ``work``."""
+    """ConfigMaps torchhub-api (the corpus), torchhub-chat (chat training examples),
+    torchhub-questions (RAFTJob question records) and torchhub-eval (the 186 eval questions
+    as Evaluation records): what the quickstart and every file in docs/examples read. The
+    files they are made from are written into ``work``."""
     from tailor.workloads.evaluation.apibench import load_documents, load_questions, raft_question
 
     work.mkdir(parents=True, exist_ok=True)
@@ -84,10 +85,18 @@ def load_data(kube: Kube, data: Path, namespace: str, work: Path) -> None:
         questions[:TRAIN_EXAMPLES], load_documents(data / "torchhub_api.jsonl")
     )
     train.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in examples))
+    evals = work / "eval.jsonl"
+    evals.write_text(
+        "".join(
+            json.dumps({"id": f"eval-{i}", "question": q.question, "apiCall": q.api_call}) + "\n"
+            for i, q in enumerate(load_questions(data / "torchhub_eval.json"))
+        )
+    )
     for name, source, key in (
         ("torchhub-api", data / "torchhub_api.jsonl", "torchhub_api.jsonl"),
         ("torchhub-chat", train, "train.jsonl"),
         ("torchhub-questions", raft, "questions.jsonl"),
+        ("torchhub-eval", evals, "eval.jsonl"),
     ):
         manifest = kube.kubectl(
             "create",

@@ -115,8 +115,8 @@ def _frees_or_takes_quota(event: dict[str, Any]) -> bool:
 
 
 def references(body: dict[str, Any]) -> set[tuple[str, str]]:
-    """(kind, name) of every Tailor resource a ModelDeployment, RAFTJob or PromptProfile
-    refers to."""
+    """(kind, name) of every Tailor resource a ModelDeployment, RAFTJob, PromptProfile or
+    Evaluation refers to."""
     spec = body.get("spec") or {}
     refs: set[tuple[str, str]] = set()
     for adapter in spec.get("adapters") or []:
@@ -131,11 +131,14 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
     deployment = (spec.get("tests") or {}).get("deploymentRef")  # a PromptProfile's tests
     if deployment:
         refs.add(("ModelDeployment", deployment["name"]))
+    for candidate in spec.get("candidates") or []:  # an Evaluation's
+        if candidate.get("deploymentRef"):
+            refs.add(("ModelDeployment", candidate["deploymentRef"]["name"]))
     return refs
 
 
 # (namespace, kind, name) of a referenced object -> {(dependent kind, dependent name)},
-# kept from the watch events of ModelDeployments and RAFTJobs (no list calls needed).
+# kept from the watch events of the kinds that refer to others (no list calls needed).
 _DEPENDENTS: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
 _DEPENDENTS_LOCK = threading.Lock()  # kopf runs event handlers on several threads
 
@@ -209,7 +212,7 @@ def _watch_tailor_kind(kind: str) -> None:
         remember(kind, event)
         if type != "DELETED" and needs_sync(type, body):
             operator().enqueue(kind, namespace, name)
-        if kind in ("ModelDeployment", "RAFTJob", "PromptProfile"):
+        if kind in ("ModelDeployment", "RAFTJob", "PromptProfile", "Evaluation"):
             _index_references(kind, body, deleted=type == "DELETED")
         status = body.get("status") or {}
         served = (status.get("served") or {}).get("revision")  # a PromptProfile's
@@ -226,5 +229,5 @@ def _watch_tailor_kind(kind: str) -> None:
                 operator().enqueue(owner_kind, namespace, owner)
 
 
-for _kind in ("FineTuneJob", "KnowledgeBase", "PromptProfile", "RAFTJob", "ModelDeployment"):
+for _kind in KINDS:
     _watch_tailor_kind(_kind)

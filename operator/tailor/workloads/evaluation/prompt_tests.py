@@ -18,7 +18,6 @@ answer's first 500 characters) and, last, to the termination message the operato
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import sys
@@ -32,8 +31,7 @@ from tailor.api.promptprofile import (
     render_profile_data,
 )
 from tailor.api.workloads import TEST_KEY_HEADER, PromptTestRun
-from tailor.data import apibench_dir
-from tailor.workloads.evaluation.apibench import Corpus, find_calls
+from tailor.workloads.evaluation.apibench import find_calls
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
 from tailor.workloads.evaluation.matchers import (
     contains_exact,
@@ -41,6 +39,7 @@ from tailor.workloads.evaluation.matchers import (
     json_schema_failure,
     regex_case_sensitive,
 )
+from tailor.workloads.evaluation.scoring import corpus
 from tailor.workloads.io.sources import read_secret
 from tailor.workloads.program import run_main, write_termination_message
 from tailor.workloads.progress import make_reporter
@@ -68,12 +67,6 @@ def check(expect: Expectation, answer: str) -> str:
         return apibench_failure(expect.apibench, answer)
     assert expect.json_schema is not None
     return json_schema_failure(answer, expect.json_schema)
-
-
-@functools.cache
-def corpus(name: str) -> Corpus:
-    """A packaged APIBench corpus, loaded once."""
-    return Corpus.load(apibench_dir() / f"{name}_api.jsonl")
 
 
 def apibench_failure(expect: APIBenchExpectation, answer: str) -> str:

@@ -11,9 +11,9 @@ scores the answers. Two protocols:
   sources is recorded per question.
 
 Matchers compare the final answer (the text after ``##Answer:``, or the whole reply), with
-the forgiving matchers of :mod:`tailor.workloads.evaluation.matchers`: ``exact`` and
-``contains`` on normalised text (lower case, no punctuation or articles, as SQuAD),
-``regex`` (the gold answer is a regular expression, searched ignoring case) and
+the gold matchers of :mod:`tailor.workloads.evaluation.scoring` (the Evaluation's too):
+``exact`` and ``contains`` on normalised text (lower case, no punctuation or articles, as
+SQuAD), ``regex`` (the gold answer is a regular expression, searched ignoring case) and
 ``apibench``, scored as the RAFT paper scores APIBench
 (:mod:`tailor.workloads.evaluation.apibench`): the knowledge base's documents are the API
 corpus (each needs ``api_call`` and ``domain``), the gold chunk gives the question's gold
@@ -41,12 +41,7 @@ from tailor.api.workloads import RAFT_HOLDOUT_FILE, EvalTarget, EvaluateRun
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import Corpus, Verdict, final_answer
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
-from tailor.workloads.evaluation.matchers import (
-    Matcher,
-    contains_normalised,
-    equals_normalised,
-    regex_ignore_case,
-)
+from tailor.workloads.evaluation.scoring import gold_matches
 from tailor.workloads.io.records import iter_jsonl
 from tailor.workloads.io.storage import artifact_uri, sha256_file, store_of
 from tailor.workloads.program import run_main, write_termination_message
@@ -57,18 +52,6 @@ log = logging.getLogger("tailor.workloads.raft.evaluate")
 
 CONCURRENCY = 8
 """Requests in flight per system: the server batches them (continuous batching)."""
-
-MATCHERS: dict[str, Matcher] = {
-    "exact": equals_normalised,
-    "contains": contains_normalised,
-    "regex": regex_ignore_case,
-}
-"""``spec.evaluation.matcher``'s text matchers: forgiving, as free-form answers need."""
-
-
-def score(matcher: str, reply: str, gold: str) -> bool:
-    """Whether ``reply``'s final answer matches ``gold`` under a text matcher."""
-    return MATCHERS[matcher](final_answer(reply), gold)
 
 
 @dataclass(frozen=True)
@@ -130,7 +113,7 @@ Scorer = Callable[[str, HeldOut], Verdict]
 
 
 def text_scorer(matcher: str) -> Scorer:
-    return lambda reply, item: Verdict(score(matcher, reply, item.answer), False, False)
+    return lambda reply, item: Verdict(gold_matches(matcher, reply, item.answer), False, False)
 
 
 def apibench_scorer(run: EvaluateRun) -> Scorer:

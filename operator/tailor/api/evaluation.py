@@ -1,0 +1,241 @@
+"""Evaluation: a one-shot measurement of candidates on the user's own questions.
+
+Each candidate is a ModelDeployment (optionally one of its adapters, with or without its
+knowledge-base retrieval) asked every sampled question through the gateway users hit, so
+latency and cost are the real ones. Answers are scored (the matchers or APIBench's AST
+metric), and the status holds, per candidate, the metric with a 95% bootstrap interval,
+latency, tokens, cost per query in device-seconds and a paired McNemar test against the
+baseline; with a target, a recommendation: the cheapest candidate whose interval's lower
+bound meets it. Like a Job, an Evaluation runs once: its spec cannot change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from tailor.api.base import Rule, TailorModel
+from tailor.api.common import (
+    Artifact,
+    DataSource,
+    FreeForm,
+    LocalObjectRef,
+    Name,
+    Resources,
+    StatusBase,
+)
+from tailor.api.promptprofile import check_json_schema
+
+ScoringType = Literal["exact", "contains", "regex", "jsonSchema", "apibench"]
+APIBENCH_CORPORA = ("torchhub", "huggingface")
+"""The APIBench API corpora packaged with Tailor (``tailor.data.apibench``)."""
+METRICS: dict[str, tuple[str, ...]] = {
+    "exact": ("accuracy",),
+    "contains": ("accuracy",),
+    "regex": ("accuracy",),
+    "jsonSchema": ("accuracy",),
+    "apibench": ("accuracy", "exact", "hallucination"),
+}
+"""The metrics each scorer produces (hallucination: lower is better, never a target)."""
+
+
+class Sample(TailorModel):
+    """A seeded sample of the questions (the same seed asks the same questions)."""
+
+    size: int = Field(ge=1, le=100000, description="Questions to ask (all when fewer).")
+    seed: int = Field(default=42, ge=0, description="Seed of the sample.")
+
+
+class Scoring(TailorModel):
+    """How an answer is scored against its record."""
+
+    type: ScoringType = Field(
+        description="exact, contains or regex: the answer against the record's answer "
+        "(SQuAD-normalised text; regex: the answer is a pattern searched ignoring case); "
+        "jsonSchema: the answer parses as JSON and validates against schema; apibench: the "
+        "answer's API call against the record's apiCall, as the RAFT paper scores APIBench "
+        "(accuracy: a corpus API of the gold API's domain; exact: the gold API; "
+        "hallucination: no corpus API)."
+    )
+    corpus: Literal["torchhub", "huggingface"] | None = Field(
+        default=None, description="apibench: the packaged API corpus the calls are matched in."
+    )
+    json_schema: FreeForm | None = Field(
+        default=None,
+        description="jsonSchema: the JSON Schema every answer must validate against (checked "
+        "against its metaschema when the Evaluation is applied).",
+    )
+
+    rules = (
+        Rule(
+            cel="self.type != 'apibench' || has(self.corpus)",
+            message="apibench needs corpus: torchhub or huggingface (the API corpus the "
+            "answers' calls are matched in)",
+            field="corpus",
+            check=lambda m: m.type != "apibench" or m.corpus is not None,
+        ),
+        Rule(
+            cel="self.type != 'jsonSchema' || has(self.jsonSchema)",
+            message="jsonSchema needs jsonSchema: the schema answers must validate against",
+            field="jsonSchema",
+            check=lambda m: m.type != "jsonSchema" or m.json_schema is not None,
+        ),
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_json_schema(value)
+        return value
+
+
+class Candidate(TailorModel):
+    """One system to measure: a ModelDeployment, one of its adapters, retrieval on or off."""
+
+    name: Name = Field(description="The candidate's name in status and the report.")
+    deployment_ref: LocalObjectRef = Field(description="The ModelDeployment that answers.")
+    adapter: Name | None = Field(
+        default=None, description="One of the deployment's adapters (unset: the base model)."
+    )
+    retrieval: bool = Field(
+        default=True,
+        description="Use the deployment's knowledge-base retrieval (false: the question alone).",
+    )
+
+
+class Target(TailorModel):
+    """What good enough means: the recommendation's bar."""
+
+    metric: Literal["accuracy", "exact"] = Field(
+        default="accuracy",
+        description="accuracy (every scorer) or exact (apibench only).",
+    )
+    min: float = Field(
+        ge=0, le=1, description="The 95% interval's lower bound must reach this, 0-1."
+    )
+
+
+class EvaluationSpec(TailorModel):
+    """A measurement of candidates on a question set."""
+
+    questions: DataSource = Field(
+        description="JSON lines or a JSON array of {question, answer?, apiCall?, id?} records, "
+        "or chat records {messages} (the last user turn is the question, the last assistant "
+        "turn the answer), e.g. a feedback source's heldOut split with format sft."
+    )
+    sample: Sample | None = Field(default=None, description="Ask a seeded sample (unset: all).")
+    scoring: Scoring = Field(description="How answers are scored.")
+    candidates: list[Candidate] = Field(
+        min_length=1, max_length=8, description="The systems measured, one after another."
+    )
+    baseline: Name | None = Field(
+        default=None,
+        description="The candidate the others are compared with (paired McNemar test).",
+    )
+    target: Target | None = Field(
+        default=None, description="The bar of the recommendation (unset: no recommendation)."
+    )
+    concurrency: int = Field(
+        default=8, ge=1, le=64, description="Requests in flight to a candidate."
+    )
+    max_tokens: int = Field(
+        default=128, ge=1, le=4096, description="Longest answer per question (greedy)."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Compute of the evaluation Job."
+    )
+
+    rules = (
+        Rule(
+            cel="self.candidates.all(c, self.candidates.filter(d, d.name == c.name).size() == 1)",
+            message="candidate names must be unique",
+            field="candidates",
+            check=lambda m: len({c.name for c in m.candidates}) == len(m.candidates),
+        ),
+        Rule(
+            cel="!has(self.baseline) || self.candidates.exists(c, c.name == self.baseline)",
+            message="baseline must be the name of one of the candidates",
+            field="baseline",
+            check=lambda m: m.baseline is None or any(c.name == m.baseline for c in m.candidates),
+        ),
+        Rule(
+            cel="!has(self.target) || self.target.metric != 'exact' || "
+            "self.scoring.type == 'apibench'",
+            message="target.metric exact is produced only by scoring.type apibench; use accuracy",
+            field="target.metric",
+            check=lambda m: m.target is None or m.target.metric in METRICS[m.scoring.type],
+        ),
+        Rule(
+            cel="self == oldSelf",
+            message="an Evaluation runs once: its spec cannot change; create a new Evaluation",
+            transition=True,
+            check=lambda new, old: new == old,
+        ),
+    )
+
+
+class Interval(TailorModel):
+    """A share with its 95% bootstrap interval, 0-1."""
+
+    value: float = Field(description="The share measured.")
+    low: float = Field(description="Lower bound of the 95% interval.")
+    high: float = Field(description="Upper bound of the 95% interval.")
+
+
+class CandidateResult(TailorModel):
+    """One candidate's measurement."""
+
+    name: str = Field(description="The candidate.")
+    n: int = Field(description="Questions answered and scored (failed requests excluded).")
+    errors: int = Field(default=0, description="Requests that failed for good (not scored).")
+    accuracy: Interval | None = Field(default=None, description="Share of correct answers.")
+    exact: Interval | None = Field(default=None, description="apibench: share naming the gold API.")
+    hallucination: Interval | None = Field(
+        default=None, description="apibench: share naming no API of the corpus."
+    )
+    latency_p50_seconds: float | None = Field(default=None, description="Median request time.")
+    latency_p95_seconds: float | None = Field(default=None, description="95th percentile.")
+    completion_tokens: float | None = Field(default=None, description="Mean tokens per answer.")
+    cost_per_query: float | None = Field(
+        default=None,
+        description="Device-seconds per question: the candidate's wall time while it alone "
+        "was asked, times the devices its deployment held (GPUs, else CPU cores), over n.",
+    )
+    devices: float | None = Field(default=None, description="Devices the deployment held.")
+    p_value: float | None = Field(
+        default=None,
+        description="Exact McNemar test against the baseline on the questions both "
+        "answered (accuracy); unset for the baseline.",
+    )
+
+
+class Recommendation(TailorModel):
+    """The cheapest candidate that meets the target."""
+
+    candidate: str | None = Field(default=None, description="Unset when none meets the target.")
+    message: str = Field(description="Why, in words.")
+
+
+class EvaluationProgress(TailorModel):
+    """How far the run is."""
+
+    answered: int = Field(description="Questions answered over all candidates.")
+    total: int = Field(description="Questions times candidates.")
+    candidate: str | None = Field(default=None, description="The candidate being asked.")
+
+
+class EvaluationStatus(StatusBase):
+    """Observed state of an Evaluation."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = Field(
+        default=None, description="Pending, Running, Succeeded or Failed."
+    )
+    questions: int | None = Field(default=None, description="Questions asked of each candidate.")
+    progress: EvaluationProgress | None = Field(default=None, description="While running.")
+    candidates: list[CandidateResult] | None = Field(default=None, description="The results.")
+    recommendation: Recommendation | None = Field(default=None, description="With a target.")
+    report: Artifact | None = Field(
+        default=None, description="report.json, answers.jsonl and report.png."
+    )
