@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tailor.cli.eval import table
 from tailor.cli.ladder import chart, measure
 from tailor.cli.quickstart_data import rag_training_examples
 from tailor.devcluster.kube import Kube
@@ -204,6 +205,9 @@ def test_quickstart_flow_through_the_operator(
     assert status["recommendation"]["candidate"] == cheaper["name"]
     assert status["report"]["uri"].rstrip("/").endswith(f"evaluation/ladder/{ev_uid}")
     assert (answers.parent / "report.png").stat().st_size > 0
+    shown = table(done)  # `tailor eval show`
+    assert "Evaluation ladder: Succeeded" in shown and "lora-rag" in shown
+    assert f"recommendation: {cheaper['name']}:" in shown
 
     # An adapter added to the running deployment is served by the same server process
     # (no rollout: same revision, same pid), and the status says what the replica serves.

@@ -154,3 +154,30 @@ def test_an_evaluation_runs_as_one_retried_job_on_the_artifacts_claim() -> None:
     assert container["resources"]["limits"]["memory"]  # bounded, like every pod
     assert workload.run.output_dir.endswith("/evaluation/ladder/uid-1")
     assert kinds["Role"]["rules"][0]["resourceNames"] == ["ladder"]
+
+
+def test_tailor_eval_run_builds_the_evaluation_its_flags_describe() -> None:
+    import argparse
+
+    from tailor.cli.eval import evaluation_manifest
+
+    args = argparse.Namespace(
+        name="ladder", namespace="team-a", questions="configmap://torchhub-eval/eval.jsonl",
+        scoring="apibench:torchhub", baseline="rag", target="accuracy=0.4", sample=48,
+        concurrency=4, max_tokens=64,
+        candidate=["zero=api-assistant:noretrieval", "rag=api-assistant",
+                   "lora=api-assistant/torchhub"],
+    )  # fmt: skip
+    spec = evaluation_manifest(args)["spec"]
+    assert spec["questions"] == {"configMap": {"name": "torchhub-eval", "key": "eval.jsonl"}}
+    assert spec["candidates"] == [
+        {"name": "zero", "deploymentRef": {"name": "api-assistant"}, "retrieval": False},
+        {"name": "rag", "deploymentRef": {"name": "api-assistant"}},
+        {"name": "lora", "deploymentRef": {"name": "api-assistant"}, "adapter": "torchhub"},
+    ]
+    assert spec["target"] == {"metric": "accuracy", "min": 0.4} and spec["sample"] == {"size": 48}
+    # the API server's rules, before anything is sent
+    with pytest.raises(SystemExit, match=r"spec\.baseline: baseline must be the name of one"):
+        evaluation_manifest(argparse.Namespace(**{**vars(args), "baseline": "ragg"}))
+    with pytest.raises(SystemExit, match="write NAME=DEPLOYMENT"):
+        evaluation_manifest(argparse.Namespace(**{**vars(args), "candidate": ["api-assistant"]}))
