@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tailor.cli.ladder import chart, eval_questions
+from tailor.cli.ladder import RUNGS, TARGET, evaluation
 from tailor.cli.quickstart_data import rag_training_examples
 from tailor.workloads.evaluation.apibench import load_documents, load_questions
 
@@ -31,14 +31,19 @@ def test_training_examples_hold_the_gold_card_among_three_as_served(apibench: Pa
     assert rag_training_examples(questions, cards) == examples  # seeded
 
 
-def test_eval_subset_is_spread_over_the_file(apibench: Path) -> None:
-    every = load_questions(apibench / "torchhub_eval.json")
-    subset = eval_questions(apibench, 48)
-    assert len(subset) == 48 and subset[0] == every[0] and subset[-1] != every[47]
-    assert eval_questions(apibench, None) == every
+def test_the_ladder_is_an_evaluation_of_the_four_rungs_named_by_what_is_served() -> None:
+    from tailor.api import parse
+    from tailor.api.evaluation import EvaluationSpec
 
-
-def test_the_chart_is_a_png(tmp_path: Path) -> None:
-    row = {"accuracy": 0.5, "exact": 0.1, "hallucination": 0.3, "costDeviceSecondsPerQuery": 0.4}
-    assert chart({"zero-shot": row, "LoRA + RAG": {**row, "accuracy": 0.9}}, tmp_path / "l.png")
-    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = evaluation(48, "3+2")
+    spec = parse(manifest)  # what the API server accepts
+    assert isinstance(spec, EvaluationSpec)
+    assert [(c.name, c.deployment_ref.name, c.adapter, c.retrieval) for c in spec.candidates] == [
+        (name, md, adapter, retrieval) for name, md, adapter, retrieval in RUNGS
+    ]
+    assert spec.sample is not None and spec.sample.size == 48 and spec.baseline == "rag"
+    assert spec.target is not None and spec.target.min == TARGET
+    # the same served revisions and count: the same Evaluation, reused by a second `make up`
+    assert evaluation(48, "3+2")["metadata"]["name"] == manifest["metadata"]["name"]
+    assert evaluation(48, "4+2")["metadata"]["name"] != manifest["metadata"]["name"]
+    assert "sample" not in evaluation(None, "3+2")["spec"]  # --eval-all: every question

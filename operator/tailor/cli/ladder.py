@@ -1,36 +1,44 @@
-"""The customization ladder the quickstart measures on its served endpoints: zero-shot,
-few-shot, RAG and LoRA + RAG (``RUNGS``), each scored on APIBench Torch Hub eval questions
-as the RAFT paper scores them (accuracy, exact match, hallucination rate) with its p50
-latency and cost per query; ``report`` prints a sample exchange and the table, reuses the
-stored table while the served revisions are the same, and writes ``ladder.json`` and a PNG
-chart (``chart``). Requests go through the one chat client
-(:class:`tailor.workloads.evaluation.chat.ChatClient`)."""
+"""The customization ladder the quickstart measures, as an Evaluation: zero-shot, few-shot,
+RAG and LoRA + RAG (``RUNGS``) on the served endpoints, scored on APIBench Torch Hub eval
+questions as the RAFT paper scores them (accuracy with its 95% interval, exact match,
+hallucination rate), with latency, cost per query, a paired test against RAG and the
+recommendation: the product's own measurement, so the quickstart and a user's Evaluation
+measure the same way.
+
+``report`` prints a sample exchange, then creates the Evaluation (named by what is served
+and how many questions, so a second ``make up`` with the same revisions shows the finished
+one again instead of asking the same questions) and prints its table live until it
+finishes; the table also goes to ``ladder.json`` and the Evaluation's ``report.png`` is
+named. Requests for the sample go through the one chat client."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import hashlib
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tailor.workloads.evaluation.apibench import Corpus, Question
+    from tailor.devcluster.kube import Kube
     from tailor.workloads.evaluation.chat import ChatClient
 
 DEPLOYMENT = "api-assistant"
 FEWSHOT = "api-assistant-fewshot"
 ADAPTER = "torchhub"
 EVAL_DEFAULT = 48
-"""Eval questions of the default ladder (evenly spaced over the 186; ``--eval-all``)."""
+"""Eval questions of the default ladder (a seeded sample of the 186; ``--eval-all``)."""
+TARGET = 0.5
+"""The ladder's bar: accuracy (the paper's metric) at the interval's lower bound."""
 RUNGS = (
-    # (row, ModelDeployment, model, retrieval)
-    ("zero-shot", DEPLOYMENT, DEPLOYMENT, False),
-    ("few-shot", FEWSHOT, FEWSHOT, False),
-    ("RAG", DEPLOYMENT, DEPLOYMENT, True),
-    ("LoRA + RAG", DEPLOYMENT, f"{DEPLOYMENT}/{ADAPTER}", True),
+    # (candidate, ModelDeployment, adapter, retrieval)
+    ("zero-shot", DEPLOYMENT, None, False),
+    ("few-shot", FEWSHOT, None, False),
+    ("rag", DEPLOYMENT, None, True),
+    ("lora-rag", DEPLOYMENT, ADAPTER, True),
 )
+QUESTIONS = {"configMap": {"name": "torchhub-eval", "key": "eval.jsonl"}}
+"""The 186 eval questions as Evaluation records (``quickstart_data.load_data``)."""
 
 
 def say(text: str) -> None:
@@ -47,94 +55,39 @@ def ask(client: ChatClient, model: str, question: str, retrieval: bool = True) -
     )
 
 
-def eval_questions(data: Path, count: int | None) -> list[Question]:
-    """``count`` eval questions evenly spaced over the file (all of them for ``None``)."""
-    from tailor.workloads.evaluation.apibench import load_questions
-
-    questions = load_questions(data / "torchhub_eval.json")
-    if count is None or count >= len(questions):
-        return questions
-    return [questions[i * len(questions) // count] for i in range(count)]
-
-
-def measure(
-    endpoint: str,
-    model: str,
-    retrieval: bool,
-    questions: list[Question],
-    corpus: Corpus,
-    workers: int = 16,
-) -> dict[str, Any]:
-    """One rung: the paper's accuracy, exact, hallucination, p50 latency and cost per
-    query (device-seconds: the serving process is busy for the wall time of the batch)."""
-    from tailor.workloads.evaluation.apibench import score_totals
-    from tailor.workloads.evaluation.chat import ChatClient
-
-    latencies: list[float] = []
-
-    def one(q: Question) -> Any:
-        began = time.monotonic()
-        reply = ask(client, model, q.question, retrieval)["choices"][0]["message"]["content"]
-        latencies.append(time.monotonic() - began)
-        return corpus.score(reply or "", q.api_call, q.domain)
-
-    began = time.monotonic()
-    with ChatClient(endpoint) as client, concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        verdicts = list(pool.map(one, questions))
-    wall = time.monotonic() - began
+def evaluation(count: int | None, revision: str) -> dict[str, Any]:
+    """The ladder's Evaluation: ``count`` questions (a seeded sample; every one for None)
+    on what ``revision`` says is served."""
+    digest = hashlib.sha256(f"{revision}:{count}".encode()).hexdigest()[:8]
+    candidates = [
+        {
+            "name": name,
+            "deploymentRef": {"name": md},
+            **({"adapter": adapter} if adapter else {}),
+            **({} if retrieval else {"retrieval": False}),
+        }
+        for name, md, adapter, retrieval in RUNGS
+    ]
     return {
-        **score_totals(verdicts),
-        "p50Seconds": round(statistics.median(latencies), 3),
-        "costDeviceSecondsPerQuery": round(wall / max(1, len(questions)), 3),
-        "wallSeconds": round(wall, 1),
+        "apiVersion": "tailor.dev/v1alpha1",
+        "kind": "Evaluation",
+        "metadata": {"name": f"ladder-{digest}", "labels": {"tailor.dev/ladder": "quickstart"}},
+        "spec": {
+            "questions": QUESTIONS,
+            **({"sample": {"size": count, "seed": 42}} if count else {}),
+            "scoring": {"type": "apibench", "corpus": "torchhub"},
+            "candidates": candidates,
+            "baseline": "rag",
+            "target": {"metric": "accuracy", "min": TARGET},
+            "concurrency": 16,
+            "maxTokens": 64,
+        },
     }
 
 
-def chart(table: dict[str, dict[str, Any]], path: Path) -> bool:
-    """Accuracy, exact and hallucination per rung, and accuracy against cost (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rungs = list(table)
-    fig, (bars, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.27
-    for offset, (key, label) in enumerate(
-        (("accuracy", "accuracy (paper)"), ("exact", "exact"), ("hallucination", "hallucination"))
-    ):
-        xs = [i + (offset - 1) * width for i in range(len(rungs))]
-        bars.bar(xs, [100 * table[r][key] for r in rungs], width, label=label)
-    bars.set_xticks(range(len(rungs)), rungs)
-    bars.set_ylabel("% of eval questions")
-    bars.set_ylim(0, 100)
-    bars.legend(loc="upper left", fontsize=8)
-    bars.set_title("APIBench Torch Hub, SmolLM2-135M")
-    for rung in rungs:
-        x, y = table[rung]["costDeviceSecondsPerQuery"], 100 * table[rung]["accuracy"]
-        cost.scatter([x], [y], s=60)
-        cost.annotate(rung, (x, y), textcoords="offset points", xytext=(6, 4))
-    cost.set_xlabel("cost per query (device-seconds)")
-    cost.set_ylabel("accuracy (paper's metric), %")
-    cost.set_ylim(0, 100)
-    cost.set_title("accuracy vs cost per rung")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def report(
-    endpoints: dict[str, str], data: Path, eval_count: int | None, revision: str, folder: Path
-) -> None:
-    """The sample exchange and the ladder table, stored in ``folder`` (``ladder.json``,
-    ``ladder.png``) and reused while ``revision`` (what is served) and the questions stay."""
-    from tailor.workloads.evaluation.apibench import Corpus
+def sample_exchange(endpoint: str) -> None:
     from tailor.workloads.evaluation.chat import ChatClient
 
-    endpoint = endpoints[DEPLOYMENT]
     question = "I need to estimate the depth of objects in a single photo. Which model?"
     with ChatClient(endpoint) as client:
         answer = ask(client, f"{DEPLOYMENT}/{ADAPTER}", question)
@@ -147,46 +100,76 @@ def report(
     say("  assistant: " + reply.replace("\n", "\n             "))
     say(f"  sources:   {', '.join(map(str, sources))}")
 
-    questions = eval_questions(data, eval_count)
-    corpus = Corpus.load(data / "torchhub_api.jsonl")
-    # The table is a function of what is served (the deployments' revisions hash the
-    # adapters, prompt revisions and index build) and of the questions: a second `make up`
-    # shows the stored table instead of asking the same questions again.
-    stored_path = folder / "ladder.json"
-    key = f"{revision}:{len(questions)}"
-    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
-    reused = stored.get("key") == key and bool(revision)
+
+def report(
+    kube: Kube,
+    namespace: str,
+    endpoint: str,
+    eval_count: int | None,
+    revision: str,
+    folder: Path,
+    again: bool = False,
+    timeout: float = 3600,
+) -> None:
+    """The sample exchange, then the ladder's Evaluation followed live until it finishes;
+    its table is stored in ``folder/ladder.json``."""
+    from tailor.cli.eval import table
+
+    sample_exchange(endpoint)
+    manifest = evaluation(eval_count, revision)
+    name = manifest["metadata"]["name"]
+    if again:
+        kube.kubectl("delete", "ev", name, "-n", namespace, "--ignore-not-found")
+    existing = kube.kubectl("get", "ev", name, "-n", namespace, check=False).returncode == 0
     say(
-        f"\nThe customization ladder on {len(questions)} APIBench Torch Hub eval questions"
-        + ("" if eval_count is None else " (evenly spaced; --eval-all for all 186)")
-        + ", measured on the served endpoints"
-        + (" (stored for this revision; --eval-again re-measures)" if reused else "")
-        + ":"
+        f"\nThe customization ladder on {eval_count or 'all 186'} APIBench Torch Hub eval "
+        f"questions, measured on the served endpoints by Evaluation {name}"
+        + (" (finished earlier for these revisions; --eval-again re-measures)" if existing else "")
+        + f" (`kubectl get ev -n {namespace}`):"
     )
     say(
-        "  accuracy: the RAFT paper's metric (a real Torch Hub API of the question's domain);"
-        " exact: the gold API; hallucination: no such API"
+        "  accuracy: the RAFT paper's metric (a real Torch Hub API of the question's domain), "
+        "with its 95% interval; exact: the gold API; hallucination: no such API"
     )
-    say(
-        f"  {'rung':12} {'accuracy':>9} {'exact':>7} {'halluc.':>8} {'p50 s':>7} {'cost/query':>11}"
-    )
-    table: dict[str, dict[str, Any]] = stored.get("rungs", {}) if reused else {}
-    for label, md, model, retrieval in RUNGS:
-        if label not in table:
-            table[label] = measure(endpoints[md], model, retrieval, questions, corpus)
-        row = table[label]
-        say(
-            f"  {label:12} {100 * row['accuracy']:8.1f}% {100 * row['exact']:6.1f}% "
-            f"{100 * row['hallucination']:7.1f}% {row['p50Seconds']:7.2f} "
-            f"{row['costDeviceSecondsPerQuery']:9.2f} s"
-        )
-    stored_path.write_text(
+    if not existing:
+        kube.apply(manifest, "-n", namespace)
+    started = time.monotonic()
+    last: tuple[Any, ...] = ()
+    while True:
+        body = kube.get_json("ev", name, "-n", namespace)
+        status = body.get("status") or {}
+        phase = status.get("phase")
+        if phase == "Failed":
+            raise SystemExit(f"the ladder's Evaluation {name} failed:\n{table(body)}")
+        if phase == "Succeeded":
+            break
+        # live: a line when the candidate asked changes, and every 30 s
+        progress = status.get("progress") or {}
+        elapsed = time.monotonic() - started
+        now = (phase, progress.get("candidate"), int(elapsed // 30))
+        if now != last:
+            say(
+                f"  [{elapsed:4.0f}s] {phase or 'Pending'}: "
+                + (
+                    f"asking {progress['candidate']}, {progress.get('answered')}/"
+                    f"{progress.get('total')} answered"
+                    if progress.get("candidate")
+                    else "waiting to start"
+                )
+            )
+            last = now
+        if elapsed > timeout:
+            raise SystemExit(f"the ladder's Evaluation {name} did not finish in {timeout:.0f}s")
+        time.sleep(2)
+    say(table(body))
+    status = body["status"]
+    stored = folder / "ladder.json"
+    stored.write_text(
         json.dumps(
-            {"key": key, "questions": len(questions), "model": "SmolLM2-135M-Instruct",
-             "rungs": table},
+            {"evaluation": name, "questions": status.get("questions"),
+             "model": "SmolLM2-135M-Instruct", "candidates": status.get("candidates"),
+             "recommendation": status.get("recommendation"), "report": status.get("report")},
             indent=2,
         )
     )  # fmt: skip
-    png = folder / "ladder.png"
-    pictured = chart(table, png)
-    say(f"  table: {stored_path}" + (f"   chart: {png}" if pictured else ""))
+    say(f"  table: {stored}   report: {(status.get('report') or {}).get('uri')} (report.png)")

@@ -5,8 +5,8 @@ CRDs, starts the operator with the local runtime, loads the APIBench Torch Hub d
 ConfigMaps (``quickstart_data``), applies ``docs/examples/quickstart/`` and follows every
 resource (a live table on a terminal, changed lines only otherwise) until the
 ModelDeployments serve. Then it shows a sample exchange, the customization ladder measured
-on the endpoints (``ladder``: zero-shot, few-shot, RAG, LoRA + RAG), and how to talk to the
-server. Everything is reused when it already runs; ``down`` stops all of it.
+on the endpoints by an Evaluation (``ladder``: zero-shot, few-shot, RAG, LoRA + RAG), and
+how to talk to the server. Everything is reused when it already runs; ``down`` stops all of it.
 ``tailor example-data`` loads the same ConfigMaps into any cluster's namespace.
 """
 
@@ -170,6 +170,12 @@ def describe(obj: dict[str, Any]) -> str:
     elif kind == "ModelDeployment":
         if status.get("endpoint"):
             detail = status["endpoint"]
+    elif kind == "Evaluation":
+        p = status.get("progress") or {}
+        if p.get("total"):
+            detail = f"{p.get('answered')}/{p['total']} answered"
+        if (status.get("recommendation") or {}).get("message"):
+            detail = status["recommendation"]["message"]
     if not detail:
         for cond in status.get("conditions") or []:
             if (
@@ -207,8 +213,11 @@ def follow(kube: Kube, timeout: float) -> dict[str, dict[str, Any]]:
                     if shown.get(key) != line:
                         say(f"[{elapsed:5.0f}s] {line}")
                         shown[key] = line
-            failed = [
-                o for o in items if (o.get("status") or {}).get("phase") in ("Failed", "Invalid")
+            failed = [  # (the ladder's Evaluations report for themselves)
+                o
+                for o in items
+                if (o.get("status") or {}).get("phase") in ("Failed", "Invalid")
+                and o["kind"] != "Evaluation"
             ]
             if failed:
                 raise SystemExit(
@@ -272,7 +281,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--eval-limit",
         type=int,
         default=None,
-        help=f"evaluate on N evenly spaced eval questions (default {EVAL_DEFAULT})",
+        help=f"evaluate on a seeded sample of N eval questions (default {EVAL_DEFAULT})",
     )
     p_up.add_argument("--eval-all", action="store_true", help="evaluate on all 186")
     p_up.add_argument("--skip-eval", action="store_true")
@@ -331,11 +340,10 @@ def _up(args: argparse.Namespace) -> int:
     for md in mds.values():
         say(f"  {md['status']['endpoint']} serves {', '.join(md['status']['models'])}")
     if not args.skip_eval:
-        if args.eval_again:
-            (state_dir() / "ladder.json").unlink(missing_ok=True)
         revision = "+".join(str(mds[n]["status"].get("revision") or "") for n in sorted(mds))
         count = None if args.eval_all else (args.eval_limit or EVAL_DEFAULT)
-        report(endpoints, data, count, revision, state_dir())
+        report(kube, NAMESPACE, endpoints[DEPLOYMENT], count, revision, state_dir(),
+               again=args.eval_again)  # fmt: skip
     how_to_talk(endpoints[DEPLOYMENT], cluster.kubeconfig)
     return 0
 
