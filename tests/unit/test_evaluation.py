@@ -181,3 +181,26 @@ def test_tailor_eval_run_builds_the_evaluation_its_flags_describe() -> None:
         evaluation_manifest(argparse.Namespace(**{**vars(args), "baseline": "ragg"}))
     with pytest.raises(SystemExit, match="write NAME=DEPLOYMENT"):
         evaluation_manifest(argparse.Namespace(**{**vars(args), "candidate": ["api-assistant"]}))
+
+
+def test_a_finished_evaluation_is_exported_as_operator_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    from tailor.controllers.evaluation import export_results
+
+    status = {
+        "candidates": [
+            {"name": "rag", "n": 4, "accuracy": {"value": 0.5, "low": 0.25, "high": 0.75},
+             "costPerQuery": 1.5},
+        ]
+    }  # fmt: skip
+    export_results("team-a", "ladder", status)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"namespace": "team-a", "evaluation": "ladder",
+                                                "candidate": "rag", **labels})  # fmt: skip
+
+    assert sample("tailor_operator_evaluation_score", metric="accuracy", bound="low") == 0.25
+    assert sample("tailor_operator_evaluation_score", metric="accuracy", bound="high") == 0.75
+    assert sample("tailor_operator_evaluation_score", metric="exact", bound="value") is None
+    assert sample("tailor_operator_evaluation_cost_per_query_device_seconds") == 1.5

@@ -24,6 +24,7 @@ from tailor.api.workloads import CandidateTarget
 from tailor.builders.common import Parent
 from tailor.builders.evaluation import build_evaluation, job_name
 from tailor.controllers.context import Operator, condition, syncer
+from tailor.observability.operator import EVALUATION_COST, EVALUATION_SCORES
 from tailor.runtime.base import require_report
 
 KIND = "Evaluation"
@@ -87,10 +88,27 @@ def resolve(
     return targets, None
 
 
+def export_results(namespace: str, name: str, status: dict[str, Any]) -> None:
+    """A finished Evaluation's results as operator metrics (the dashboard's Evaluations
+    row); set again when a restarted operator first sees it."""
+    for result in status.get("candidates") or []:
+        for metric in ("accuracy", "exact", "hallucination"):
+            for bound in ("value", "low", "high"):
+                value = (result.get(metric) or {}).get(bound)
+                if value is not None:
+                    EVALUATION_SCORES.labels(namespace, name, result["name"], metric, bound).set(
+                        value
+                    )
+        if result.get("costPerQuery") is not None:
+            EVALUATION_COST.labels(namespace, name, result["name"]).set(result["costPerQuery"])
+
+
 @syncer(KIND)
 def sync_evaluation(op: Operator, body: dict[str, Any]) -> None:
     meta, status = body["metadata"], body.get("status") or {}
     generation = meta.get("generation")
+    if status.get("phase") == "Succeeded":
+        export_results(meta["namespace"], meta["name"], status)
     if status.get("phase") in ("Succeeded", "Failed"):
         return  # one-shot: the spec cannot change (CEL), nothing runs again
     conditions = status.get("conditions")
@@ -141,6 +159,7 @@ def sync_evaluation(op: Operator, body: dict[str, Any]) -> None:
             result = state.result or {}
             recommendation = (result.get("recommendation") or {}).get("message")
             message = recommendation or f"{result.get('questions')} questions asked"
+            export_results(parent.namespace, parent.name, result)
             new.update(
                 {k: result[k] for k in RESULT_FIELDS if k in result},
                 phase="Succeeded",

@@ -367,6 +367,49 @@ def operator_dashboard() -> Dashboard:
                     ),
                 ),
             ),
+            Row(
+                "Evaluations",
+                (
+                    Panel(
+                        "Accuracy per candidate, with its interval",
+                        "Each finished Evaluation's accuracy per candidate and the lower "
+                        "bound of its 95% interval (the recommendation compares the lower "
+                        "bound with the target).",
+                        (
+                            q(
+                                "max by (evaluation, candidate) (tailor_operator_evaluation_score"
+                                '{namespace=~"$namespace", metric="accuracy", bound="value"})',
+                                "{{evaluation}} {{candidate}}",
+                            ),
+                            q(
+                                "max by (evaluation, candidate) (tailor_operator_evaluation_score"
+                                '{namespace=~"$namespace", metric="accuracy", bound="low"})',
+                                "{{evaluation}} {{candidate}} (lower bound)",
+                            ),
+                        ),
+                        kind="bargauge",
+                        unit="percentunit",
+                        min=0,
+                        max=1,
+                        width=12,
+                    ),
+                    Panel(
+                        "Cost per question per candidate",
+                        "Device-seconds per question: the candidate's wall time while it "
+                        "alone was asked, times the devices its deployment held.",
+                        (
+                            q(
+                                "max by (evaluation, candidate) "
+                                f"(tailor_operator_evaluation_cost_per_query_device_seconds{ns})",
+                                "{{evaluation}} {{candidate}}",
+                            ),
+                        ),
+                        kind="bargauge",
+                        unit="s",
+                        width=12,
+                    ),
+                ),
+            ),
         ),
     )
 

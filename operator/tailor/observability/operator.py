@@ -46,6 +46,17 @@ PROMPT_TEST_CASES = Gauge(
     "Test cases of a PromptProfile revision by result (passed, failed), from its last run.",
     ["namespace", "profile", "revision", "result"],
 )
+EVALUATION_SCORES = Gauge(
+    "tailor_operator_evaluation_score",
+    "A finished Evaluation's result per candidate: each metric's value and the bounds of "
+    "its 95% interval (0-1).",
+    ["namespace", "evaluation", "candidate", "metric", "bound"],
+)
+EVALUATION_COST = Gauge(
+    "tailor_operator_evaluation_cost_per_query_device_seconds",
+    "A finished Evaluation's cost per question per candidate, in device-seconds.",
+    ["namespace", "evaluation", "candidate"],
+)
 PHASE_TRANSITIONS = Counter(
     "tailor_operator_phase_transitions_total",
     "Phase changes by kind and new phase.",
