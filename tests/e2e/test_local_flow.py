@@ -185,7 +185,7 @@ def test_quickstart_flow_through_the_operator(
     results = {r["name"]: r for r in status["candidates"]}
     assert status["questions"] == 4 and set(results) == {"rag", "lora-rag"}
     for r in results.values():
-        assert r["n"] == 4 and r["errors"] == 0 and r["costPerQuery"] > 0
+        assert r["scored"] == 4 and r["errors"] == 0 and r["costPerQuery"] > 0
         for metric in ("accuracy", "exact", "hallucination"):
             low, value, high = (r[metric][k] for k in ("low", "value", "high"))
             assert 0 <= low <= value <= high <= 1 and value * 4 == round(value * 4)

@@ -145,3 +145,14 @@ def test_wire_round_trip_keeps_camel_case() -> None:
     assert wire["knowledgeBaseRef"] == {"name": "torchhub-docs", "topK": 3}
     assert wire["adapters"][0]["fineTuneJobRef"] == {"name": "torchhub-lora"}
     assert type(spec).model_validate(wire) == spec
+
+
+def test_no_field_is_named_like_a_yaml_boolean() -> None:
+    """A field named ``n`` (or y, on, off, ...) is a boolean to YAML 1.1, which the API
+    server's CRD decoder reads: ``required: [n]`` failed to install. Found when a status
+    field was named ``n``."""
+    booleans = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            word = line.strip().removeprefix("- ").removesuffix(":")
+            assert word.lower() not in booleans, f"{path.name}: {line.strip()}"

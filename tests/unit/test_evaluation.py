@@ -61,7 +61,7 @@ def test_the_bootstrap_interval_holds_the_share_narrows_with_n_and_is_seeded() -
 def result(name: str, low: float, value: float, cost: float, p50: float = 1.0) -> CandidateResult:
     return CandidateResult(
         name=name,
-        n=48,
+        scored=48,
         accuracy=Interval(value=value, low=low, high=min(1.0, value + 0.1)),
         cost_per_query=cost,
         latency_p50_seconds=p50,
@@ -190,7 +190,7 @@ def test_a_finished_evaluation_is_exported_as_operator_metrics() -> None:
 
     status = {
         "candidates": [
-            {"name": "rag", "n": 4, "accuracy": {"value": 0.5, "low": 0.25, "high": 0.75},
+            {"name": "rag", "scored": 4, "accuracy": {"value": 0.5, "low": 0.25, "high": 0.75},
              "costPerQuery": 1.5},
         ]
     }  # fmt: skip

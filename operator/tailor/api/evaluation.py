@@ -188,7 +188,7 @@ class CandidateResult(TailorModel):
     """One candidate's measurement."""
 
     name: str = Field(description="The candidate.")
-    n: int = Field(description="Questions answered and scored (failed requests excluded).")
+    scored: int = Field(description="Questions answered and scored (failed requests excluded).")
     errors: int = Field(default=0, description="Requests that failed for good (not scored).")
     accuracy: Interval | None = Field(default=None, description="Share of correct answers.")
     exact: Interval | None = Field(default=None, description="apibench: share naming the gold API.")
@@ -201,7 +201,7 @@ class CandidateResult(TailorModel):
     cost_per_query: float | None = Field(
         default=None,
         description="Device-seconds per question: the candidate's wall time while it alone "
-        "was asked, times the devices its deployment held (GPUs, else CPU cores), over n.",
+        "was asked, times the devices its deployment held (GPUs, else CPU cores), over scored.",
     )
     devices: float | None = Field(default=None, description="Devices the deployment held.")
     p_value: float | None = Field(

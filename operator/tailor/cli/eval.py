@@ -181,14 +181,14 @@ def table(body: dict[str, Any]) -> str:
     rows = status.get("candidates") or []
     if rows:
         baseline = (body.get("spec") or {}).get("baseline")
-        header = ("candidate", "n", "err", "accuracy % [95%]", "exact %", "halluc. %",
+        header = ("candidate", "scored", "err", "accuracy % [95%]", "exact %", "halluc. %",
                   "p50 s", "p95 s", "cost dev-s/q", "p vs " + (baseline or "-"))  # fmt: skip
         cells = [header]
         for r in rows:
             cells.append(
                 (
                     r["name"],
-                    str(r["n"]),
+                    str(r["scored"]),
                     str(r.get("errors", 0)),
                     _percent(r.get("accuracy")),
                     _percent(r.get("exact")),

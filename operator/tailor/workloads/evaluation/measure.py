@@ -194,7 +194,7 @@ def results(
         n = len(ordered)
         result = CandidateResult(
             name=name,
-            n=n,
+            scored=n,
             errors=len({item.id for item in items} - set(verdicts[name])),
             latency_p50_seconds=_round(percentile(latencies, 50)),
             latency_p95_seconds=_round(percentile(latencies, 95)),
@@ -231,7 +231,9 @@ def recommend(spec: EvaluationSpec, measured: list[CandidateResult]) -> Recommen
     if spec.target is None:
         return None
     metric, bar = spec.target.metric, spec.target.min
-    scored = [(r, getattr(r, metric)) for r in measured if getattr(r, metric) is not None and r.n]
+    scored = [
+        (r, getattr(r, metric)) for r in measured if getattr(r, metric) is not None and r.scored
+    ]
     meeting = [(r, m) for r, m in scored if m.low >= bar]
     if meeting:
         best, m = min(
@@ -311,13 +313,20 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
     finally:
         answers.close()
     measured = results(run, items, answers.rows)
-    if all(r.n == 0 for r in measured):
+    if all(r.scored == 0 for r in measured):
         first = next((r.get("error") for r in answers.rows if r.get("error")), "no answer")
         raise RuntimeError(f"every request failed, e.g. {first}")  # the Job retries
     recommendation = recommend(spec, measured)
     for r in measured:
         shown = {k: v for k, v in r.wire().items() if k in ("accuracy", "exact", "hallucination")}
-        log.info("%s: n %d, errors %d, %s, cost %s", r.name, r.n, r.errors, shown, r.cost_per_query)
+        log.info(
+            "%s: scored %d, errors %d, %s, cost %s",
+            r.name,
+            r.scored,
+            r.errors,
+            shown,
+            r.cost_per_query,
+        )
     if recommendation:
         log.info("recommendation: %s", recommendation.message)
     report = {
@@ -333,7 +342,7 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
         store.push(str(output))
     return {
         "questions": len(items),
-        "progress": {"answered": sum(r.n for r in measured), "total": total},
+        "progress": {"answered": sum(r.scored for r in measured), "total": total},
         "candidates": report["candidates"],
         **({"recommendation": report["recommendation"]} if recommendation else {}),
         "report": {
