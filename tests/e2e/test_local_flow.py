@@ -158,14 +158,14 @@ def test_quickstart_flow_through_the_operator(
     kube.apply([evaluation("missing", "no-such-deployment")], "-n", ns)
     waiting = wait_for(
         "a condition naming the missing deployment",
-        lambda: condition_of(kube.get_json("ev", "missing", "-n", ns), "Ready"),
+        lambda: condition_of(kube.get_json("evaluation", "missing", "-n", ns), "Ready"),
         60,
     )
     assert waiting["reason"] == "DeploymentNotFound"
     assert waiting["message"].startswith("spec.candidates[0].deploymentRef.name:")
     kube.apply([evaluation("ladder", "api-assistant")], "-n", ns)
     run_record = local_operator / ns / "runs" / "ladder-eval.json"
-    ev_uid = wait_for("the Evaluation's uid", lambda: kube.get_json("ev", "ladder", "-n", ns)
+    ev_uid = wait_for("the Evaluation's uid", lambda: kube.get_json("evaluation", "ladder", "-n", ns)
                       ["metadata"].get("uid"), 30)  # fmt: skip
     answers = (
         local_operator / ns / "volumes" / "tailor-artifacts" / "evaluation" / "ladder" / ev_uid
@@ -176,7 +176,7 @@ def test_quickstart_flow_through_the_operator(
         assert time.monotonic() < deadline, "no answers written"
         time.sleep(0.1)
     os.killpg(int(json.loads(run_record.read_text())["pid"]), signal.SIGKILL)
-    done = wait_phase(kube, ns, "ev", "ladder", {"Succeeded"}, timeout=300)
+    done = wait_phase(kube, ns, "evaluation", "ladder", {"Succeeded"}, timeout=300)
     assert json.loads(run_record.read_text())["attempts"] == 2  # killed, then restarted
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     asked_twice = Counter((r["candidate"], r["id"]) for r in rows if not r["error"])

@@ -32,7 +32,7 @@ def test_one_crd_per_kind_with_names_and_category() -> None:
         "FineTuneJob": ["ftj"],
         "RAFTJob": ["raft"],
         "ModelDeployment": ["md"],
-        "Evaluation": ["ev"],
+        "Evaluation": ["eval"],
     }
     for crd in crds:
         assert crd["spec"]["names"]["categories"] == ["tailor"]

@@ -155,7 +155,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "Evaluation",
             "evaluations",
-            "ev",
+            "eval",
             EvaluationSpec,
             EvaluationStatus,
             "A one-shot measurement of candidates (deployment, adapter, retrieval) on a "

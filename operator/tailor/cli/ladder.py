@@ -119,13 +119,13 @@ def report(
     manifest = evaluation(eval_count, revision)
     name = manifest["metadata"]["name"]
     if again:
-        kube.kubectl("delete", "ev", name, "-n", namespace, "--ignore-not-found")
-    existing = kube.kubectl("get", "ev", name, "-n", namespace, check=False).returncode == 0
+        kube.kubectl("delete", "evaluation", name, "-n", namespace, "--ignore-not-found")
+    existing = kube.kubectl("get", "evaluation", name, "-n", namespace, check=False).returncode == 0
     say(
         f"\nThe customization ladder on {eval_count or 'all 186'} APIBench Torch Hub eval "
         f"questions, measured on the served endpoints by Evaluation {name}"
         + (" (finished earlier for these revisions; --eval-again re-measures)" if existing else "")
-        + f" (`kubectl get ev -n {namespace}`):"
+        + f" (`kubectl get eval -n {namespace}`):"
     )
     say(
         "  accuracy: the RAFT paper's metric (a real Torch Hub API of the question's domain), "
@@ -136,7 +136,7 @@ def report(
     started = time.monotonic()
     last: tuple[Any, ...] = ()
     while True:
-        body = kube.get_json("ev", name, "-n", namespace)
+        body = kube.get_json("evaluation", name, "-n", namespace)
         status = body.get("status") or {}
         phase = status.get("phase")
         if phase == "Failed":
