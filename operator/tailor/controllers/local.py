@@ -39,5 +39,5 @@ def _poll(kind: str) -> None:
         operator().enqueue(kind, namespace, name)
 
 
-for _kind in ("FineTuneJob", "KnowledgeBase", "RAFTJob", "ModelDeployment", "PromptProfile"):
+for _kind in KINDS:
     _poll(_kind)
