@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tailor.cli.eval import table
+from tailor.cli.eval import compare, table
 from tailor.cli.quickstart_data import rag_training_examples
 from tailor.devcluster.kube import Kube
 from tailor.workloads.evaluation.apibench import load_questions
@@ -195,6 +195,9 @@ def test_quickstart_flow_through_the_operator(
     assert status["recommendation"]["candidate"] == cheaper["name"]
     assert status["report"]["uri"].rstrip("/").endswith(f"evaluation/ladder/{ev_uid}")
     assert (answers.parent / "report.png").stat().st_size > 0
+    assert {len(o) for o in status["outcomes"].values()} == {4}  # a character per question
+    paired = compare(done, done, None)  # `tailor eval compare`: with itself, no difference
+    assert "+0.0" in paired and "1.0000" in paired
     shown = table(done)  # `tailor eval show`
     assert "Evaluation ladder: Succeeded" in shown and "lora-rag" in shown
     assert f"recommendation: {cheaper['name']}:" in shown

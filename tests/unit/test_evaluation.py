@@ -5,6 +5,7 @@ tests/e2e/test_local_flow.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,45 @@ def test_a_finished_evaluation_is_exported_as_operator_metrics() -> None:
     assert sample("tailor_operator_evaluation_score", metric="accuracy", bound="high") == 0.75
     assert sample("tailor_operator_evaluation_score", metric="exact", bound="value") is None
     assert sample("tailor_operator_evaluation_cost_per_query_device_seconds") == 1.5
+
+
+def finished(name: str, outcomes: dict[str, str], digest: str = "h") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"scoring": {"type": "contains"}},
+        "status": {"phase": "Succeeded", "questions": 6, "questionsHash": digest,
+                   "outcomes": outcomes},
+    }  # fmt: skip
+
+
+def test_tailor_eval_compare_pairs_two_evaluations_question_by_question() -> None:
+    from tailor.cli.eval import compare
+
+    before = finished("before", {"rag": "110000", "lora": "11-000"})
+    after = finished("after", {"rag": "111111", "lora": "110000"})
+    text = compare(before, after, None)
+    rag = next(line for line in text.splitlines() if line.strip().startswith("rag"))
+    # 6 paired, 33.3 -> 100.0, four disagreements all one way: p = 2 / 16
+    assert rag.split() == ["rag", "6", "33.3", "100.0", "+66.7", "0.1250"]
+    lora = next(line for line in text.splitlines() if line.strip().startswith("lora"))
+    assert lora.split()[1] == "5"  # the question lora left unanswered in `before` is not paired
+    named = compare(before, after, [("lora", "rag")])
+    assert "lora / rag" in named
+    with pytest.raises(SystemExit, match="asked different questions"):
+        compare(before, finished("other", {"rag": "1"}, digest="x"), None)
+    with pytest.raises(SystemExit, match="has not succeeded"):
+        compare(before, {**after, "status": {"phase": "Running"}}, None)
+
+
+def test_the_termination_message_fits_what_kubernetes_keeps() -> None:
+    from tailor.workloads.evaluation.measure import TERMINATION_BYTES, termination_report
+
+    row = result("a-rather-long-candidate-name", 0.41, 0.5, 1.0).wire()
+    patch = {"questions": 48, "questionsHash": "h" * 64, "report": {"uri": "pvc://x/"},
+             "recommendation": {"message": "m" * 200}, "outcomes": {"x": "1" * 48},
+             "candidates": [row]}  # fmt: skip
+    small = termination_report(patch)
+    assert "outcomes" not in small and small["candidates"] == [row]  # outcomes: status only
+    big = termination_report({**patch, "candidates": [row] * 40})
+    assert "candidates" not in big and big["report"] == {"uri": "pvc://x/"}
+    assert len(json.dumps(big)) <= TERMINATION_BYTES

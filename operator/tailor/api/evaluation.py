@@ -233,6 +233,17 @@ class EvaluationStatus(StatusBase):
         default=None, description="Pending, Running, Succeeded or Failed."
     )
     questions: int | None = Field(default=None, description="Questions asked of each candidate.")
+    questions_hash: str | None = Field(
+        default=None,
+        description="sha256 of the asked questions' ids in order: two Evaluations with the "
+        "same hash asked the same questions (tailor eval compare pairs them).",
+    )
+    outcomes: dict[str, str] | None = Field(
+        default=None,
+        description="Per candidate, one character per question in order: 1 correct, 0 wrong, "
+        "- not answered (what a paired comparison needs); kept up to "
+        "2000 questions.",
+    )
     progress: EvaluationProgress | None = Field(default=None, description="While running.")
     candidates: list[CandidateResult] | None = Field(default=None, description="The results.")
     recommendation: Recommendation | None = Field(default=None, description="With a target.")

@@ -6,6 +6,9 @@
   as ``kubectl apply`` would check it) and follow it live until it finishes;
 - ``tailor eval show NAME [--watch]``: its status as a table (value and 95% interval of
   each metric, latency, cost, p-value, the recommendation);
+- ``tailor eval compare A B``: two finished Evaluations of the same questions (the same
+  ``questionsHash``), paired per candidate: each one's accuracy on the questions both
+  answered, the difference and the exact McNemar p-value;
 - ``tailor eval apibench --corpus API.jsonl --questions EVAL.json --answers A.jsonl``:
   score a file of answers the way the RAFT paper scores APIBench (Gorilla's AST evaluation,
   ``tailor.workloads.evaluation.apibench``), with exact match and hallucination rate beside
@@ -73,6 +76,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--max-tokens", type=int, default=128)
     run.add_argument("--no-follow", action="store_true", help="create it and return")
     run.set_defaults(handler=run_command)
+    compare = sub.add_parser(
+        "compare", help="two Evaluations of the same questions, paired per candidate"
+    )
+    compare.add_argument("a", help="the first Evaluation")
+    compare.add_argument("b", help="the second Evaluation")
+    compare.add_argument("-n", "--namespace", default="default")
+    compare.add_argument(
+        "--candidates",
+        help="A_CANDIDATE=B_CANDIDATE to compare two differently named candidates "
+        "(default: every name the two share)",
+    )
+    compare.set_defaults(handler=compare_command)
 
 
 def score_apibench(args: argparse.Namespace) -> int:
@@ -256,3 +271,61 @@ def run_command(args: argparse.Namespace) -> int:
     rest.request(api, "POST", _path(args.namespace), manifest)
     print(f"evaluation.tailor.dev/{args.name} created", flush=True)
     return 0 if args.no_follow else follow(api, args.namespace, args.name, watch=True)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], pairs: list[tuple[str, str]] | None) -> str:
+    """The paired comparison of two finished Evaluations, as text; SystemExit naming what
+    makes them incomparable."""
+    from tailor.workloads.evaluation.stats import mcnemar_exact
+
+    names = (a["metadata"]["name"], b["metadata"]["name"])
+    sa, sb = a.get("status") or {}, b.get("status") or {}
+    for name, status in zip(names, (sa, sb), strict=True):
+        if status.get("phase") != "Succeeded":
+            raise SystemExit(f"Evaluation {name} has not succeeded ({status.get('phase')})")
+        if not status.get("outcomes"):
+            raise SystemExit(f"Evaluation {name} keeps no outcomes (more than 2000 questions?)")
+    if sa.get("questionsHash") != sb.get("questionsHash"):
+        raise SystemExit(
+            f"{names[0]} and {names[1]} asked different questions (questionsHash differs): "
+            "a paired comparison needs the same questions and sample"
+        )
+    kinds = [((x.get("spec") or {}).get("scoring") or {}).get("type") for x in (a, b)]
+    if kinds[0] != kinds[1]:
+        raise SystemExit(f"{names[0]} scores with {kinds[0]}, {names[1]} with {kinds[1]}")
+    oa, ob = sa["outcomes"], sb["outcomes"]
+    pairs = pairs or [(c, c) for c in oa if c in ob]
+    if not pairs:
+        raise SystemExit(f"{names[0]} and {names[1]} share no candidate name; use --candidates")
+    lines = [f"{names[0]} vs {names[1]}: {sa.get('questions')} questions, paired ({kinds[0]})"]
+    lines.append(f"  {'candidate':28} {'both':>5} {'A %':>6} {'B %':>6} {'B-A':>6} {'p':>7}")
+    for left, right in pairs:
+        if left not in oa or right not in ob:
+            raise SystemExit(f"no candidate {left!r} in {names[0]} or {right!r} in {names[1]}")
+        both = [(x, y) for x, y in zip(oa[left], ob[right], strict=True) if "-" not in (x, y)]
+        if not both:
+            lines.append(f"  {left + ' / ' + right:28} {0:>5}  no question answered by both")
+            continue
+        xs, ys = [x == "1" for x, _ in both], [y == "1" for _, y in both]
+        acc_a, acc_b = 100 * sum(xs) / len(both), 100 * sum(ys) / len(both)
+        label = left if left == right else f"{left} / {right}"
+        lines.append(
+            f"  {label:28} {len(both):>5} {acc_a:6.1f} {acc_b:6.1f} {acc_b - acc_a:+6.1f} "
+            f"{mcnemar_exact(xs, ys):7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from tailor.runtime import rest
+
+    pairs = None
+    if args.candidates:
+        left, equals, right = args.candidates.partition("=")
+        if not equals:
+            raise SystemExit("--candidates: write A_CANDIDATE=B_CANDIDATE")
+        pairs = [(left, right)]
+    api = _client()
+    a, b = (rest.request(api, "GET", _path(args.namespace, n)) for n in (args.a, args.b))
+    print(compare(a, b, pairs))
+    return 0

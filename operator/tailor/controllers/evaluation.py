@@ -28,8 +28,9 @@ from tailor.observability.operator import EVALUATION_COST, EVALUATION_SCORES
 from tailor.runtime.base import require_report
 
 KIND = "Evaluation"
-RESULT_FIELDS = ("questions", "progress", "candidates", "recommendation", "report")
-"""What the workload's report holds and the status takes."""
+RESULT_FIELDS = ("questions", "questionsHash", "progress", "candidates", "recommendation", "report")
+"""What the workload's termination message may hold and the status takes (the outcomes
+come in the workload's own status patch only: the message has 4 KB)."""
 
 
 def devices(spec: ModelDeploymentSpec, status: dict[str, Any]) -> float:

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,11 @@ from tailor.workloads.progress import ProgressReporter, make_reporter
 
 log = logging.getLogger("tailor.workloads.evaluation.measure")
 
+OUTCOMES_MAX = 2000
+"""Questions up to which status.outcomes is kept (a status object holds about 1 MiB)."""
+TERMINATION_BYTES = 3500
+"""The termination message's budget (Kubernetes keeps 4096 bytes): beyond it the results
+travel in the status patch alone."""
 ANSWERS_FILE = "answers.jsonl"
 REPORT_FILE = "report.json"
 CHART_FILE = "report.png"
@@ -170,8 +176,9 @@ def _interval(outcomes: list[bool], seed: int) -> Interval:
 
 def results(
     run: EvaluationRun, items: list[Item], rows: list[dict[str, Any]]
-) -> list[CandidateResult]:
-    """Each candidate's scores, latency, cost and paired test from the answer rows."""
+) -> tuple[list[CandidateResult], dict[str, str]]:
+    """Each candidate's scores, latency, cost and paired test from the answer rows, and its
+    outcomes (one character per item: 1 correct, 0 wrong, - not answered)."""
     spec = run.spec
     score = scorer(spec.scoring)
     seed = spec.sample.seed if spec.sample else 42
@@ -206,6 +213,12 @@ def results(
             flag = VERDICT_FLAGS[metric]
             setattr(result, metric, _interval([getattr(v, flag) for v in ordered], seed))
         out.append(result)
+    outcomes = {
+        name: "".join(
+            "-" if item.id not in mine else "1" if mine[item.id].correct else "0" for item in items
+        )
+        for name, mine in verdicts.items()
+    }
     if spec.baseline:
         base = verdicts[spec.baseline]
         for result in out:
@@ -218,7 +231,7 @@ def results(
                     [verdicts[result.name][i].correct for i in both],
                 )
             )
-    return out
+    return out, outcomes
 
 
 def _round(value: float | None) -> float | None:
@@ -312,7 +325,7 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
             ask_candidate(name, target, items, run, answers, progress, total)
     finally:
         answers.close()
-    measured = results(run, items, answers.rows)
+    measured, outcomes = results(run, items, answers.rows)
     if all(r.scored == 0 for r in measured):
         first = next((r.get("error") for r in answers.rows if r.get("error")), "no answer")
         raise RuntimeError(f"every request failed, e.g. {first}")  # the Job retries
@@ -340,8 +353,11 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
     store = store_of(run.paths)
     if store:
         store.push(str(output))
+    ids = hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest()
     return {
         "questions": len(items),
+        "questionsHash": ids,
+        **({"outcomes": outcomes} if len(items) <= OUTCOMES_MAX else {}),
         "progress": {"answered": sum(r.scored for r in measured), "total": total},
         "candidates": report["candidates"],
         **({"recommendation": report["recommendation"]} if recommendation else {}),
@@ -353,12 +369,22 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
     }
 
 
+def termination_report(patch: dict[str, Any]) -> dict[str, Any]:
+    """What the termination message carries: the results without the outcomes (the status
+    patch has them), and only the report and recommendation when even that is too long."""
+    report = {k: v for k, v in patch.items() if k != "outcomes"}
+    if len(json.dumps(report)) > TERMINATION_BYTES:
+        report = {k: report[k] for k in ("questions", "questionsHash", "report", "recommendation")
+                  if k in report}  # fmt: skip
+    return report
+
+
 def work(run: EvaluationRun) -> None:
     patch = measure(run)
     make_reporter(run.reporter, run.owner).report(patch, final=True)
     summary = patch.get("recommendation", {}).get("message") or f"{patch['questions']} questions"
     # last: the operator calls the Evaluation Succeeded only with this report
-    write_termination_message("Evaluated", summary, **patch)
+    write_termination_message("Evaluated", summary, **termination_report(patch))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 
@@ -24,6 +22,8 @@ CONFIDENCE = 0.95
 def share_interval(outcomes: Sequence[bool], seed: int = 0) -> tuple[float, float, float]:
     """(share, low, high): the share of true outcomes and its 95% percentile-bootstrap
     interval; (0, 0, 0) for no outcomes."""
+    import numpy as np  # (here: `tailor eval compare` runs in the operator image, without it)
+
     n = len(outcomes)
     if n == 0:
         return 0.0, 0.0, 0.0
@@ -50,4 +50,6 @@ def mcnemar_exact(baseline: Sequence[bool], candidate: Sequence[bool]) -> float:
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0-100, linear interpolation); None for no values."""
+    import numpy as np
+
     return float(np.percentile(values, q)) if len(values) else None
