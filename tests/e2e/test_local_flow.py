@@ -202,6 +202,32 @@ def test_quickstart_flow_through_the_operator(
     assert "Evaluation ladder: Succeeded" in shown and "lora-rag" in shown
     assert f"recommendation: {cheaper['name']}:" in shown
 
+    # The judge scorer, the builtin model judging (its quality is not the point: the
+    # plumbing and the order swap are): each answer graded, each pair compared both ways.
+    judged = evaluation("judged", "api-assistant")
+    judged["spec"].update(
+        questions={"inline": [{"question": q.question} for q in asked[4:6]]},
+        scoring={"type": "judge", "judge": {"deploymentRef": {"name": "api-assistant"},
+                 "rubric": "The answer names a PyTorch Hub model that fits the task."}},
+        target={"metric": "winRate", "min": 0.0}, concurrency=4, maxTokens=16,
+    )  # fmt: skip
+    kube.apply([judged], "-n", ns)
+    verdict = wait_phase(kube, ns, "evaluation", "judged", {"Succeeded"}, timeout=300)["status"]
+    uid = kube.get_json("evaluation", "judged", "-n", ns)["metadata"]["uid"]
+    rows = [json.loads(line) for line in (answers.parents[1] / "judged" / uid /
+                                          "judgments.jsonl").read_text().splitlines()]  # fmt: skip
+    grades = Counter(r["candidate"] for r in rows if r["kind"] == "grade")
+    orders = Counter((r["id"], r["order"]) for r in rows if r["kind"] == "compare")
+    assert grades == {"rag": 2, "lora-rag": 2} and len(orders) == 4  # two questions, two orders
+    assert {o for _, o in orders} == {"candidate-first", "baseline-first"}
+    graded = {r["name"]: r for r in verdict["candidates"]}
+    assert "winRate" not in graded["rag"]  # the baseline is not compared with itself
+    assert not [r["error"] for r in rows if r["error"]]  # the gateway enforces the JSON shape
+    low, value, high = (graded["lora-rag"]["winRate"][k] for k in ("low", "value", "high"))
+    assert 0 <= low <= value <= high <= 1 and value * 4 == round(value * 4)
+    assert 0 <= graded["lora-rag"]["judgeAgreement"] <= 1
+    assert verdict["recommendation"]["candidate"] == "lora-rag"  # the one with a win rate
+
     # An adapter added to the running deployment is served by the same server process
     # (no rollout: same revision, same pid), and the status says what the replica serves.
     record = local_operator / ns / "runs" / "api-assistant.json"

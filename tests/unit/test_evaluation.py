@@ -247,3 +247,16 @@ def test_the_termination_message_fits_what_kubernetes_keeps() -> None:
     big = termination_report({**patch, "candidates": [row] * 40})
     assert "candidates" not in big and big["report"] == {"uri": "pvc://x/"}
     assert len(json.dumps(big)) <= TERMINATION_BYTES
+
+
+def test_the_judge_counts_a_preference_only_when_both_orders_agree() -> None:
+    from tailor.workloads.evaluation.judge import COMPARE, GRADE, agreed, parse, preference
+
+    # (candidate first, baseline first): "A" then "B" both name the candidate
+    assert preference("A", "B") == 1.0 and agreed("A", "B")
+    assert preference("B", "A") == 0.0 and agreed("B", "A")
+    assert preference("A", "A") == 0.5 and not agreed("A", "A")  # the first place won twice
+    assert preference("tie", "tie") == 0.5 and agreed("tie", "tie")
+    assert preference("A", None) is None and not agreed(None, "B")
+    assert parse('{"verdict": "pass"}', GRADE) == "pass"
+    assert parse('{"better": "C"}', COMPARE) is None and parse("A is better", COMPARE) is None

@@ -26,8 +26,9 @@ from tailor.api.common import (
     StatusBase,
 )
 from tailor.api.promptprofile import check_json_schema
+from tailor.api.raftjob import Teacher
 
-ScoringType = Literal["exact", "contains", "regex", "jsonSchema", "apibench"]
+ScoringType = Literal["exact", "contains", "regex", "jsonSchema", "apibench", "judge"]
 APIBENCH_CORPORA = ("torchhub", "huggingface")
 """The APIBench API corpora packaged with Tailor (``tailor.data.apibench``)."""
 METRICS: dict[str, tuple[str, ...]] = {
@@ -36,8 +37,10 @@ METRICS: dict[str, tuple[str, ...]] = {
     "regex": ("accuracy",),
     "jsonSchema": ("accuracy",),
     "apibench": ("accuracy", "exact", "hallucination"),
+    "judge": ("accuracy", "winRate"),
 }
-"""The metrics each scorer produces (hallucination: lower is better, never a target)."""
+"""The metrics each scorer produces (hallucination: lower is better, never a target;
+winRate: only against a baseline)."""
 
 
 class Sample(TailorModel):
@@ -45,6 +48,18 @@ class Sample(TailorModel):
 
     size: int = Field(ge=1, le=100000, description="Questions to ask (all when fewer).")
     seed: int = Field(default=42, ge=0, description="Seed of the sample.")
+
+
+class Judge(Teacher):
+    """An OpenAI-compatible model that grades answers: a ModelDeployment of this namespace,
+    or an external URL (through the URL guard: https, no private address unless allowed)."""
+
+    rubric: str = Field(
+        min_length=1,
+        max_length=4000,
+        description="What a good answer is, in words: the judge grades each answer against "
+        "it (and the record's answer, when it has one).",
+    )
 
 
 class Scoring(TailorModel):
@@ -61,6 +76,13 @@ class Scoring(TailorModel):
     corpus: Literal["torchhub", "huggingface"] | None = Field(
         default=None, description="apibench: the packaged API corpus the calls are matched in."
     )
+    judge: Judge | None = Field(
+        default=None,
+        description="judge: the model that grades. Each answer is graded pass or fail against "
+        "the rubric (accuracy); with a baseline, each candidate's answer is also compared "
+        "with the baseline's, asked in both orders (position bias): winRate and the "
+        "judge's agreement with itself.",
+    )
     json_schema: FreeForm | None = Field(
         default=None,
         description="jsonSchema: the JSON Schema every answer must validate against (checked "
@@ -74,6 +96,12 @@ class Scoring(TailorModel):
             "answers' calls are matched in)",
             field="corpus",
             check=lambda m: m.type != "apibench" or m.corpus is not None,
+        ),
+        Rule(
+            cel="(self.type == 'judge') == has(self.judge)",
+            message="judge is required when type is judge, and only then",
+            field="judge",
+            check=lambda m: (m.type == "judge") == (m.judge is not None),
         ),
         Rule(
             cel="self.type != 'jsonSchema' || has(self.jsonSchema)",
@@ -108,9 +136,10 @@ class Candidate(TailorModel):
 class Target(TailorModel):
     """What good enough means: the recommendation's bar."""
 
-    metric: Literal["accuracy", "exact"] = Field(
+    metric: Literal["accuracy", "exact", "winRate"] = Field(
         default="accuracy",
-        description="accuracy (every scorer) or exact (apibench only).",
+        description="accuracy (every scorer), exact (apibench only) or winRate (judge, "
+        "against the baseline; the baseline itself is not recommended on winRate).",
     )
     min: float = Field(
         ge=0, le=1, description="The 95% interval's lower bound must reach this, 0-1."
@@ -165,7 +194,20 @@ class EvaluationSpec(TailorModel):
             "self.scoring.type == 'apibench'",
             message="target.metric exact is produced only by scoring.type apibench; use accuracy",
             field="target.metric",
-            check=lambda m: m.target is None or m.target.metric in METRICS[m.scoring.type],
+            check=lambda m: (
+                m.target is None or m.target.metric != "exact" or m.scoring.type == "apibench"
+            ),
+        ),
+        Rule(
+            cel="!has(self.target) || self.target.metric != 'winRate' || "
+            "(self.scoring.type == 'judge' && has(self.baseline))",
+            message="target.metric winRate needs scoring.type judge and a baseline",
+            field="target.metric",
+            check=lambda m: (
+                m.target is None
+                or m.target.metric != "winRate"
+                or (m.scoring.type == "judge" and m.baseline is not None)
+            ),
         ),
         Rule(
             cel="self == oldSelf",
@@ -194,6 +236,16 @@ class CandidateResult(TailorModel):
     exact: Interval | None = Field(default=None, description="apibench: share naming the gold API.")
     hallucination: Interval | None = Field(
         default=None, description="apibench: share naming no API of the corpus."
+    )
+    win_rate: Interval | None = Field(
+        default=None,
+        description="judge with a baseline: the share of questions the judge preferred this "
+        "candidate's answer in both orders (a tie or a disagreement counts a half).",
+    )
+    judge_agreement: float | None = Field(
+        default=None,
+        description="judge with a baseline: the share of questions on which the judge gave "
+        "the same preference in both orders (1: no position bias seen).",
     )
     latency_p50_seconds: float | None = Field(default=None, description="Median request time.")
     latency_p95_seconds: float | None = Field(default=None, description="95th percentile.")

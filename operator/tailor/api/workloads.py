@@ -377,6 +377,9 @@ class EvaluationRun(RunBase):
 
     spec: EvaluationSpec
     targets: dict[str, CandidateTarget] = Field(description="Candidate name to its endpoint.")
+    judge: CandidateTarget | None = Field(
+        default=None, description="scoring.type judge: the judge's resolved endpoint."
+    )
     output_dir: str = Field(
         description="answers.jsonl (kept across restarts: a restarted pod asks only what "
         "is missing), report.json and report.png."

@@ -40,6 +40,7 @@ def build_evaluation(
     parent: Parent,
     settings: OperatorSettings,
     targets: dict[str, CandidateTarget],
+    judge: CandidateTarget | None = None,
 ) -> Workload:
     """The Job that measures ``targets`` (resolved from spec.candidates, in their order)."""
     name = job_name(parent)
@@ -49,10 +50,11 @@ def build_evaluation(
         reporter=reporter(settings),
         spec=spec,
         targets=targets,
+        judge=judge,
         output_dir=output_dir(parent, settings),
     )
     mounts = Mounts().add_sources([spec.questions])
-    for target in targets.values():
+    for target in [*targets.values(), *([judge] if judge else [])]:
         mounts.add_secret(target.api_key_secret_ref)
     return batch_workload(
         parent,

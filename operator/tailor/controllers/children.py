@@ -131,7 +131,8 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
     deployment = (spec.get("tests") or {}).get("deploymentRef")  # a PromptProfile's tests
     if deployment:
         refs.add(("ModelDeployment", deployment["name"]))
-    for candidate in spec.get("candidates") or []:  # an Evaluation's
+    judge = ((spec.get("scoring") or {}).get("judge") or {}).get("deploymentRef")
+    for candidate in [*(spec.get("candidates") or []), {"deploymentRef": judge}]:  # Evaluation
         if candidate.get("deploymentRef"):
             refs.add(("ModelDeployment", candidate["deploymentRef"]["name"]))
     return refs

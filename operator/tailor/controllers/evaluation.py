@@ -89,6 +89,48 @@ def resolve(
     return targets, None
 
 
+def resolve_judge(
+    op: Operator, spec: EvaluationSpec, namespace: str
+) -> tuple[CandidateTarget | None, tuple[str, str] | None]:
+    """scoring.judge's endpoint: a ModelDeployment of this namespace once Ready, or its URL
+    (which the workload asks through the URL guard)."""
+    judge = spec.scoring.judge
+    if judge is None:
+        return None, None
+    if judge.url:
+        return (
+            CandidateTarget(
+                base_url=judge.url,
+                model=judge.model or "",
+                context="none",
+                api_key_secret_ref=judge.api_key_secret_ref,
+            ),
+            None,
+        )
+    assert judge.deployment_ref is not None
+    ref = judge.deployment_ref.name
+    md = op.get("ModelDeployment", namespace, ref)
+    md_status = (md or {}).get("status") or {}
+    if md is None:
+        return None, (
+            "DeploymentNotFound",
+            f"spec.scoring.judge.deploymentRef.name: ModelDeployment {ref} does not exist in "
+            f"{namespace}; create it or name one that does",
+        )
+    if md_status.get("phase") != "Ready" or not md_status.get("endpoint"):
+        return None, ("WaitingForDeployment", f"waiting for the judge, ModelDeployment {ref}")
+    auth = ((md.get("spec") or {}).get("auth") or {}).get("apiKeySecretRef")
+    return (
+        CandidateTarget(
+            base_url=md_status["endpoint"],
+            model=judge.model or ref,
+            context="none",
+            api_key_secret_ref=SecretKeyRef.model_validate(auth) if auth else None,
+        ),
+        None,
+    )
+
+
 def export_results(namespace: str, name: str, status: dict[str, Any]) -> None:
     """A finished Evaluation's results as operator metrics (the dashboard's Evaluations
     row); set again when a restarted operator first sees it."""
@@ -132,6 +174,8 @@ def sync_evaluation(op: Operator, body: dict[str, Any]) -> None:
     state = op.runtime.run_state(parent.namespace, job_name(parent))
     if state is None:
         targets, problem = resolve(op, spec, parent.namespace)
+        judge, judge_problem = resolve_judge(op, spec, parent.namespace)
+        problem = problem or judge_problem
         if problem:
             reason, message = problem
             new.update(
@@ -140,7 +184,7 @@ def sync_evaluation(op: Operator, body: dict[str, Any]) -> None:
             )
         else:
             op.runtime.prepare_namespace(parent.namespace)
-            op.runtime.start(build_evaluation(spec, parent, op.settings, targets))
+            op.runtime.start(build_evaluation(spec, parent, op.settings, targets, judge))
             names = ", ".join(targets)
             new.update(
                 phase="Running",

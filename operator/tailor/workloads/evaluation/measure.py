@@ -32,6 +32,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ from tailor.api.evaluation import (
     Recommendation,
 )
 from tailor.api.workloads import CandidateTarget, EvaluationRun
+from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import Verdict
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
+from tailor.workloads.evaluation.judge import JUDGMENTS_FILE, agreed, judge_all, preference
 from tailor.workloads.evaluation.scoring import Item, load_items, scorer
 from tailor.workloads.evaluation.stats import mcnemar_exact, percentile, share_interval
 from tailor.workloads.io.sources import read_secret
@@ -75,9 +78,10 @@ def sample(items: list[Item], spec: EvaluationSpec) -> list[Item]:
     return [items[i] for i in chosen]
 
 
-class AnswerLog:
-    """``answers.jsonl``: one row per request, appended, flushed and synced under a lock
-    (workers write from threads; a killed pod loses at most the row being written)."""
+class RowLog:
+    """``answers.jsonl`` (and ``judgments.jsonl``): one row per request, appended, flushed
+    and synced under a lock (workers write from threads; a killed pod loses at most the row
+    being written)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -112,7 +116,7 @@ def ask_candidate(
     target: CandidateTarget,
     items: list[Item],
     run: EvaluationRun,
-    answers: AnswerLog,
+    answers: RowLog,
     progress: ProgressReporter,
     total: int,
 ) -> None:
@@ -169,27 +173,88 @@ def ask_candidate(
         list(pool.map(one, todo))
 
 
-def _interval(outcomes: list[bool], seed: int) -> Interval:
+def ask_judge(
+    run: EvaluationRun, items: list[Item], rows: list[dict[str, Any]], output: Path
+) -> list[dict[str, Any]]:
+    """The judge's grades and comparisons of every answer (:mod:`.judge`), kept in
+    ``judgments.jsonl`` as they come; returns every judgement row."""
+    judge, target = run.spec.scoring.judge, run.judge
+    if judge is None or target is None:
+        raise WorkloadError("InvalidSpec", "scoring.type judge: the judge was not resolved")
+    replies = {(r["candidate"], r["id"]): r["reply"] for r in rows if not r.get("error")}
+    judgments = RowLog(output / JUDGMENTS_FILE)
+    done: set[tuple[str, ...]] = {
+        (r["kind"], r["candidate"], r["id"], r["order"])
+        for r in judgments.rows
+        if not r.get("error")
+    }
+    api_key = (
+        read_secret(target.api_key_secret_ref, run.paths) if target.api_key_secret_ref else None
+    )
+    transport = None
+    if judge.url:  # an external judge: every request through the URL guard
+        from tailor.workloads.io.fetch import GuardedTransport
+
+        transport = GuardedTransport(
+            allow_private_addresses=judge.allow_private_addresses,
+            allow_insecure_http=judge.allow_insecure_http,
+        )
+    try:
+        judge_all(run, items, replies, done, judgments.write, api_key, transport)
+    finally:
+        judgments.close()
+    return judgments.rows
+
+
+def _interval(outcomes: Sequence[float], seed: int) -> Interval:
     value, low, high = share_interval(outcomes, seed)
     return Interval(value=round(value, 4), low=round(low, 4), high=round(high, 4))
 
 
+def judged(
+    judgments: list[dict[str, Any]],
+) -> tuple[dict[tuple[str, str], Verdict], dict[tuple[str, str], dict[str, str | None]]]:
+    """The judge's grades as verdicts by (candidate, id), and its comparisons by (candidate,
+    id): {order: choice}."""
+    grades: dict[tuple[str, str], Verdict] = {}
+    comparisons: dict[tuple[str, str], dict[str, str | None]] = {}
+    for row in judgments:
+        if row.get("error"):
+            continue
+        key = (row["candidate"], row["id"])
+        if row["kind"] == "grade":
+            grades[key] = Verdict(row["choice"] == "pass", False, False)
+        else:
+            comparisons.setdefault(key, {})[row["order"]] = row["choice"]
+    return grades, comparisons
+
+
 def results(
-    run: EvaluationRun, items: list[Item], rows: list[dict[str, Any]]
+    run: EvaluationRun,
+    items: list[Item],
+    rows: list[dict[str, Any]],
+    judgments: list[dict[str, Any]] | None = None,
 ) -> tuple[list[CandidateResult], dict[str, str]]:
     """Each candidate's scores, latency, cost and paired test from the answer rows, and its
     outcomes (one character per item: 1 correct, 0 wrong, - not answered)."""
     spec = run.spec
-    score = scorer(spec.scoring)
+    judge = spec.scoring.type == "judge"
+    score = None if judge else scorer(spec.scoring)
+    grades, comparisons = judged(judgments or [])
     seed = spec.sample.seed if spec.sample else 42
-    metrics = METRICS[spec.scoring.type]
+    metrics = [m for m in METRICS[spec.scoring.type] if m in VERDICT_FLAGS]
     verdicts: dict[str, dict[str, Verdict]] = {}
     out = []
     for name, target in run.targets.items():
         mine = [r for r in rows if r["candidate"] == name]
         answered = {r["id"]: r for r in mine if not r.get("error")}
         by_id = {item.id: item for item in items}
-        verdicts[name] = {i: score(r["reply"], by_id[i]) for i, r in answered.items() if i in by_id}
+        if score is not None:
+            verdicts[name] = {
+                i: score(r["reply"], by_id[i]) for i, r in answered.items() if i in by_id
+            }
+        else:  # an answer the judge did not grade is not scored
+            verdicts[name] = {i: grades[name, i] for i in answered if (name, i) in grades}
         ordered = [verdicts[name][item.id] for item in items if item.id in verdicts[name]]
         latencies = [float(r["seconds"]) for r in answered.values()]
         tokens = [
@@ -212,6 +277,15 @@ def results(
         for metric in metrics:
             flag = VERDICT_FLAGS[metric]
             setattr(result, metric, _interval([getattr(v, flag) for v in ordered], seed))
+        if judge and spec.baseline and name != spec.baseline:
+            pairs = [comparisons.get((name, item.id), {}) for item in items]
+            orders = [(p.get("candidate-first"), p.get("baseline-first")) for p in pairs]
+            scores = [s for s in (preference(*o) for o in orders) if s is not None]
+            if scores:
+                result.win_rate = _interval(scores, seed)
+                complete = [o for o in orders if None not in o]
+                agreeing = sum(agreed(*o) for o in complete)
+                result.judge_agreement = _round(agreeing / len(complete))
         out.append(result)
     outcomes = {
         name: "".join(
@@ -311,7 +385,7 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
     spec = run.spec
     items = sample(load_items(spec.questions, run.paths, spec.scoring), spec)
     output = Path(run.output_dir)
-    answers = AnswerLog(output / ANSWERS_FILE)
+    answers = RowLog(output / ANSWERS_FILE)
     progress = make_reporter(run.reporter, run.owner)
     total = len(items) * len(run.targets)
     log.info(
@@ -325,7 +399,10 @@ def measure(run: EvaluationRun) -> dict[str, Any]:
             ask_candidate(name, target, items, run, answers, progress, total)
     finally:
         answers.close()
-    measured, outcomes = results(run, items, answers.rows)
+    judgments = None
+    if spec.scoring.type == "judge":
+        judgments = ask_judge(run, items, answers.rows, output)
+    measured, outcomes = results(run, items, answers.rows, judgments)
     if all(r.scored == 0 for r in measured):
         first = next((r.get("error") for r in answers.rows if r.get("error")), "no answer")
         raise RuntimeError(f"every request failed, e.g. {first}")  # the Job retries

@@ -19,9 +19,9 @@ RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 
-def share_interval(outcomes: Sequence[bool], seed: int = 0) -> tuple[float, float, float]:
-    """(share, low, high): the share of true outcomes and its 95% percentile-bootstrap
-    interval; (0, 0, 0) for no outcomes."""
+def share_interval(outcomes: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the share of true outcomes (or the mean of scores in 0-1, e.g. a
+    win rate's 1, 0.5 and 0) and its 95% percentile-bootstrap interval; (0, 0, 0) for none."""
     import numpy as np  # (here: `tailor eval compare` runs in the operator image, without it)
 
     n = len(outcomes)
