@@ -312,15 +312,19 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def metric_of(result: CandidateResult, metric: str) -> Interval | None:
+    """A result's interval for a metric as the API names it (``winRate`` is ``win_rate``)."""
+    value = getattr(result, {"winRate": "win_rate"}.get(metric, metric))
+    return value if isinstance(value, Interval) else None
+
+
 def recommend(spec: EvaluationSpec, measured: list[CandidateResult]) -> Recommendation | None:
     """The cheapest candidate whose interval's lower bound meets the target (cost per query,
     then p50 latency), or why none does."""
     if spec.target is None:
         return None
     metric, bar = spec.target.metric, spec.target.min
-    scored = [
-        (r, getattr(r, metric)) for r in measured if getattr(r, metric) is not None and r.scored
-    ]
+    scored = [(r, m) for r in measured if (m := metric_of(r, metric)) is not None and r.scored]
     meeting = [(r, m) for r, m in scored if m.low >= bar]
     if meeting:
         best, m = min(
@@ -355,7 +359,7 @@ def chart(spec: EvaluationSpec, measured: list[CandidateResult], path: Path) -> 
     metric = spec.target.metric if spec.target else "accuracy"
     fig, axes = plt.subplots(figsize=(6.5, 4.2))
     for r in measured:
-        m = getattr(r, metric)
+        m = metric_of(r, metric)
         if m is None or r.cost_per_query is None:
             continue
         axes.errorbar(
