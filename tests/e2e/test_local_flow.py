@@ -214,7 +214,7 @@ def test_quickstart_flow_through_the_operator(
     kube.apply([judged], "-n", ns)
     verdict = wait_phase(kube, ns, "evaluation", "judged", {"Succeeded"}, timeout=300)["status"]
     uid = kube.get_json("evaluation", "judged", "-n", ns)["metadata"]["uid"]
-    rows = [json.loads(line) for line in (answers.parents[1] / "judged" / uid /
+    rows = [json.loads(line) for line in (answers.parents[2] / "judged" / uid /
                                           "judgments.jsonl").read_text().splitlines()]  # fmt: skip
     grades = Counter(r["candidate"] for r in rows if r["kind"] == "grade")
     orders = Counter((r["id"], r["order"]) for r in rows if r["kind"] == "compare")
