@@ -141,7 +141,11 @@ def test_quickstart_flow_through_the_operator(
                 },
                 "scoring": {"type": "apibench", "corpus": "torchhub"},
                 "candidates": [
-                    {"name": "rag", "deploymentRef": {"name": deployment}},
+                    {  # the profile's served revision, brought by each request
+                        "name": "rag",
+                        "deploymentRef": {"name": deployment},
+                        "promptProfileRef": {"name": "api-assistant"},
+                    },
                     {
                         "name": "lora-rag",
                         "deploymentRef": {"name": deployment},
@@ -181,6 +185,10 @@ def test_quickstart_flow_through_the_operator(
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     asked_twice = Counter((r["candidate"], r["id"]) for r in rows if not r["error"])
     assert len(asked_twice) == 8 and set(asked_twice.values()) == {1}
+    served = kube.get_json("promptprofile", "api-assistant", "-n", ns)["status"]["served"]
+    assert {r["promptProfileRevision"] for r in rows if r["candidate"] == "rag"} == {
+        served["revision"]
+    }  # and the server took it (no error): the request carried the deployment's test key
     status = done["status"]
     results = {r["name"]: r for r in status["candidates"]}
     assert status["questions"] == 4 and set(results) == {"rag", "lora-rag"}

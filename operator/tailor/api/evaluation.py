@@ -119,6 +119,17 @@ class Scoring(TailorModel):
         return value
 
 
+class ProfileRevisionRef(TailorModel):
+    """A PromptProfile of this namespace and one of its revisions."""
+
+    name: Name = Field(description="The PromptProfile.")
+    revision: int | None = Field(
+        default=None,
+        ge=1,
+        description="A revision in its status.history (unset: the one it serves).",
+    )
+
+
 class Candidate(TailorModel):
     """One system to measure: a ModelDeployment, one of its adapters, retrieval on or off."""
 
@@ -130,6 +141,11 @@ class Candidate(TailorModel):
     retrieval: bool = Field(
         default=True,
         description="Use the deployment's knowledge-base retrieval (false: the question alone).",
+    )
+    prompt_profile_ref: ProfileRevisionRef | None = Field(
+        default=None,
+        description="Answer under this PromptProfile revision instead of the one the "
+        "deployment serves (sent with each request, as the profile's tests are).",
     )
 
 

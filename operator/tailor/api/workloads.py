@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -369,6 +369,13 @@ class CandidateTarget(EvalTarget):
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="The deployment's API key, when it asks for one."
+    )
+    prompt_profile: dict[str, Any] | None = Field(
+        default=None, description="The rendered PromptProfile revision each request brings."
+    )
+    prompt_profile_revision: int | None = Field(default=None, description="Its revision.")
+    test_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="The deployment's test key (needed to bring a profile)."
     )
 
 

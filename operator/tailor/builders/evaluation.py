@@ -55,7 +55,7 @@ def build_evaluation(
     )
     mounts = Mounts().add_sources([spec.questions])
     for target in [*targets.values(), *([judge] if judge else [])]:
-        mounts.add_secret(target.api_key_secret_ref)
+        mounts.add_secret(target.api_key_secret_ref).add_secret(target.test_key_secret_ref)
     return batch_workload(
         parent,
         settings,

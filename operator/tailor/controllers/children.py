@@ -135,6 +135,8 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
     for candidate in [*(spec.get("candidates") or []), {"deploymentRef": judge}]:  # Evaluation
         if candidate.get("deploymentRef"):
             refs.add(("ModelDeployment", candidate["deploymentRef"]["name"]))
+        if candidate.get("promptProfileRef"):
+            refs.add(("PromptProfile", candidate["promptProfileRef"]["name"]))
     return refs
 
 

@@ -44,7 +44,7 @@ from tailor.api.evaluation import (
     Interval,
     Recommendation,
 )
-from tailor.api.workloads import CandidateTarget, EvaluationRun
+from tailor.api.workloads import TEST_KEY_HEADER, CandidateTarget, EvaluationRun
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.evaluation.apibench import Verdict
 from tailor.workloads.evaluation.chat import ChatClient, ChatError
@@ -129,8 +129,13 @@ def ask_candidate(
     api_key = (
         read_secret(target.api_key_secret_ref, run.paths) if target.api_key_secret_ref else None
     )
+    headers: dict[str, str] = {}
+    extension: dict[str, Any] = {"retrieval": target.retrieval}
+    if target.prompt_profile is not None and target.test_key_secret_ref is not None:
+        headers[TEST_KEY_HEADER] = read_secret(target.test_key_secret_ref, run.paths)
+        extension["promptProfile"] = target.prompt_profile
     attempt = f"{os.getpid()}-{time.time_ns()}"  # a pass: its rows' wall times add up once
-    client = ChatClient(target.base_url, api_key=api_key, timeout=600)
+    client = ChatClient(target.base_url, api_key=api_key, headers=headers, timeout=600)
     answered = sum(len(answers.answered(c)) for c in run.targets)
     count = threading.Lock()
     started = time.monotonic()
@@ -144,7 +149,7 @@ def ask_candidate(
                 model=target.model,
                 temperature=0,
                 max_tokens=run.spec.max_tokens,
-                tailor={"retrieval": target.retrieval},
+                tailor=extension,
             )
             reply = str(response["choices"][0]["message"]["content"] or "")
             tokens = (response.get("usage") or {}).get("completion_tokens")
@@ -161,6 +166,7 @@ def ask_candidate(
                 "completionTokens": tokens,
                 "error": error,
                 "pass": attempt,
+                "promptProfileRevision": target.prompt_profile_revision,
                 "wall": round(now - started, 4),
             }
         )
