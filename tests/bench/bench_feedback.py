@@ -22,8 +22,10 @@ One feedback round on APIBench Torch Hub with simulated users, every part the pr
 Capture overhead (``--overhead``): tokens/s of the base model at 16 clients with capture off
 and on, the same engine behind both gateways, alternating rounds, mean with a 95% interval.
 
-Sized for this 2-core CPU: the numbers in docs/serving.md come from the defaults; a GPU run
-can raise ``--steps`` and ``--users``.
+The numbers in docs/serving.md come from ``--steps 16 --batch-size 4`` (the defaults, 30
+steps of 8, head past 20 minutes per objective on a 2-core CPU); a GPU run can keep them.
+Everything runs in this one process: at the issue's size it grew to 24 GB and was killed
+while serving the last system on a 24 GiB machine.
 """
 
 from __future__ import annotations
