@@ -179,6 +179,16 @@ def _percent(metric: dict[str, Any] | None) -> str:
     return f"{100 * metric['value']:.1f} [{100 * metric['low']:.1f}, {100 * metric['high']:.1f}]"
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _p_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "<0.0001" if value < 0.0001 else f"{value:.4f}"
+
+
 def table(body: dict[str, Any]) -> str:
     """An Evaluation's status as text: a row per candidate, then the recommendation."""
     status = body.get("status") or {}
@@ -208,10 +218,10 @@ def table(body: dict[str, Any]) -> str:
                     _percent(r.get("accuracy")),
                     _percent(r.get("exact")),
                     _percent(r.get("hallucination")),
-                    str(r.get("latencyP50Seconds", "-")),
-                    str(r.get("latencyP95Seconds", "-")),
-                    str(r.get("costPerQuery", "-")),
-                    "baseline" if r["name"] == baseline else str(r.get("pValue", "-")),
+                    _number(r.get("latencyP50Seconds")),
+                    _number(r.get("latencyP95Seconds")),
+                    _number(r.get("costPerQuery")),
+                    "baseline" if r["name"] == baseline else _p_value(r.get("pValue")),
                 )
             )
         widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
