@@ -109,8 +109,10 @@ def main() -> None:
 
     plain()  # warm-up: the first requests pay for lazy initialisation
     walls: dict[str, list[float]] = {"plain client": [], "Evaluation": []}
-    for round_ in range(args.rounds):  # the order alternates: the second asker of a round
-        if round_ % 2:  # found the server warmer (measured: ~5% faster either way)
+    # The order alternates: with the plain client always first, the Evaluation came out 5%
+    # faster in every round (the second asker finds the server warmer).
+    for round_ in range(args.rounds):
+        if round_ % 2:
             walls["Evaluation"].append(evaluation(round_))
             walls["plain client"].append(plain())
         else:
