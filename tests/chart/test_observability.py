@@ -728,8 +728,8 @@ def stack(
         )
 
         # Work for the operator: a fine-tune that succeeds, two that wait for GPUs (one is
-        # then suspended, leaving the queue), a knowledge base, a prompt profile and a
-        # deployment that needs all three.
+        # then suspended, leaving the queue), a knowledge base, a prompt profile, a
+        # deployment that needs all three and an Evaluation of that deployment.
         def fine_tune(name: str, gpus: int) -> dict[str, Any]:
             return example(
                 "finetunejob", name, resources={"gpus": gpus, "cpu": "1", "memory": "1Gi"}
@@ -747,6 +747,7 @@ def stack(
                 example("knowledgebase"),
                 example("promptprofile"),
                 example("modeldeployment"),
+                example("evaluation"),  # its Job completes under kwok: the Evaluations row
             ],
             "-n",
             work,
@@ -767,6 +768,7 @@ def stack(
             ("kb", "torchhub-docs", "Ready"),
             ("pp", "api-assistant", "Valid"),
             ("md", "api-assistant", "Ready"),
+            ("evaluation", "torchhub-ladder", "Succeeded"),
         ):
             wait_for(f"{kind} {name} {wanted}", lambda: phase(kind, name) == wanted)  # noqa: B023
 
@@ -782,7 +784,8 @@ def stack(
     finally:
         # Delete the resources while the operator runs: it removes its finalizers.
         kube.kubectl(
-            "delete", "ftj,kb,pp,md", "--all", "-n", work, "--wait=true", "--timeout=60s",
+            "delete", "ftj,kb,pp,md,evaluation", "--all", "-n", work, "--wait=true",
+            "--timeout=60s",
             check=False, timeout=90,
         )  # fmt: skip
         processes.stop_all()
