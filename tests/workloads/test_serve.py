@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from fastapi.testclient import TestClient
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
 from tailor.api.workloads import (
     RetrieverConfig,
+    Routing,
     ServedAdapter,
     ServeRun,
     UpstreamEngineConfig,
@@ -1034,3 +1036,90 @@ def test_rag_answers_without_context_when_the_store_is_down(
     assert response["tailor"] == {"sources": [], "retrieval": "unavailable", "cached": False}
     assert response["choices"][0]["message"]["content"]
     assert metrics.value("tailor_serve_retrieval_failures_total") == failures + 1
+
+
+# ------------------------------------------------------------------ rollouts (spec.rollout)
+def rollout_run(workdir: Path, adapter_dirs: dict[str, Path], **rollout: Any) -> ServeRun:
+    """A server whose requests for the pirate adapter are the rollout's (robot the
+    candidate), at ``weight``; no cache: every answer is measured."""
+    weight = rollout.pop("weight")
+    spec = {"stable": {"adapter": "pirate"}, "candidate": {"adapter": "robot"},
+            "steps": [{"weight": weight}], **rollout}  # fmt: skip
+    declared = [{"name": n, "pvc": {"claimName": "adapters", "path": n}} for n in PERSONAS]
+    served = make_run(
+        workdir, adapter_dirs, cache={"enabled": False}, adapters=declared, rollout=spec
+    )
+    served.routing = Routing(id="r1", step=0, weight=weight, rollout=served.spec.rollout)
+    return served
+
+
+@GATEWAY_ONLY
+def test_a_canary_keeps_each_session_on_one_variant_and_counts_its_ratings(
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
+) -> None:
+    run = rollout_run(workdir, adapter_dirs, weight=50)
+    with TestClient(create_app(run, engine=gateway_engine)) as http:
+        seen: dict[str, set[str]] = {}
+        votes = Counter[str]()
+        for i in range(8):
+            for _ in range(2):  # a conversation's second turn stays where its first went
+                reply = http.post(
+                    "/v1/chat/completions",
+                    json={"model": f"{SERVED}/pirate", "max_tokens": 8, "temperature": 0,
+                          "messages": [{"role": "user", "content": QUESTION}]},  # fmt: skip
+                    headers={"X-Session-Id": f"user-{i}"},
+                ).json()
+                variant = reply["tailor"]["variant"]
+                content = reply["choices"][0]["message"]["content"]
+                persona = "robot" if variant == "candidate" else "pirate"
+                assert PERSONAS[persona][1] in content, (variant, content)
+                seen.setdefault(f"user-{i}", set()).add(variant)
+                # users like the pirate and not the robot; a second rating is not a vote
+                up = variant == "stable"
+                for _ in range(2):
+                    rating = {"id": reply["id"], "rating": "up" if up else "down"}
+                    assert http.post("/v1/feedback", json=rating).status_code == 200
+                votes[variant] += 1
+        assert all(len(v) == 1 for v in seen.values())  # sticky
+        assert {next(iter(v)) for v in seen.values()} == {"stable", "candidate"}
+        # the base model and other adapters are not the rollout's
+        base = http.post("/v1/chat/completions", json={"model": SERVED, "max_tokens": 2,
+                         "messages": [{"role": "user", "content": "hi"}]}).json()  # fmt: skip
+        assert "variant" not in base["tailor"]
+        books = http.app.state.server.report()["rollout"]
+    assert books["key"] == "r1:0:50"
+    stable, candidate = books["variants"]["stable"], books["variants"]["candidate"]
+    assert stable["requests"] == stable["answered"] == votes["stable"]
+    assert candidate["requests"] == candidate["answered"] == votes["candidate"]
+    assert stable["rated"] == stable["ratedUp"] == votes["stable"]  # one vote per answer
+    assert candidate["rated"] == votes["candidate"] and candidate["ratedUp"] == 0
+    assert len(stable["latencies"]) == votes["stable"] and stable["tokens"] > 0
+
+
+@GATEWAY_ONLY
+def test_shadow_answers_never_reach_users_and_the_judge_compares_them(
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
+) -> None:
+    run = rollout_run(workdir, adapter_dirs, weight=100, mode="shadow",
+                      analysis={"judge": {"rubric": "The better answer is a pirate's."}})  # fmt: skip
+    with TestClient(create_app(run, engine=gateway_engine)) as http:
+        server = http.app.state.server
+        for i in range(3):
+            reply = http.post(
+                "/v1/chat/completions",
+                json={"model": f"{SERVED}/pirate", "max_tokens": 8, "temperature": 0,
+                      "messages": [{"role": "user", "content": QUESTION}]},  # fmt: skip
+                headers={"X-Session-Id": f"user-{i}"},
+            ).json()
+            assert reply["tailor"]["variant"] == "stable"
+            assert PERSONAS["pirate"][1] in reply["choices"][0]["message"]["content"]
+        deadline = time.monotonic() + 120
+        while server.report()["rollout"]["variants"]["candidate"]["judged"] < 3:
+            assert time.monotonic() < deadline, server.report()
+            time.sleep(0.2)
+        books = server.report()["rollout"]["variants"]
+    assert books["stable"]["answered"] == 3 and books["candidate"]["answered"] == 3
+    assert books["candidate"]["judged"] == 3 and 0 <= books["candidate"]["won"] <= 3
+    judged = [server.metrics.value("tailor_serve_rollout_judged_total", outcome=o)
+              for o in ("won", "lost", "tie")]  # fmt: skip
+    assert sum(judged) == 3

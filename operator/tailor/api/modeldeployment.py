@@ -22,8 +22,7 @@ from tailor.api.common import (
     SecretKeyRef,
     StatusBase,
 )
-
-ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+from tailor.api.rollout import ADAPTER_NAME, Rollout, RolloutStatus
 
 
 class Adapter(TailorModel):
@@ -325,6 +324,11 @@ class ModelDeploymentSpec(TailorModel):
         description="Capture answered exchanges and the feedback on them, for datasets that "
         "learn from use (a DataSource's feedback). Unset: feedback is counted, nothing kept.",
     )
+    rollout: Rollout | None = Field(
+        default=None,
+        description="Roll a candidate adapter out against the stable one (canary or "
+        "shadow), measured in the gateway, promoted or rolled back by itself.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Compute per replica.")
 
     rules = (
@@ -361,6 +365,17 @@ class ModelDeploymentSpec(TailorModel):
             field="resources.gpus",
             check=lambda m: m.resources.gpus <= 1 or m.resolved_engine() == "vllm",
         ),
+        *(
+            Rule(
+                cel=f"!has(self.rollout) || !has(self.rollout.{path}) || "
+                f"!has(self.rollout.{path}.adapter) || (has(self.adapters) && "
+                f"self.adapters.exists(a, a.name == self.rollout.{path}.adapter))",
+                message=f"rollout.{path}.adapter must name an adapter of spec.adapters",
+                field=f"rollout.{path}.adapter",
+                check=lambda m, path=path: _rollout_adapter_served(m, path),
+            )
+            for path in ("stable", "candidate", "analysis.judge")
+        ),
     )
 
     def resolved_engine(self) -> Literal["builtin", "vllm"]:
@@ -369,6 +384,15 @@ class ModelDeploymentSpec(TailorModel):
             return self.engine
         vllm = self.resources.gpus > 0 and _vllm_loads(self.base_model)
         return "vllm" if vllm else "builtin"
+
+
+def _rollout_adapter_served(spec: ModelDeploymentSpec, path: str) -> bool:
+    """Whether the adapter ``spec.rollout.<path>`` names (if any) is in spec.adapters."""
+    node: object = spec.rollout
+    for part in path.split("."):
+        node = getattr(node, part, None)
+    adapter = getattr(node, "adapter", None)
+    return adapter is None or adapter in {a.name for a in spec.adapters}
 
 
 class AdapterLoadError(TailorModel):
@@ -410,4 +434,7 @@ class ModelDeploymentStatus(StatusBase):
     )
     replica_adapters: list[ReplicaAdapters] = Field(
         default_factory=list, description="The adapters each ready replica serves."
+    )
+    rollout: RolloutStatus | None = Field(
+        default=None, description="The rollout of spec.rollout: step, numbers, why."
     )

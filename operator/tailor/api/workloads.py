@@ -27,6 +27,7 @@ from tailor.api.knowledgebase import Embedding, KnowledgeBaseSpec, QdrantStore, 
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.raftjob import RAFTJobSpec
+from tailor.api.rollout import Rollout
 
 
 class OwnerRef(TailorModel):
@@ -261,6 +262,16 @@ def feedback_folder(deployment: str) -> str:
     return f"feedback/{deployment}"
 
 
+class Routing(TailorModel):
+    """The rollout a replica routes by, written by the operator into the spec file and
+    applied in place (a new step or weight: the replica measures anew)."""
+
+    id: str = Field(description="The rollout's id (status.rollout.id).")
+    step: int = Field(ge=0, description="The step; len(steps): promoted.")
+    weight: int = Field(ge=0, le=100, description="The candidate's weight now (percent).")
+    rollout: Rollout
+
+
 class ServeRun(RunBase):
     """The spec file of ``tailor.workloads.serving.app``."""
 
@@ -294,6 +305,9 @@ class ServeRun(RunBase):
     )
     replica: str | None = Field(
         default=None, description="This replica's name in capture segments (default: HOSTNAME)."
+    )
+    routing: Routing | None = Field(
+        default=None, description="The rollout in progress or promoted (spec.rollout)."
     )
     test_key_secret_ref: SecretKeyRef | None = Field(
         default=None,

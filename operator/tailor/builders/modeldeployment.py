@@ -16,6 +16,7 @@ from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import (
     Reporter,
     RetrieverConfig,
+    Routing,
     ServedAdapter,
     ServeRun,
     UpstreamEngineConfig,
@@ -150,6 +151,8 @@ class ResolvedRefs:
     prompt_profile_revision: str | None = None
     knowledge_base: RetrieverConfig | None = None
     knowledge_base_version: str | None = None
+    routing: Routing | None = None
+    """The rollout's current step (status.rollout), for the spec file: applied in place."""
 
 
 def served_models(spec: ModelDeploymentSpec, parent: Parent) -> list[str]:
@@ -270,6 +273,7 @@ def build_serving(
         prompt_profile_revision=refs.prompt_profile_revision,
         knowledge_base_version=refs.knowledge_base_version,
         test_key_secret_ref=test_key(parent),
+        routing=refs.routing,
         port=settings.serve_port,
         upstream=UpstreamEngineConfig(
             url=f"http://127.0.0.1:{VLLM_PORT}",
@@ -339,6 +343,7 @@ def build_serving(
     }
     wire = spec.wire()
     wire.pop("adapters", None)  # not the list: what it changes in the pod (a new claim)
+    wire.pop("rollout", None)  # steps are applied in place, like adapters
     revision = content_hash(
         {
             "spec": wire,

@@ -11,6 +11,7 @@ place; ``status.replicaAdapters`` says what each ready replica serves, and the
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from typing import Any
 
@@ -26,6 +27,7 @@ from tailor.builders.modeldeployment import (
     served_models,
     test_key_secret,
 )
+from tailor.controllers import rollout as rollouts
 from tailor.controllers.context import Operator, condition, syncer
 from tailor.controllers.storage import unreadable
 from tailor.runtime.base import ReplicaReport
@@ -140,6 +142,10 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         if status.get("phase") != "Pending" or _message(status, "ReferencesReady") != message:
             op.patch_status(body, new)
         return
+    reports = op.runtime.replica_reports(parent.namespace, parent.name) if spec.rollout else []
+    old_rollout = status.get("rollout")
+    new_rollout = _rollout(op, body, spec, old_rollout, reports)
+    refs.routing = rollouts.routing(spec.rollout, new_rollout)
     workload = build_serving(spec, parent, op.settings, refs)
     assert isinstance(workload.run, ServeRun)
     adapters = workload.run.adapters_revision
@@ -154,8 +160,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         op.create_secret_once(test_key_secret(parent, secrets.token_urlsafe(32)))
         op.runtime.start(workload)
         state = op.runtime.server_state(parent.namespace, workload.name)
-    elif status.get("adaptersRevision") != adapters:
-        op.runtime.update_config(workload)  # the replicas load and unload them in place
+    elif status.get("adaptersRevision") != adapters or _routed(old_rollout) != _routed(new_rollout):
+        op.runtime.update_config(workload)  # the replicas apply it in place
     conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
     replicas = state.replicas if state else 0
     ready = state.ready_replicas if state else 0
@@ -182,7 +188,8 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
     )
     replica_adapters: list[dict[str, Any]] = []
     if ready and (spec.adapters or status.get("replicaAdapters")):
-        reports = op.runtime.replica_reports(parent.namespace, workload.name)
+        if not spec.rollout:
+            reports = op.runtime.replica_reports(parent.namespace, workload.name)
         replica_adapters = [_replica_adapters(r, adapters) for r in reports]
         loaded, adapters_message = _adapters_loaded(replica_adapters, spec.adapters != [])
         conditions = condition(
@@ -206,9 +213,46 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         "deploymentName": workload.name,
         "adaptersRevision": adapters,
         "replicaAdapters": replica_adapters,
+        "rollout": new_rollout,
         "conditions": conditions,
     }
     op.patch_status(body, new)
+    if new_rollout and new_rollout["phase"] not in rollouts.ENDED:
+        assert spec.rollout is not None  # measured again after one analysis interval
+        interval = spec.rollout.analysis.interval_seconds
+        op.queue.add_after((KIND, parent.namespace, parent.name), float(interval))
+
+
+def _rollout(
+    op: Operator,
+    body: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    old: dict[str, Any] | None,
+    reports: list[ReplicaReport],
+) -> dict[str, Any] | None:
+    """The next ``status.rollout``: started, moved a step, ended, or as it was; an Event
+    for each transition."""
+    if spec.rollout is None:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    if not old or old.get("id") != rollouts.rollout_id(spec.rollout):
+        new = rollouts.start(spec.rollout, now)
+        op.event(body, "Normal", "RolloutStarted", new["message"])
+        return new
+    key = rollouts.routing_key(old)
+    assert key is not None
+    measures = rollouts.measure(spec.rollout, [r.report or {} for r in reports], key)
+    action = rollouts.requested_action(body["metadata"], old)
+    new, moved = rollouts.advance(spec.rollout, old, measures, now, action)
+    if moved is not None:
+        op.event(body, "Warning" if moved.warning else "Normal", moved.reason, moved.message)
+    return new
+
+
+def _routed(state: dict[str, Any] | None) -> tuple[str | None, bool]:
+    """What replicas route by for a status.rollout: its key, and whether it routes."""
+    routes = state is not None and state.get("phase") not in ("RolledBack", "Aborted")
+    return rollouts.routing_key(state), routes
 
 
 def _replica_adapters(report: ReplicaReport, wanted: str | None) -> dict[str, Any]:

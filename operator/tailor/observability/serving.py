@@ -168,6 +168,39 @@ class ServingMetrics:
             ["deployment", "result"],
             registry=r,
         )
+        self.rollout_requests = Counter(
+            "tailor_serve_rollout_requests",
+            "Requests of a rollout (spec.rollout) by variant (stable, candidate) and outcome "
+            "(ok, error; shadow: the candidate's unseen answers, skipped when the server was "
+            "busy).",
+            ["deployment", "variant", "outcome"],
+            registry=r,
+        )
+        self.rollout_feedback = Counter(
+            "tailor_serve_rollout_feedback",
+            "Ratings of a rollout's answers by variant and rating (up, down).",
+            ["deployment", "variant", "rating"],
+            registry=r,
+        )
+        self.rollout_latency = Histogram(
+            "tailor_serve_rollout_latency_seconds",
+            "Seconds per answer of a rollout, by variant.",
+            ["deployment", "variant"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.rollout_judged = Counter(
+            "tailor_serve_rollout_judged",
+            "The shadow judge's comparisons by outcome (won, lost, tie for the candidate).",
+            ["deployment", "outcome"],
+            registry=r,
+        )
+        self.rollout_weight = Gauge(
+            "tailor_serve_rollout_weight",
+            "The rollout's candidate weight now (percent; 0 without a rollout).",
+            ["deployment"],
+            registry=r,
+        )
         self.ready = Gauge(
             "tailor_serve_ready",
             "1 once the model is loaded and serving.",
@@ -177,6 +210,7 @@ class ServingMetrics:
         self.inflight.labels(deployment).set(0)
         self.queue_depth.labels(deployment).set(0)
         self.ready.labels(deployment).set(0)
+        self.rollout_weight.labels(deployment).set(0)
         self.retrieval_failures.labels(deployment)
 
     # The engine's view: one call per forward pass.
@@ -247,6 +281,20 @@ class ServingMetrics:
             self.prefix_tokens.labels(self.deployment, "reused").inc(reused)
         if computed:
             self.prefix_tokens.labels(self.deployment, "computed").inc(computed)
+
+    def observe_rollout(self, variant: str, outcome: str, seconds: float | None) -> None:
+        self.rollout_requests.labels(self.deployment, variant, outcome).inc()
+        if seconds is not None:
+            self.rollout_latency.labels(self.deployment, variant).observe(seconds)
+
+    def observe_rollout_rating(self, variant: str, rating: str) -> None:
+        self.rollout_feedback.labels(self.deployment, variant, rating).inc()
+
+    def observe_rollout_judged(self, outcome: str) -> None:
+        self.rollout_judged.labels(self.deployment, outcome).inc()
+
+    def set_rollout_weight(self, weight: int) -> None:
+        self.rollout_weight.labels(self.deployment).set(weight)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.deployment).set(1 if ready else 0)

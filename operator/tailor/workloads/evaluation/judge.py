@@ -37,7 +37,7 @@ GRADE = {"verdict": ["pass", "fail"]}
 COMPARE = {"better": ["A", "B", "tie"]}
 
 
-def _format(name: str, shape: dict[str, list[str]]) -> dict[str, Any]:
+def response_format(name: str, shape: dict[str, list[str]]) -> dict[str, Any]:
     """The response_format that makes the judge answer ``{field: one of the values}``."""
     ((field, values),) = shape.items()
     schema = {
@@ -125,7 +125,7 @@ def judge_all(
                 model=model,
                 temperature=0,
                 max_tokens=32,
-                response_format=_format(kind, shape),
+                response_format=response_format(kind, shape),
                 tailor={"retrieval": False},
             )
             text = str(response["choices"][0]["message"]["content"] or "")

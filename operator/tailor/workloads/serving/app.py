@@ -297,7 +297,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     server = _server(request)
     request.state.model = body.model if body.model in server.model_names() else "unknown"
     test_key = request.headers.get(TEST_KEY_HEADER)
-    gen = await server.prepare_chat(body, _caller(request), test_key)
+    caller = _caller(request)
+    session = server.rollouts.session(request.headers, body.user, caller)
+    gen = await server.prepare_chat(body, caller, test_key, session)
     return await server.respond(gen, request.state.started)
 
 
@@ -305,7 +307,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     server = _server(request)
     request.state.model = body.model if body.model in server.model_names() else "unknown"
-    gen = await server.prepare_completion(body, _caller(request))
+    caller = _caller(request)
+    session = server.rollouts.session(request.headers, body.user, caller)
+    gen = await server.prepare_completion(body, caller, session)
     return await server.respond(gen, request.state.started)
 
 
@@ -459,7 +463,7 @@ def serve(run: ServeRun, spec_file: Path) -> None:
 
     app = create_app(run, metrics=metrics, on_load_failure=stop, spec_file=spec_file)
     if run.metrics_port and run.metrics_port != run.port:
-        serve_metrics(run.metrics_port, metrics.registry, app.state.server.adapter_set.report)
+        serve_metrics(run.metrics_port, metrics.registry, app.state.server.report)
     server = uvicorn.Server(
         uvicorn.Config(app, host=run.host, port=run.port, timeout_graceful_shutdown=30)
     )

@@ -338,11 +338,14 @@ class FeedbackDesk:
 
     def __init__(self, capture: CaptureLog | None, metrics: ServingMetrics, revision: str):
         self.capture, self.metrics, self.revision = capture, metrics, revision
-        self.responses: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (model, caller)
+        # id -> (model, caller, the rollout's route of the answer or None)
+        self.responses: OrderedDict[str, tuple[str, str, Any]] = OrderedDict()
         self.rated: OrderedDict[tuple[str, str], bool] = OrderedDict()  # (id, caller)
+        self.on_rated: Callable[[Any, bool], None] | None = None
+        """Told of the first rating of an answer a rollout routed (its route, up)."""
 
-    def remember(self, response_id: str, model: str, caller: str) -> None:
-        self.responses[response_id] = (model, caller)
+    def remember(self, response_id: str, model: str, caller: str, route: Any = None) -> None:
+        self.responses[response_id] = (model, caller, route)
         while len(self.responses) > MAX_REMEMBERED_RESPONSES:
             self.responses.popitem(last=False)
 
@@ -359,7 +362,7 @@ class FeedbackDesk:
                 param="id",
                 code="invalid_value",
             )
-        model, owner = self.responses.get(body.id, (None, None))
+        model, owner, route = self.responses.get(body.id, (None, None, None))
         known = model is not None
         captured = False
         if self.capture is not None:
@@ -398,6 +401,9 @@ class FeedbackDesk:
         self.metrics.observe_feedback(model, body.rating, revision)
         rated = (body.id, caller.identity or "")
         replaced = rated in self.rated
+        if route is not None and owner == (caller.identity or "") and not replaced:
+            if self.on_rated is not None:  # the asker's first rating: one vote per answer
+                self.on_rated(route, body.rating == "up")
         self.rated[rated] = True
         while len(self.rated) > MAX_REMEMBERED_RESPONSES:
             self.rated.popitem(last=False)

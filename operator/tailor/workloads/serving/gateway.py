@@ -70,6 +70,7 @@ from tailor.workloads.serving.protocol import (
     sse,
     usage,
 )
+from tailor.workloads.serving.rollout import Rollouts, Route
 
 log = logging.getLogger("tailor.workloads.serving.gateway")
 
@@ -92,6 +93,10 @@ class Generation:
     """What the caller sent (its messages, or the prompt), for capture."""
     seen: Any = None
     """What the engine saw (the messages after the profile and retrieval), for capture."""
+    route: Route | None = None
+    """The rollout's decision for this request (spec.rollout), if it is the rollout's."""
+    question: str | None = None
+    """The last user message (or the prompt): what a shadow judge is told was asked."""
 
 
 class Server:
@@ -151,13 +156,22 @@ class Server:
             if run.spec.feedback
             else None
         )
+        self.rollouts = Rollouts(metrics, run.routing)
         self.desk = FeedbackDesk(capture, metrics, run.prompt_profile_revision or "")
+        self.desk.on_rated = self.rollouts.rated
+        self._shadows = 0  # shadow generations in flight
+        self._background: set[asyncio.Task[None]] = set()
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
         self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
         self._example_lock = threading.Lock()
         if engine is not None:
             metrics.set_ready(True)
+
+    def report(self) -> dict[str, Any]:
+        """What the metrics port's ``GET /adapters`` answers: the adapters served, and the
+        rollout's measurements of the current step."""
+        return {**self.adapter_set.report(), "rollout": self.rollouts.report()}
 
     @property
     def capture(self) -> CaptureLog | None:
@@ -199,6 +213,8 @@ class Server:
         """A changed spec file: serve its adapters (loaded and unloaded in place). Other
         changes come with a new pod (the operator rolls the Deployment for them)."""
         with self._apply_lock:
+            self.run.routing = run.routing
+            self.rollouts.apply(run.routing)
             if self.engine is None:
                 self._changed_run = run  # applied once the model is loaded
                 return
@@ -390,11 +406,18 @@ class Server:
         )
 
     async def prepare_chat(
-        self, body: ChatCompletionRequest, caller: Caller, test_key: str | None = None
+        self,
+        body: ChatCompletionRequest,
+        caller: Caller,
+        test_key: str | None = None,
+        session: str = "",
     ) -> Generation:
         """A chat request as a generation. ``test_key``: the X-Tailor-Test-Key header, the
-        credential for bringing a prompt profile (``tailor.promptProfile``)."""
-        adapter = self.resolve_model(body.model, caller)
+        credential for bringing a prompt profile (``tailor.promptProfile``); ``session``:
+        the request's session under a rollout's sticky rule."""
+        adapter, route = self.rollouts.assign(
+            self.resolve_model(body.model, caller), session, self.adapters
+        )
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(bool(body.logprobs), "logprobs", "logprobs are not supported")
         _reject(bool(body.tools or body.functions), "tools", "tool calling is not supported")
@@ -448,6 +471,8 @@ class Server:
             body.include_usage(),
             asked=[m.as_dict() for m in conversation] if self.capture else None,
             seen=chat if self.capture else None,
+            route=route,
+            question=question,
         )
 
     def _profile(self, options: TailorOptions, test_key: str | None) -> Any:
@@ -473,8 +498,12 @@ class Server:
         except PromptError as exc:
             raise APIError(400, str(exc), param="tailor.promptProfile") from exc
 
-    async def prepare_completion(self, body: CompletionRequest, caller: Caller) -> Generation:
-        adapter = self.resolve_model(body.model, caller)
+    async def prepare_completion(
+        self, body: CompletionRequest, caller: Caller, session: str = ""
+    ) -> Generation:
+        adapter, route = self.rollouts.assign(
+            self.resolve_model(body.model, caller), session, self.adapters
+        )
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(body.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
         _reject(body.echo, "echo", "echo is not supported")
@@ -505,6 +534,8 @@ class Server:
             body.include_usage(),
             asked=prompt if self.capture and isinstance(prompt, str) else None,
             seen=prompt if self.capture and isinstance(prompt, str) else None,
+            route=route,
+            question=prompt if isinstance(prompt, str) else None,
         )
 
     # -- answering
@@ -519,12 +550,12 @@ class Server:
                 return self._answer_cached(gen, cached)
 
         reply = Reply.new(gen.kind, gen.model)
-        self.remember(reply.id, gen.model, gen.caller.identity or "")
+        self.remember(reply.id, gen)
         engine = self.require_engine()
         self.metrics.inflight_inc()
         # an engine that answers non-streamed requests whole has no first-token time then
         ttft = gen.stream or not engine.answers_whole
-        tracker = _Tracker(self.metrics, gen, started, cache_key, ttft)
+        tracker = _Tracker(self.metrics, gen, started, cache_key, ttft, self._measured)
         chunks = engine.stream(gen.prompt_ids, gen.adapter, gen.params, incremental=gen.stream)
         try:
             first = await anext(chunks)  # submits; QueueFull surfaces here
@@ -544,7 +575,90 @@ class Server:
         if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result)
         self.captured(gen, reply, result, started)
-        return JSONResponse(reply.whole(result, {**gen.extension, "cached": False}))
+        self.shadow(gen, result["text"])
+        return JSONResponse(reply.whole(result, {**self._extension(gen), "cached": False}))
+
+    @staticmethod
+    def _extension(gen: Generation) -> dict[str, Any]:
+        """The response's ``tailor`` object: sources, and the rollout variant that answered."""
+        if gen.route is None:
+            return gen.extension
+        return {**gen.extension, "variant": gen.route.variant}
+
+    def _measured(self, gen: Generation, ok: bool, seconds: float, tokens: int) -> None:
+        """A rollout request's answer (or failure), for its variant's book."""
+        if gen.route is not None:
+            self.rollouts.answered(gen.route, gen.route.variant, ok, seconds, tokens)
+
+    # -- shadow traffic (spec.rollout.mode shadow)
+    def shadow(self, gen: Generation, stable_answer: str) -> None:
+        """Have the candidate answer a copy of ``gen`` in the background (never shown to
+        the user), then the judge compare both answers; skipped, and counted, when the
+        engine is busy or half its batch is shadow work already: users come first."""
+        route = gen.route
+        if route is None or not route.shadow:
+            return
+        engine = self.engine
+        most = max(1, self.run.spec.batching.max_batch_size // 2)
+        if engine is None or engine.full() or self._shadows >= most:
+            self.rollouts.skipped()
+            return
+        self._shadows += 1
+        task = asyncio.get_running_loop().create_task(self._shadow(engine, gen, stable_answer))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, engine: TokenEngine, gen: Generation, stable_answer: str) -> None:
+        route = gen.route
+        assert route is not None
+        started = time.perf_counter()
+        try:
+            text, finish, tokens = await _generate(
+                engine, gen.prompt_ids, route.shadow_adapter, gen.params
+            )
+            ok = finish != "error"
+            self.rollouts.answered(
+                route, "candidate", ok, time.perf_counter() - started, len(gen.prompt_ids) + tokens
+            )
+            judge = self.run.routing.rollout.analysis.judge if self.run.routing else None
+            if ok and judge is not None and gen.question:
+                score = await self._judge(engine, judge, gen.question, text, stable_answer)
+                if score is not None:
+                    self.rollouts.judged(route, score)
+        except Exception as exc:  # a shadow failure is the candidate's, never the user's
+            log.warning("shadow request failed: %s", exc)
+            self.rollouts.answered(route, "candidate", False, time.perf_counter() - started, 0)
+        finally:
+            self._shadows -= 1
+
+    async def _judge(
+        self, engine: TokenEngine, judge: Any, question: str, candidate: str, stable: str
+    ) -> float | None:
+        """The judge's score of the candidate's answer against the stable's: asked in both
+        orders (a judge preferring whatever comes first is a tie, not a win), None when
+        a reply is not the JSON asked for."""
+        from tailor.workloads.evaluation.judge import (
+            COMPARE,
+            compare_messages,
+            parse,
+            preference,
+            response_format,
+        )
+        from tailor.workloads.evaluation.scoring import Item
+        from tailor.workloads.serving.engine.grammar import format_key
+
+        schema = response_format("compare", COMPARE)["json_schema"]["schema"]
+        key = format_key("json_schema", schema)
+        await asyncio.to_thread(engine.check_format, key)
+        item = Item("shadow", question, None, None, None, "shadow")
+        params = SamplingParams(max_tokens=16, temperature=0.0, response_format=key)
+        choices = []
+        for first, second in ((candidate, stable), (stable, candidate)):
+            messages = compare_messages(judge.rubric, item, first, second)
+            prompt = await asyncio.to_thread(engine.encode_chat, messages)
+            text, finish, _ = await _generate(engine, prompt, judge.adapter, params)
+            choices.append(parse(text, COMPARE) if finish != "error" else None)
+        return preference(choices[0], choices[1])
 
     def _cache_key(self, gen: Generation) -> str | None:
         """The response cache's key of a deterministic generation (temperature 0, or a
@@ -560,10 +674,12 @@ class Server:
         )
 
     def _answer_cached(self, gen: Generation, cached: dict[str, Any]) -> Response:
+        """A cached answer: remembered for ratings (of its variant, in a rollout), not
+        measured (it cost nothing)."""
         reply = Reply.new(gen.kind, gen.model)
-        self.remember(reply.id, gen.model, gen.caller.identity or "")
+        self.remember(reply.id, gen)
         self.captured(gen, reply, cached, time.perf_counter())
-        extension = {**gen.extension, "cached": True}
+        extension = {**self._extension(gen), "cached": True}
         if not gen.stream:
             return JSONResponse(reply.whole(cached, extension))
 
@@ -586,7 +702,7 @@ class Server:
         tracker: _Tracker,
     ) -> AsyncIterator[str]:
         try:
-            yield sse(reply.chunk("", None, role=True, extension=gen.extension))
+            yield sse(reply.chunk("", None, role=True, extension=self._extension(gen)))
             chunk, parts = first, []
             while True:
                 tracker.saw(chunk)
@@ -610,14 +726,15 @@ class Server:
                     if tracker.cache_key is not None and self.cache is not None:
                         self.cache.put(tracker.cache_key, result)
                     self.captured(gen, reply, result, tracker.started)
+                    self.shadow(gen, "".join(parts))
                     break
                 chunk = await anext(chunks)
             yield SSE_DONE
         finally:
             await _finish(chunks, tracker)
 
-    def remember(self, response_id: str, model: str, caller: str) -> None:
-        self.desk.remember(response_id, model, caller)
+    def remember(self, response_id: str, gen: Generation) -> None:
+        self.desk.remember(response_id, gen.model, gen.caller.identity or "", gen.route)
 
     def captured(
         self, gen: Generation, reply: Reply, result: dict[str, Any], started: float
@@ -665,8 +782,10 @@ class _Tracker:
         started: float,
         cache_key: str | None,
         ttft: bool = True,
+        measured: Callable[[Generation, bool, float, int], None] | None = None,
     ):
         self.metrics, self.gen, self.started, self.cache_key = metrics, gen, started, cache_key
+        self.measured = measured  # the rollout's books (a request routed by spec.rollout)
         self.ttft = ttft  # observe the time to the first token
         self.first_token: float | None = None
         self.final: Any = None
@@ -690,14 +809,20 @@ class _Tracker:
         self._done = True
         self.metrics.inflight_dec()
         final = self.final
+        seconds = time.perf_counter() - self.started
+        completion = final.completion_tokens if final else 0
         self.metrics.observe_generation(
             self.gen.model,
             len(self.gen.prompt_ids),
-            final.completion_tokens if final else 0,
-            time.perf_counter() - self.started,
+            completion,
+            seconds,
             self.first_token,
             final.device_seconds if final else 0.0,
         )
+        if self.measured is not None:  # a client that went away is not the variant's error
+            ok = final is not None and final.finish_reason not in ("error",)
+            if final is None or final.finish_reason != "cancelled":
+                self.measured(self.gen, ok, seconds, len(self.gen.prompt_ids) + completion)
 
 
 async def _whole(
@@ -721,6 +846,24 @@ async def _whole(
         "finish_reason": last.finish_reason,
         "usage": usage(len(gen.prompt_ids), last.completion_tokens),
     }
+
+
+async def _generate(
+    engine: TokenEngine, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of a generation the gateway asks for itself
+    (shadow answers, the shadow judge)."""
+    parts, finish, tokens = [], "error", 0
+    chunks = engine.stream(prompt_ids, adapter, params, incremental=False)
+    try:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish, tokens = chunk.finish_reason, chunk.completion_tokens
+                break
+    finally:
+        await chunks.aclose()
+    return "".join(parts), finish, tokens
 
 
 async def _finish(chunks: AsyncGenerator[Chunk, None], tracker: _Tracker) -> None:
