@@ -1065,8 +1065,12 @@ def test_a_canary_keeps_each_session_on_one_variant_and_counts_its_ratings(
             for _ in range(2):  # a conversation's second turn stays where its first went
                 reply = http.post(
                     "/v1/chat/completions",
-                    json={"model": f"{SERVED}/pirate", "max_tokens": 8, "temperature": 0,
-                          "messages": [{"role": "user", "content": QUESTION}]},  # fmt: skip
+                    json={
+                        "model": f"{SERVED}/pirate",
+                        "max_tokens": 8,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": QUESTION}],
+                    },
                     headers={"X-Session-Id": f"user-{i}"},
                 ).json()
                 variant = reply["tailor"]["variant"]
@@ -1107,8 +1111,12 @@ def test_shadow_answers_never_reach_users_and_the_judge_compares_them(
         for i in range(3):
             reply = http.post(
                 "/v1/chat/completions",
-                json={"model": f"{SERVED}/pirate", "max_tokens": 8, "temperature": 0,
-                      "messages": [{"role": "user", "content": QUESTION}]},  # fmt: skip
+                json={
+                    "model": f"{SERVED}/pirate",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": QUESTION}],
+                },
                 headers={"X-Session-Id": f"user-{i}"},
             ).json()
             assert reply["tailor"]["variant"] == "stable"
