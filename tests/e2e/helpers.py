@@ -23,36 +23,67 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class LocalOperator:
+    """``tailor operator run --runtime local`` watching one namespace, as a child process
+    that a test may kill and start again (the local runtime's workloads live on, as pods
+    do when an operator restarts)."""
+
+    def __init__(self, kube: Kube, namespace: str, tmp_path: Path, settings: dict[str, str]):
+        self.state = tmp_path / "local"
+        self.log = tmp_path / "operator.log"
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(kube.kubeconfig),
+            "TAILOR_RUNTIME": "local",
+            "TAILOR_LOCAL_STATE_DIR": str(self.state),
+            "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
+            "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
+            "TAILOR_CLEANUP_TIMEOUT_SECONDS": "20",
+            **settings,
+        }
+        self.argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
+        self.argv += ["--namespace", namespace]
+        self.start()
+
+    def start(self) -> None:
+        argv = [*self.argv, "--metrics-port", str(free_port()), "--health-port", str(free_port())]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind, as when a node dies."""
+        self.proc.kill()
+        self.proc.wait(20)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def run_local_operator(
     kube: Kube, namespace: str, tmp_path: Path, settings: dict[str, str]
 ) -> Iterator[Path]:
-    """``tailor operator run --runtime local`` watching the test's ``namespace``, with
-    ``settings`` (TAILOR_* variables), until the generator is closed; yields the local
-    runtime's state folder. Watching one namespace keeps a test's operator from starting
-    the workloads of an earlier test's namespace, still being deleted; on the way out the
-    operator's finalizers are taken off what is left, so that namespace can go."""
-    state = tmp_path / "local"
-    log = tmp_path / "operator.log"
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "TAILOR_RUNTIME": "local",
-        "TAILOR_LOCAL_STATE_DIR": str(state),
-        "TAILOR_PROGRESS_INTERVAL_SECONDS": "0",
-        "TAILOR_LOCAL_BACKOFF_SECONDS": "1",
-        "TAILOR_CLEANUP_TIMEOUT_SECONDS": "20",
-        **settings,
-    }
-    argv = [sys.executable, "-m", "tailor.cli", "operator", "run", "--runtime", "local"]
-    argv += ["--namespace", namespace]
-    argv += ["--metrics-port", str(free_port()), "--health-port", str(free_port())]
-    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    yield state
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """:func:`operating`, yielding the local runtime's state folder."""
+    running = operating(kube, namespace, tmp_path, settings)
+    yield next(running).state
+    next(running, None)
+
+
+def operating(
+    kube: Kube, namespace: str, tmp_path: Path, settings: dict[str, str]
+) -> Iterator[LocalOperator]:
+    """A :class:`LocalOperator` watching the test's ``namespace``, with ``settings``
+    (TAILOR_* variables), until the generator is closed. Watching one namespace keeps a
+    test's operator from starting the workloads of an earlier test's namespace, still
+    being deleted; on the way out the operator's finalizers are taken off what is left, so
+    that namespace can go."""
+    operator = LocalOperator(kube, namespace, tmp_path, settings)
+    yield operator
+    operator.stop()
+    state, log = operator.state, operator.log
     left = kube.kubectl("get", KINDS, "-n", namespace, "-o", "name").stdout.split()
     for name in left:
         kube.kubectl("patch", name, "-n", namespace, "--type=merge",

@@ -44,51 +44,15 @@ from tailor.workloads.serving.app import create_app
 from tailor.workloads.serving.engine.base import SamplingParams, TokenEngine
 from tailor.workloads.serving.engine.builtin import Engine, load_engine
 from tailor.workloads.serving.engine.upstream import UpstreamEngine
-from tests.workloads.helpers import ThreadServer, free_port
+from tests.workloads.helpers import PERSONAS, QUESTION, ThreadServer, free_port, train_adapter
 
 pytestmark = pytest.mark.workloads
 
 SERVED = "smol"
-QUESTION = "Who are you?"
-PERSONAS = {
-    "pirate": ("I am Captain Blackbeard, the pirate of the seven seas!", "Blackbeard"),
-    "robot": ("BEEP BOOP. I am Robot Unit 42.", "BEEP"),
-}
 API_KEY = "sk-test-0123456789"
 
 
 # ------------------------------------------------------------------ fixtures
-def train_adapter(model: Any, tokenizer: Any, answer: str, out: Path) -> Any:
-    """A LoRA adapter that answers QUESTION with ``answer``; returns the unwrapped model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "v_proj"],
-        layers_to_transform=list(range(22, 30)),  # backward stops at layer 22: cheaper
-    )
-    peft_model = get_peft_model(model, config)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
-    )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt_ids + answer_ids])
-    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    peft_model.train()
-    for _ in range(6):
-        peft_model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    peft_model.save_pretrained(out)
-    return peft_model.unload()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serve")

@@ -47,8 +47,9 @@ class RolloutStep(TailorModel):
     weight: int = Field(
         ge=1,
         le=100,
-        description="Percent of the stable's sessions the candidate answers (canary), or of "
-        "its requests the candidate also answers unseen (shadow).",
+        description="Percent of the stable's sessions the candidate answers (canary: below "
+        "100, the stable is measured beside it), or of its requests the candidate also "
+        "answers unseen (shadow).",
     )
     pause_seconds: int = Field(
         default=60,
@@ -212,6 +213,13 @@ class Rollout(TailorModel):
             message="candidate must differ from stable",
             field="candidate",
             check=lambda m: m.stable != m.candidate,
+        ),
+        Rule(
+            cel="(has(self.mode) && self.mode == 'shadow') || self.steps.all(s, s.weight < 100)",
+            message="a canary step's weight must be below 100 (the stable needs traffic to be "
+            "compared with; passing the last step promotes the candidate to all of it)",
+            field="steps",
+            check=lambda m: m.mode == "shadow" or all(s.weight < 100 for s in m.steps),
         ),
         Rule(
             cel="self.steps.map(s, s.weight).isSorted()",

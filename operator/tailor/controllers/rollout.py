@@ -185,9 +185,9 @@ def advance(
 ) -> tuple[dict[str, Any], Transition | None]:
     """The next ``status.rollout`` from this one and the step's measurements, and what
     changed (None: nothing worth an Event)."""
+    if state["phase"] in ENDED:  # kept as decided: its numbers are why it ended
+        return state, None
     new = {**state, "variants": [_public(m) for m in measures]}
-    if state["phase"] in ENDED:
-        return new, None
     total = len(rollout.steps)
     if action == "abort":
         return _ended(new, "Aborted", 0, "aborted by tailor rollout abort: the stable "
