@@ -13,6 +13,9 @@ traffic the users never see.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from typing import Any
 
@@ -180,3 +183,17 @@ def test_rollouts_roll_back_hold_resume_promote_and_shadow(
         return sum(int(v.get("requests", 0)) for v in books if v["name"] == "candidate")
 
     wait_for("the candidate's unseen answers", lambda: copies() >= SESSIONS // 2, 120)
+
+    # The human in the loop: the status as a table, then an abort.
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    tailor = [sys.executable, "-m", "tailor.cli", "rollout"]
+    shown = subprocess.run([*tailor, "status", NAME, "-n", ns], env=env, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "shadow rollout" in shown and "candidate" in shown and "check errorRate" in shown
+    subprocess.run([*tailor, "abort", NAME, "-n", ns], env=env, check=True)
+    aborted = wait_for("the abort", lambda: (r := rollout_of(kube, ns))["phase"] == "Aborted"
+                       and r, 60)  # fmt: skip
+    assert aborted["weight"] == 0 and "aborted" in aborted["message"]
+    again = subprocess.run([*tailor, "abort", NAME, "-n", ns], env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode != 0 and "has ended already (Aborted)" in again.stderr

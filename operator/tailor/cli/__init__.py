@@ -5,8 +5,8 @@ parsers with ``add_commands`` and marks each leaf with the function that runs it
 (``handler``). ``tailor crds`` / ``tailor validate`` (``crds``, ``validate``), ``tailor dev
 cluster`` (``dev``), ``tailor operator run`` (``operator``), ``tailor up`` / ``down`` /
 ``status`` / ``example-data`` (``quickstart``, with its ``ladder`` and data in
-``quickstart_data``), ``tailor eval apibench`` (``eval``), ``tailor store push`` (``store``)
-and ``tailor prompt`` (``prompt``). The modules import their machinery inside the handlers,
+``quickstart_data``), ``tailor eval`` (``eval``), ``tailor store push`` (``store``), ``tailor prompt``
+(``prompt``) and ``tailor rollout`` (``rollout``). The modules import their machinery inside the handlers,
 so that ``tailor validate`` stays fast and needs no cluster libraries. Nothing imports this
 package (an import-linter contract).
 """
@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tailor.cli import crds, dev, eval, operator, prompt, quickstart, store, validate
+from tailor.cli import crds, dev, eval, operator, prompt, quickstart, rollout, store, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; the top-level order is the order of ``tailor --help``."""
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (crds, validate, dev, operator, quickstart, eval, store, prompt):
+    for group in (crds, validate, dev, operator, quickstart, eval, store, prompt, rollout):
         group.add_commands(commands)
     return parser
 

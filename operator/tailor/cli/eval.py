@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tailor.cli.cluster import client
+
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser(
@@ -236,14 +238,6 @@ def table(body: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _client() -> Any:
-    from kubernetes import config
-    from kubernetes.client import ApiClient
-
-    config.load_kube_config()  # type: ignore[no-untyped-call]
-    return ApiClient()
-
-
 def _path(namespace: str, name: str = "") -> str:
     from tailor.api import API_VERSION
     from tailor.runtime import rest
@@ -270,14 +264,14 @@ def follow(api: Any, namespace: str, name: str, watch: bool) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    return follow(_client(), args.namespace, args.name, args.watch)
+    return follow(client(), args.namespace, args.name, args.watch)
 
 
 def run_command(args: argparse.Namespace) -> int:
     from tailor.runtime import rest
 
     manifest = evaluation_manifest(args)
-    api = _client()
+    api = client()
     rest.request(api, "POST", _path(args.namespace), manifest)
     print(f"evaluation.tailor.dev/{args.name} created", flush=True)
     return 0 if args.no_follow else follow(api, args.namespace, args.name, watch=True)
@@ -335,7 +329,7 @@ def compare_command(args: argparse.Namespace) -> int:
         if not equals:
             raise SystemExit("--candidates: write A_CANDIDATE=B_CANDIDATE")
         pairs = [(left, right)]
-    api = _client()
+    api = client()
     a, b = (rest.request(api, "GET", _path(args.namespace, n)) for n in (args.a, args.b))
     print(compare(a, b, pairs))
     return 0

@@ -17,13 +17,7 @@ import difflib
 import json
 from typing import Any
 
-
-def _client() -> Any:
-    from kubernetes import config
-    from kubernetes.client import ApiClient
-
-    config.load_kube_config()  # type: ignore[no-untyped-call]
-    return ApiClient()
+from tailor.cli.cluster import client
 
 
 def _profile_path(namespace: str, name: str) -> str:
@@ -139,7 +133,7 @@ def prompt_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     """Run one ``tailor prompt`` command; ``parser`` (``tailor prompt``) reports bad usage."""
     if args.command == "rollback" and (args.revision is None) != args.clear:
         parser.error("give a REVISION, or --clear to remove the pin")
-    api = _client()
+    api = client()
     if args.command == "diff":
         print(diff(api, args.namespace, args.name, args.a, args.b) or "(no difference)", end="")
     elif args.command == "rollback":
