@@ -620,9 +620,18 @@ def stack(
         name: free_port() for name in ("serve", "operator", "health", "train", "index", "prom")
     }
     try:
-        # The serving workload loads its model meanwhile (the slowest start).
+        # The serving workload loads its model meanwhile (the slowest start). It rolls an
+        # (untrained) adapter out against the base model, for the Rollouts row; one
+        # session for every request (no key, sticky by key): the cache check stays true.
+        candidate = untrained_adapter(tmp / "artifacts" / "v2")
+        rollout = {"candidate": {"adapter": "v2"}, "steps": [{"weight": 50}],
+                   "sticky": {"by": "apiKey"}}  # fmt: skip
         serve_spec = {
-            "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}, "knowledgeBaseRef": {"name": "docs"}},
+            "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}, "knowledgeBaseRef": {"name": "docs"},
+                     "adapters": [{"name": "v2", "pvc": {"claimName": "adapters", "path": "v2"}}],
+                     "rollout": rollout},
+            "adapters": [{"name": "v2", "path": str(candidate)}],
+            "routing": {"id": "obs", "step": 0, "weight": 50, "rollout": rollout},
             "servedName": "smol",
             "host": "127.0.0.1",
             "port": ports["serve"],
@@ -797,6 +806,20 @@ def stack(
         for namespace in (work, system):
             delete_namespace(kube, namespace)
         kube.kubectl("delete", "pv", f"{work}-artifacts", "--ignore-not-found", "--wait=false")
+
+
+def untrained_adapter(out: Path) -> Path:
+    """A LoRA adapter of the builtin model as initialised (its B is zero: it answers as the
+    base model does); what a rollout's candidate needs to be routed to."""
+    from peft import LoraConfig, get_peft_model
+
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+    from tailor.workloads.io.model_loading import load_causal_lm
+
+    model = load_causal_lm(ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts=str(out)))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(out)
+    return out
 
 
 def send_traffic(base: str) -> None:

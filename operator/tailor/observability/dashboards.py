@@ -698,7 +698,7 @@ def serving_dashboard() -> Dashboard:
     return Dashboard(
         uid="tailor-serving",
         title="Tailor / Serving",
-        description="ModelDeployments: traffic, latency, tokens, cache, adapters, RAG, cost, feedback.",
+        description="ModelDeployments: traffic, latency, tokens, cache, adapters, RAG, cost, feedback, rollouts.",
         file="tailor-serving.json",
         variables=(
             Variable(
@@ -1011,6 +1011,66 @@ def serving_dashboard() -> Dashboard:
                             ),
                         ),
                         width=8,
+                    ),
+                ),
+            ),
+            Row(
+                "Rollouts",
+                (
+                    Panel(
+                        "Rollout weight",
+                        "The candidate's weight now (spec.rollout; 0 without one or after a "
+                        "rollback, 100 once promoted).",
+                        (
+                            q(
+                                f"max by (deployment) (tailor_serve_rollout_weight{md})",
+                                "{{deployment}}",
+                            ),
+                        ),
+                        unit="percent",
+                        width=6,
+                    ),
+                    Panel(
+                        "Answers per variant",
+                        "Requests per second by variant and outcome (shadow: the candidate's "
+                        "unseen answers, skipped when the server was busy).",
+                        (
+                            q(
+                                "sum by (variant, outcome) "
+                                f"(rate(tailor_serve_rollout_requests_total{md}[5m]))",
+                                "{{variant}} {{outcome}}",
+                            ),
+                        ),
+                        unit="reqps",
+                        width=6,
+                    ),
+                    Panel(
+                        "Satisfaction per variant",
+                        "Share of rated answers rated up, per variant, over the last hour.",
+                        (
+                            q(
+                                "sum by (variant) (increase(tailor_serve_rollout_feedback_total"
+                                '{namespace=~"$namespace", deployment=~"$deployment", rating="up"}[1h])) '
+                                "/ sum by (variant) "
+                                f"(increase(tailor_serve_rollout_feedback_total{md}[1h]))",
+                                "{{variant}}",
+                            ),
+                        ),
+                        unit="percentunit",
+                        width=6,
+                    ),
+                    Panel(
+                        "p95 latency per variant",
+                        "95th percentile seconds per answer, per variant.",
+                        (
+                            q(
+                                "histogram_quantile(0.95, sum by (variant, le) "
+                                f"(rate(tailor_serve_rollout_latency_seconds_bucket{md}[5m])))",
+                                "{{variant}}",
+                            ),
+                        ),
+                        unit="s",
+                        width=6,
                     ),
                 ),
             ),
