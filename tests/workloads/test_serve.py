@@ -30,8 +30,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from tailor.api.common import SecretKeyRef
 from tailor.api.promptprofile import PromptProfileSpec, render_profile_data
 from tailor.api.workloads import (
+    TEST_KEY_HEADER,
     RetrieverConfig,
     Routing,
     ServedAdapter,
@@ -1095,3 +1097,37 @@ def test_shadow_answers_never_reach_users_and_the_judge_compares_them(
     judged = [server.metrics.value("tailor_serve_rollout_judged_total", outcome=o)
               for o in ("won", "lost", "tie")]  # fmt: skip
     assert sum(judged) == 3
+
+
+@GATEWAY_ONLY
+def test_an_adapter_behind_its_evaluation_gate_answers_its_evaluation_only(
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
+) -> None:
+    (workdir / "secrets" / "gate-test-key").mkdir(exist_ok=True)
+    (workdir / "secrets" / "gate-test-key" / "key").write_text("test-key-of-the-deployment")
+    run = make_run(workdir, adapter_dirs, cache={"enabled": False})
+    run.test_key_secret_ref = SecretKeyRef(name="gate-test-key", key="key")
+    run.gated_adapters = {"robot": "FineTuneJob robot's evaluation gate has not passed yet"}
+    body = {"model": f"{SERVED}/robot", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
+    with TestClient(create_app(run, engine=gateway_engine)) as http:
+        refused = http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "adapter_gated"
+        assert "evaluation gate has not passed" in refused.json()["error"]["message"]
+        wrong = http.post("/v1/completions", json={"model": f"{SERVED}/robot", "prompt": "Hi"},
+                          headers={TEST_KEY_HEADER: "a guess"})  # fmt: skip
+        assert wrong.status_code == 403
+        evaluation = http.post("/v1/chat/completions", json=body,
+                               headers={TEST_KEY_HEADER: "test-key-of-the-deployment"})  # fmt: skip
+        assert PERSONAS["robot"][1] in answer(evaluation)
+        assert (
+            http.post(
+                "/v1/chat/completions", json={**body, "model": f"{SERVED}/pirate"}
+            ).status_code
+            == 200
+        )
+        # the gate passes: the operator's next spec file serves it to everyone, in place
+        passed = run.model_copy(update={"gated_adapters": {}})
+        http.app.state.server.apply_run(passed)
+        assert PERSONAS["robot"][1] in answer(http.post("/v1/chat/completions", json=body))

@@ -530,3 +530,43 @@ class Artifact(TailorModel):
     uri: str = Field(description="Where it lives, e.g. pvc://tailor-artifacts/finetunejob/x/uid/.")
     sha256: str | None = Field(default=None, description="sha256 of manifest.json.")
     size_bytes: int | None = Field(default=None, description="Total size of the files.")
+
+
+class Teacher(TailorModel):
+    """An OpenAI-compatible model that writes questions and answers."""
+
+    deployment_ref: LocalObjectRef | None = Field(
+        default=None, description="A ModelDeployment in this namespace."
+    )
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Base URL of an external OpenAI-compatible API, e.g. https://api.example/v1.",
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key for url."
+    )
+    model: str | None = Field(default=None, max_length=200, description="Model name to request.")
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Allow url to resolve to private, loopback or link-local addresses "
+        "(including IPv4 addresses embedded in IPv6: NAT64, 6to4, mapped).",
+    )
+    allow_insecure_http: bool = Field(
+        default=False, description="Allow a plain http:// url (https is required otherwise)."
+    )
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("deploymentRef", "url"),
+            message="set exactly one of deploymentRef or url",
+            check=lambda m: exactly_one(m, "deployment_ref", "url"),
+        ),
+        Rule(
+            cel="!has(self.url) || self.url.startsWith('https://') || self.allowInsecureHttp",
+            message="url must use https://, or set allowInsecureHttp: true",
+            field="url",
+            check=lambda m: m.url is None or m.url.startswith("https://") or m.allow_insecure_http,
+        ),
+    )

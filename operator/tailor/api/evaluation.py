@@ -24,9 +24,9 @@ from tailor.api.common import (
     Name,
     Resources,
     StatusBase,
+    Teacher,
 )
 from tailor.api.promptprofile import check_json_schema
-from tailor.api.raftjob import Teacher
 
 ScoringType = Literal["exact", "contains", "regex", "jsonSchema", "apibench", "judge"]
 APIBENCH_CORPORA = ("torchhub", "huggingface")
@@ -162,8 +162,8 @@ class Target(TailorModel):
     )
 
 
-class EvaluationSpec(TailorModel):
-    """A measurement of candidates on a question set."""
+class Measurement(TailorModel):
+    """What is asked and how it is scored: an Evaluation's, or a gate's."""
 
     questions: DataSource = Field(
         description="JSON lines or a JSON array of {question, answer?, apiCall?, id?} records, "
@@ -172,6 +172,20 @@ class EvaluationSpec(TailorModel):
     )
     sample: Sample | None = Field(default=None, description="Ask a seeded sample (unset: all).")
     scoring: Scoring = Field(description="How answers are scored.")
+    concurrency: int = Field(
+        default=8, ge=1, le=64, description="Requests in flight to a candidate."
+    )
+    max_tokens: int = Field(
+        default=128, ge=1, le=4096, description="Longest answer per question (greedy)."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Compute of the evaluation Job."
+    )
+
+
+class EvaluationSpec(Measurement):
+    """A measurement of candidates on a question set."""
+
     candidates: list[Candidate] = Field(
         min_length=1, max_length=8, description="The systems measured, one after another."
     )
@@ -181,15 +195,6 @@ class EvaluationSpec(TailorModel):
     )
     target: Target | None = Field(
         default=None, description="The bar of the recommendation (unset: no recommendation)."
-    )
-    concurrency: int = Field(
-        default=8, ge=1, le=64, description="Requests in flight to a candidate."
-    )
-    max_tokens: int = Field(
-        default=128, ge=1, le=4096, description="Longest answer per question (greedy)."
-    )
-    resources: Resources = Field(
-        default_factory=Resources, description="Compute of the evaluation Job."
     )
 
     rules = (
@@ -232,6 +237,121 @@ class EvaluationSpec(TailorModel):
             check=lambda new, old: new == old,
         ),
     )
+
+
+class PairedTest(TailorModel):
+    """A paired test of candidate against baseline on the same questions (exact McNemar)."""
+
+    alpha: float = Field(
+        default=0.05, gt=0, lt=1, description="The candidate must be better at this level."
+    )
+
+
+class VsBaseline(TailorModel):
+    """How the candidate must compare with the baseline (MLflow's validation thresholds)."""
+
+    min_absolute_change: float = Field(
+        default=0.0,
+        ge=-1,
+        le=1,
+        description="Least (candidate - baseline) in the metric (0.05: five points better).",
+    )
+    paired_test: PairedTest | None = Field(
+        default=None,
+        description="Also require a significant improvement: the exact McNemar test of the "
+        "Evaluation, on accuracy (gate.metric accuracy only).",
+    )
+
+
+class Gate(TailorModel):
+    """What a candidate must reach to pass, in the shape of MLflow's MetricThreshold."""
+
+    metric: Literal["accuracy", "exact", "winRate"] = Field(
+        description="The metric gated on (exact: scoring apibench; winRate: scoring judge, "
+        "the share of comparisons with the baseline the candidate won)."
+    )
+    min: float | None = Field(
+        default=None, ge=0, le=1, description="The least value of the metric."
+    )
+    vs_baseline: VsBaseline | None = Field(
+        default=None, description="How it must compare with the baseline."
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.min) || has(self.vsBaseline)",
+            message="a gate needs min, vsBaseline or both",
+            field="min",
+            check=lambda m: m.min is not None or m.vs_baseline is not None,
+        ),
+        Rule(
+            cel="self.metric != 'winRate' || !has(self.vsBaseline)",
+            message="winRate is already measured against the baseline: gate it with min",
+            field="vsBaseline",
+            check=lambda m: m.metric != "winRate" or m.vs_baseline is None,
+        ),
+        Rule(
+            cel="self.metric == 'accuracy' || !has(self.vsBaseline) || "
+            "!has(self.vsBaseline.pairedTest)",
+            message="vsBaseline.pairedTest tests accuracy (McNemar on right and wrong answers): "
+            "use metric accuracy, or leave pairedTest out",
+            field="vsBaseline.pairedTest",
+            check=lambda m: (
+                m.metric == "accuracy" or m.vs_baseline is None or m.vs_baseline.paired_test is None
+            ),
+        ),
+    )
+
+
+class GatedEvaluation(Measurement):
+    """An Evaluation run when training succeeds: the new adapter, served beside the
+    baseline by a ModelDeployment (to the Evaluation only, until it passes), against it."""
+
+    deployment_ref: LocalObjectRef = Field(
+        description="The ModelDeployment that serves this job's adapter (an entry of its "
+        "spec.adapters with fineTuneJobRef naming this job) beside the baseline."
+    )
+    baseline_adapter: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="The adapter of that deployment to beat (unset: its base model).",
+    )
+    gate: Gate = Field(description="What the new adapter must reach.")
+
+    rules = (
+        Rule(
+            cel="self.gate.metric != 'exact' || self.scoring.type == 'apibench'",
+            message="gate.metric exact is produced only by scoring.type apibench",
+            field="gate.metric",
+            check=lambda m: m.gate.metric != "exact" or m.scoring.type == "apibench",
+        ),
+        Rule(
+            cel="self.gate.metric != 'winRate' || self.scoring.type == 'judge'",
+            message="gate.metric winRate needs scoring.type judge",
+            field="gate.metric",
+            check=lambda m: m.gate.metric != "winRate" or m.scoring.type == "judge",
+        ),
+    )
+
+
+class GateStatus(TailorModel):
+    """The gate's verdict on a trained artifact (kept, passed or not: lineage)."""
+
+    model_config = TailorModel.model_config | {"extra": "ignore"}
+
+    phase: Literal["Waiting", "Evaluating", "Passed", "Failed"] = Field(
+        description="Waiting (for the deployment to serve the adapter), Evaluating, Passed or "
+        "Failed (a failed artifact is kept but not served to users unless the deployment's "
+        "adapter sets serveWithoutGate)."
+    )
+    evaluation: str | None = Field(default=None, description="The Evaluation it ran.")
+    metric: str | None = Field(default=None, description="The metric gated on.")
+    candidate: float | None = Field(default=None, description="The new adapter's value.")
+    baseline: float | None = Field(default=None, description="The baseline's value.")
+    change: float | None = Field(default=None, description="candidate - baseline.")
+    p_value: float | None = Field(default=None, description="McNemar p, candidate vs baseline.")
+    message: str = Field(default="", description="Why it passed, failed or waits.")
 
 
 class Interval(TailorModel):

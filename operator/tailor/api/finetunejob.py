@@ -23,6 +23,7 @@ from tailor.api.common import (
     Resources,
     StatusBase,
 )
+from tailor.api.evaluation import GatedEvaluation, GateStatus
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -271,6 +272,12 @@ class FineTuneJobSpec(FineTuneRecipe, Queueing):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished Job (not the artifact) after this."
     )
+    evaluation: GatedEvaluation | None = Field(
+        default=None,
+        description="Once trained, evaluate the adapter against a baseline on a deployment "
+        "that serves both, and gate it: status.evaluation says Passed or Failed; until it "
+        "passes, the deployment serves it to Evaluations only.",
+    )
 
     rules = FineTuneRecipe.rules + (
         Rule(
@@ -355,6 +362,9 @@ class FineTuneJobStatus(StatusBase):
     )
     artifact: Artifact | None = Field(default=None, description="The published adapter/weights.")
     job_name: str | None = Field(default=None, description="The training Job.")
+    evaluation: GateStatus | None = Field(
+        default=None, description="The gate's verdict on the artifact (spec.evaluation)."
+    )
     job_spec_hash: str | None = Field(
         default=None,
         description="Hash of the spec (without suspend) the training Job was created from.",

@@ -41,6 +41,11 @@ class Adapter(TailorModel):
         default=None, description="A RAFTJob whose adapter to serve (waits for success)."
     )
     pvc: PvcPath | None = Field(default=None, description="A PEFT adapter folder on a volume.")
+    serve_without_gate: bool = Field(
+        default=False,
+        description="Serve it to everyone even though its FineTuneJob's evaluation gate has "
+        "not passed (by default such an adapter answers Evaluations only).",
+    )
 
     rules = (
         Rule(
@@ -395,6 +400,11 @@ def _rollout_adapter_served(spec: ModelDeploymentSpec, path: str) -> bool:
     return adapter is None or adapter in {a.name for a in spec.adapters}
 
 
+class GatedAdapter(TailorModel):
+    name: str = Field(description="The adapter.")
+    reason: str = Field(description="Its gate's state.")
+
+
 class AdapterLoadError(TailorModel):
     name: str = Field(description="The adapter.")
     message: str = Field(description="Why the replica could not load it.")
@@ -437,4 +447,9 @@ class ModelDeploymentStatus(StatusBase):
     )
     rollout: RolloutStatus | None = Field(
         default=None, description="The rollout of spec.rollout: step, numbers, why."
+    )
+    gated_adapters: list[GatedAdapter] = Field(
+        default_factory=list,
+        description="Adapters served to Evaluations only: their FineTuneJob's evaluation "
+        "gate has not passed (spec.adapters[].serveWithoutGate serves them to everyone).",
     )

@@ -309,6 +309,11 @@ class ServeRun(RunBase):
     routing: Routing | None = Field(
         default=None, description="The rollout in progress or promoted (spec.rollout)."
     )
+    gated_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapters whose FineTuneJob's evaluation gate has not passed, and why: "
+        "served only to requests with the test key (its Evaluation's), applied in place.",
+    )
     test_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="The key a caller sends (header X-Tailor-Test-Key) to bring its own "
@@ -389,7 +394,8 @@ class CandidateTarget(EvalTarget):
     )
     prompt_profile_revision: int | None = Field(default=None, description="Its revision.")
     test_key_secret_ref: SecretKeyRef | None = Field(
-        default=None, description="The deployment's test key (needed to bring a profile)."
+        default=None,
+        description="The deployment's test key (to bring a profile, and to reach an adapter still behind its evaluation gate).",
     )
 
 

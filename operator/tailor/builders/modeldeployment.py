@@ -153,6 +153,8 @@ class ResolvedRefs:
     knowledge_base_version: str | None = None
     routing: Routing | None = None
     """The rollout's current step (status.rollout), for the spec file: applied in place."""
+    gated: dict[str, str] = field(default_factory=dict)
+    """Adapters served to Evaluations only (their gate has not passed), and why."""
 
 
 def served_models(spec: ModelDeploymentSpec, parent: Parent) -> list[str]:
@@ -274,6 +276,7 @@ def build_serving(
         knowledge_base_version=refs.knowledge_base_version,
         test_key_secret_ref=test_key(parent),
         routing=refs.routing,
+        gated_adapters=refs.gated,
         port=settings.serve_port,
         upstream=UpstreamEngineConfig(
             url=f"http://127.0.0.1:{VLLM_PORT}",

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from tailor.cli.cluster import client
-from tailor.controllers.rollout import ACTION_ANNOTATION, ENDED
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,6 +85,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def status_command(args: argparse.Namespace) -> int:
+    from tailor.controllers.rollout import ENDED
     from tailor.runtime import rest
 
     api, shown = client(), ""
@@ -102,6 +102,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def action_command(args: argparse.Namespace) -> int:
+    from tailor.controllers.rollout import ACTION_ANNOTATION, ENDED
     from tailor.runtime import rest
 
     api = client()

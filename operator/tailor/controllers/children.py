@@ -129,6 +129,7 @@ def references(body: dict[str, Any]) -> set[tuple[str, str]]:
     if spec.get("knowledgeBaseRef"):
         refs.add(("KnowledgeBase", spec["knowledgeBaseRef"]["name"]))
     deployment = (spec.get("tests") or {}).get("deploymentRef")  # a PromptProfile's tests
+    deployment = deployment or (spec.get("evaluation") or {}).get("deploymentRef")  # a gate's
     if deployment:
         refs.add(("ModelDeployment", deployment["name"]))
     judge = ((spec.get("scoring") or {}).get("judge") or {}).get("deploymentRef")
@@ -215,11 +216,12 @@ def _watch_tailor_kind(kind: str) -> None:
         remember(kind, event)
         if type != "DELETED" and needs_sync(type, body):
             operator().enqueue(kind, namespace, name)
-        if kind in ("ModelDeployment", "RAFTJob", "PromptProfile", "Evaluation"):
+        if kind in ("ModelDeployment", "RAFTJob", "PromptProfile", "Evaluation", "FineTuneJob"):
             _index_references(kind, body, deleted=type == "DELETED")
         status = body.get("status") or {}
         served = (status.get("served") or {}).get("revision")  # a PromptProfile's
-        seen = (status.get("phase"), status.get("revision"), status.get("collection"), served)
+        gate = (status.get("evaluation") or {}).get("phase")  # a FineTuneJob's gate
+        seen = (status.get("phase"), status.get("revision"), status.get("collection"), served, gate)
         if type == "DELETED":
             _SEEN.pop(key, None)
             return

@@ -85,11 +85,7 @@ def resolve(
             found, problem = profile_revision(op, candidate, field, namespace)
             if problem:
                 return {}, problem
-            profile = {
-                "prompt_profile": found[1],
-                "prompt_profile_revision": found[0],
-                "test_key_secret_ref": test_key(Parent.from_body(md)),
-            }
+            profile = {"prompt_profile": found[1], "prompt_profile_revision": found[0]}
         auth = md_spec.auth.api_key_secret_ref if md_spec.auth else None
         targets[candidate.name] = CandidateTarget(
             base_url=md_status["endpoint"],
@@ -98,6 +94,8 @@ def resolve(
             retrieval=candidate.retrieval,
             devices=devices(md_spec, md_status),
             api_key_secret_ref=SecretKeyRef.model_validate(auth.wire()) if auth else None,
+            # the deployment's test key: brings the profile, reaches a gated adapter
+            test_key_secret_ref=test_key(Parent.from_body(md)),
             **profile,
         )
     return targets, None

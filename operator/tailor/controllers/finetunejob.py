@@ -20,6 +20,7 @@ from tailor.builders.common import Parent, Workload, content_hash
 from tailor.builders.finetunejob import QUEUE_LABEL, artifact_uri, build_training, queue_of
 from tailor.controllers import kueue
 from tailor.controllers.context import Operator, changed, condition, syncer
+from tailor.controllers.gate import sync_gate
 from tailor.observability.operator import PHASES, RUN_SECONDS
 from tailor.runtime.base import RunState, require_report
 
@@ -103,6 +104,8 @@ def _start(op: Operator, body: dict[str, Any]) -> FineTuneSync | None:
         # follow (garbage collection) change nothing; do not read the Job and its pods again
         # (nor start a new training if someone deleted the finished Job).
         PHASES.record(KIND, meta["namespace"], meta["name"], status["phase"])
+        if status["phase"] == "Succeeded" and spec.evaluation is not None:
+            sync_gate(op, body, spec.evaluation)  # the trained adapter against its gate
         return None
     parent = Parent.from_body(body)
     settings = op.settings.for_store(spec.output.store)

@@ -68,6 +68,14 @@ def resolve(
             sha256 = (status.get("artifact") or {}).get("sha256")
             if sha256:
                 refs.adapter_sha256[adapter.name] = sha256
+            gate = (status.get("evaluation") or {}).get("phase")
+            has_gate = bool(((body or {}).get("spec") or {}).get("evaluation"))
+            if has_gate and gate != "Passed" and not adapter.serve_without_gate:
+                refs.gated[adapter.name] = (
+                    f"{kind} {ref.name}'s evaluation gate has "
+                    + ("failed" if gate == "Failed" else "not passed yet")
+                    + f" (status.evaluation.phase: {gate or 'Waiting'})"
+                )
     if spec.prompt_profile_ref:
         body = op.get("PromptProfile", namespace, spec.prompt_profile_ref.name)
         status = (body or {}).get("status") or {}
@@ -144,7 +152,12 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         return
     reports = op.runtime.replica_reports(parent.namespace, parent.name) if spec.rollout else []
     old_rollout = status.get("rollout")
-    new_rollout = _rollout(op, body, spec, old_rollout, reports)
+    candidate = spec.rollout.candidate.adapter if spec.rollout else None
+    gated_candidate = refs.gated.get(candidate or "")
+    if gated_candidate:  # never routed to users before its gate passes
+        new_rollout = None
+    else:
+        new_rollout = _rollout(op, body, spec, old_rollout, reports)
     refs.routing = rollouts.routing(spec.rollout, new_rollout)
     workload = build_serving(spec, parent, op.settings, refs)
     assert isinstance(workload.run, ServeRun)
@@ -160,9 +173,25 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         op.create_secret_once(test_key_secret(parent, secrets.token_urlsafe(32)))
         op.runtime.start(workload)
         state = op.runtime.server_state(parent.namespace, workload.name)
-    elif status.get("adaptersRevision") != adapters or _routed(old_rollout) != _routed(new_rollout):
+    elif (
+        status.get("adaptersRevision") != adapters
+        or _routed(old_rollout) != _routed(new_rollout)
+        or {g["name"]: g["reason"] for g in status.get("gatedAdapters") or []} != refs.gated
+    ):
         op.runtime.update_config(workload)  # the replicas apply it in place
     conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
+    if spec.rollout:
+        conditions = condition(
+            conditions,
+            "RolloutStarted",
+            not gated_candidate,
+            "CandidateGated" if gated_candidate else "Started",
+            f"spec.rollout.candidate.adapter {candidate}: {gated_candidate}; the rollout "
+            "starts once it passes"
+            if gated_candidate
+            else "",
+            generation,
+        )
     replicas = state.replicas if state else 0
     ready = state.ready_replicas if state else 0
     rolled = bool(
@@ -214,6 +243,7 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         "adaptersRevision": adapters,
         "replicaAdapters": replica_adapters,
         "rollout": new_rollout,
+        "gatedAdapters": [{"name": n, "reason": r} for n, r in sorted(refs.gated.items())],
         "conditions": conditions,
     }
     op.patch_status(body, new)

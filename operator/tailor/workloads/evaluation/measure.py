@@ -131,8 +131,10 @@ def ask_candidate(
     )
     headers: dict[str, str] = {}
     extension: dict[str, Any] = {"retrieval": target.retrieval}
-    if target.prompt_profile is not None and target.test_key_secret_ref is not None:
+    if target.test_key_secret_ref is not None:  # the deployment's own key: a profile the
+        # request brings, and adapters still behind their evaluation gate, need it
         headers[TEST_KEY_HEADER] = read_secret(target.test_key_secret_ref, run.paths)
+    if target.prompt_profile is not None:
         extension["promptProfile"] = target.prompt_profile
     attempt = f"{os.getpid()}-{time.time_ns()}"  # a pass: its rows' wall times add up once
     client = ChatClient(target.base_url, api_key=api_key, headers=headers, timeout=600)

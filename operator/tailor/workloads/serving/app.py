@@ -309,7 +309,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     request.state.model = body.model if body.model in server.model_names() else "unknown"
     caller = _caller(request)
     session = server.rollouts.session(request.headers, body.user, caller)
-    gen = await server.prepare_completion(body, caller, session)
+    test_key = request.headers.get(TEST_KEY_HEADER)
+    gen = await server.prepare_completion(body, caller, session, test_key)
     return await server.respond(gen, request.state.started)
 
 

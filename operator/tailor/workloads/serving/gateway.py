@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from tailor.workloads.serving.engine.base import (
     TokenEngine,
 )
 from tailor.workloads.serving.engine.loading import check_adapters
+from tailor.workloads.serving.generation import Generation, Tracker, finish, whole
 from tailor.workloads.serving.isolated import IsolatedRenderer
 from tailor.workloads.serving.preparing import Preparer
 from tailor.workloads.serving.prompting import (
@@ -63,42 +63,19 @@ from tailor.workloads.serving.protocol import (
     CompletionRequest,
     FeedbackRequest,
     GenerationParameters,
-    Kind,
     Reply,
     TailorOptions,
     source,
     sse,
     usage,
 )
-from tailor.workloads.serving.rollout import Rollouts, Route
+from tailor.workloads.serving.rollout import Rollouts
+from tailor.workloads.serving.shadow import ShadowTraffic
 
 log = logging.getLogger("tailor.workloads.serving.gateway")
 
 
 # ------------------------------------------------------------------ the server
-@dataclass
-class Generation:
-    """What the handlers resolved for one request, ready for the engine."""
-
-    kind: Kind
-    caller: Caller
-    model: str
-    adapter: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    extension: dict[str, Any]
-    stream: bool
-    include_usage: bool
-    asked: Any = None
-    """What the caller sent (its messages, or the prompt), for capture."""
-    seen: Any = None
-    """What the engine saw (the messages after the profile and retrieval), for capture."""
-    route: Route | None = None
-    """The rollout's decision for this request (spec.rollout), if it is the rollout's."""
-    question: str | None = None
-    """The last user message (or the prompt): what a shadow judge is told was asked."""
-
-
 class Server:
     """State shared by the handlers: the engine, profile, retriever, cache and metrics.
 
@@ -159,8 +136,7 @@ class Server:
         self.rollouts = Rollouts(metrics, run.routing)
         self.desk = FeedbackDesk(capture, metrics, run.prompt_profile_revision or "")
         self.desk.on_rated = self.rollouts.rated
-        self._shadows = 0  # shadow generations in flight
-        self._background: set[asyncio.Task[None]] = set()
+        self.shadows = ShadowTraffic(self.rollouts, max(1, run.spec.batching.max_batch_size // 2))
         self._retriever: Any = None
         self._retriever_lock = threading.Lock()
         self._example_vectors: dict[tuple[str, str], Any] = {}  # (embedder, text) -> vector
@@ -214,6 +190,7 @@ class Server:
         changes come with a new pod (the operator rolls the Deployment for them)."""
         with self._apply_lock:
             self.run.routing = run.routing
+            self.run.gated_adapters = dict(run.gated_adapters)
             self.rollouts.apply(run.routing)
             if self.engine is None:
                 self._changed_run = run  # applied once the model is loaded
@@ -416,7 +393,7 @@ class Server:
         credential for bringing a prompt profile (``tailor.promptProfile``); ``session``:
         the request's session under a rollout's sticky rule."""
         adapter, route = self.rollouts.assign(
-            self.resolve_model(body.model, caller), session, self.adapters
+            self.ungated(self.resolve_model(body.model, caller), test_key), session, self.adapters
         )
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(bool(body.logprobs), "logprobs", "logprobs are not supported")
@@ -475,6 +452,26 @@ class Server:
             question=question,
         )
 
+    def ungated(self, adapter: str | None, test_key: str | None) -> str | None:
+        """``adapter``, if it may answer this request: an adapter whose FineTuneJob's
+        evaluation gate has not passed answers only requests with the test key (its
+        Evaluation's), else 403 naming the gate."""
+        why = self.run.gated_adapters.get(adapter or "")
+        if why is None or self._has_test_key(test_key):
+            return adapter
+        raise APIError(
+            403,
+            f"adapter {adapter} is not served to users yet: {why}. It answers the "
+            "deployment's Evaluations only (spec.adapters[].serveWithoutGate serves it anyway)",
+            param="model",
+            code="adapter_gated",
+        )
+
+    def _has_test_key(self, test_key: str | None) -> bool:
+        return self.test_key is not None and hmac.compare_digest(
+            (test_key or "").encode(), self.test_key.value().encode()
+        )
+
     def _profile(self, options: TailorOptions, test_key: str | None) -> Any:
         """The prompt profile to answer with: the served one, or the revision the request
         brings (what a PromptProfile's test Job sends to try it), only with the test key:
@@ -482,9 +479,7 @@ class Server:
         served = self.profile.get() if self.profile else None
         if options.prompt_profile is None:
             return served
-        if self.test_key is None or not hmac.compare_digest(
-            (test_key or "").encode(), self.test_key.value().encode()
-        ):
+        if not self._has_test_key(test_key):
             raise APIError(
                 403,
                 "tailor.promptProfile is accepted only from this deployment's PromptProfile "
@@ -499,10 +494,14 @@ class Server:
             raise APIError(400, str(exc), param="tailor.promptProfile") from exc
 
     async def prepare_completion(
-        self, body: CompletionRequest, caller: Caller, session: str = ""
+        self,
+        body: CompletionRequest,
+        caller: Caller,
+        session: str = "",
+        test_key: str | None = None,
     ) -> Generation:
         adapter, route = self.rollouts.assign(
-            self.resolve_model(body.model, caller), session, self.adapters
+            self.ungated(self.resolve_model(body.model, caller), test_key), session, self.adapters
         )
         _reject(body.n not in (None, 1), "n", "only n=1 is supported: send one request per choice")
         _reject(body.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
@@ -555,7 +554,7 @@ class Server:
         self.metrics.inflight_inc()
         # an engine that answers non-streamed requests whole has no first-token time then
         ttft = gen.stream or not engine.answers_whole
-        tracker = _Tracker(self.metrics, gen, started, cache_key, ttft, self._measured)
+        tracker = Tracker(self.metrics, gen, started, cache_key, ttft, self._measured)
         chunks = engine.stream(gen.prompt_ids, gen.adapter, gen.params, incremental=gen.stream)
         try:
             first = await anext(chunks)  # submits; QueueFull surfaces here
@@ -571,7 +570,7 @@ class Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result = await _whole(gen, first, chunks, tracker)
+        result = await whole(gen, first, chunks, tracker)
         if cache_key is not None and self.cache is not None:
             self.cache.put(cache_key, result)
         self.captured(gen, reply, result, started)
@@ -590,75 +589,13 @@ class Server:
         if gen.route is not None:
             self.rollouts.answered(gen.route, gen.route.variant, ok, seconds, tokens)
 
-    # -- shadow traffic (spec.rollout.mode shadow)
     def shadow(self, gen: Generation, stable_answer: str) -> None:
-        """Have the candidate answer a copy of ``gen`` in the background (never shown to
-        the user), then the judge compare both answers; skipped, and counted, when the
-        engine is busy or half its batch is shadow work already: users come first."""
-        route = gen.route
-        if route is None or not route.shadow:
-            return
-        engine = self.engine
-        most = max(1, self.run.spec.batching.max_batch_size // 2)
-        if engine is None or engine.full() or self._shadows >= most:
-            self.rollouts.skipped()
-            return
-        self._shadows += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(engine, gen, stable_answer))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _shadow(self, engine: TokenEngine, gen: Generation, stable_answer: str) -> None:
-        route = gen.route
-        assert route is not None
-        started = time.perf_counter()
-        try:
-            text, finish, tokens = await _generate(
-                engine, gen.prompt_ids, route.shadow_adapter, gen.params
-            )
-            ok = finish != "error"
-            self.rollouts.answered(
-                route, "candidate", ok, time.perf_counter() - started, len(gen.prompt_ids) + tokens
-            )
-            judge = self.run.routing.rollout.analysis.judge if self.run.routing else None
-            if ok and judge is not None and gen.question:
-                score = await self._judge(engine, judge, gen.question, text, stable_answer)
-                if score is not None:
-                    self.rollouts.judged(route, score)
-        except Exception as exc:  # a shadow failure is the candidate's, never the user's
-            log.warning("shadow request failed: %s", exc)
-            self.rollouts.answered(route, "candidate", False, time.perf_counter() - started, 0)
-        finally:
-            self._shadows -= 1
-
-    async def _judge(
-        self, engine: TokenEngine, judge: Any, question: str, candidate: str, stable: str
-    ) -> float | None:
-        """The judge's score of the candidate's answer against the stable's: asked in both
-        orders (a judge preferring whatever comes first is a tie, not a win), None when
-        a reply is not the JSON asked for."""
-        from tailor.workloads.evaluation.judge import (
-            COMPARE,
-            compare_messages,
-            parse,
-            preference,
-            response_format,
-        )
-        from tailor.workloads.evaluation.scoring import Item
-        from tailor.workloads.serving.engine.grammar import format_key
-
-        schema = response_format("compare", COMPARE)["json_schema"]["schema"]
-        key = format_key("json_schema", schema)
-        await asyncio.to_thread(engine.check_format, key)
-        item = Item("shadow", question, None, None, None, "shadow")
-        params = SamplingParams(max_tokens=16, temperature=0.0, response_format=key)
-        choices = []
-        for first, second in ((candidate, stable), (stable, candidate)):
-            messages = compare_messages(judge.rubric, item, first, second)
-            prompt = await asyncio.to_thread(engine.encode_chat, messages)
-            text, finish, _ = await _generate(engine, prompt, judge.adapter, params)
-            choices.append(parse(text, COMPARE) if finish != "error" else None)
-        return preference(choices[0], choices[1])
+        """A shadow rollout's copy of ``gen`` for the candidate (never shown to the user)."""
+        route, routing = gen.route, self.run.routing
+        if route is not None and route.shadow and routing is not None and self.engine:
+            judge = routing.rollout.analysis.judge
+            self.shadows.copy(self.engine, route, gen.prompt_ids, gen.params, gen.question,
+                              stable_answer, judge)  # fmt: skip
 
     def _cache_key(self, gen: Generation) -> str | None:
         """The response cache's key of a deterministic generation (temperature 0, or a
@@ -699,7 +636,7 @@ class Server:
         reply: Reply,
         first: Chunk,
         chunks: AsyncGenerator[Chunk, None],
-        tracker: _Tracker,
+        tracker: Tracker,
     ) -> AsyncIterator[str]:
         try:
             yield sse(reply.chunk("", None, role=True, extension=self._extension(gen)))
@@ -731,7 +668,7 @@ class Server:
                 chunk = await anext(chunks)
             yield SSE_DONE
         finally:
-            await _finish(chunks, tracker)
+            await finish(chunks, tracker)
 
     def remember(self, response_id: str, gen: Generation) -> None:
         self.desk.remember(response_id, gen.model, gen.caller.identity or "", gen.route)
@@ -770,107 +707,6 @@ class Server:
 
     async def record_feedback(self, body: FeedbackRequest, caller: Caller) -> dict[str, Any]:
         return await self.desk.rate(body, caller, self.resolve_model)
-
-
-class _Tracker:
-    """Per-request timing for the metrics: first token, totals, once at the end."""
-
-    def __init__(
-        self,
-        metrics: ServingMetrics,
-        gen: Generation,
-        started: float,
-        cache_key: str | None,
-        ttft: bool = True,
-        measured: Callable[[Generation, bool, float, int], None] | None = None,
-    ):
-        self.metrics, self.gen, self.started, self.cache_key = metrics, gen, started, cache_key
-        self.measured = measured  # the rollout's books (a request routed by spec.rollout)
-        self.ttft = ttft  # observe the time to the first token
-        self.first_token: float | None = None
-        self.final: Any = None
-        self._done = False
-
-    def saw(self, chunk: Any) -> None:
-        if self.ttft and self.first_token is None and (chunk.text or chunk.completion_tokens):
-            self.first_token = time.perf_counter() - self.started
-        if chunk.finish_reason is not None:
-            self.final = chunk
-
-    def abort(self) -> None:
-        """The request never reached the engine."""
-        if not self._done:
-            self._done = True
-            self.metrics.inflight_dec()
-
-    def done(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.metrics.inflight_dec()
-        final = self.final
-        seconds = time.perf_counter() - self.started
-        completion = final.completion_tokens if final else 0
-        self.metrics.observe_generation(
-            self.gen.model,
-            len(self.gen.prompt_ids),
-            completion,
-            seconds,
-            self.first_token,
-            final.device_seconds if final else 0.0,
-        )
-        if self.measured is not None:  # a client that went away is not the variant's error
-            ok = final is not None and final.finish_reason not in ("error",)
-            if final is None or final.finish_reason != "cancelled":
-                self.measured(self.gen, ok, seconds, len(self.gen.prompt_ids) + completion)
-
-
-async def _whole(
-    gen: Generation, first: Chunk, chunks: AsyncGenerator[Chunk, None], tracker: _Tracker
-) -> dict[str, Any]:
-    """A non-streamed answer, its chunks read to the end: text, finish_reason and usage."""
-    try:
-        parts = [first.text]
-        tracker.saw(first)
-        last = first
-        while last.finish_reason is None:
-            last = await anext(chunks)
-            tracker.saw(last)
-            parts.append(last.text)
-    finally:
-        await _finish(chunks, tracker)
-    if last.finish_reason == "error":
-        raise APIError(500, last.error or "generation failed", "server_error")
-    return {
-        "text": "".join(parts),
-        "finish_reason": last.finish_reason,
-        "usage": usage(len(gen.prompt_ids), last.completion_tokens),
-    }
-
-
-async def _generate(
-    engine: TokenEngine, prompt_ids: list[int], adapter: str | None, params: SamplingParams
-) -> tuple[str, str, int]:
-    """(text, finish_reason, completion tokens) of a generation the gateway asks for itself
-    (shadow answers, the shadow judge)."""
-    parts, finish, tokens = [], "error", 0
-    chunks = engine.stream(prompt_ids, adapter, params, incremental=False)
-    try:
-        async for chunk in chunks:
-            parts.append(chunk.text)
-            if chunk.finish_reason is not None:
-                finish, tokens = chunk.finish_reason, chunk.completion_tokens
-                break
-    finally:
-        await chunks.aclose()
-    return "".join(parts), finish, tokens
-
-
-async def _finish(chunks: AsyncGenerator[Chunk, None], tracker: _Tracker) -> None:
-    try:
-        await chunks.aclose()  # cancels the engine request if it is still running
-    finally:
-        tracker.done()
 
 
 def refusal(exc: BaseException) -> APIError | None:
