@@ -39,6 +39,7 @@ from tests.chart.helpers import CHART, EVERY_TOGGLE, ROOT, by_kind, helm, render
 
 TAILOR_KINDS = (
     "promptprofiles", "knowledgebases", "finetunejobs", "raftjobs", "modeldeployments", "evaluations",
+    "adaptationloops",
 )  # fmt: skip
 IMAGES = sorted((ROOT / "images").glob("*.Dockerfile"))
 
@@ -724,8 +725,8 @@ def test_uninstalling_releases_tailors_finalizers_with_a_hook_of_its_own() -> No
         {
             "apiGroups": ["tailor.dev"],
             "resources": [
-                "evaluations", "finetunejobs", "knowledgebases", "modeldeployments",
-                "promptprofiles", "raftjobs",
+                "adaptationloops", "evaluations", "finetunejobs", "knowledgebases",
+                "modeldeployments", "promptprofiles", "raftjobs",
             ],
             "verbs": ["get", "list", "patch"],
         }

@@ -23,6 +23,7 @@ SHORT_NAMES = {
     "RAFTJob": "raft",
     "ModelDeployment": "md",
     "Evaluation": "eval",
+    "AdaptationLoop": "loop",
 }
 
 

@@ -102,7 +102,7 @@ def operating(
             print(f"==== {attempt}\n{attempt.read_text()[-5000:]}")
 
 
-KINDS = "knowledgebases,finetunejobs,raftjobs,modeldeployments,promptprofiles,evaluations"
+KINDS = "knowledgebases,finetunejobs,raftjobs,modeldeployments,promptprofiles,evaluations,adaptationloops"
 
 
 def chat(endpoint: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:

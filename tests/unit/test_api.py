@@ -33,6 +33,7 @@ def test_one_crd_per_kind_with_names_and_category() -> None:
         "RAFTJob": ["raft"],
         "ModelDeployment": ["md"],
         "Evaluation": ["eval"],
+        "AdaptationLoop": ["loop"],
     }
     for crd in crds:
         assert crd["spec"]["names"]["categories"] == ["tailor"]

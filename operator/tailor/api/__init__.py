@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tailor.api.adaptationloop import AdaptationLoopSpec, AdaptationLoopStatus
 from tailor.api.base import TailorModel, describe_errors, transition_errors
 from tailor.api.common import StatusBase
 from tailor.api.evaluation import EvaluationSpec, EvaluationStatus
@@ -168,6 +169,22 @@ KINDS: dict[str, Kind] = {
                     "Recommended", ".status.recommendation.candidate", description="Candidate."
                 ),
                 PrinterColumn("Scoring", ".spec.scoring.type", priority=1),
+                AGE,
+            ),
+        ),
+        Kind(
+            "AdaptationLoop",
+            "adaptationloops",
+            "loop",
+            AdaptationLoopSpec,
+            AdaptationLoopStatus,
+            "Keeps a ModelDeployment's adapter improving from its use: triggered iterations "
+            "train on feedback, gate against the champion, roll the winner out as a canary.",
+            (
+                PHASE,
+                PrinterColumn("Deployment", ".spec.deploymentRef.name"),
+                PrinterColumn("Champion", ".status.champion"),
+                PrinterColumn("Promotion", ".spec.promotion", priority=1),
                 AGE,
             ),
         ),

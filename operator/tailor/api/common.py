@@ -305,6 +305,12 @@ class FeedbackData(TailorModel):
     split: Literal["train", "heldOut"] = Field(
         default="train", description="train: every exchange but the held-out share; heldOut: it."
     )
+    exclude_questions: ConfigMapKey | None = Field(
+        default=None,
+        description="An evaluation set (JSON lines or a JSON array of {question} or chat "
+        "records) whose questions are never in this dataset: what is measured on them is "
+        "not learned from them (an AdaptationLoop's frozen set).",
+    )
 
 
 class DataSource(TailorModel):

@@ -231,6 +231,8 @@ class Mounts:
                 continue
             if source.config_map:
                 self.config_maps.add(source.config_map.name)
+            if source.feedback and source.feedback.exclude_questions:
+                self.config_maps.add(source.feedback.exclude_questions.name)
             if source.files:
                 self.pvcs.add(source.files.claim_name)
             self.s3 = self.s3 or source.s3 is not None

@@ -18,6 +18,7 @@ from tailor.controllers import context
 def load_handlers() -> None:
     """Import every controller module so that its kopf handlers are registered."""
     from tailor.controllers import (  # noqa: F401
+        adaptationloop,
         children,
         evaluation,
         finetunejob,

@@ -166,6 +166,22 @@ class Operator:
         result = rest.request(self.api_client, "GET", self._path(kind, namespace))
         return cast(list[dict[str, Any]], result["items"])
 
+    def patch_spec(self, body: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``spec`` into another object's spec, at the resourceVersion read (a change
+        made meanwhile is a 409, retried by the work queue with the object read again);
+        what an AdaptationLoop does to its ModelDeployment. The written object."""
+        meta = body["metadata"]
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "spec": spec}
+        written = rest.request(
+            self.api_client,
+            "PATCH",
+            self._path(body["kind"], meta["namespace"], meta["name"]),
+            patch,
+            content_type=rest.MERGE_PATCH,
+        )
+        self.cache.put(body["kind"], written)
+        return written
+
     def patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
         """Merge ``status`` into the object's status; emit an event on a phase change."""
         meta = body["metadata"]

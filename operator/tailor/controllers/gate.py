@@ -50,11 +50,14 @@ def _next(op: Operator, parent: Parent, template: GatedEvaluation) -> dict[str, 
     name = child_name(parent, "gate")
     md = op.get("ModelDeployment", ns, ref)
     if md is None:
-        return _waiting(f"spec.evaluation.deploymentRef.name: ModelDeployment {ref} does not "
-                        f"exist in {ns}")  # fmt: skip
+        return _waiting(
+            f"spec.evaluation.deploymentRef.name: ModelDeployment {ref} does not exist in {ns}"
+        )
     adapters = (md.get("spec") or {}).get("adapters") or []
-    served = next((a["name"] for a in adapters
-                   if (a.get("fineTuneJobRef") or {}).get("name") == parent.name), None)  # fmt: skip
+    served = next(
+        (a["name"] for a in adapters if (a.get("fineTuneJobRef") or {}).get("name") == parent.name),
+        None,
+    )
     if served is None:
         return _waiting(
             f"ModelDeployment {ref} serves no adapter from this FineTuneJob: add "
@@ -65,25 +68,41 @@ def _next(op: Operator, parent: Parent, template: GatedEvaluation) -> dict[str, 
         return _waiting(f"waiting for ModelDeployment {ref}'s replicas to load adapter {served}")
     evaluation = op.get("Evaluation", ns, name)
     if evaluation is not None and not is_owned_by(evaluation, parent.uid):
-        return {"phase": "Failed", "evaluation": name,
-                "message": f"Evaluation {name} exists and was not created by this FineTuneJob; "
-                           "rename or delete it"}  # fmt: skip
+        return {
+            "phase": "Failed",
+            "evaluation": name,
+            "message": f"Evaluation {name} exists and was not created by this FineTuneJob; "
+            "rename or delete it",
+        }
     if evaluation is None:
         op.runtime.apply(_evaluation(parent, name, template, served))
-        return {"phase": "Evaluating", "evaluation": name, "metric": template.gate.metric,
-                "message": f"Evaluation {name}: {served} against "
-                           f"{template.baseline_adapter or 'the base model'} on {ref}"}  # fmt: skip
+        return {
+            "phase": "Evaluating",
+            "evaluation": name,
+            "metric": template.gate.metric,
+            "message": f"Evaluation {name}: {served} against "
+            f"{template.baseline_adapter or 'the base model'} on {ref}",
+        }
     ev_status = evaluation.get("status") or {}
     if ev_status.get("phase") == "Failed":
-        return {"phase": "Failed", "evaluation": name, "metric": template.gate.metric,
-                "message": f"its Evaluation {name} failed: "
-                           f"{_ready_message(ev_status)}"}  # fmt: skip
+        return {
+            "phase": "Failed",
+            "evaluation": name,
+            "metric": template.gate.metric,
+            "message": f"its Evaluation {name} failed: {_ready_message(ev_status)}",
+        }
     if ev_status.get("phase") != "Succeeded":
-        return {"phase": "Evaluating", "evaluation": name, "metric": template.gate.metric,
-                "message": f"Evaluation {name} is {ev_status.get('phase') or 'Pending'}"}  # fmt: skip
+        return {
+            "phase": "Evaluating",
+            "evaluation": name,
+            "metric": template.gate.metric,
+            "message": f"Evaluation {name} is {ev_status.get('phase') or 'Pending'}",
+        }
     results = {c["name"]: c for c in ev_status.get("candidates") or []}
-    return {"evaluation": name, **verdict(template.gate, results.get("candidate") or {},
-                                          results.get("baseline") or {})}  # fmt: skip
+    return {
+        "evaluation": name,
+        **verdict(template.gate, results.get("candidate") or {}, results.get("baseline") or {}),
+    }
 
 
 def verdict(gate: Gate, candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +155,11 @@ def _evaluation(
     baseline: dict[str, Any] = {"name": "baseline", "deploymentRef": deployment}
     if template.baseline_adapter:
         baseline["adapter"] = template.baseline_adapter
-    spec: dict[str, Any] = {key: wire[key] for key in ("questions", "sample", "scoring", "concurrency",
-                                       "maxTokens", "resources") if key in wire}  # fmt: skip
+    spec: dict[str, Any] = {
+        key: wire[key]
+        for key in ("questions", "sample", "scoring", "concurrency", "maxTokens", "resources")
+        if key in wire
+    }
     spec["candidates"] = [
         baseline,
         {"name": "candidate", "deploymentRef": deployment, "adapter": served},

@@ -92,10 +92,14 @@ def read_captured(spec: FeedbackData, paths: Paths) -> tuple[dict[str, Any], lis
     return exchanges, ratings
 
 
-def feedback_records(spec: FeedbackData, paths: Paths) -> tuple[list[Any], FeedbackCounts]:
-    """The records of a feedback DataSource, and what was used and skipped."""
+def feedback_records(
+    spec: FeedbackData, paths: Paths, excluded: set[str] | None = None
+) -> tuple[list[Any], FeedbackCounts]:
+    """The records of a feedback DataSource, and what was used and skipped; ``excluded``:
+    the normalised questions of ``spec.excludeQuestions``, never in the records."""
     exchanges, ratings = read_captured(spec, paths)
     counts = FeedbackCounts(exchanges=len(exchanges))
+    excluded = excluded or set()
     latest: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # id -> caller -> rating
     for rating in ratings:
         latest[rating["id"]][str(rating.get("caller") or "")] = rating
@@ -112,6 +116,9 @@ def feedback_records(spec: FeedbackData, paths: Paths) -> tuple[list[Any], Feedb
         question = _question(exchange) or response_id
         if held_out(question, spec.held_out_fraction) != (spec.split == "heldOut"):
             counts.skipped["otherSplit"] += 1
+            continue
+        if _normal(question) in excluded:
+            counts.skipped["evaluationQuestion"] += 1
             continue
         if not isinstance(exchange.get("seen"), list):
             counts.skipped["notAChat"] += 1  # a text completion: no chat prompt to learn
@@ -140,6 +147,25 @@ def feedback_records(spec: FeedbackData, paths: Paths) -> tuple[list[Any], Feedb
             f"({json.dumps(counts.wire())}); wait for more ratings or lower minRecords",
         )
     return list(unique.values()), counts
+
+
+def evaluation_question(where: str, record: Any) -> str:
+    """The (normalised) question of an evaluation set's record ({question} or a chat)."""
+    if isinstance(record, dict) and isinstance(record.get("question"), str):
+        return _normal(record["question"])
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        users = [m.get("content") for m in record["messages"]
+                 if isinstance(m, dict) and m.get("role") == "user"]  # fmt: skip
+        if users and isinstance(users[-1], str):
+            return _normal(users[-1])
+    raise WorkloadError(
+        "InvalidDataset", f"{where}: excludeQuestions records are {{question}} or chat records"
+    )
+
+
+def _normal(question: str) -> str:
+    """A question as compared with an evaluation set's: case and spacing aside."""
+    return " ".join(question.lower().split())
 
 
 def _assistant(text: str) -> list[dict[str, str]]:

@@ -52,9 +52,16 @@ def read_raw(
     if source.inline is not None:
         return [(f"inline[{i}]", item) for i, item in enumerate(source.inline)]
     if source.feedback is not None:
-        from tailor.workloads.io.feedback import feedback_records
+        from tailor.workloads.io.feedback import evaluation_question, feedback_records
 
-        records, used = feedback_records(source.feedback, paths)
+        exclude = source.feedback.exclude_questions
+        excluded = {
+            evaluation_question(where, record)
+            for where, record in (
+                read_raw(DataSource(config_map=exclude), paths) if exclude else []
+            )
+        }
+        records, used = feedback_records(source.feedback, paths, excluded)
         if counts is not None:
             counts.update(used.wire())
         name = f"feedback of ModelDeployment {source.feedback.deployment_ref.name}"

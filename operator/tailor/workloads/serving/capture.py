@@ -31,7 +31,7 @@ import queue
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -332,6 +332,10 @@ class CaptureLog:
         return exchanges
 
 
+RECENT_RATINGS = 2000
+"""Latest ratings a replica reports with their time (an AdaptationLoop's satisfaction)."""
+
+
 class FeedbackDesk:
     """Ratings of responses (``POST /v1/feedback``): counted by model and prompt revision;
     with capture on, joined to the exchange they rate and kept beside it."""
@@ -343,6 +347,8 @@ class FeedbackDesk:
         self.rated: OrderedDict[tuple[str, str], bool] = OrderedDict()  # (id, caller)
         self.on_rated: Callable[[Any, bool], None] | None = None
         """Told of the first rating of an answer a rollout routed (its route, up)."""
+        self.ratings, self.rated_up = 0, 0  # first ratings of answers, since the start
+        self.recent: deque[tuple[float, bool]] = deque(maxlen=RECENT_RATINGS)
 
     def remember(self, response_id: str, model: str, caller: str, route: Any = None) -> None:
         self.responses[response_id] = (model, caller, route)
@@ -401,8 +407,12 @@ class FeedbackDesk:
         self.metrics.observe_feedback(model, body.rating, revision)
         rated = (body.id, caller.identity or "")
         replaced = rated in self.rated
+        if not replaced:  # one vote per answer and caller
+            self.ratings += 1
+            self.rated_up += int(body.rating == "up")
+            self.recent.append((time.time(), body.rating == "up"))
         if route is not None and owner == (caller.identity or "") and not replaced:
-            if self.on_rated is not None:  # the asker's first rating: one vote per answer
+            if self.on_rated is not None:  # the asker's first rating
                 self.on_rated(route, body.rating == "up")
         self.rated[rated] = True
         while len(self.rated) > MAX_REMEMBERED_RESPONSES:

@@ -145,9 +145,13 @@ class Server:
             metrics.set_ready(True)
 
     def report(self) -> dict[str, Any]:
-        """What the metrics port's ``GET /adapters`` answers: the adapters served, and the
-        rollout's measurements of the current step."""
-        return {**self.adapter_set.report(), "rollout": self.rollouts.report()}
+        """What the metrics port's ``GET /adapters`` answers: the adapters served, the
+        rollout's measurements of the current step, and the ratings counted since the
+        start (with the latest ones' times: an AdaptationLoop's trigger)."""
+        desk = self.desk
+        ratings = {"total": desk.ratings, "up": desk.rated_up,
+                   "recent": [[round(t, 1), int(up)] for t, up in list(desk.recent)]}  # fmt: skip
+        return {**self.adapter_set.report(), "rollout": self.rollouts.report(), "ratings": ratings}
 
     @property
     def capture(self) -> CaptureLog | None:
