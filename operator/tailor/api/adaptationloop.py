@@ -200,9 +200,9 @@ class AdaptationLoopSpec(TailorModel):
 
     rules = (
         Rule(
-            cel="!has(self.dataset) || !has(self.dataset.fromFeedback) || "
-            "!has(self.dataset.fromFeedback.dedupAgainstEvaluation) || "
-            "!self.dataset.fromFeedback.dedupAgainstEvaluation || "
+            cel="(has(self.dataset) && has(self.dataset.fromFeedback) && "
+            "has(self.dataset.fromFeedback.dedupAgainstEvaluation) && "
+            "!self.dataset.fromFeedback.dedupAgainstEvaluation) || "
             "has(self.evaluation.questions.configMap)",
             message="dedupAgainstEvaluation reads the evaluation set from a ConfigMap: give "
             "evaluation.questions a configMap, or set dedupAgainstEvaluation: false",
