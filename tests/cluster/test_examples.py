@@ -29,6 +29,8 @@ FINAL = {
     "finetunejob-kto": ("assistant-kto", "Succeeded"),
     "knowledgebase-adaptive": ("torchhub-docs-adaptive", "Ready"),
     "evaluation": ("torchhub-ladder", "Succeeded"),
+    "modeldeployment-rollout": ("assistant-canary", "Ready"),
+    "adaptationloop": ("assistant-loop", "Waiting"),
 }
 
 

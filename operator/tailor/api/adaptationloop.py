@@ -258,7 +258,9 @@ class Iteration(TailorModel):
     phase: Literal["Training", "RollingOut", "Done"] = Field(description="Where it is.")
     champion: str | None = Field(default=None, description="What users got when it began.")
     dataset_hash: str | None = Field(
-        default=None, description="sha256 of the training records (the first rung's)."
+        default=None,
+        description="sha256 of the training records (the first rung's, as "
+        "its FineTuneJob's status.feedback.train reports them).",
     )
     records: int | None = Field(default=None, description="Training records.")
     rungs: list[RungResult] = Field(default_factory=list, description="What was tried.")
@@ -270,6 +272,12 @@ class Iteration(TailorModel):
     outcome: str = Field(default="", description="What the iteration did, in a line.")
     seconds: dict[str, float] = Field(
         default_factory=dict, description="Wall time of each phase (training, rollout)."
+    )
+    phase_started: str | None = Field(
+        default=None, description="When the phase in progress began (RFC 3339)."
+    )
+    rollout_id: str | None = Field(
+        default=None, description="The deployment's status.rollout.id of the winner's canary."
     )
 
 

@@ -333,6 +333,9 @@ class FeedbackUse(TailorModel):
     exchanges: int = Field(description="Captured exchanges in the time window.")
     rated: int = Field(description="Of those, exchanges with a rating.")
     records: int = Field(description="Records used, after the held-out split and duplicates.")
+    sha256: str | None = Field(
+        default=None, description="sha256 of the records used (sorted): the dataset's identity."
+    )
     skipped: dict[str, int] = Field(
         default_factory=dict,
         description="Skipped, by reason: notRated, conflictingRatings, otherSplit, "

@@ -9,7 +9,7 @@ there is never created twice.
    ratings counted since each replica started, the latest with their times) and the time
    of the last iteration. When it fires, an iteration begins (Training).
 2. **Training**, rung by rung: the rung's FineTuneJob (feedback, champion continued, gate
-   against the champion) is applied and its adapter added to the deployment's
+   against the champion) is applied; once trained, its adapter is added to the deployment's
    ``spec.adapters`` (served to the gate's Evaluation only until it passes). A rung whose
    job fails (FeedbackTooSmall, ...) or whose gate fails is recorded and its adapter entry
    removed; the artifact stays (lineage). The first passing rung that meets
@@ -261,6 +261,7 @@ class Loop:
             self._won(it, max(passed, key=lambda r: r.get("candidate") or 0.0), target_met=False)
         else:
             why = "; ".join(f"{r['rung']}: {r['message']}" for r in results)
+            self._seconds(it, "training")
             self._done(it, None, f"no rung passed its gate ({why}); no rollout")
 
     def _meets_target(self, result: dict[str, Any]) -> bool:
@@ -294,9 +295,6 @@ class Loop:
                     self._champion_uri(md_spec),
                 )
             )
-        self._set_adapters(
-            lambda adapters: [*(a for a in adapters if a["name"] != name), served_by(name, name)]
-        )
         it["rungs"].append(
             {
                 "rung": rung.name,
@@ -320,7 +318,7 @@ class Loop:
         status = ftj.get("status") or {}
         train = (status.get("feedback") or {}).get("train") or {}
         if train.get("records") is not None and it.get("records") is None:
-            it["records"] = train["records"]
+            it["records"], it["datasetHash"] = train["records"], train.get("sha256")
         if status.get("phase") == "Failed":
             ready: dict[str, Any] = next(
                 (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
@@ -334,8 +332,14 @@ class Loop:
             return
         if status.get("phase") != "Succeeded":
             return
-        artifact = status.get("artifact") or {}
-        it.setdefault("datasetHash", artifact.get("sha256"))
+        name = result["adapter"]  # trained: served beside the champion (to its gate only)
+        self._set_adapters(
+            lambda adapters: (
+                adapters
+                if any(a["name"] == name for a in adapters)
+                else [*adapters, served_by(result["fineTuneJob"], name)]
+            )
+        )
         gate = status.get("evaluation") or {}
         result["evaluation"] = gate.get("evaluation")
         result["candidate"], result["champion"] = gate.get("candidate"), gate.get("baseline")

@@ -215,6 +215,8 @@ def _status_written(op: Operator, run: FineTuneSync) -> bool:
                 _seconds(state.start_time, state.completion_time)
             )
     op.patch_status(run.body, without_first_attempt_news(status, new))
+    if phase == "Succeeded" and run.spec.evaluation is not None:  # on to its gate, now
+        op.queue.add_after((KIND, run.parent.namespace, run.parent.name), 0.0)
     return True
 
 

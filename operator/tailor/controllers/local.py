@@ -22,7 +22,10 @@ def _local_and_unfinished(status: dict[str, Any], **_: Any) -> bool:
         c.get("type") == "TestsPassed" and c.get("reason") == "Testing"
         for c in status.get("conditions") or []
     )
-    return testing or status.get("phase") not in TERMINAL
+    gating = status.get("phase") == "Succeeded" and (status.get("evaluation") or {}).get(
+        "phase"
+    ) not in (None, "Passed", "Failed")  # a FineTuneJob's evaluation gate under way
+    return testing or gating or status.get("phase") not in TERMINAL
 
 
 def _poll(kind: str) -> None:

@@ -53,6 +53,8 @@ class FeedbackCounts:
     rated: int = 0
     records: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    sha256: str = ""
+    """Of the records (their JSON, sorted): the dataset's identity in lineage."""
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class FeedbackCounts:
             "rated": self.rated,
             "records": self.records,
             "skipped": dict(sorted(self.skipped.items())),
+            "sha256": self.sha256,
         }
 
 
@@ -131,6 +134,7 @@ def feedback_records(
         unique.setdefault(json.dumps(record, sort_keys=True), record)
     counts.skipped["duplicate"] += len(records) - len(unique)
     counts.records = len(unique)
+    counts.sha256 = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()
     counts.skipped = +counts.skipped  # zero counts left out
     log.info(
         "feedback of %s (%s, %s): %s",
