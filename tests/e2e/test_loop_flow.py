@@ -138,6 +138,52 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
     spec = kube.get_json("md", "assistant", "-n", ns)["spec"]
     assert "rollout" not in spec
     assert [a["name"] for a in spec["adapters"]] == ["live"]
-    loop_status = kube.get_json("loop", "improve", "-n", ns)["status"]
-    assert loop_status["phase"] == "Finished" and not loop_status.get("champion")
+    loop_status = wait_for("maxIterations reached", lambda: (s := kube.get_json(
+        "loop", "improve", "-n", ns)["status"])["phase"] == "Finished" and s, 30)  # fmt: skip
+    assert not loop_status.get("champion")
     print(f"loop iteration: {time.monotonic() - started:.0f} s; {done['seconds']}")
+
+    # A second iteration with a gate any adapter passes, promoted through a canary: the
+    # adapter users call ("live") is repointed at the winner in place.
+    loop["spec"].update(
+        maxIterations=2,
+        gate={"metric": "accuracy", "min": 0.0},
+        rollout={"steps": [{"weight": 50, "pauseSeconds": 0}],
+                 "analysis": {"intervalSeconds": 2, "metrics": [
+                     {"name": "errorRate", "maxWorse": 0.5, "minSamples": 2}]}},
+    )  # fmt: skip
+    loop["spec"]["ladder"]["target"]["min"] = 0.0
+    kube.apply([loop], "-n", ns)
+
+    def rated_use() -> None:
+        for i in range(8):
+            body = {"model": "assistant/live", "max_tokens": 6, "temperature": 0,
+                    "messages": [{"role": "user", "content": f"Hello number {i}?"}]}  # fmt: skip
+            request = urllib.request.Request(
+                f"{endpoint}/chat/completions",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json", "X-Session-Id": f"user-{i}"},
+            )
+            answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+            post(f"{endpoint}/feedback", {"id": answer["id"], "rating": "up"})
+
+    def second_done() -> dict[str, Any] | None:
+        status = kube.get_json("loop", "improve", "-n", ns).get("status") or {}
+        its = status.get("iterations") or []
+        if len(its) == 2 and its[1]["phase"] == "Done":
+            return its[1]
+        rated_use()  # the trigger's ratings, then the canary's traffic
+        return None
+
+    second = wait_for("the second iteration", second_done, 600)
+    assert second["rollout"] == "Promoted", second
+    assert second["winner"] == second["rungs"][0]["fineTuneJob"] and second["targetMet"]
+    spec = kube.get_json("md", "assistant", "-n", ns)["spec"]
+    assert "rollout" not in spec
+    assert spec["adapters"] == [
+        {"name": "live", "fineTuneJobRef": {"name": second["winner"]}, "serveWithoutGate": False}
+    ]
+    status = wait_for("maxIterations reached", lambda: (s := kube.get_json(
+        "loop", "improve", "-n", ns)["status"])["phase"] == "Finished" and s, 30)  # fmt: skip
+    assert status["champion"] == second["winner"]
+    assert set(second["seconds"]) == {"training", "rollout"}
