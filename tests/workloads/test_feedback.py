@@ -336,6 +336,21 @@ def test_each_dataset_format_is_built_from_captured_records(tmp_path: Path) -> N
     )
     assert [r for _, r in read_raw(source, paths)] == dpo
 
+    # an evaluation set's questions are never trained on (an AdaptationLoop's frozen set),
+    # whatever their case and spacing
+    (tmp_path / "configmaps" / "frozen").mkdir(parents=True)
+    (tmp_path / "configmaps" / "frozen" / "eval.jsonl").write_text(
+        json.dumps({"question": "  what is  2+2? "}) + "\n"
+    )
+    excluded = DataSource.model_validate({"feedback": {
+        "deploymentRef": {"name": SERVED}, "format": "kto", "heldOutFraction": 0,
+        "excludeQuestions": {"name": "frozen", "key": "eval.jsonl"}}})  # fmt: skip
+    used: dict[str, Any] = {}
+    frozen_paths = Paths(artifacts=str(tmp_path), config_maps=str(tmp_path / "configmaps"))
+    kept = [r for _, r in read_raw(excluded, frozen_paths, used)]
+    assert [r["completion"][0]["content"] for r in kept] == ["Lyon"]
+    assert used["skipped"]["evaluationQuestion"] == 3 and len(used["sha256"]) == 64
+
 
 def test_a_knowledge_base_adapts_from_feedback_pairs(tmp_path: Path) -> None:
     """spec.adaptation.questions from feedback (format retrieval): the cited documents users

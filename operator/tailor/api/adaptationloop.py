@@ -90,6 +90,11 @@ class FeedbackDataset(TailorModel):
     held_out_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Share of questions kept out (by their hash)."
     )
+    window: Literal["sinceLastIteration", "all"] = Field(
+        default="sinceLastIteration",
+        description="sinceLastIteration: exchanges since the previous iteration began (the "
+        "champion learned the older ones); all: everything captured.",
+    )
     dedup_against_evaluation: bool = Field(
         default=True,
         description="Leave out the evaluation set's questions (evaluation.questions must be "

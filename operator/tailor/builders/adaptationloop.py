@@ -4,6 +4,7 @@ writes into the deployment."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from tailor.api import API_VERSION
@@ -27,6 +28,7 @@ def rung_fine_tune(
     rung: Rung,
     base_model: ModelSource,
     champion_uri: str | None,
+    since: datetime | None = None,
 ) -> Manifest:
     """A rung's FineTuneJob: the feedback in the rung's format (the evaluation set's
     questions left out), continuing the champion, gated against it on the deployment."""
@@ -40,6 +42,7 @@ def rung_fine_tune(
             min_records=feedback.min_records,
             held_out_fraction=feedback.held_out_fraction,
             exclude_questions=exclude,
+            since=since if feedback.window == "sinceLastIteration" else None,
         )
     )
     reference = Reference(uri=champion_uri) if champion_uri else None

@@ -293,6 +293,7 @@ class Loop:
                     rung,
                     md_spec.base_model,
                     self._champion_uri(md_spec),
+                    self._previous_start(it),
                 )
             )
         it["rungs"].append(
@@ -306,6 +307,11 @@ class Loop:
         )
         if it.get("phaseStarted") is None:
             it["phaseStarted"] = _text(_now())
+
+    def _previous_start(self, it: dict[str, Any]) -> dt.datetime | None:
+        """When the iteration before ``it`` began (its feedback window's start)."""
+        earlier = [i for i in self.status.get("iterations") or [] if i["number"] < it["number"]]
+        return _time(earlier[-1]["started"]) if earlier else None
 
     def _champion_uri(self, md_spec: ModelDeploymentSpec) -> str | None:
         """The artifact of the adapter users call (what a rung continues)."""
