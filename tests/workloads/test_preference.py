@@ -217,5 +217,6 @@ def test_a_kto_run_reads_a_deployments_captured_feedback_and_reports_what_it_use
     train(run)
     reports = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     used = next(r["status"]["feedback"]["train"] for r in reports if "feedback" in r["status"])
+    assert len(used.pop("sha256")) == 64  # the dataset's identity, for lineage
     assert used == {"exchanges": 11, "rated": 10, "records": 10, "skipped": {"notRated": 1}}
     assert (tmp_path / "out" / "manifest.json").exists()
