@@ -22,9 +22,11 @@ capture on), then an AdaptationLoop on the deployment's adapter:
 Per iteration it reports the champion's and the candidate's exact / accuracy /
 hallucination on the frozen set (the gate's Evaluation), the live satisfaction per variant
 during its canary, and the wall time of each phase; with ``--overhead`` instead, tokens/s
-at 16 clients through a gateway without a rollout and one with a 50% canary between two
-copies of the same adapter (equal compute: the difference is the per-variant bookkeeping),
-alternating rounds, mean with a 95% interval.
+at 16 clients through one engine behind three gateways: no rollout; a rollout at weight 0
+(every request assigned to a variant and counted, all answered by the stable: the
+per-variant bookkeeping alone); and a 50% canary between two copies of the same adapter
+(what mixing two adapters in one batch costs the engine besides), alternating rounds in
+alternating order, mean with a 95% interval.
 """
 
 from __future__ import annotations
@@ -362,19 +364,22 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     engine = load_engine(spec, [ServedAdapter.model_validate(a) for a in adapters], paths)
     rollout = {"stable": {"adapter": "a"}, "candidate": {"adapter": "b"}, "steps": [{"weight": 50}]}
+    # off: no rollout; books: a rollout at weight 0 (every request assigned and counted,
+    # all answered by "a": the bookkeeping alone); split: 50% of sessions on "b" (the same
+    # weights under another name: what mixing two adapters in a batch costs the engine)
     servers = {}
-    for routed in (False, True):
+    for label, weight in (("off", None), ("books", 0), ("split", 50)):
         body: dict[str, Any] = {
-            "spec": {**base, **({"rollout": rollout} if routed else {})},
+            "spec": {**base, **({"rollout": rollout} if weight is not None else {})},
             "servedName": "smol",
             "adapters": adapters,
             "owner": {"kind": "ModelDeployment", "namespace": "bench", "name": "smol"},
             "paths": {"artifacts": str(root)},
         }
-        if routed:
-            body["routing"] = {"id": "bench", "step": 0, "weight": 50, "rollout": rollout}
+        if weight is not None:
+            body["routing"] = {"id": "bench", "step": 0, "weight": weight, "rollout": rollout}
         run_spec = ServeRun.model_validate(body)
-        servers[routed] = ThreadServer(create_app(run_spec, engine=engine)).__enter__()
+        servers[label] = ThreadServer(create_app(run_spec, engine=engine)).__enter__()
     questions = [f"Write a short sentence about the number {i}." for i in range(16 * 4)]
 
     def round_rate(url: str) -> float:
@@ -398,16 +403,21 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             tokens = sum(pool.map(one, range(len(questions))))
         return tokens / (time.perf_counter() - clock)
 
-    round_rate(servers[False].url)  # warm-up
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(args.overhead_rounds):
-        for routed in (False, True):
-            rates[routed].append(round_rate(servers[routed].url))
-            print(
-                f"rollout {'on ' if routed else 'off'}: {rates[routed][-1]:.1f} tokens/s",
-                flush=True,
-            )
-    books = servers[True].app.state.server.report()["rollout"]["variants"]
+    round_rate(servers["off"].url)  # warm-up
+    rates: dict[str, list[float]] = {label: [] for label in servers}
+    for n in range(args.overhead_rounds):
+        order = list(servers) if n % 2 == 0 else list(reversed(servers))
+        for label in order:
+            rates[label].append(round_rate(servers[label].url))
+            print(f"{label:5}: {rates[label][-1]:.1f} tokens/s", flush=True)
+    books = {
+        label: {
+            k: v["answered"]
+            for k, v in server.app.state.server.report()["rollout"]["variants"].items()
+        }
+        for label, server in servers.items()
+        if label != "off"
+    }
     for server in servers.values():
         server.__exit__()
     engine.close()
@@ -417,12 +427,14 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
         return round(mean, 1), round(half, 1)
 
-    ratios = [100 * on / off for off, on in zip(rates[False], rates[True], strict=True)]
+    def ratio(label: str) -> tuple[float, float]:
+        return interval([100 * x / o for o, x in zip(rates["off"], rates[label], strict=True)])
+
     return {
-        "off": interval(rates[False]),
-        "on": interval(rates[True]),
-        "on/off %": interval(ratios),
-        "answers per variant": {k: v["answered"] for k, v in books.items()},
+        **{f"{label} tokens/s": interval(values) for label, values in rates.items()},
+        "books/off %": ratio("books"),
+        "split/off %": ratio("split"),
+        "answers per variant": books,
     }
 
 
