@@ -294,7 +294,7 @@ def follow(kube: Kube, users: Users, args: argparse.Namespace) -> list[dict[str,
             if it["number"] not in reports:
                 reports[it["number"]] = report(kube, it, canaries.get(it["number"]))
                 print(json.dumps(reports[it["number"]]), flush=True)
-        if len(done) >= 3 or status.get("phase") == "Finished":
+        if len(done) >= args.iterations or status.get("phase") == "Finished":
             break
         time.sleep(5)
     return [reports[n] for n in sorted(reports)]
@@ -451,6 +451,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=4 * 3600)
+    parser.add_argument(
+        "--iterations", type=int, default=3, help="stop after this many (3: the corrupted one)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keep-cluster", action="store_true")
     parser.add_argument("--overhead", action="store_true", help="only the bookkeeping cost")
