@@ -76,7 +76,7 @@ def test_a_rollout_walks_its_steps_holds_without_samples_and_promotes() -> None:
     # samples in: the step passes, the next begins with fresh books
     nxt, moved = at(held, 120, good)
     assert (nxt["step"], nxt["weight"], nxt["phase"]) == (1, 50, "Progressing")
-    assert nxt["stepStarted"] == machine.now_text(T0 + dt.timedelta(seconds=120))
+    assert nxt["stepStarted"] == machine.time_text(T0 + dt.timedelta(seconds=120))
     assert moved.reason == "RolloutStep"
     # books of the old step (a replica not yet moved) do not count for the new one
     stale, _ = at(nxt, 181, good)

@@ -38,7 +38,7 @@ from tailor.builders.adaptationloop import (
 from tailor.builders.common import Parent
 from tailor.controllers import rollout as rollouts
 from tailor.controllers.children import is_owned_by
-from tailor.controllers.context import Operator, condition, syncer
+from tailor.controllers.context import Operator, condition, condition_of, syncer
 from tailor.controllers.modeldeployment import resolve
 
 KIND = "AdaptationLoop"
@@ -51,14 +51,6 @@ KEPT_ITERATIONS = 20
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _text(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 @syncer(KIND)
@@ -163,7 +155,7 @@ def _between(
     iteration: dict[str, Any] = {
         "number": number,
         "trigger": fired,
-        "started": _text(_now()),
+        "started": rollouts.time_text(_now()),
         "phase": "Training",
         "champion": status.get("champion"),
         "rungs": [],
@@ -214,7 +206,7 @@ def trigger_reason(
             )
     if trigger.every_seconds is not None:
         last = iterations[-1]["started"] if iterations else body["metadata"]["creationTimestamp"]
-        if (now - _time(last)).total_seconds() >= trigger.every_seconds:
+        if (now - rollouts.parse_time(last)).total_seconds() >= trigger.every_seconds:
             return f"schedule (every {trigger.every_seconds} s)"
     return None
 
@@ -306,12 +298,12 @@ class Loop:
             }
         )
         if it.get("phaseStarted") is None:
-            it["phaseStarted"] = _text(_now())
+            it["phaseStarted"] = rollouts.time_text(_now())
 
     def _previous_start(self, it: dict[str, Any]) -> dt.datetime | None:
         """When the iteration before ``it`` began (its feedback window's start)."""
         earlier = [i for i in self.status.get("iterations") or [] if i["number"] < it["number"]]
-        return _time(earlier[-1]["started"]) if earlier else None
+        return rollouts.parse_time(earlier[-1]["started"]) if earlier else None
 
     def _champion_uri(self, md_spec: ModelDeploymentSpec) -> str | None:
         """The artifact of the adapter users call (what a rung continues)."""
@@ -326,9 +318,7 @@ class Loop:
         if train.get("records") is not None and it.get("records") is None:
             it["records"], it["datasetHash"] = train["records"], train.get("sha256")
         if status.get("phase") == "Failed":
-            ready: dict[str, Any] = next(
-                (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
-            )
+            ready = condition_of(status, "Ready")
             result.update(
                 phase="Failed",
                 message=f"training failed: {ready.get('reason')}: "
@@ -377,7 +367,7 @@ class Loop:
             phase="RollingOut",
             rolloutId=rollouts.rollout_id(rollout),
             outcome=f"rolling out {result['adapter']} ({numbers})",
-            phaseStarted=_text(_now()),
+            phaseStarted=rollouts.time_text(_now()),
         )
         self._patch_md({"rollout": rollout.wire()})
         self.op.event(self.body, "Normal", "RolloutRequested", it["outcome"])
@@ -410,7 +400,7 @@ class Loop:
 
     # -- helpers
     def _done(self, it: dict[str, Any], champion: str | None, outcome: str) -> None:
-        it.update(phase="Done", finished=_text(_now()), outcome=outcome[:1000])
+        it.update(phase="Done", finished=rollouts.time_text(_now()), outcome=outcome[:1000])
         it.pop("phaseStarted", None)
         warning = champion is None and it.get("rollout") not in ("Recommended",)
         self.op.event(
@@ -423,7 +413,7 @@ class Loop:
     def _seconds(self, it: dict[str, Any], phase: str) -> None:
         started = it.get("phaseStarted")
         if started:
-            seconds = round((_now() - _time(started)).total_seconds(), 1)
+            seconds = round((_now() - rollouts.parse_time(started)).total_seconds(), 1)
             it["seconds"] = {**(it.get("seconds") or {}), phase: seconds}
 
     def _drop_adapter(self, name: str | None) -> None:

@@ -366,6 +366,11 @@ def _phase_reason(status: dict[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+def condition_of(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    """The condition of ``type_`` in a status (empty when it has none)."""
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+
+
 def condition(
     conditions: list[dict[str, Any]] | None,
     type_: str,

@@ -19,7 +19,7 @@ from typing import Any
 from tailor.api.evaluation import Gate, GatedEvaluation
 from tailor.builders.common import Parent, child_name, metadata
 from tailor.controllers.children import is_owned_by
-from tailor.controllers.context import Operator
+from tailor.controllers.context import Operator, condition_of
 
 KIND = "FineTuneJob"
 POLL_SECONDS = 5.0
@@ -85,11 +85,12 @@ def _next(op: Operator, parent: Parent, template: GatedEvaluation) -> dict[str, 
         }
     ev_status = evaluation.get("status") or {}
     if ev_status.get("phase") == "Failed":
+        failed = condition_of(ev_status, "Ready")
         return {
             "phase": "Failed",
             "evaluation": name,
             "metric": template.gate.metric,
-            "message": f"its Evaluation {name} failed: {_ready_message(ev_status)}",
+            "message": f"its Evaluation {name} failed: {failed.get('message', '')}",
         }
     if ev_status.get("phase") != "Succeeded":
         return {
@@ -137,13 +138,6 @@ def verdict(gate: Gate, candidate: dict[str, Any], baseline: dict[str, Any]) -> 
 
 def _waiting(message: str) -> dict[str, Any]:
     return {"phase": "Waiting", "message": message}
-
-
-def _ready_message(status: dict[str, Any]) -> str:
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Ready":
-            return str(cond.get("message") or "")
-    return ""
 
 
 def _evaluation(

@@ -28,7 +28,7 @@ from tailor.builders.modeldeployment import (
     test_key_secret,
 )
 from tailor.controllers import rollout as rollouts
-from tailor.controllers.context import Operator, condition, syncer
+from tailor.controllers.context import Operator, condition, condition_of, syncer
 from tailor.controllers.storage import unreadable
 from tailor.runtime.base import ReplicaReport
 
@@ -147,7 +147,10 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
                 generation,
             ),
         }
-        if status.get("phase") != "Pending" or _message(status, "ReferencesReady") != message:
+        if (
+            status.get("phase") != "Pending"
+            or condition_of(status, "ReferencesReady").get("message", "") != message
+        ):
             op.patch_status(body, new)
         return
     reports = op.runtime.replica_reports(parent.namespace, parent.name) if spec.rollout else []
@@ -321,10 +324,3 @@ def _adapters_loaded(replicas: list[dict[str, Any]], any_wanted: bool) -> tuple[
         return False, "; ".join(waiting)
     what = "spec.adapters" if any_wanted else "no adapter"
     return True, f"all {len(replicas)} ready replicas serve {what}"
-
-
-def _message(status: dict[str, Any], type_: str) -> str:
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == type_:
-            return str(cond.get("message") or "")
-    return ""

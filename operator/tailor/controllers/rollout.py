@@ -33,11 +33,13 @@ def rollout_id(rollout: Rollout) -> str:
     return content_hash(rollout.wire())[:12]
 
 
-def now_text(now: dt.datetime) -> str:
+def time_text(now: dt.datetime) -> str:
+    """A status time (RFC 3339, seconds, UTC)."""
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse_time(text: str) -> dt.datetime:
+def parse_time(text: str) -> dt.datetime:
+    """A status time read back."""
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
@@ -169,7 +171,7 @@ def start(rollout: Rollout, now: dt.datetime) -> dict[str, Any]:
         "phase": "Progressing",
         "step": 0,
         "weight": first.weight,
-        "stepStarted": now_text(now),
+        "stepStarted": time_text(now),
         "message": f"step 1/{len(rollout.steps)}: weight {first.weight}%",
         "variants": [],
         "checks": [],
@@ -208,7 +210,7 @@ def advance(
             "RolloutRolledBack", message, True
         )
     step = rollout.steps[state["step"]]
-    waited = (now - _parse_time(state["stepStarted"])).total_seconds()
+    waited = (now - parse_time(state["stepStarted"])).total_seconds()
     waiting = [c for c in checks if c["verdict"] == "Inconclusive"]
     if waited < step.pause_seconds:
         new["phase"] = "Progressing"
@@ -239,7 +241,7 @@ def advance(
         phase="Progressing",
         step=state["step"] + 1,
         weight=following.weight,
-        stepStarted=now_text(now),
+        stepStarted=time_text(now),
         message=message,
         checks=[],
         variants=[],
@@ -261,7 +263,7 @@ def _ended(
         "weight": weight,
         "message": message,
         "step": state["step"] if step is None else step,
-        "stepStarted": now_text(now),
+        "stepStarted": time_text(now),
     }
 
 
