@@ -8,7 +8,8 @@ there is never created twice.
 1. **Waiting**: the trigger is read from the deployment's replicas (``GET /adapters``:
    ratings counted since each replica started, the latest with their times) and the time
    of the last iteration. When it fires, an iteration begins (Training).
-2. **Training**, rung by rung: the rung's FineTuneJob (feedback, champion continued, gate
+2. **Training**, rung by rung (the first once the deployment's capture has published the
+   ratings that fired the trigger: ``spec.feedback.rotate.maxSeconds`` after it): the rung's FineTuneJob (feedback, champion continued, gate
    against the champion) is applied; once trained, its adapter is added to the deployment's
    ``spec.adapters`` (served to the gate's Evaluation only until it passes). A rung whose
    job fails (FeedbackTooSmall, ...) or whose gate fails is recorded and its adapter entry
@@ -247,6 +248,8 @@ class Loop:
         last = results[-1] if results else None
         if last and last["phase"] == "Passed" and self._meets_target(last):
             self._won(it, last, target_met=True)
+        elif not results and self._publishing(it):
+            return  # the ratings that fired the trigger are not all published yet
         elif len(results) < len(rungs):
             self._start_rung(it, rungs[len(results)])
         elif passed := [r for r in results if r["phase"] == "Passed"]:
@@ -255,6 +258,16 @@ class Loop:
             why = "; ".join(f"{r['rung']}: {r['message']}" for r in results)
             self._seconds(it, "training")
             self._done(it, None, f"no rung passed its gate ({why}); no rollout")
+
+    def _publishing(self, it: dict[str, Any]) -> bool:
+        """Whether the iteration is younger than the deployment's capture rotation
+        (spec.feedback.rotate.maxSeconds): an open segment is published at most that long
+        after it opened, and the ratings that fired the trigger belong in the dataset."""
+        md_spec = ModelDeploymentSpec.model_validate(self.md["spec"])
+        if md_spec.feedback is None:
+            return False
+        age = (_now() - rollouts.parse_time(it["started"])).total_seconds()
+        return age < md_spec.feedback.rotate.max_seconds
 
     def _meets_target(self, result: dict[str, Any]) -> bool:
         value = result.get("candidate")

@@ -90,7 +90,15 @@ def test_a_deployment_admits_only_its_namespace_unless_its_spec_names_more(
         timeout=60,
         interval=0.3,
     )[0]
-    pods = get(kube, ns, "deploy", name)["spec"]["template"]["metadata"]["labels"]
+    # the policy is applied before the Deployment it governs: wait for that one too
+    deployment = wait_for(
+        "the Deployment",
+        lambda: kube.get_json("deploy", "-n", ns)["items"],
+        timeout=60,
+        interval=0.3,
+    )[0]
+    assert deployment["metadata"]["name"] == name
+    pods = deployment["spec"]["template"]["metadata"]["labels"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert selector.items() <= pods.items()  # it selects the server's pods
     assert policy["spec"]["policyTypes"] == ["Ingress"]
