@@ -315,6 +315,13 @@ class Bench:
         }
 
 
+def interval(values: list[float]) -> tuple[float, float]:
+    """The mean of a few rounds and the half-width of its 95% interval (normal)."""
+    mean = statistics.mean(values)
+    half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return round(mean, 1), round(half, 1)
+
+
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s at 16 clients, capture off and on, one engine behind both gateways."""
     from tailor.api.modeldeployment import ModelDeploymentSpec
@@ -372,11 +379,6 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     for server in servers.values():
         server.__exit__()
     engine.close()
-
-    def interval(values: list[float]) -> tuple[float, float]:
-        mean = statistics.mean(values)
-        half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-        return round(mean, 1), round(half, 1)
 
     ratios = [on / off for off, on in zip(rates[False], rates[True], strict=True)]
     return {

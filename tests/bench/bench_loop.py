@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -337,6 +336,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     from tailor.api.workloads import Paths, ServeRun
     from tailor.workloads.serving.app import create_app
     from tailor.workloads.serving.engine.builtin import load_engine
+    from tests.bench.bench_feedback import interval
     from tests.workloads.helpers import PERSONAS, ThreadServer, train_adapter
 
     root = Path(tempfile.mkdtemp(prefix="tailor-bench-rollout-"))
@@ -421,11 +421,6 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     for server in servers.values():
         server.__exit__()
     engine.close()
-
-    def interval(values: list[float]) -> tuple[float, float]:
-        mean = statistics.mean(values)
-        half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-        return round(mean, 1), round(half, 1)
 
     def ratio(label: str) -> tuple[float, float]:
         return interval([100 * x / o for o, x in zip(rates["off"], rates[label], strict=True)])
