@@ -14,10 +14,12 @@ capture on), then an AdaptationLoop on the deployment's adapter:
   questions left out), continuing the champion; gated on exact match against it on the
   frozen set (``--eval`` eval questions); rolled out as a canary (30% then 60% of sessions,
   satisfaction at most 10 points worse, ``--min-samples`` ratings per variant per step).
-- **Corruption**: after two iterations, the users flip every rating (up for a wrong answer,
-  down for the gold one) until the third iteration's training begins, then rate honestly
-  again: its adapter must be stopped by its gate or rolled back by the canary, never
-  promoted.
+- **Corruption**: after two iterations (``--corrupt``: the iteration whose feedback is
+  corrupted, 3 by default; ``--corrupt 1 --iterations 1`` measures that iteration alone,
+  from the quickstart adapter, in a third of the time), the users flip every rating (up
+  for a wrong answer, down for the gold one) until that iteration's training begins, then
+  rate honestly again: its adapter must be stopped by its gate or rolled back by the
+  canary, never promoted.
 
 Per iteration it reports the champion's and the candidate's exact / accuracy /
 hallucination on the frozen set (the gate's Evaluation), the live satisfaction per variant
@@ -269,22 +271,25 @@ def wait_for_phase(kube: Kube, kind: str, name: str, phase: str, seconds: float)
 
 
 def follow(kube: Kube, users: Users, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Watch the loop until its three iterations are done; flip the users' ratings between
-    the second's end and the third's training; each finished iteration's report."""
+    """Watch the loop until ``--iterations`` are done; flip the users' ratings between the
+    end of the iteration before ``--corrupt`` and the corrupted one's training; each
+    finished iteration's report."""
     reports: dict[int, dict[str, Any]] = {}
     canaries: dict[int, dict[str, Any]] = {}
+    flipped = False
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         status = kube.get_json("loop", "improve", "-n", NS).get("status") or {}
         its = status.get("iterations") or []
         done = [i for i in its if i["phase"] == "Done"]
         current = next((i for i in its if i["phase"] != "Done"), None)
-        if len(done) == 2 and current is None and not users.flip:
-            users.flip = True
+        corrupt = args.corrupt
+        if len(done) == corrupt - 1 and current is None and not users.flip and not flipped:
+            users.flip = flipped = True
             print("[corruption] users flip their ratings now", flush=True)
-        if users.flip and current is not None and current["number"] == 3 and current["rungs"]:
-            users.flip = False  # the third iteration trains on the flipped window
-            print("[corruption] the third iteration trains: users rate honestly again", flush=True)
+        if users.flip and current is not None and current["number"] == corrupt and current["rungs"]:
+            users.flip = False  # the corrupted iteration trains on the flipped window
+            print(f"[corruption] iteration {corrupt} trains: users rate honestly again", flush=True)
         if current is not None and current["phase"] == "RollingOut":
             rollout = (kube.get_json("md", DEPLOYMENT, "-n", NS).get("status") or {}).get("rollout")
             if rollout:
@@ -448,6 +453,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=4 * 3600)
     parser.add_argument(
         "--iterations", type=int, default=3, help="stop after this many (3: the corrupted one)"
+    )
+    parser.add_argument(
+        "--corrupt", type=int, default=3, help="the iteration trained on flipped ratings"
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keep-cluster", action="store_true")

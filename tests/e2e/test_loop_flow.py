@@ -3,7 +3,9 @@ captures rated answers; the loop, triggered by their count, trains a rung (kto o
 feedback, the frozen evaluation set's questions left out, continuing the champion); the
 trained adapter is served beside the champion to its gate's Evaluation only; the gate
 fails; the iteration ends with its lineage and creates no rollout, and the deployment is
-left as it was."""
+left as it was. A second iteration passes and is promoted through a canary (the adapter
+users call repointed in place); a third climbs a prompt rung first, which wins without
+training and becomes the deployment's profile."""
 
 from __future__ import annotations
 
@@ -196,3 +198,38 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
         "loop", "improve", "-n", ns)["status"])["phase"] == "Finished" and s, 30)  # fmt: skip
     assert status["champion"] == second["winner"]
     assert set(second["seconds"]) == {"training", "rollout"}
+
+    # A third iteration climbs a prompt rung first (a PromptProfile the team prepared):
+    # no training, an Evaluation of "live" under it against "live" as served; it passes,
+    # is rolled out as a canary of the profile and becomes the deployment's profile.
+    terse = {"apiVersion": "tailor.dev/v1alpha1", "kind": "PromptProfile",
+             "metadata": {"name": "terse"}, "spec": {"system": "Answer in one short line."}}  # fmt: skip
+    kube.apply([terse], "-n", ns)
+    loop["spec"]["maxIterations"] = 3
+    loop["spec"]["ladder"]["rungs"].insert(
+        0, {"name": "few-shot", "prompt": {"profileRef": {"name": "terse"}}}
+    )
+    kube.apply([loop], "-n", ns)
+
+    def third_done() -> dict[str, Any] | None:
+        status = kube.get_json("loop", "improve", "-n", ns).get("status") or {}
+        its = status.get("iterations") or []
+        if len(its) == 3 and its[2]["phase"] == "Done":
+            return its[2]
+        rated_use()
+        return None
+
+    third = wait_for("the third iteration", third_done, 600)
+    assert third.get("rollout") == "Promoted", third
+    assert (third["winner"], third["winnerKind"]) == ("terse", "PromptProfile")
+    (prompt_rung,) = third["rungs"]  # the target met at the first rung: no training
+    assert prompt_rung["phase"] == "Passed" and "fineTuneJob" not in prompt_rung
+    evaluation = kube.get_json("evaluation", prompt_rung["evaluation"], "-n", ns)
+    candidates = {c["name"]: c for c in evaluation["spec"]["candidates"]}
+    assert candidates["candidate"]["promptProfileRef"] == {"name": "terse"}
+    assert candidates["candidate"]["adapter"] == candidates["baseline"]["adapter"] == "live"
+    spec = kube.get_json("md", "assistant", "-n", ns)["spec"]
+    assert spec["promptProfileRef"] == {"name": "terse"} and "rollout" not in spec
+    assert spec["adapters"][0]["fineTuneJobRef"] == {"name": second["winner"]}  # as it was
+    jobs = [f["metadata"]["name"] for f in kube.get_json("ftj", "-n", ns)["items"]]
+    assert not [j for j in jobs if "-i3-" in j], jobs

@@ -197,3 +197,41 @@ def test_rollouts_roll_back_hold_resume_promote_and_shadow(
     again = subprocess.run([*tailor, "abort", NAME, "-n", ns], env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode != 0 and "has ended already (Aborted)" in again.stderr
+
+    # 4. A prompt-profile revision as the candidate (the same adapter under a profile that
+    # enforces a JSON answer): it waits, naming the field, until the profile exists.
+    profiled = {"candidate": {"adapter": "pirate", "promptProfileRef": {"name": "strict"}},
+                "steps": [{"weight": 50, "pauseSeconds": 3600}],
+                "analysis": {"intervalSeconds": 2}}  # fmt: skip
+    kube.apply([deployment(profiled)], "-n", ns)
+
+    def started() -> dict[str, Any]:
+        conditions = (kube.get_json("md", NAME, "-n", ns).get("status") or {}).get("conditions")
+        return next((c for c in conditions or [] if c["type"] == "RolloutStarted"), {})
+
+    waiting = wait_for(
+        "the rollout waiting for its profile",
+        lambda: (c := started()).get("reason") == "PromptProfileNotFound" and c,
+        60,
+    )
+    assert waiting["status"] == "False"
+    assert "spec.rollout.candidate.promptProfileRef.name" in waiting["message"]
+    strict = {"type": "object", "properties": {"v": {"enum": ["candidate"]}},
+              "required": ["v"], "additionalProperties": False}  # fmt: skip
+    kube.apply([{"apiVersion": "tailor.dev/v1alpha1", "kind": "PromptProfile",
+                 "metadata": {"name": "strict"},
+                 "spec": {"responseFormat": {"type": "json_schema", "schema": strict}}}],
+               "-n", ns)  # fmt: skip
+
+    def answered_by_variant() -> dict[str, set[str]] | None:
+        seen: dict[str, set[str]] = {}
+        for i in range(SESSIONS // 2):
+            answer = ask(endpoint, f"user-{i}")
+            text = answer["choices"][0]["message"]["content"]
+            variant = (answer.get("tailor") or {}).get("variant", "none")
+            seen.setdefault(variant, set()).add("json" if text.startswith("{") else persona(answer))
+        return seen if set(seen) == {"stable", "candidate"} else None
+
+    split = wait_for("the candidate's sessions answered under its profile", answered_by_variant, 90)
+    assert split == {"stable": {"pirate"}, "candidate": {"json"}}
+    assert started()["status"] == "True"

@@ -6,10 +6,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from tailor.api import KINDS, parse_spec
+import pytest
+
+from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.adaptationloop import AdaptationLoopSpec
 from tailor.api.common import ModelSource
-from tailor.builders.adaptationloop import rung_fine_tune, winner_rollout
+from tailor.api.rollout import Variant
+from tailor.builders.adaptationloop import rung_evaluation, rung_fine_tune, winner_rollout
 from tailor.builders.common import Parent
 from tailor.controllers.adaptationloop import trigger_reason
 
@@ -77,6 +80,37 @@ def test_a_rung_trains_on_the_feedback_window_continuing_the_champion_gated_agai
     gate = spec_["evaluation"]
     assert gate["deploymentRef"] == {"name": "md"} and gate["baselineAdapter"] == "live"
     assert gate["gate"] == {"metric": "accuracy", "min": 0.5}
-    rollout = winner_rollout(loop, "improve-i2-kto")
+    rollout = winner_rollout(loop, Variant(adapter="improve-i2-kto"))
     assert rollout.stable.adapter == "live" and rollout.candidate.adapter == "improve-i2-kto"
     assert rollout.mode == "canary" and [s.weight for s in rollout.steps] == [10, 50]
+
+
+def test_a_prompt_rung_evaluates_the_champion_under_the_profile_and_rolls_it_out() -> None:
+    loop = parse_spec(KINDS["AdaptationLoop"], {
+        **spec(newRatings=10).wire(),
+        "ladder": {"target": {"metric": "accuracy", "min": 0.5}, "rungs": [
+            {"name": "few-shot", "prompt": {"profileRef": {"name": "similar"}}},
+            {"name": "kto", "fineTune": {}}]}})  # fmt: skip
+    assert isinstance(loop, AdaptationLoopSpec)
+    parent = Parent("AdaptationLoop", "improve", "team", "uid-1")
+    ev = rung_evaluation(loop, parent, 3, loop.ladder.rungs[0])
+    assert ev["kind"] == "Evaluation" and ev["metadata"]["name"] == "improve-i3-few-shot"
+    assert ev["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    baseline, candidate = ev["spec"]["candidates"]
+    champion = {"deploymentRef": {"name": "md"}, "adapter": "live", "retrieval": True}
+    assert baseline == {"name": "baseline", **champion}
+    assert candidate == {"name": "candidate", **champion, "promptProfileRef": {"name": "similar"}}
+    assert ev["spec"]["baseline"] == "baseline"
+    assert ev["spec"]["questions"]["configMap"] == {"name": "frozen", "key": "eval.jsonl"}
+    rollout = winner_rollout(loop, Variant(adapter="live", prompt_profile_ref={"name": "similar"}))
+    assert rollout.stable.adapter == rollout.candidate.adapter == "live"
+    assert rollout.candidate.prompt_profile_ref is not None
+
+
+def test_a_rung_is_a_prompt_or_a_fine_tune() -> None:
+    with pytest.raises(ManifestError) as both:
+        parse_spec(KINDS["AdaptationLoop"], {
+            **spec(newRatings=10).wire(),
+            "ladder": {"target": {"metric": "accuracy", "min": 0.5}, "rungs": [
+                {"name": "x", "prompt": {"profileRef": {"name": "p"}}, "fineTune": {}}]}})  # fmt: skip
+    assert "exactly one of prompt or fineTune" in str(both.value)

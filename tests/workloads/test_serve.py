@@ -1008,15 +1008,43 @@ def test_rag_answers_without_context_when_the_store_is_down(
 def rollout_run(workdir: Path, adapter_dirs: dict[str, Path], **rollout: Any) -> ServeRun:
     """A server whose requests for the pirate adapter are the rollout's (robot the
     candidate), at ``weight``; no cache: every answer is measured."""
-    weight = rollout.pop("weight")
+    weight, profiles = rollout.pop("weight"), rollout.pop("profiles", {})
+    deployment = rollout.pop("deployment", {})  # other fields of the ModelDeployment
     spec = {"stable": {"adapter": "pirate"}, "candidate": {"adapter": "robot"},
             "steps": [{"weight": weight}], **rollout}  # fmt: skip
     declared = [{"name": n, "pvc": {"claimName": "adapters", "path": n}} for n in PERSONAS]
     served = make_run(
-        workdir, adapter_dirs, cache={"enabled": False}, adapters=declared, rollout=spec
+        workdir,
+        adapter_dirs,
+        cache={"enabled": False},
+        adapters=declared,
+        rollout=spec,
+        **deployment,
     )
-    served.routing = Routing(id="r1", step=0, weight=weight, rollout=served.spec.rollout)
+    assert served.spec.rollout is not None
+    served.routing = Routing(
+        id="r1", step=0, weight=weight, rollout=served.spec.rollout, profiles=profiles
+    )
     return served
+
+
+def ask_in_session(
+    http: TestClient, session: str, max_tokens: int, content: str = QUESTION
+) -> dict[str, Any]:
+    """A chat with the pirate adapter (the rollouts' stable) in session ``session``."""
+    reply: dict[str, Any] = ok(
+        http.post(
+            "/v1/chat/completions",
+            json={
+                "model": f"{SERVED}/pirate",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": content}],
+            },
+            headers={"X-Session-Id": session},
+        )
+    )
+    return reply
 
 
 @GATEWAY_ONLY
@@ -1029,16 +1057,7 @@ def test_a_canary_keeps_each_session_on_one_variant_and_counts_its_ratings(
         votes = Counter[str]()
         for i in range(8):
             for _ in range(2):  # a conversation's second turn stays where its first went
-                reply = http.post(
-                    "/v1/chat/completions",
-                    json={
-                        "model": f"{SERVED}/pirate",
-                        "max_tokens": 8,
-                        "temperature": 0,
-                        "messages": [{"role": "user", "content": QUESTION}],
-                    },
-                    headers={"X-Session-Id": f"user-{i}"},
-                ).json()
+                reply = ask_in_session(http, f"user-{i}", max_tokens=8)
                 variant = reply["tailor"]["variant"]
                 content = reply["choices"][0]["message"]["content"]
                 persona = "robot" if variant == "candidate" else "pirate"
@@ -1067,6 +1086,90 @@ def test_a_canary_keeps_each_session_on_one_variant_and_counts_its_ratings(
 
 
 @GATEWAY_ONLY
+def test_a_prompt_profile_revision_is_rolled_out_like_an_adapter(
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
+) -> None:
+    """The candidate is the same adapter under another profile revision (here one that
+    enforces a JSON answer, so whose profile answered shows in every answer); the stable's
+    sessions keep the served profile, and the capture says which variant answered."""
+    strict = {"responseFormat": {"type": "json_schema", "schema": {
+        "type": "object", "properties": {"v": {"enum": ["candidate"]}},
+        "required": ["v"], "additionalProperties": False}}}  # fmt: skip
+    run = rollout_run(
+        workdir,
+        adapter_dirs,
+        weight=50,
+        candidate={"adapter": "pirate", "promptProfileRef": {"name": "strict", "revision": 2}},
+        profiles={"candidate": strict},
+    )
+    with TestClient(create_app(run, engine=gateway_engine)) as http:
+        variants = Counter[str]()
+        for i in range(8):
+            reply = ask_in_session(http, f"user-{i}", max_tokens=16)
+            variant, content = reply["tailor"]["variant"], reply["choices"][0]["message"]["content"]
+            variants[variant] += 1
+            if variant == "candidate":
+                assert json.loads(content) == {"v": "candidate"}, content
+            else:
+                assert PERSONAS["pirate"][1] in content, content
+        books = http.app.state.server.report()["rollout"]["variants"]
+    assert set(variants) == {"stable", "candidate"}
+    assert books["candidate"]["answered"] == variants["candidate"]
+
+
+def index_versions(workdir: Path, texts_by_version: list[list[str]]) -> dict[str, Any]:
+    """An embedded index under alias ``versions`` built once per list of texts (version
+    N from the Nth list; the last serves), each document titled by its text."""
+    from tailor.api.workloads import IndexRun
+    from tailor.workloads.knowledge.index import build_index
+
+    pvcs = workdir / "pvcs" / "versions"
+    pvcs.mkdir(parents=True, exist_ok=True)
+    target = {"alias": "versions", "path": str(workdir / "qdrant-versions")}
+    for number, texts in enumerate(texts_by_version, start=1):
+        lines = [json.dumps({"title": t, "text": t}) for t in texts]
+        (pvcs / f"v{number}.jsonl").write_text("\n".join(lines) + "\n")
+        spec = {"sources": [{"pvc": {"claimName": "versions", "path": f"v{number}.jsonl"}}],
+                "format": {"json": {"textFields": ["text"], "titleField": "title"}},
+                "chunking": {"strategy": "none"},
+                "store": {"qdrant": {"keepCollections": 2}}}  # fmt: skip
+        build_index(IndexRun.model_validate({
+            "spec": spec, "target": target, "mode": "full",
+            "owner": {"kind": "KnowledgeBase", "namespace": "test", "name": "versions"},
+            "paths": {"artifacts": str(workdir), "pvcs": str(workdir / "pvcs")},
+            "reporter": {"kind": "none"}}))  # fmt: skip
+    return target
+
+
+@GATEWAY_ONLY
+def test_a_knowledge_base_version_is_rolled_out_like_an_adapter(
+    workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
+) -> None:
+    """The candidate retrieves from the index's previous version (the stable from the
+    one serving): each session's sources come from its variant's version."""
+    old = ["Parrots talk.", "Ships sail.", "Maps show treasure."]
+    new = ["Robots compute.", "Circuits hum.", "Gears turn."]
+    target = index_versions(workdir, [old, new])
+    run = rollout_run(
+        workdir,
+        adapter_dirs,
+        weight=50,
+        candidate={"adapter": "pirate", "knowledgeBaseVersion": 1},
+        deployment={"knowledgeBaseRef": {"name": "versions", "topK": 2}},
+    )
+    run.knowledge_base = RetrieverConfig.model_validate(target)
+    with TestClient(create_app(run, engine=gateway_engine)) as http:
+        titles: dict[str, set[str]] = {}
+        for i in range(8):
+            extension = ask_in_session(http, f"user-{i}", 2, "What talks?")["tailor"]
+            assert extension["retrieval"] == "ok", extension
+            titles.setdefault(extension["variant"], set()).update(
+                s["title"] for s in extension["sources"]
+            )
+    assert titles["candidate"] <= set(old) and titles["stable"] <= set(new), titles
+
+
+@GATEWAY_ONLY
 def test_shadow_answers_never_reach_users_and_the_judge_compares_them(
     workdir: Path, adapter_dirs: dict[str, Path], gateway_engine: TokenEngine
 ) -> None:
@@ -1075,16 +1178,7 @@ def test_shadow_answers_never_reach_users_and_the_judge_compares_them(
     with TestClient(create_app(run, engine=gateway_engine)) as http:
         server = http.app.state.server
         for i in range(3):
-            reply = http.post(
-                "/v1/chat/completions",
-                json={
-                    "model": f"{SERVED}/pirate",
-                    "max_tokens": 8,
-                    "temperature": 0,
-                    "messages": [{"role": "user", "content": QUESTION}],
-                },
-                headers={"X-Session-Id": f"user-{i}"},
-            ).json()
+            reply = ask_in_session(http, f"user-{i}", max_tokens=8)
             assert reply["tailor"]["variant"] == "stable"
             assert PERSONAS["pirate"][1] in reply["choices"][0]["message"]["content"]
         deadline = time.monotonic() + 120

@@ -12,9 +12,11 @@ status says what would be rolled out. Each iteration is kept in the status with 
 lineage: the dataset, the children, the numbers, the gate's verdict and the rollout's
 outcome. Everything it makes is an ordinary, owned object visible with kubectl.
 
-Rungs built: ``fineTune`` (sft, kto or dpo on the feedback). The seeds' other rungs
-(a prompt revision with similar few-shot, retrieval adaptation, RAFT) are not rungs of the
-loop yet; a PromptProfile, a KnowledgeBase's spec.adaptation and a RAFTJob do them by hand.
+Rungs built: ``prompt`` (a PromptProfile the team prepared, tried as it serves: an
+Evaluation of the champion adapter under it against the champion, no training; promoted,
+it becomes the deployment's profile) and ``fineTune`` (sft, kto or dpo on the feedback).
+The loop does not write prompt revisions itself, and retrieval adaptation and RAFT are not
+rungs yet: a KnowledgeBase's spec.adaptation and a RAFTJob do them by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tailor.api.base import Rule, TailorModel
+from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
 from tailor.api.common import LocalObjectRef, Name, Resources, StatusBase
 from tailor.api.evaluation import Gate, Measurement, Target
 from tailor.api.finetunejob import LoraConfig, Training
@@ -124,11 +126,31 @@ class FineTuneRung(TailorModel):
     resources: Resources = Field(default_factory=Resources, description="Compute for training.")
 
 
+class PromptRung(TailorModel):
+    """Try a prompt revision, no training: a PromptProfile of this namespace, as it serves
+    (for instance one whose fewShotSelection picks similar examples from a pool of good
+    answers), with the champion adapter, against the champion under the deployment's
+    profile. Promoted, it becomes the deployment's ``spec.promptProfileRef``."""
+
+    profile_ref: LocalObjectRef = Field(description="The PromptProfile to try.")
+
+
 class Rung(TailorModel):
-    """One rung of the ladder."""
+    """One rung of the ladder: a prompt revision or a fine-tune."""
 
     name: Name = Field(description="The rung's name (in children's names and the status).")
-    fine_tune: FineTuneRung = Field(description="Fine-tune on the feedback.")
+    prompt: PromptRung | None = Field(
+        default=None, description="Try a prompt revision (an Evaluation, no training)."
+    )
+    fine_tune: FineTuneRung | None = Field(default=None, description="Fine-tune on the feedback.")
+
+    rules = (
+        Rule(
+            cel=cel_exactly_one("prompt", "fineTune"),
+            message="a rung is exactly one of prompt or fineTune",
+            check=lambda m: exactly_one(m, "prompt", "fine_tune"),
+        ),
+    )
 
 
 class Ladder(TailorModel):
@@ -242,9 +264,12 @@ class RungResult(TailorModel):
     """One rung tried in an iteration."""
 
     rung: str = Field(description="The rung.")
-    fine_tune_job: str = Field(description="Its FineTuneJob.")
+    fine_tune_job: str | None = Field(default=None, description="Its FineTuneJob.")
     adapter: str | None = Field(default=None, description="Its adapter on the deployment.")
-    phase: str = Field(description="Training, Gating, Passed, Failed.")
+    prompt_profile: str | None = Field(
+        default=None, description="The PromptProfile it tried (a prompt rung)."
+    )
+    phase: str = Field(description="Training, Gating (the gate's Evaluation), Passed, Failed.")
     evaluation: str | None = Field(default=None, description="The gate's Evaluation.")
     candidate: float | None = Field(default=None, description="Its metric.")
     champion: float | None = Field(default=None, description="The champion's metric.")
@@ -269,7 +294,12 @@ class Iteration(TailorModel):
     )
     records: int | None = Field(default=None, description="Training records.")
     rungs: list[RungResult] = Field(default_factory=list, description="What was tried.")
-    winner: str | None = Field(default=None, description="The FineTuneJob that won.")
+    winner: str | None = Field(
+        default=None, description="The FineTuneJob that won (a prompt rung: its PromptProfile)."
+    )
+    winner_kind: Literal["FineTuneJob", "PromptProfile"] | None = Field(
+        default=None, description="What the winner is."
+    )
     target_met: bool | None = Field(default=None, description="The winner met the target.")
     rollout: str | None = Field(
         default=None, description="Promoted, RolledBack, Aborted, Recommended or None."

@@ -26,7 +26,7 @@ from tailor.api.common import (
     StatusBase,
     Teacher,
 )
-from tailor.api.promptprofile import check_json_schema
+from tailor.api.promptprofile import ProfileRevisionRef, check_json_schema
 
 ScoringType = Literal["exact", "contains", "regex", "jsonSchema", "apibench", "judge"]
 APIBENCH_CORPORA = ("torchhub", "huggingface")
@@ -117,17 +117,6 @@ class Scoring(TailorModel):
         if value is not None:
             check_json_schema(value)
         return value
-
-
-class ProfileRevisionRef(TailorModel):
-    """A PromptProfile of this namespace and one of its revisions."""
-
-    name: Name = Field(description="The PromptProfile.")
-    revision: int | None = Field(
-        default=None,
-        ge=1,
-        description="A revision in its status.history (unset: the one it serves).",
-    )
 
 
 class Candidate(TailorModel):

@@ -381,6 +381,22 @@ class ModelDeploymentSpec(TailorModel):
             )
             for path in ("stable", "candidate", "analysis.judge")
         ),
+        Rule(
+            cel="!has(self.rollout) || has(self.knowledgeBaseRef) || "
+            "(!has(self.rollout.candidate.knowledgeBaseVersion) && "
+            "(!has(self.rollout.stable) || !has(self.rollout.stable.knowledgeBaseVersion)))",
+            message="a rollout variant's knowledgeBaseVersion is a version of "
+            "spec.knowledgeBaseRef: set knowledgeBaseRef, or remove knowledgeBaseVersion",
+            field="rollout.candidate.knowledgeBaseVersion",
+            check=lambda m: (
+                m.rollout is None
+                or m.knowledge_base_ref is not None
+                or (
+                    m.rollout.candidate.knowledge_base_version is None
+                    and m.rollout.stable.knowledge_base_version is None
+                )
+            ),
+        ),
     )
 
     def resolved_engine(self) -> Literal["builtin", "vllm"]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from tailor.api.base import Rule, TailorModel, cel_exactly_one, exactly_one
-from tailor.api.common import ConfigMapKey, FreeForm, LocalObjectRef, StatusBase
+from tailor.api.common import ConfigMapKey, FreeForm, LocalObjectRef, Name, StatusBase
 
 
 class FewShotExample(TailorModel):
@@ -230,6 +230,17 @@ class PromptTests(TailorModel):
         "its failing cases.",
     )
     cases: list[PromptTestCase] = Field(min_length=1, max_length=100, description="The test cases.")
+
+
+class ProfileRevisionRef(TailorModel):
+    """A PromptProfile of this namespace and one of its revisions."""
+
+    name: Name = Field(description="The PromptProfile.")
+    revision: int | None = Field(
+        default=None,
+        ge=1,
+        description="A revision in its status.history (unset: the one it serves).",
+    )
 
 
 class PromptProfileSpec(TailorModel):

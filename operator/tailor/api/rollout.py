@@ -1,5 +1,6 @@
-"""A ModelDeployment's rollout (``spec.rollout``): a candidate adapter against the stable
-one, measured inside the gateway on live traffic and promoted or rolled back by itself.
+"""A ModelDeployment's rollout (``spec.rollout``): a candidate (an adapter, a prompt-profile
+revision, a knowledge-base version, or several of them) against the stable one, measured
+inside the gateway on live traffic and promoted or rolled back by itself.
 
 Requests for the stable's model name are split by session: each session (a header, else
 the request's ``user``, else the API key) falls in a fixed bucket of 10,000, and buckets
@@ -23,6 +24,7 @@ from typing import Literal
 from pydantic import Field
 
 from tailor.api.base import Rule, TailorModel
+from tailor.api.promptprofile import ProfileRevisionRef
 
 ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
 RATE_METRICS = ("satisfaction", "errorRate")
@@ -38,6 +40,19 @@ class Variant(TailorModel):
         max_length=63,
         pattern=ADAPTER_NAME,
         description="An adapter of spec.adapters; unset: the base model.",
+    )
+    prompt_profile_ref: ProfileRevisionRef | None = Field(
+        default=None,
+        description="Answer under this PromptProfile of the namespace (a revision in its "
+        "status.history, or the one it serves) instead of the deployment's "
+        "spec.promptProfileRef: a prompt revision rolled out like an adapter.",
+    )
+    knowledge_base_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="Retrieve from this version N of the deployment's KnowledgeBase (its "
+        "collection <alias>-v<N>: the one serving now or one of the store.keepCollections "
+        "it keeps) instead of the one it serves: a rebuilt or re-tuned index rolled out.",
     )
 
 
@@ -209,7 +224,15 @@ class Rollout(TailorModel):
     rules = (
         Rule(
             cel="(has(self.stable) && has(self.stable.adapter) ? self.stable.adapter : '') != "
-            "(has(self.candidate.adapter) ? self.candidate.adapter : '')",
+            "(has(self.candidate.adapter) ? self.candidate.adapter : '') || "
+            "has(self.candidate.promptProfileRef) != "
+            "(has(self.stable) && has(self.stable.promptProfileRef)) || "
+            "(has(self.candidate.promptProfileRef) && "
+            "self.candidate.promptProfileRef != self.stable.promptProfileRef) || "
+            "has(self.candidate.knowledgeBaseVersion) != "
+            "(has(self.stable) && has(self.stable.knowledgeBaseVersion)) || "
+            "(has(self.candidate.knowledgeBaseVersion) && "
+            "self.candidate.knowledgeBaseVersion != self.stable.knowledgeBaseVersion)",
             message="candidate must differ from stable",
             field="candidate",
             check=lambda m: m.stable != m.candidate,

@@ -270,6 +270,12 @@ class Routing(TailorModel):
     step: int = Field(ge=0, description="The step; len(steps): promoted.")
     weight: int = Field(ge=0, le=100, description="The candidate's weight now (percent).")
     rollout: Rollout
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="stable / candidate: the rendered profile (a revision's JSON) of each variant "
+        "that names a promptProfileRef; a variant without one answers with the served "
+        "profile.",
+    )
 
 
 class ServeRun(RunBase):

@@ -1,6 +1,6 @@
 """What an AdaptationLoop creates: a rung's FineTuneJob (owned by the loop), trained on the
-deployment's feedback with an evaluation gate against the champion; and the rollout it
-writes into the deployment."""
+deployment's feedback with an evaluation gate against the champion, or a prompt rung's
+Evaluation; and the rollout it writes into the deployment."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from tailor.api.evaluation import GatedEvaluation
 from tailor.api.finetunejob import DatasetSpec, FineTuneJobSpec, Preference, Reference
 from tailor.api.rollout import Rollout, Variant
 from tailor.builders.common import Manifest, Parent, child_name, metadata
+from tailor.builders.evaluation import comparison
 
 
 def rung_name(parent: Parent, number: int, rung: Rung) -> str:
-    """The FineTuneJob of a rung in an iteration, and its adapter's name on the deployment."""
+    """The child of a rung in an iteration (its FineTuneJob and that adapter's name on the
+    deployment, or a prompt rung's Evaluation)."""
     return child_name(parent, f"i{number}-{rung.name}")
 
 
@@ -32,6 +34,7 @@ def rung_fine_tune(
 ) -> Manifest:
     """A rung's FineTuneJob: the feedback in the rung's format (the evaluation set's
     questions left out), continuing the champion, gated against it on the deployment."""
+    assert rung.fine_tune is not None
     feedback = spec.dataset.from_feedback
     evaluation = spec.evaluation
     exclude = evaluation.questions.config_map if feedback.dedup_against_evaluation else None
@@ -71,12 +74,25 @@ def rung_fine_tune(
     }
 
 
-def winner_rollout(spec: AdaptationLoopSpec, candidate: str) -> Rollout:
-    """The canary that rolls a winner out against the adapter users call."""
+def rung_evaluation(spec: AdaptationLoopSpec, parent: Parent, number: int, rung: Rung) -> Manifest:
+    """A prompt rung's Evaluation: the champion adapter under the rung's PromptProfile
+    against the champion under the deployment's own profile, on the frozen set."""
+    assert rung.prompt is not None
+    champion = {"deploymentRef": spec.deployment_ref.wire(), "adapter": spec.adapter}
+    profile = {"promptProfileRef": {"name": rung.prompt.profile_ref.name}}
+    name = rung_name(parent, number, rung)
+    return comparison(
+        parent, name, "adaptation", spec.evaluation, champion, {**champion, **profile}
+    )
+
+
+def winner_rollout(spec: AdaptationLoopSpec, candidate: Variant) -> Rollout:
+    """The canary that rolls a winner (an adapter, or the champion adapter under a prompt
+    profile) out against the adapter users call."""
     template = spec.rollout
     return Rollout(
         stable=Variant(adapter=spec.adapter),
-        candidate=Variant(adapter=candidate),
+        candidate=candidate,
         mode="canary",
         steps=template.steps,
         sticky=template.sticky,

@@ -8,10 +8,14 @@ change (the backoff limit); a bad question file (exit 2) fails it at once.
 
 from __future__ import annotations
 
-from tailor.api.evaluation import EvaluationSpec
+from typing import Any
+
+from tailor.api import API_VERSION
+from tailor.api.evaluation import EvaluationSpec, Measurement
 from tailor.api.settings import OperatorSettings
 from tailor.api.workloads import CandidateTarget, EvaluationRun
 from tailor.builders.common import (
+    Manifest,
     Mounts,
     Parent,
     Program,
@@ -19,12 +23,38 @@ from tailor.builders.common import (
     artifact_dir,
     batch_workload,
     child_name,
+    metadata,
     reporter,
     workload_paths,
 )
 
 BACKOFF_LIMIT = 3
 """Pods the Job may start again after a failure (each continues the answers file)."""
+
+
+def comparison(
+    parent: Parent,
+    name: str,
+    component: str,
+    measurement: Measurement,
+    baseline: dict[str, Any],
+    candidate: dict[str, Any],
+) -> Manifest:
+    """An Evaluation owned by ``parent`` measuring two candidates (``spec.candidates``
+    items, named ``baseline`` and ``candidate`` here) on ``measurement``'s questions and
+    scoring, the first as the baseline: what a gate decides on."""
+    wire = Measurement(**{f: getattr(measurement, f) for f in Measurement.model_fields}).wire()
+    spec = {
+        **wire,
+        "candidates": [{**baseline, "name": "baseline"}, {**candidate, "name": "candidate"}],
+        "baseline": "baseline",
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Evaluation",
+        "metadata": metadata(parent, name, component),
+        "spec": EvaluationSpec.model_validate(spec).wire(),
+    }
 
 
 def job_name(parent: Parent) -> str:

@@ -151,6 +151,9 @@ class ResolvedRefs:
     prompt_profile_revision: str | None = None
     knowledge_base: RetrieverConfig | None = None
     knowledge_base_version: str | None = None
+    knowledge_base_kept: tuple[int, int] | None = None
+    """(oldest, newest) version number of the index a rollout variant may name: the one
+    serving and the store.keepCollections before it."""
     routing: Routing | None = None
     """The rollout's current step (status.rollout), for the spec file: applied in place."""
     gated: dict[str, str] = field(default_factory=dict)

@@ -30,7 +30,10 @@ from typing import Any
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.adaptationloop import AdaptationLoopSpec, Rung
 from tailor.api.modeldeployment import ModelDeploymentSpec
+from tailor.api.promptprofile import ProfileRevisionRef
+from tailor.api.rollout import Variant
 from tailor.builders.adaptationloop import (
+    rung_evaluation,
     rung_fine_tune,
     rung_name,
     served_by,
@@ -40,6 +43,7 @@ from tailor.builders.common import Parent
 from tailor.controllers import rollout as rollouts
 from tailor.controllers.children import is_owned_by
 from tailor.controllers.context import Operator, condition, condition_of, syncer
+from tailor.controllers.gate import verdict
 from tailor.controllers.modeldeployment import resolve
 
 KIND = "AdaptationLoop"
@@ -276,15 +280,34 @@ class Loop:
     def _start_rung(self, it: dict[str, Any], rung: Rung) -> None:
         name = rung_name(self.parent, it["number"], rung)
         ns = self.parent.namespace
-        existing = self.op.get("FineTuneJob", ns, name)
+        kind = "Evaluation" if rung.prompt else "FineTuneJob"
+        child = {"evaluation": name} if rung.prompt else {"fineTuneJob": name}
+        existing = self.op.get(kind, ns, name)
+        if it.get("phaseStarted") is None:
+            it["phaseStarted"] = rollouts.time_text(_now())
         if existing is not None and not is_owned_by(existing, self.parent.uid):
             it["rungs"].append(
                 {
                     "rung": rung.name,
-                    "fineTuneJob": name,
+                    **child,
                     "phase": "Failed",
-                    "message": f"FineTuneJob {name} exists and was not created by "
+                    "message": f"{kind} {name} exists and was not created by "
                     "this loop: rename or delete it",
+                }
+            )
+            return
+        if rung.prompt is not None:
+            if existing is None:
+                self.op.runtime.apply(rung_evaluation(self.spec, self.parent, it["number"], rung))
+            profile = rung.prompt.profile_ref.name
+            it["rungs"].append(
+                {
+                    "rung": rung.name,
+                    **child,
+                    "promptProfile": profile,
+                    "phase": "Gating",
+                    "message": f"Evaluation {name}: {self.spec.adapter} under PromptProfile "
+                    f"{profile} against the champion",
                 }
             )
             return
@@ -310,8 +333,6 @@ class Loop:
                 "message": "training on feedback",
             }
         )
-        if it.get("phaseStarted") is None:
-            it["phaseStarted"] = rollouts.time_text(_now())
 
     def _previous_start(self, it: dict[str, Any]) -> dt.datetime | None:
         """When the iteration before ``it`` began (its feedback window's start)."""
@@ -325,6 +346,9 @@ class Loop:
 
     def _follow(self, it: dict[str, Any], result: dict[str, Any]) -> None:
         """A rung's FineTuneJob and gate, read into its result."""
+        if result.get("promptProfile"):
+            self._follow_prompt(result)
+            return
         ftj = self.op.get("FineTuneJob", self.parent.namespace, result["fineTuneJob"]) or {}
         status = ftj.get("status") or {}
         train = (status.get("feedback") or {}).get("train") or {}
@@ -359,27 +383,55 @@ class Loop:
         else:
             result.update(phase="Gating", message=gate.get("message") or "evaluating")
 
+    def _follow_prompt(self, result: dict[str, Any]) -> None:
+        """A prompt rung's Evaluation, decided by the loop's gate."""
+        ev = self.op.get("Evaluation", self.parent.namespace, result["evaluation"]) or {}
+        status = ev.get("status") or {}
+        if status.get("phase") == "Failed":
+            ready = condition_of(status, "Ready")
+            result.update(phase="Failed", message=f"its Evaluation failed: {ready.get('message')}")
+        elif status.get("phase") == "Succeeded":
+            found = {c["name"]: c for c in status.get("candidates") or []}
+            decided = verdict(
+                self.spec.gate, found.get("candidate") or {}, found.get("baseline") or {}
+            )
+            result.update(
+                phase=decided["phase"],
+                message=decided["message"],
+                candidate=decided.get("candidate"),
+                champion=decided.get("baseline"),
+            )
+
     def _won(self, it: dict[str, Any], result: dict[str, Any], target_met: bool) -> None:
-        it["winner"], it["targetMet"] = result["fineTuneJob"], target_met
+        profile = result.get("promptProfile")
+        it["targetMet"] = target_met
+        it["winner"] = profile or result["fineTuneJob"]
+        it["winnerKind"] = "PromptProfile" if profile else "FineTuneJob"
         self._seconds(it, "training")
         numbers = (
             f"{self.spec.gate.metric} {result.get('candidate')} vs champion "
             f"{result.get('champion')}"
         )
+        what = f"PromptProfile {profile}" if profile else f"adapter {result['adapter']}"
         if self.spec.promotion == "Recommend":
             it["rollout"] = "Recommended"
             self._done(
                 it,
                 None,
-                f"recommended: adapter {result['adapter']} ({numbers}); set "
-                f"the deployment's spec.rollout to roll it out",
+                f"recommended: {what} ({numbers}); set the deployment's spec.rollout to "
+                "roll it out",
             )
             return
-        rollout = winner_rollout(self.spec, result["adapter"])
+        candidate = (
+            Variant(adapter=self.spec.adapter, prompt_profile_ref=ProfileRevisionRef(name=profile))
+            if profile
+            else Variant(adapter=result["adapter"])
+        )
+        rollout = winner_rollout(self.spec, candidate)
         it.update(
             phase="RollingOut",
             rolloutId=rollouts.rollout_id(rollout),
-            outcome=f"rolling out {result['adapter']} ({numbers})",
+            outcome=f"rolling out {what} ({numbers})",
             phaseStarted=rollouts.time_text(_now()),
         )
         self._patch_md({"rollout": rollout.wire()})
@@ -393,6 +445,19 @@ class Loop:
         winner = it["winner"]
         it["rollout"] = state["phase"]
         self._seconds(it, "rollout")
+        if it.get("winnerKind") == "PromptProfile":
+            promoted = state["phase"] == "Promoted"
+            # the deployment serves the winner's profile from now on (the adapter as it was)
+            changes = {"promptProfileRef": {"name": winner}} if promoted else {}
+            self._patch_md({**changes, "rollout": None})
+            self._done(
+                it,
+                winner if promoted else None,
+                f"promoted PromptProfile {winner}: {state.get('message', '')}"
+                if promoted
+                else f"the canary was {state['phase']}: {state.get('message', '')}",
+            )
+            return
         if state["phase"] == "Promoted":
             # the adapter users call now serves the winner's artifact, in place
             self._set_adapters(

@@ -14,19 +14,18 @@ evaluation Job once, and copy its results into the status.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.common import SecretKeyRef
-from tailor.api.evaluation import Candidate, EvaluationSpec
+from tailor.api.evaluation import EvaluationSpec
 from tailor.api.modeldeployment import ModelDeploymentSpec
 from tailor.api.workloads import CandidateTarget
 from tailor.builders.common import Parent
 from tailor.builders.evaluation import build_evaluation, job_name
 from tailor.builders.modeldeployment import test_key
-from tailor.builders.promptprofile import PROFILE_KEY
 from tailor.controllers.context import Operator, condition, syncer
+from tailor.controllers.promptprofile import profile_revision
 from tailor.observability.operator import EVALUATION_COST, EVALUATION_SCORES
 from tailor.runtime.base import require_report
 
@@ -82,7 +81,7 @@ def resolve(
             )
         profile: dict[str, Any] = {}
         if candidate.prompt_profile_ref:
-            found, problem = profile_revision(op, candidate, field, namespace)
+            found, problem = profile_revision(op, candidate.prompt_profile_ref, field, namespace)
             if problem:
                 return {}, problem
             profile = {"prompt_profile": found[1], "prompt_profile_revision": found[0]}
@@ -99,40 +98,6 @@ def resolve(
             **profile,
         )
     return targets, None
-
-
-def profile_revision(
-    op: Operator, candidate: Candidate, field: str, namespace: str
-) -> tuple[tuple[int, dict[str, Any]], tuple[str, str] | None]:
-    """((revision, its rendered profile), or the problem naming the field) of a candidate's
-    promptProfileRef: the named revision from the profile's history, else the served one."""
-    ref = candidate.prompt_profile_ref
-    assert ref is not None
-    none: tuple[int, dict[str, Any]] = (0, {})
-    pp = op.get("PromptProfile", namespace, ref.name)
-    if pp is None:
-        return none, (
-            "PromptProfileNotFound",
-            f"{field}.promptProfileRef.name: PromptProfile {ref.name} does not exist in "
-            f"{namespace}; create it or name one that does",
-        )
-    status = pp.get("status") or {}
-    wanted = ref.revision or (status.get("served") or {}).get("revision")
-    history = {int(h["revision"]): h for h in status.get("history") or []}
-    if wanted is None:
-        return none, ("WaitingForPromptProfile", f"waiting for PromptProfile {ref.name} to serve")
-    if int(wanted) not in history:
-        known = ", ".join(str(n) for n in sorted(history)) or "none"
-        return none, (
-            "RevisionNotFound",
-            f"{field}.promptProfileRef.revision: PromptProfile {ref.name} has no revision "
-            f"{wanted} in its history (revisions {known})",
-        )
-    config_map = op.runtime.get("v1", "ConfigMap", namespace, history[int(wanted)]["configMap"])
-    text = ((config_map or {}).get("data") or {}).get(PROFILE_KEY)
-    if not text:
-        return none, ("RevisionNotFound", f"{field}.promptProfileRef: revision {wanted} is gone")
-    return (int(wanted), json.loads(text)), None
 
 
 def resolve_judge(

@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from tailor.api.evaluation import Gate, GatedEvaluation
-from tailor.builders.common import Parent, child_name, metadata
+from tailor.builders.common import Parent, child_name
+from tailor.builders.evaluation import comparison
 from tailor.controllers.children import is_owned_by
 from tailor.controllers.context import Operator, condition_of
 
@@ -144,24 +145,10 @@ def _evaluation(
     parent: Parent, name: str, template: GatedEvaluation, served: str
 ) -> dict[str, Any]:
     """The gate's Evaluation: the new adapter against the baseline on one deployment."""
-    wire = template.wire()
-    deployment = {"name": template.deployment_ref.name}
-    baseline: dict[str, Any] = {"name": "baseline", "deploymentRef": deployment}
-    if template.baseline_adapter:
-        baseline["adapter"] = template.baseline_adapter
-    spec: dict[str, Any] = {
-        key: wire[key]
-        for key in ("questions", "sample", "scoring", "concurrency", "maxTokens", "resources")
-        if key in wire
-    }
-    spec["candidates"] = [
-        baseline,
-        {"name": "candidate", "deploymentRef": deployment, "adapter": served},
-    ]
-    spec["baseline"] = "baseline"
-    return {
-        "apiVersion": "tailor.dev/v1alpha1",
-        "kind": "Evaluation",
-        "metadata": metadata(parent, name, "gate"),
-        "spec": spec,
-    }
+    deployment = {"deploymentRef": {"name": template.deployment_ref.name}}
+    baseline = (
+        {**deployment, "adapter": template.baseline_adapter}
+        if template.baseline_adapter
+        else deployment
+    )
+    return comparison(parent, name, "gate", template, baseline, {**deployment, "adapter": served})

@@ -12,6 +12,7 @@ place; ``status.replicaAdapters`` says what each ready replica serves, and the
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 from typing import Any
 
@@ -29,6 +30,7 @@ from tailor.builders.modeldeployment import (
 )
 from tailor.controllers import rollout as rollouts
 from tailor.controllers.context import Operator, condition, condition_of, syncer
+from tailor.controllers.promptprofile import profile_revision
 from tailor.controllers.storage import unreadable
 from tailor.runtime.base import ReplicaReport
 
@@ -109,6 +111,11 @@ def resolve(
                 config.retrieval.score_threshold = binding.score_threshold
             refs.knowledge_base = config
             refs.knowledge_base_version = f"{status.get('readyBuild')}:{status.get('collection')}"
+            serving = re.search(r"-v(\d+)$", str(status.get("collection") or ""))
+            if serving:
+                newest = int(serving.group(1))
+                oldest = max(1, newest - kb_spec.store.qdrant.keep_collections)
+                refs.knowledge_base_kept = (oldest, newest)
     return refs, waiting
 
 
@@ -155,13 +162,9 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         return
     reports = op.runtime.replica_reports(parent.namespace, parent.name) if spec.rollout else []
     old_rollout = status.get("rollout")
-    candidate = spec.rollout.candidate.adapter if spec.rollout else None
-    gated_candidate = refs.gated.get(candidate or "")
-    if gated_candidate:  # never routed to users before its gate passes
-        new_rollout = None
-    else:
-        new_rollout = _rollout(op, body, spec, old_rollout, reports)
-    refs.routing = rollouts.routing(spec.rollout, new_rollout)
+    profiles, blocked = _rollout_blocked(op, spec, refs, parent.namespace)
+    new_rollout = None if blocked else _rollout(op, body, spec, old_rollout, reports)
+    refs.routing = rollouts.routing(spec.rollout, new_rollout, profiles)
     workload = build_serving(spec, parent, op.settings, refs)
     assert isinstance(workload.run, ServeRun)
     adapters = workload.run.adapters_revision
@@ -184,16 +187,9 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         op.runtime.update_config(workload)  # the replicas apply it in place
     conditions = condition(conditions, "ReferencesReady", True, "Resolved", "", generation)
     if spec.rollout:
+        reason, why = blocked or ("Started", "")
         conditions = condition(
-            conditions,
-            "RolloutStarted",
-            not gated_candidate,
-            "CandidateGated" if gated_candidate else "Started",
-            f"spec.rollout.candidate.adapter {candidate}: {gated_candidate}; the rollout "
-            "starts once it passes"
-            if gated_candidate
-            else "",
-            generation,
+            conditions, "RolloutStarted", blocked is None, reason, why, generation
         )
     replicas = state.replicas if state else 0
     ready = state.ready_replicas if state else 0
@@ -250,10 +246,46 @@ def sync_model_deployment(op: Operator, body: dict[str, Any]) -> None:
         "conditions": conditions,
     }
     op.patch_status(body, new)
-    if new_rollout and new_rollout["phase"] not in rollouts.ENDED:
-        assert spec.rollout is not None  # measured again after one analysis interval
+    if spec.rollout and (blocked or (new_rollout and new_rollout["phase"] not in rollouts.ENDED)):
+        # measured again after one analysis interval; a blocked one looked at as often
         interval = spec.rollout.analysis.interval_seconds
         op.queue.add_after((KIND, parent.namespace, parent.name), float(interval))
+
+
+def _rollout_blocked(
+    op: Operator, spec: ModelDeploymentSpec, refs: ResolvedRefs, namespace: str
+) -> tuple[dict[str, dict[str, Any]], tuple[str, str] | None]:
+    """(the rendered profile of each variant naming a promptProfileRef, or why the rollout
+    cannot route: (reason, message naming the field)). A candidate adapter whose gate has
+    not passed is never routed to users; a profile revision must exist in this namespace;
+    an index version must be one the KnowledgeBase keeps."""
+    if spec.rollout is None:
+        return {}, None
+    candidate = spec.rollout.candidate.adapter
+    if candidate in refs.gated:
+        return {}, (
+            "CandidateGated",
+            f"spec.rollout.candidate.adapter {candidate}: {refs.gated[candidate]}; the "
+            "rollout starts once it passes",
+        )
+    profiles: dict[str, dict[str, Any]] = {}
+    for name, variant in (("stable", spec.rollout.stable), ("candidate", spec.rollout.candidate)):
+        version, kept = variant.knowledge_base_version, refs.knowledge_base_kept
+        if version is not None and (kept is None or not kept[0] <= version <= kept[1]):
+            held = f"versions {kept[0]} to {kept[1]}" if kept else "no versions yet"
+            return {}, (
+                "KnowledgeBaseVersionNotFound",
+                f"spec.rollout.{name}.knowledgeBaseVersion: the KnowledgeBase keeps {held} "
+                f"(store.qdrant.keepCollections older ones); {version} is not one of them",
+            )
+        if variant.prompt_profile_ref is not None:
+            (_, profile), problem = profile_revision(
+                op, variant.prompt_profile_ref, f"spec.rollout.{name}", namespace
+            )
+            if problem:
+                return {}, problem
+            profiles[name] = profile
+    return profiles, None
 
 
 def _rollout(

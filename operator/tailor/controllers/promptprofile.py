@@ -18,16 +18,18 @@ revision, tested and rolled back like any other change.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tailor.api import KINDS, ManifestError, parse_spec
 from tailor.api.common import SecretKeyRef
-from tailor.api.promptprofile import PromptProfileSpec
+from tailor.api.promptprofile import ProfileRevisionRef, PromptProfileSpec
 from tailor.api.workloads import EvalTarget
 from tailor.builders.common import Parent
 from tailor.builders.modeldeployment import test_key
 from tailor.builders.promptprofile import (
     HISTORY,
+    PROFILE_KEY,
     build_prompt_tests,
     build_revision,
     cases_hash,
@@ -260,3 +262,36 @@ def _verdict(revision: int, summary: str, failing: list[str]) -> tuple[str, str,
             False,
         )
     return ("TestsPassed", f"revision {revision}: {summary} cases passed", True)
+
+
+def profile_revision(
+    op: Operator, ref: ProfileRevisionRef, field: str, namespace: str
+) -> tuple[tuple[int, dict[str, Any]], tuple[str, str] | None]:
+    """((revision, its rendered profile), or the problem naming the field) of the
+    ``promptProfileRef`` under ``field`` (an Evaluation's candidate, a rollout's variant):
+    the named revision from the profile's history, else the served one."""
+    none: tuple[int, dict[str, Any]] = (0, {})
+    pp = op.get("PromptProfile", namespace, ref.name)
+    if pp is None:
+        return none, (
+            "PromptProfileNotFound",
+            f"{field}.promptProfileRef.name: PromptProfile {ref.name} does not exist in "
+            f"{namespace}; create it or name one that does",
+        )
+    status = pp.get("status") or {}
+    wanted = ref.revision or (status.get("served") or {}).get("revision")
+    history = {int(h["revision"]): h for h in status.get("history") or []}
+    if wanted is None:
+        return none, ("WaitingForPromptProfile", f"waiting for PromptProfile {ref.name} to serve")
+    if int(wanted) not in history:
+        known = ", ".join(str(n) for n in sorted(history)) or "none"
+        return none, (
+            "RevisionNotFound",
+            f"{field}.promptProfileRef.revision: PromptProfile {ref.name} has no revision "
+            f"{wanted} in its history (revisions {known})",
+        )
+    config_map = op.runtime.get("v1", "ConfigMap", namespace, history[int(wanted)]["configMap"])
+    text = ((config_map or {}).get("data") or {}).get(PROFILE_KEY)
+    if not text:
+        return none, ("RevisionNotFound", f"{field}.promptProfileRef: revision {wanted} is gone")
+    return (int(wanted), json.loads(text)), None

@@ -50,12 +50,23 @@ def routing_key(state: dict[str, Any] | None) -> str | None:
     return f"{state['id']}:{state['step']}:{state['weight']}"
 
 
-def routing(rollout: Rollout | None, state: dict[str, Any] | None) -> Routing | None:
+def routing(
+    rollout: Rollout | None,
+    state: dict[str, Any] | None,
+    profiles: dict[str, dict[str, Any]] | None = None,
+) -> Routing | None:
     """What the replicas route by: the step in progress, or the promoted candidate; None
-    once rolled back or aborted (the stable answers everything)."""
+    once rolled back or aborted (the stable answers everything). ``profiles``: the
+    rendered profile of each variant that names a promptProfileRef."""
     if rollout is None or not state or state["phase"] in ("RolledBack", "Aborted"):
         return None
-    return Routing(id=state["id"], step=state["step"], weight=state["weight"], rollout=rollout)
+    return Routing(
+        id=state["id"],
+        step=state["step"],
+        weight=state["weight"],
+        rollout=rollout,
+        profiles=profiles or {},
+    )
 
 
 # ------------------------------------------------------------------ measurements

@@ -42,6 +42,7 @@ from tailor.workloads.knowledge.vectorstore import (
     VectorStore,
     open_store,
     query_bm25,
+    version_name,
 )
 
 log = logging.getLogger("tailor.workloads.knowledge.retriever")
@@ -206,6 +207,8 @@ class Retriever:
         build), so a server is not asked again on every query."""
         self._embedder: Embedder | None = None
         self._bm25 = query_bm25(config.retrieval.language)
+        self._versions: dict[int, Collection] = {}
+        self._versions_lock = threading.Lock()
 
     @property
     def embedder(self) -> Embedder:
@@ -219,9 +222,10 @@ class Retriever:
         top_k: int | None = None,
         score_threshold: float | None = None,
         filters: Mapping[str, Any] | None = None,
+        version: int | None = None,
     ) -> list[RetrievedChunk]:
         """The chunks nearest to ``query``, best first."""
-        return self.search_batch([query], top_k, score_threshold, filters)[0]
+        return self.search_batch([query], top_k, score_threshold, filters, version)[0]
 
     def search_batch(
         self,
@@ -229,13 +233,16 @@ class Retriever:
         top_k: int | None = None,
         score_threshold: float | None = None,
         filters: Mapping[str, Any] | None = None,
+        version: int | None = None,
     ) -> list[list[RetrievedChunk]]:
         """Results of many queries: one embedding pass and one store request for all.
 
         ``filters`` is ``{field: value}`` (a list value matches any of its items; see
         :func:`~tailor.workloads.knowledge.vectorstore.base.conditions`).
         ``score_threshold`` is a cosine similarity; in hybrid mode it applies to the dense
-        candidates (fused scores are ranks, not similarities).
+        candidates (fused scores are ranks, not similarities). ``version``: search version
+        N of the index (``<alias>-v<N>``, e.g. a rollout's candidate) instead of the one
+        the alias serves.
         """
         if not queries:
             return []
@@ -245,7 +252,7 @@ class Retriever:
             if score_threshold is not None
             else self.config.retrieval.score_threshold
         )
-        collection = self._searchable()
+        collection = self._searchable() if version is None else self._version(version)
         vectors = self.embedder_of(collection).embed_queries(queries)
         hybrid = self.config.retrieval.hybrid
         searches = [
@@ -294,6 +301,20 @@ class Retriever:
 
     def _searchable(self) -> Collection:
         return self._guarded(lambda: self._store.searchable(self.alias))
+
+    def _version(self, number: int) -> Collection:
+        """Version ``number`` of the index, opened once (a version never changes after its
+        build); a pruned or never built one is RetrieverUnavailable."""
+        with self._versions_lock:
+            if number not in self._versions:
+                name = version_name(self.alias, number)
+                if name not in self._guarded(lambda: self._store.versions(self.alias)):
+                    raise RetrieverUnavailable(
+                        f"knowledge base {self.alias!r} has no version {number} (kept: "
+                        f"{', '.join(self._store.versions(self.alias)) or 'none'})"
+                    )
+                self._versions[number] = self._guarded(lambda: self._store.reader(name))
+            return self._versions[number]
 
     def _guarded(self, call: Callable[[], T]) -> T:
         """``call()``, with the store's failures turned into RetrieverUnavailable."""

@@ -277,8 +277,11 @@ class Server:
                 self._retriever = Retriever(self.run.knowledge_base, self.run.paths)
             return self._retriever
 
-    async def retrieve(self, query: str | None) -> tuple[list[Any], str]:
-        """(chunks, "ok" | "unavailable") for the query; never raises."""
+    async def retrieve(
+        self, query: str | None, version: int | None = None
+    ) -> tuple[list[Any], str]:
+        """(chunks, "ok" | "unavailable") for the query, from the served index or its
+        ``version`` (a rollout variant's); never raises."""
         if not query:
             return [], "skipped"
         binding = self.run.spec.knowledge_base_ref
@@ -290,6 +293,7 @@ class Server:
                 query,
                 top_k=binding.top_k if binding else None,
                 score_threshold=binding.score_threshold if binding else None,
+                version=version,
             )
         except Exception as exc:  # RetrieverUnavailable, or a store that fails otherwise
             self.metrics.observe_retrieval(time.perf_counter() - started, ok=False)
@@ -414,13 +418,60 @@ class Server:
             )
         conversation = [_message(i, m) for i, m in enumerate(body.messages)]
         options = body.tailor or TailorOptions()
-        profile = self._profile(options, test_key)
+        served = self._profile(options, test_key)
+        profile = served
+        if route is not None and route.profile is not None and options.prompt_profile is None:
+            profile = route.profile  # a rollout variant's prompt-profile revision
         question = last_user_message(conversation)
+        retrieval = self.run.knowledge_base is not None and options.retrieval
         documents: list[Any] = []
         extension: dict[str, Any] = {}
-        if self.run.knowledge_base is not None and options.retrieval:
-            documents, state = await self.retrieve(question)
+        if retrieval:
+            version = route.knowledge_base_version if route else None
+            documents, state = await self.retrieve(question, version)
             extension = {"sources": [source(d) for d in documents], "retrieval": state}
+        chat, prompt_ids, params = await self._chat_prompt(
+            engine, body, profile, conversation, documents, options, question
+        )
+        shadow = None
+        if route is not None and route.shadow_differs:
+            # the candidate's copy is asked under its own profile and index (else the served)
+            if retrieval and route.shadow_knowledge_base_version != route.knowledge_base_version:
+                documents, _ = await self.retrieve(question, route.shadow_knowledge_base_version)
+            _, shadow_ids, shadow_params = await self._chat_prompt(
+                engine, body, route.shadow_profile or served, conversation, documents, options,
+                question,
+            )  # fmt: skip
+            shadow = (shadow_ids, shadow_params)
+        return Generation(
+            "chat",
+            caller,
+            body.model,
+            adapter,
+            prompt_ids,
+            params,
+            extension,
+            body.stream,
+            body.include_usage(),
+            asked=[m.as_dict() for m in conversation] if self.capture else None,
+            seen=chat if self.capture else None,
+            route=route,
+            question=question,
+            shadow_prompt=shadow,
+        )
+
+    async def _chat_prompt(
+        self,
+        engine: TokenEngine,
+        body: ChatCompletionRequest,
+        profile: Any,
+        conversation: list[Message],
+        documents: list[Any],
+        options: TailorOptions,
+        question: str | None,
+    ) -> tuple[list[dict[str, str]], list[int], SamplingParams]:
+        """(the chat the engine sees, its tokens, the sampling parameters) of a chat request
+        under ``profile``: its few-shot examples, template and defaults."""
         examples = await self.few_shot(profile, question)
         arguments = (profile, conversation, documents, options.variables, examples)
         try:
@@ -440,21 +491,7 @@ class Server:
         max_tokens = body.max_completion_tokens or body.max_tokens
         response_format = await self.preparer.response_format(engine, body, profile)
         params = self.sampling(body, max_tokens, len(prompt_ids), profile, response_format)
-        return Generation(
-            "chat",
-            caller,
-            body.model,
-            adapter,
-            prompt_ids,
-            params,
-            extension,
-            body.stream,
-            body.include_usage(),
-            asked=[m.as_dict() for m in conversation] if self.capture else None,
-            seen=chat if self.capture else None,
-            route=route,
-            question=question,
-        )
+        return chat, prompt_ids, params
 
     def ungated(self, adapter: str | None, test_key: str | None) -> str | None:
         """``adapter``, if it may answer this request: an adapter whose FineTuneJob's
@@ -523,6 +560,8 @@ class Server:
             prompt_ids = [int(t) for t in prompt]
         _reject(not prompt_ids, "prompt", "the prompt is empty")
         profile = self.profile.get() if self.profile else None
+        if route is not None and route.profile is not None:
+            profile = route.profile  # its defaults (a completion's prompt is not templated)
         response_format = await self.preparer.response_format(engine, body, profile)
         params = self.sampling(body, body.max_tokens, len(prompt_ids), profile, response_format)
         return Generation(
@@ -598,7 +637,8 @@ class Server:
         route, routing = gen.route, self.run.routing
         if route is not None and route.shadow and routing is not None and self.engine:
             judge = routing.rollout.analysis.judge
-            self.shadows.copy(self.engine, route, gen.prompt_ids, gen.params, gen.question,
+            prompt_ids, params = gen.shadow_prompt or (gen.prompt_ids, gen.params)
+            self.shadows.copy(self.engine, route, prompt_ids, params, gen.question,
                               stable_answer, judge)  # fmt: skip
 
     def _cache_key(self, gen: Generation) -> str | None:
@@ -683,31 +723,8 @@ class Server:
         """Queue an answered exchange for capture (spec.feedback), if it is sampled."""
         if self.capture is None or not self.capture.sampled(reply.id):
             return
-        sources = [
-            {"id": s.get("id"), "document": s.get("document_id")}
-            for s in gen.extension.get("sources") or []
-        ]
-        self.capture.append(
-            {
-                "type": "exchange",
-                "id": reply.id,
-                "time": time.time(),
-                "caller": gen.caller.identity or "",
-                "model": gen.model,
-                "adapter": gen.adapter,
-                "promptProfileRevision": self.run.prompt_profile_revision,
-                "knowledgeBaseVersion": self.run.knowledge_base_version,
-                "kind": gen.kind,
-                "asked": gen.asked,
-                "seen": gen.seen,
-                "answer": result["text"],
-                "finishReason": result["finish_reason"],
-                "sources": sources,
-                "retrieval": gen.extension.get("retrieval"),
-                "usage": result["usage"],
-                "latencySeconds": round(time.perf_counter() - started, 4),
-            }
-        )
+        revisions = (self.run.prompt_profile_revision, self.run.knowledge_base_version)
+        self.capture.append(gen.exchange(reply.id, result, started, *revisions))
 
     async def record_feedback(self, body: FeedbackRequest, caller: Caller) -> dict[str, Any]:
         return await self.desk.rate(body, caller, self.resolve_model)

@@ -37,6 +37,44 @@ class Generation:
     """The rollout's decision for this request (spec.rollout), if it is the rollout's."""
     question: str | None = None
     """The last user message (or the prompt): what a shadow judge is told was asked."""
+    shadow_prompt: tuple[list[int], SamplingParams] | None = None
+    """A shadow copy's own prompt and parameters, when the candidate's profile differs."""
+
+    def exchange(
+        self,
+        reply_id: str,
+        result: dict[str, Any],
+        started: float,
+        prompt_profile_revision: str | None,
+        knowledge_base_version: str | None,
+    ) -> dict[str, Any]:
+        """The captured record of this request's answer (spec.feedback)."""
+        sources = [
+            {"id": s.get("id"), "document": s.get("document_id")}
+            for s in self.extension.get("sources") or []
+        ]
+        route = self.route
+        return {
+            "type": "exchange",
+            "id": reply_id,
+            "time": time.time(),
+            "caller": self.caller.identity or "",
+            "model": self.model,
+            "adapter": self.adapter,
+            "promptProfileRevision": prompt_profile_revision,
+            "knowledgeBaseVersion": knowledge_base_version,
+            # a rollout's request: which variant (so which adapter, profile, index) answered
+            "rollout": {"step": route.key, "variant": route.variant} if route else None,
+            "kind": self.kind,
+            "asked": self.asked,
+            "seen": self.seen,
+            "answer": result["text"],
+            "finishReason": result["finish_reason"],
+            "sources": sources,
+            "retrieval": self.extension.get("retrieval"),
+            "usage": result["usage"],
+            "latencySeconds": round(time.perf_counter() - started, 4),
+        }
 
 
 class Tracker:

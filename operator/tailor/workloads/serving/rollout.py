@@ -14,6 +14,8 @@ the step (:mod:`tailor.controllers.rollout`).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import secrets
 import threading
 from collections import deque
@@ -21,9 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailor.api.promptprofile import PromptProfileSpec
 from tailor.api.workloads import Routing
 from tailor.observability.serving import ServingMetrics
 from tailor.workloads.serving.auth import Caller
+from tailor.workloads.serving.prompting import PromptError, parse_profile
+
+log = logging.getLogger("tailor.workloads.serving.rollout")
 
 BUCKETS = 10_000
 LATENCIES_KEPT = 512
@@ -46,6 +52,22 @@ class Route:
     shadow: bool = False
     """The candidate also answers a copy (shadow mode), unseen."""
     shadow_adapter: str | None = None
+    profile: PromptProfileSpec | None = None
+    """The answering variant's prompt profile (its promptProfileRef); None: the served one."""
+    shadow_profile: PromptProfileSpec | None = None
+    """The shadow copy's prompt profile, when the candidate names one."""
+    knowledge_base_version: int | None = None
+    """The answering variant's index version (knowledgeBaseVersion); None: the served one."""
+    shadow_knowledge_base_version: int | None = None
+    """The shadow copy's index version, when the candidate names one."""
+
+    @property
+    def shadow_differs(self) -> bool:
+        """Whether the shadow copy needs a prompt of its own (another profile or index)."""
+        return self.shadow and (
+            self.shadow_profile is not self.profile
+            or self.shadow_knowledge_base_version != self.knowledge_base_version
+        )
 
 
 @dataclass
@@ -84,6 +106,7 @@ class Rollouts:
         self.metrics = metrics
         self._lock = threading.Lock()
         self.routing: Routing | None = None
+        self.profiles: dict[str, PromptProfileSpec] = {}
         self.books: dict[str, Book] = {}
         self.apply(routing)
 
@@ -93,10 +116,19 @@ class Rollouts:
         return None if routing is None else f"{routing.id}:{routing.step}:{routing.weight}"
 
     def apply(self, routing: Routing | None) -> None:
-        """Route by ``routing`` from now on; a new key starts the measurements anew."""
+        """Route by ``routing`` from now on; a new key starts the measurements anew. A
+        variant's profile that does not parse stops the routing (the stable answers):
+        answering that variant's users with another profile would measure the wrong thing."""
+        profiles: dict[str, PromptProfileSpec] = {}
+        try:
+            for variant, data in (routing.profiles if routing else {}).items():
+                profiles[variant] = parse_profile(json.dumps(data))
+        except PromptError as exc:
+            log.error("rollout %s not routed: a variant's profile is invalid: %s", routing, exc)
+            routing = None
         with self._lock:
             old = self.key
-            self.routing = routing
+            self.routing, self.profiles = routing, profiles
             if self.key != old:
                 self.books = {"stable": Book(), "candidate": Book()}
         self.metrics.set_rollout_weight(routing.weight if routing else 0)
@@ -122,7 +154,8 @@ class Rollouts:
         """(the adapter that answers, the route) of a request for ``adapter``; requests for
         anything but the stable's model are not the rollout's (route None), nor are any
         while this replica does not serve the candidate yet (it is loading)."""
-        routing, key = self.routing, self.key
+        with self._lock:
+            routing, key, profiles = self.routing, self.key, self.profiles
         if routing is None or key is None or adapter != routing.rollout.stable.adapter:
             return adapter, None
         rollout = routing.rollout
@@ -131,10 +164,29 @@ class Rollouts:
             return adapter, None
         chosen = bucket(routing.id, session) < routing.weight * (BUCKETS // 100)
         promoted = routing.step >= len(rollout.steps)
+        versions = {
+            "stable": rollout.stable.knowledge_base_version,
+            "candidate": rollout.candidate.knowledge_base_version,
+        }
         if rollout.mode == "canary" or promoted:
             variant = "candidate" if chosen else "stable"
-            return (candidate if chosen else adapter), Route(key, variant)
-        return adapter, Route(key, "stable", shadow=chosen, shadow_adapter=candidate)
+            route = Route(
+                key,
+                variant,
+                profile=profiles.get(variant),
+                knowledge_base_version=versions[variant],
+            )
+            return (candidate if chosen else adapter), route
+        return adapter, Route(
+            key,
+            "stable",
+            shadow=chosen,
+            shadow_adapter=candidate,
+            profile=profiles.get("stable"),
+            shadow_profile=profiles.get("candidate"),
+            knowledge_base_version=versions["stable"],
+            shadow_knowledge_base_version=versions["candidate"],
+        )
 
     def _book(self, key: str, variant: str) -> Book | None:
         """The book of ``variant`` if ``key`` is still the current step's."""

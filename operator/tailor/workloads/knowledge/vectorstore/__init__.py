@@ -40,6 +40,7 @@ from tailor.workloads.knowledge.vectorstore.base import (
     average_words,
     point_id,
     query_bm25,
+    version_name,
 )
 from tailor.workloads.knowledge.vectorstore.edge import EdgeStore
 from tailor.workloads.knowledge.vectorstore.server import AliasStore
@@ -82,4 +83,5 @@ __all__ = [
     "open_store",
     "point_id",
     "query_bm25",
+    "version_name",
 ]
