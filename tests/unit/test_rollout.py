@@ -108,6 +108,33 @@ def test_a_worse_candidate_is_rolled_back_within_one_analysis() -> None:
     assert still["phase"] == "RolledBack" and moved is None
 
 
+def test_checks_carry_an_interval_and_with_a_confidence_fail_only_when_surely_worse() -> None:
+    rollout = spec().rollout
+    assert rollout is not None
+    (satisfaction, _) = rollout.checks()
+    stable, candidate = machine.measure(
+        rollout, [report("k", book(20, 15, 20), book(20, 11, 20))], "k"
+    )
+    # 0.55 vs 0.75 with 20 ratings each: past the limit (0.65) by the point estimate ...
+    quick = machine.check(satisfaction, stable, candidate)
+    assert quick["verdict"] == "Fail"
+    low, high = quick["interval"]  # Newcombe's 95% interval of 0.55 - 0.75
+    assert -0.5 < low < -0.2 < 0.0 < high < 0.15
+    # ... but not surely: with a confidence the check is undecided (the step holds)
+    assert machine.check(satisfaction, stable, candidate, 0.95)["verdict"] == "Inconclusive"
+    # ten times the ratings, the same shares: surely more than 0.1 worse
+    many = machine.measure(rollout, [report("k", book(200, 150, 200), book(200, 90, 200))], "k")
+    sure = machine.check(satisfaction, *many, 0.95)
+    assert sure["verdict"] == "Fail" and sure["interval"][1] < -0.1
+    # held, saying why
+    confident = spec(analysis={"confidence": 0.95}).rollout
+    assert confident is not None
+    state = machine.start(confident, T0)
+    key = "{}:0:10".format(state["id"])
+    held, _ = at(state, 61, report(key, book(20, 15, 20), book(20, 11, 20)), rollout=confident)
+    assert held["phase"] == "Holding" and "not surely: interval [" in held["message"]
+
+
 def test_replicas_are_summed_and_latency_and_cost_are_relative() -> None:
     rollout = spec(analysis={"metrics": [
         {"name": "p95Latency", "maxWorse": 0.5, "minSamples": 10},

@@ -1205,6 +1205,12 @@ def test_an_adapter_behind_its_evaluation_gate_answers_its_evaluation_only(
     body = {"model": f"{SERVED}/robot", "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
     with TestClient(create_app(run, engine=gateway_engine)) as http:
+        listed = [m["id"] for m in ok(http.get("/v1/models"))["data"]]
+        assert f"{SERVED}/pirate" in listed and f"{SERVED}/robot" not in listed
+        to_test = ok(
+            http.get("/v1/models", headers={TEST_KEY_HEADER: "test-key-of-the-deployment"})
+        )
+        assert f"{SERVED}/robot" in [m["id"] for m in to_test["data"]]
         refused = http.post("/v1/chat/completions", json=body)
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "adapter_gated"

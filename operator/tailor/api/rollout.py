@@ -161,6 +161,16 @@ class Analysis(TailorModel):
         default=None,
         description="shadow mode: the model comparing both answers (needed by winRate).",
     )
+    confidence: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=0.999,
+        description="Decide satisfaction, errorRate and winRate by an interval at this "
+        "confidence instead of the point estimate: a check fails only when the whole "
+        "interval (of candidate - stable; of the win rate) is past its limit, and passes "
+        "only when the point estimate is within it; in between the step holds. Unset: the "
+        "point estimate decides (fastest rollback), the 95% interval is still reported.",
+    )
 
     rules = (
         Rule(
@@ -228,7 +238,11 @@ class Rollout(TailorModel):
             "has(self.candidate.promptProfileRef) != "
             "(has(self.stable) && has(self.stable.promptProfileRef)) || "
             "(has(self.candidate.promptProfileRef) && "
-            "self.candidate.promptProfileRef != self.stable.promptProfileRef) || "
+            "(self.candidate.promptProfileRef.name != self.stable.promptProfileRef.name || "
+            "(has(self.candidate.promptProfileRef.revision) ? "
+            "self.candidate.promptProfileRef.revision : 0) != "
+            "(has(self.stable.promptProfileRef.revision) ? "
+            "self.stable.promptProfileRef.revision : 0))) || "
             "has(self.candidate.knowledgeBaseVersion) != "
             "(has(self.stable) && has(self.stable.knowledgeBaseVersion)) || "
             "(has(self.candidate.knowledgeBaseVersion) && "
@@ -319,6 +333,12 @@ class CheckResult(TailorModel):
     candidate: float | None = Field(default=None, description="The candidate's value.")
     limit: float | None = Field(default=None, description="The candidate's worst allowed.")
     samples: int = Field(default=0, description="The fewer of the two variants' samples.")
+    interval: list[float] | None = Field(
+        default=None,
+        description="satisfaction, errorRate: [low, high] of candidate - stable; winRate: "
+        "of the candidate's win rate; at analysis.confidence (else 95%): Newcombe's "
+        "interval of a difference of proportions, Wilson's of one.",
+    )
     verdict: Literal["Pass", "Fail", "Inconclusive"] = Field(description="The check's outcome.")
 
 

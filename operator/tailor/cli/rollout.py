@@ -72,10 +72,12 @@ def table(body: dict[str, Any]) -> str:
             f"{_num(v.get('winRate')):>6}"
         )
     for c in state.get("checks") or []:
+        spread = c.get("interval")
+        shown = f" interval [{_num(spread[0])}, {_num(spread[1])}]" if spread else ""
         lines.append(
             f"  check {c['metric']:13} candidate {_num(c.get('candidate'))} stable "
-            f"{_num(c.get('stable'))} limit {_num(c.get('limit'))} samples {c['samples']}: "
-            f"{c['verdict']}"
+            f"{_num(c.get('stable'))} limit {_num(c.get('limit'))}{shown} samples "
+            f"{c['samples']}: {c['verdict']}"
         )
     return "\n".join(lines)
 

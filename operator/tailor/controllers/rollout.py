@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,8 +125,57 @@ SAMPLES = {"satisfaction": "rated", "winRate": "judged"}
 """The count each metric's samples are (the rest: answers)."""
 
 
-def check(metric: MetricCheck, stable: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-    """One ``status.rollout.checks`` item: the candidate's value against its limit."""
+def wilson(successes: float, trials: int, z: float) -> tuple[float, float]:
+    """Wilson's score interval of a proportion (good with few trials and shares near 0
+    or 1, where the normal approximation is not)."""
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference(a: tuple[float, int], b: tuple[float, int], z: float) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of p_a - p_b from (successes, trials) of each."""
+    pa, pb = a[0] / a[1], b[0] / b[1]
+    (la, ua), (lb, ub) = wilson(*a, z), wilson(*b, z)
+    d = pa - pb
+    return d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt(
+        (ua - pa) ** 2 + (pb - lb) ** 2
+    )
+
+
+COUNTS = {"satisfaction": ("ratedUp", "rated"), "errorRate": ("errors", "requests")}
+"""(successes, trials) of the rate metrics' proportions."""
+
+
+def interval(
+    name: str, stable: dict[str, Any], candidate: dict[str, Any], confidence: float
+) -> tuple[float, float] | None:
+    """The interval ``CheckResult.interval`` reports (None: no samples, or a metric
+    without one: p95Latency, costPerQuery)."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    if name == "winRate":
+        judged = candidate["judged"]
+        return wilson(candidate.get("won") or 0.0, judged, z) if judged else None
+    if name not in COUNTS:
+        return None
+    hits, trials = COUNTS[name]
+    if not stable[trials] or not candidate[trials]:
+        return None
+    return difference((candidate[hits], candidate[trials]), (stable[hits], stable[trials]), z)
+
+
+def check(
+    metric: MetricCheck,
+    stable: dict[str, Any],
+    candidate: dict[str, Any],
+    confidence: float | None = None,
+) -> dict[str, Any]:
+    """One ``status.rollout.checks`` item: the candidate's value against its limit, and
+    its interval; with ``confidence`` (analysis.confidence) a rate fails only when its
+    whole interval is past the limit."""
     name = metric.name
     samples_of = SAMPLES.get(
         name, "answered" if name in ("p95Latency", "costPerQuery") else "requests"
@@ -150,8 +200,18 @@ def check(metric: MetricCheck, stable: dict[str, Any], candidate: dict[str, Any]
             worse = False
         else:
             worse = value < limit if name == "satisfaction" else value > limit
+    spread = interval(name, stable, candidate, confidence or 0.95)
     if samples < metric.min_samples or value is None or limit is None:
         verdict = "Inconclusive"
+    elif worse and confidence is not None and spread is not None:
+        # worse for sure: the interval's most favourable end is still past the limit
+        if name == "winRate":
+            sure = spread[1] < (metric.min or 0.0)
+        elif name == "satisfaction":
+            sure = spread[1] < -(metric.max_worse or 0.0)
+        else:
+            sure = spread[0] > (metric.max_worse or 0.0)
+        verdict = "Fail" if sure else "Inconclusive"
     else:
         verdict = "Fail" if worse else "Pass"
     return {
@@ -160,6 +220,7 @@ def check(metric: MetricCheck, stable: dict[str, Any], candidate: dict[str, Any]
         "candidate": value,
         "limit": limit,
         "samples": samples,
+        "interval": [round(spread[0], 4), round(spread[1], 4)] if spread else None,
         "verdict": verdict,
     }
 
@@ -211,7 +272,8 @@ def advance(
                       "candidate answers all of the stable's traffic", now, step=total)  # fmt: skip
         return done, Transition("RolloutPromoted", "promoted by a person")
     stable, candidate = measures[0], measures[1]
-    checks = [check(m, stable, candidate) for m in rollout.checks()]
+    confidence = rollout.analysis.confidence
+    checks = [check(m, stable, candidate, confidence) for m in rollout.checks()]
     new["checks"] = checks
     failed = [c for c in checks if c["verdict"] == "Fail"]
     if failed:
@@ -231,9 +293,7 @@ def advance(
         )
         return new, None
     if waiting:
-        lacking = ", ".join(
-            f"{c['metric']} {c['samples']}/{_needed(rollout, c['metric'])} samples" for c in waiting
-        )
+        lacking = ", ".join(_undecided(rollout, c) for c in waiting)
         message = (
             f"holding at step {state['step'] + 1}/{total} (weight {state['weight']}%): {lacking}"
         )
@@ -258,6 +318,18 @@ def advance(
         variants=[],
     )
     return new, Transition("RolloutStep", message)
+
+
+def _undecided(rollout: Rollout, result: dict[str, Any]) -> str:
+    """Why a check is inconclusive: its samples, or an interval across its limit."""
+    needed = _needed(rollout, result["metric"])
+    if result["samples"] < needed or result["interval"] is None:
+        return f"{result['metric']} {result['samples']}/{needed} samples"
+    low, high = result["interval"]
+    return (
+        f"{result['metric']} {result['candidate']} past its limit {result['limit']}, but not "
+        f"surely: interval [{low}, {high}] at confidence {rollout.analysis.confidence}"
+    )
 
 
 def _ended(

@@ -280,7 +280,8 @@ openai_api = APIRouter(dependencies=[Depends(_authorized)])
 @openai_api.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     server = _server(request)
-    names = server.model_names(_caller(request))  # a scoped key sees only its own
+    # a scoped key sees only its own; a gated adapter only the test key
+    names = server.listed_models(_caller(request), request.headers.get(TEST_KEY_HEADER))
     cards = [model_card(m, server.name, server.created) for m in names]
     return {"object": "list", "data": cards}
 

@@ -223,6 +223,12 @@ class Server:
         names = {None: self.name} | {a: f"{self.name}/{a}" for a in self.adapters}
         return [n for a, n in names.items() if caller is None or caller.may_use(a)]
 
+    def listed_models(self, caller: Caller, test_key: str | None) -> list[str]:
+        """GET /v1/models: the models ``caller`` may use, less the adapters behind their
+        evaluation gate (listed to the test key only: they answer nobody else)."""
+        gated = {} if self._has_test_key(test_key) else self.run.gated_adapters
+        return [n for n in self.model_names(caller) if n.partition("/")[2] not in gated]
+
     def require_engine(self) -> TokenEngine:
         """The engine, if it is loaded and would take one more request (else 503 or 429)."""
         if self.engine is None:
