@@ -135,6 +135,22 @@ def test_checks_carry_an_interval_and_with_a_confidence_fail_only_when_surely_wo
     assert held["phase"] == "Holding" and "not surely: interval [" in held["message"]
 
 
+def test_the_status_and_the_cli_say_what_each_variant_answers_with() -> None:
+    from tailor.cli.rollout import table
+
+    rollout = Rollout.model_validate({
+        "stable": {"adapter": "v1"}, "steps": [{"weight": 10}],
+        "candidate": {"adapter": "v1", "promptProfileRef": {"name": "p", "revision": 2},
+                      "knowledgeBaseVersion": 3}})  # fmt: skip
+    stable, candidate = machine.measure(rollout, [report("k", book(4, 3, 4), book(4, 1, 4))], "k")
+    assert (candidate["promptProfile"], candidate["knowledgeBaseVersion"]) == ("p@2", 3)
+    assert stable["promptProfile"] is None
+    state, _ = machine.advance(rollout, machine.start(rollout, T0), [stable, candidate], T0)
+    shown = table({"metadata": {"name": "md"}, "spec": {"rollout": rollout.wire()},
+                   "status": {"rollout": state}})  # fmt: skip
+    assert "v1 pp:p@2 kb:v3" in shown and "interval [" in shown
+
+
 def test_replicas_are_summed_and_latency_and_cost_are_relative() -> None:
     rollout = spec(analysis={"metrics": [
         {"name": "p95Latency", "maxWorse": 0.5, "minSamples": 10},

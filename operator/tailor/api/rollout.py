@@ -313,6 +313,12 @@ class VariantMeasure(TailorModel):
 
     name: Literal["stable", "candidate"] = Field(description="stable or candidate.")
     adapter: str | None = Field(default=None, description="What it answers with.")
+    prompt_profile: str | None = Field(
+        default=None, description="Its promptProfileRef (name, @revision when pinned)."
+    )
+    knowledge_base_version: int | None = Field(
+        default=None, description="Its knowledgeBaseVersion."
+    )
     requests: int = Field(default=0, description="Requests it answered or failed.")
     errors: int = Field(default=0, description="Requests that failed.")
     rated: int = Field(default=0, description="Answers rated (POST /v1/feedback).")

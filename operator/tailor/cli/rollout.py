@@ -66,7 +66,7 @@ def table(body: dict[str, Any]) -> str:
     ]
     for v in state.get("variants") or []:
         lines.append(
-            f"  {v['name']:10} {v.get('adapter') or '(base)':16} {v.get('requests', 0):>8} "
+            f"  {v['name']:10} {_variant(v):16} {v.get('requests', 0):>8} "
             f"{v.get('errors', 0):>6} {v.get('rated', 0):>6} {_num(v.get('satisfaction')):>7} "
             f"{_num(v.get('p95Latency')):>7} {_num(v.get('costPerQuery'), 1):>7} "
             f"{_num(v.get('winRate')):>6}"
@@ -80,6 +80,16 @@ def table(body: dict[str, Any]) -> str:
             f"{c['samples']}: {c['verdict']}"
         )
     return "\n".join(lines)
+
+
+def _variant(measure: dict[str, Any]) -> str:
+    """What a variant answers with: its adapter, profile and index version."""
+    parts = [measure.get("adapter") or "(base)"]
+    if measure.get("promptProfile"):
+        parts.append(f"pp:{measure['promptProfile']}")
+    if measure.get("knowledgeBaseVersion"):
+        parts.append(f"kb:v{measure['knowledgeBaseVersion']}")
+    return " ".join(parts)
 
 
 def _num(value: float | None, digits: int = 3) -> str:

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from tailor.api.rollout import RATE_METRICS, MetricCheck, Rollout
+from tailor.api.rollout import RATE_METRICS, MetricCheck, Rollout, Variant
 from tailor.api.workloads import Routing
 from tailor.builders.common import content_hash
 
@@ -94,6 +94,8 @@ def measure(rollout: Rollout, reports: list[dict[str, Any]], key: str) -> list[d
             {
                 "name": name,
                 "adapter": variant.adapter,
+                "promptProfile": _profile_text(variant),
+                "knowledgeBaseVersion": variant.knowledge_base_version,
                 "requests": requests,
                 "errors": t.get("errors", 0),
                 "rated": rated,
@@ -108,6 +110,13 @@ def measure(rollout: Rollout, reports: list[dict[str, Any]], key: str) -> list[d
             }
         )
     return measures
+
+
+def _profile_text(variant: Variant) -> str | None:
+    ref = variant.prompt_profile_ref
+    if ref is None:
+        return None
+    return ref.name if ref.revision is None else f"{ref.name}@{ref.revision}"
 
 
 def _share(part: float, whole: int) -> float | None:
