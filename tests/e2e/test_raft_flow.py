@@ -122,3 +122,12 @@ def test_raft_job_trains_evaluates_and_serves_through_the_operator(
     endpoint = wait_phase(kube, ns, "md", "raft-assistant", {"Ready"}, 600)["status"]["endpoint"]
     models = json.loads(urllib.request.urlopen(f"{endpoint}/models", timeout=30).read())
     assert {m["id"] for m in models["data"]} == {"raft-assistant", "raft-assistant/raft"}
+    # ... and answers users (a RAFTJob's spec.evaluation is its comparison, not a gate)
+    body = {"model": "raft-assistant/raft", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Which model reads weather aloud?"}]}  # fmt: skip
+    request = urllib.request.Request(
+        f"{endpoint}/chat/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    answered = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    assert answered["choices"][0]["message"]["content"] is not None

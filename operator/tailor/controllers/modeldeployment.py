@@ -71,7 +71,11 @@ def resolve(
             if sha256:
                 refs.adapter_sha256[adapter.name] = sha256
             gate = (status.get("evaluation") or {}).get("phase")
-            has_gate = bool(((body or {}).get("spec") or {}).get("evaluation"))
+            # a FineTuneJob's spec.evaluation is its gate (a RAFTJob's is its RAG-vs-RAFT
+            # comparison, which gates nothing)
+            has_gate = kind == "FineTuneJob" and bool(
+                ((body or {}).get("spec") or {}).get("evaluation")
+            )
             if has_gate and gate != "Passed" and not adapter.serve_without_gate:
                 refs.gated[adapter.name] = (
                     f"{kind} {ref.name}'s evaluation gate has "
