@@ -47,13 +47,11 @@ prometheus:
 devcluster-build: venv
 	$(PY) -m tailor.devcluster build
 
-# Four pytest workers on two cores: the control-plane tests mostly wait on the API server
+# Three pytest workers on two cores: the control-plane tests mostly wait on the API server
 # and its controllers while the model tests compute (tests/conftest.py groups them); one
-# worker per control plane (three) leaves the fourth on the model tests from the start
-# (measured 2026-12-06: 13.8 min with 3 workers, 14.7 with 2; 2026-12-07, on a slower
-# machine, 3 workers used 153% of the two cores and the one e2e control plane alone took
-# 15.6 minutes: it is split in two and a worker added).
-PYTEST_WORKERS ?= 4
+# worker per control plane leaves the third on the model tests from the start (measured
+# 2026-12-06: 13.8 min with 3 workers, 14.7 with 2).
+PYTEST_WORKERS ?= 3
 
 test: venv lint devcluster-build prometheus
 	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -82,26 +82,21 @@ def seconds_by_file(junit: Path) -> dict[str, float]:
     return seconds
 
 
-# Parallel runs (pytest-xdist; ``make test`` runs four workers on two cores). A worker takes
+# Parallel runs (pytest-xdist; ``make test`` runs three workers on two cores). A worker takes
 # a work unit whole, so each unit sets up its expensive things once:
 # - tests/cluster, tests/chart and tests/security/cluster share one control plane (and
 #   Kueue, last);
-# - the end-to-end flows (tests/e2e) share two more: the adaptation flows (rollouts and the
-#   AdaptationLoop) one, the others the other; in one unit they took 15.6 minutes, more
-#   than the suite's budget on their own (measured 2026-12-07);
+# - the end-to-end flows (tests/e2e) share another, so the two run side by side;
 # - every other module is a unit of its own: its module fixtures (a loaded model, a
 #   trained adapter) are set up on one worker only.
 # Units are handed out in collection order (above): the control planes first, one to each
-# of three workers, while the fourth starts on the modules. (By path, not by xdist_group
+# of two workers, while the others start on the modules. (By path, not by xdist_group
 # marks: xdist 3.8 cannot rename pytest 9.2's node ids.)
-CONTROL_PLANE_UNITS = ("control-plane", "e2e-control-plane", "e2e-adaptation-control-plane")
-ADAPTATION_FLOWS = ("tests/e2e/test_rollout_flow.py", "tests/e2e/test_loop_flow.py")
+CONTROL_PLANE_UNITS = ("control-plane", "e2e-control-plane")
 
 
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    if path.startswith(ADAPTATION_FLOWS):
-        return "e2e-adaptation-control-plane"
     if path.startswith("tests/e2e/"):
         return "e2e-control-plane"
     if path.startswith(("tests/cluster/", "tests/chart/", "tests/security/cluster/")):
