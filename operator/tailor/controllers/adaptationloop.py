@@ -9,15 +9,19 @@ there is never created twice.
    ratings counted since each replica started, the latest with their times) and the time
    of the last iteration. When it fires, an iteration begins (Training).
 2. **Training**, rung by rung (the first once the deployment's capture has published the
-   ratings that fired the trigger: ``spec.feedback.rotate.maxSeconds`` after it): the rung's FineTuneJob (feedback, champion continued, gate
-   against the champion) is applied; once trained, its adapter is added to the deployment's
-   ``spec.adapters`` (served to the gate's Evaluation only until it passes). A rung whose
+   ratings that fired the trigger: ``spec.feedback.rotate.maxSeconds`` after it). A prompt
+   rung is one Evaluation (``<loop>-i<n>-<rung>``: the champion adapter under the rung's
+   PromptProfile against it as served), decided by the loop's gate. A fine-tune rung's
+   FineTuneJob (feedback, champion continued, gate against the champion) is applied; once
+   trained, its adapter is added to the deployment's ``spec.adapters`` (served to the
+   gate's Evaluation only until it passes). A rung whose
    job fails (FeedbackTooSmall, ...) or whose gate fails is recorded and its adapter entry
    removed; the artifact stays (lineage). The first passing rung that meets
    ``ladder.target`` wins; else, after the last rung, the best passing one.
 3. **RollingOut** (promotion Auto): the deployment's ``spec.rollout`` is set to a canary of
    the winner against the adapter users call. Promoted: that adapter is repointed at the
-   winner's FineTuneJob in place and the rollout removed; rolled back or aborted: the
+   winner's FineTuneJob in place (a prompt winner: the deployment's ``promptProfileRef``
+   becomes its profile) and the rollout removed; rolled back or aborted: the
    winner's entry and the rollout are removed. With promotion Recommend the iteration ends
    with the recommendation in its status.
 """
