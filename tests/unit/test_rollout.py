@@ -242,3 +242,21 @@ def test_rollout_rules_name_the_field(rollout: dict[str, Any], field: str) -> No
     with pytest.raises(ManifestError) as error:
         spec(**rollout)
     assert any(line.startswith(field) for line in error.value.lines), error.value.lines
+
+
+def test_an_index_version_the_knowledge_base_does_not_keep_holds_the_rollout() -> None:
+    from tailor.builders.modeldeployment import ResolvedRefs
+    from tailor.controllers.modeldeployment import _rollout_blocked
+
+    body = {**spec().wire(), "knowledgeBaseRef": {"name": "docs"}}
+    body["rollout"]["candidate"] = {"adapter": "v2", "knowledgeBaseVersion": 1}
+    deployment = parse_spec(KINDS["ModelDeployment"], body)
+    assert isinstance(deployment, ModelDeploymentSpec)
+    refs = ResolvedRefs(knowledge_base_kept=(3, 4))  # serving v4, keeping v3
+    # no profile is named: the operator is not asked for anything
+    _, blocked = _rollout_blocked(None, deployment, refs, "team")  # type: ignore[arg-type]
+    assert blocked is not None and blocked[0] == "KnowledgeBaseVersionNotFound"
+    assert blocked[1].startswith("spec.rollout.candidate.knowledgeBaseVersion: the ")
+    assert "keeps versions 3 to 4" in blocked[1]
+    refs.knowledge_base_kept = (1, 2)
+    assert _rollout_blocked(None, deployment, refs, "team") == ({}, None)  # type: ignore[arg-type]
