@@ -183,7 +183,8 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
         its = status.get("iterations") or []
         if len(its) == 2 and its[1]["phase"] == "Done":
             return its[1]
-        rated_use()  # the trigger's ratings, then the canary's traffic
+        if status.get("phase") in ("Waiting", "RollingOut"):
+            rated_use()  # the trigger's ratings, then the canary's traffic (not while training)
         return None
 
     second = wait_for("the second iteration", second_done, 600)
@@ -216,7 +217,8 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
         its = status.get("iterations") or []
         if len(its) == 3 and its[2]["phase"] == "Done":
             return its[2]
-        rated_use()
+        if status.get("phase") in ("Waiting", "RollingOut"):
+            rated_use()
         return None
 
     third = wait_for("the third iteration", third_done, 600)
