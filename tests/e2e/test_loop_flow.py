@@ -178,16 +178,19 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
             answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
             post(f"{endpoint}/feedback", {"id": answer["id"], "rating": "up"})
 
-    def second_done() -> dict[str, Any] | None:
+    def done_with_use(number: int) -> dict[str, Any] | None:
+        """Iteration ``number`` once Done; until then rated use while the loop waits for
+        its trigger or rolls out (the trigger's ratings, the canary's traffic), none while
+        it trains or evaluates."""
         status = kube.get_json("loop", "improve", "-n", ns).get("status") or {}
         its = status.get("iterations") or []
-        if len(its) == 2 and its[1]["phase"] == "Done":
-            return its[1]
+        if len(its) == number and its[-1]["phase"] == "Done":
+            return its[-1]
         if status.get("phase") in ("Waiting", "RollingOut"):
-            rated_use()  # the trigger's ratings, then the canary's traffic (not while training)
+            rated_use()
         return None
 
-    second = wait_for("the second iteration", second_done, 600)
+    second = wait_for("the second iteration", lambda: done_with_use(2), 600)
     assert second.get("rollout") == "Promoted", second
     assert second["winner"] == second["rungs"][0]["fineTuneJob"] and second["targetMet"]
     spec = kube.get_json("md", "assistant", "-n", ns)["spec"]
@@ -212,16 +215,7 @@ def test_a_loop_iteration_whose_gate_fails_creates_no_rollout(
     )
     kube.apply([loop], "-n", ns)
 
-    def third_done() -> dict[str, Any] | None:
-        status = kube.get_json("loop", "improve", "-n", ns).get("status") or {}
-        its = status.get("iterations") or []
-        if len(its) == 3 and its[2]["phase"] == "Done":
-            return its[2]
-        if status.get("phase") in ("Waiting", "RollingOut"):
-            rated_use()
-        return None
-
-    third = wait_for("the third iteration", third_done, 600)
+    third = wait_for("the third iteration", lambda: done_with_use(3), 600)
     assert third.get("rollout") == "Promoted", third
     assert (third["winner"], third["winnerKind"]) == ("terse", "PromptProfile")
     (prompt_rung,) = third["rungs"]  # the target met at the first rung: no training
