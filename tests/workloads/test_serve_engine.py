@@ -27,8 +27,9 @@ from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
 from tailor.workloads.serving.app import main as serve_main
 from tailor.workloads.serving.engine.base import Chunk, QueueFull, SamplingParams
-from tailor.workloads.serving.engine.builtin import Engine, GenerationRequest
+from tailor.workloads.serving.engine.builtin import Engine
 from tailor.workloads.serving.engine.loading import load_model, quantize_int8_dynamic
+from tailor.workloads.serving.engine.scheduler import GenerationRequest
 from tests.workloads.helpers import free_port, tiny_llama_config, wait_until_ready
 
 pytestmark = pytest.mark.workloads
@@ -326,9 +327,9 @@ def test_a_random_model_answers_valid_json_under_a_schema_and_free_rows_are_unto
 
 
 def _real_eos(engine: Engine) -> set[int]:
-    from tailor.workloads.serving.engine.builtin import _eos_ids
+    from tailor.workloads.serving.engine.scheduler import eos_ids
 
-    return _eos_ids(engine.model, engine.tokenizer)
+    return eos_ids(engine.tokenizer, engine.model.generation_config.eos_token_id)
 
 
 def test_adapters_load_and_unload_while_a_request_runs(tokenizer: Any, tmp_path: Path) -> None:

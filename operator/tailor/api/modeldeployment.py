@@ -276,6 +276,22 @@ def _vllm_loads(model: ModelSource) -> bool:
     return model.hub is not None or model.claim is not None
 
 
+_GGUF = (
+    "(has(self.baseModel.builtin) || "
+    "(has(self.baseModel.pvc) && self.baseModel.pvc.path.endsWith('.gguf')) || "
+    "(has(self.baseModel.uri) && self.baseModel.uri.startsWith('pvc://') && "
+    "self.baseModel.uri.endsWith('.gguf')))"
+)
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+"""Quantizations that are GGUF types (the llama.cpp engine's)."""
+
+
+def _gguf(model: ModelSource) -> bool:
+    """Whether the base model is a GGUF file (the builtin one, or a .gguf on a claim)."""
+    claim = model.claim
+    return model.builtin is not None or (claim is not None and claim.path.endswith(".gguf"))
+
+
 class ModelDeploymentSpec(TailorModel):
     """An OpenAI-compatible model server."""
 
@@ -292,20 +308,25 @@ class ModelDeploymentSpec(TailorModel):
     knowledge_base_ref: KnowledgeBaseBinding | None = Field(
         default=None, description="Retrieval over a KnowledgeBase."
     )
-    engine: Literal["auto", "builtin", "vllm"] = Field(
+    engine: Literal["auto", "builtin", "vllm", "llamacpp"] = Field(
         default="auto",
         description="What generates tokens behind Tailor's gateway (prompts, RAG, cache, "
-        "auth and metrics are the gateway's with either): builtin, Tailor's engine in the "
-        "server process (transformers + PEFT; CPU or one GPU); vllm, a vLLM OpenAI server "
-        "beside it in the pod (GPUs only; tensor parallel over resources.gpus, LoRA "
-        "adapters, prefix caching; base model from huggingface or pvc); auto, vllm when "
-        "resources.gpus > 0 and the base model is not builtin, else builtin.",
+        "auth and metrics are the gateway's with any): builtin, Tailor's engine in the "
+        "server process (transformers + PEFT; CPU or one GPU); llamacpp, llama.cpp's "
+        "kernels in the server process under Tailor's scheduler (CPU; a GGUF base model: "
+        "builtin or a .gguf on a claim; LoRA adapters converted to GGUF once); vllm, a vLLM "
+        "OpenAI server beside it in the pod (GPUs only; tensor parallel over "
+        "resources.gpus, LoRA adapters, prefix caching; base model from huggingface or "
+        "pvc); auto, vllm when resources.gpus > 0 and the base model is not builtin, "
+        "llamacpp on CPU for a GGUF base model, else builtin.",
     )
-    quantization: Literal["none", "int8", "nf4"] = Field(
+    quantization: Literal["none", "int8", "nf4", "f16", "q8_0", "q4_k_m"] = Field(
         default="none",
-        description="none; int8 (builtin engine: CPU dynamic int8, GPU bitsandbytes 8-bit; "
-        "vllm: fp8 weights); nf4 (GPU only; builtin: bitsandbytes NF4; vllm: bitsandbytes "
-        "4-bit, NF4).",
+        description="none (llamacpp: the GGUF file as it is); int8 (builtin engine: CPU "
+        "dynamic int8, GPU bitsandbytes 8-bit; vllm: fp8 weights; llamacpp: q8_0); nf4 (GPU "
+        "only; builtin: bitsandbytes NF4; vllm: bitsandbytes 4-bit, NF4); f16, q8_0, q4_k_m "
+        "(llamacpp only: GGUF types, converted once from the model's float weights and "
+        "cached).",
     )
     max_context_tokens: int | None = Field(
         default=None, ge=128, le=1048576, description="Context window (default: the model's)."
@@ -363,6 +384,29 @@ class ModelDeploymentSpec(TailorModel):
             check=lambda m: m.engine != "vllm" or _vllm_loads(m.base_model),
         ),
         Rule(
+            cel="self.engine != 'llamacpp' || !has(self.resources) || self.resources.gpus == 0",
+            message="engine llamacpp runs on CPU: set resources.gpus to 0, or use engine "
+            "builtin or vllm on GPUs",
+            field="engine",
+            check=lambda m: m.engine != "llamacpp" or m.resources.gpus == 0,
+        ),
+        Rule(
+            cel=f"self.engine != 'llamacpp' || {_GGUF}",
+            message="engine llamacpp serves GGUF models: the builtin model, or a .gguf file "
+            "on a claim (pvc.path or pvc:// uri); use engine builtin for other models",
+            field="engine",
+            check=lambda m: m.engine != "llamacpp" or _gguf(m.base_model),
+        ),
+        Rule(
+            cel=f"!(self.quantization in {list(GGUF_TYPES)}) || self.engine == 'llamacpp' || "
+            f"(self.engine == 'auto' && (!has(self.resources) || self.resources.gpus == 0) && "
+            f"{_GGUF})",
+            message="quantization f16, q8_0 and q4_k_m are GGUF types: set engine llamacpp "
+            "(a GGUF model on CPU), or use none or int8",
+            field="quantization",
+            check=lambda m: m.quantization not in GGUF_TYPES or m.resolved_engine() == "llamacpp",
+        ),
+        Rule(
             cel="!has(self.resources) || self.resources.gpus <= 1 || self.engine == 'vllm' || "
             f"(self.engine == 'auto' && {_VLLM_LOADS})",
             message="the builtin engine uses one GPU: set resources.gpus to 1, or serve a "
@@ -399,12 +443,13 @@ class ModelDeploymentSpec(TailorModel):
         ),
     )
 
-    def resolved_engine(self) -> Literal["builtin", "vllm"]:
+    def resolved_engine(self) -> Literal["builtin", "vllm", "llamacpp"]:
         """The engine ``auto`` stands for here."""
         if self.engine != "auto":
             return self.engine
-        vllm = self.resources.gpus > 0 and _vllm_loads(self.base_model)
-        return "vllm" if vllm else "builtin"
+        if self.resources.gpus > 0:
+            return "vllm" if _vllm_loads(self.base_model) else "builtin"
+        return "llamacpp" if _gguf(self.base_model) else "builtin"
 
 
 def _rollout_adapter_served(spec: ModelDeploymentSpec, path: str) -> bool:

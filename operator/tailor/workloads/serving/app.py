@@ -106,7 +106,8 @@ def engine_loader(
     run: ServeRun, metrics: ServingMetrics
 ) -> Callable[[list[ServedAdapter]], TokenEngine]:
     """What loads the run's engine with a list of adapters: vLLM (or another server) over
-    HTTP when the run has an upstream, else the builtin engine on the run's model."""
+    HTTP when the run has an upstream, else the llama.cpp or the builtin engine on the run's
+    model, as ``spec.engine`` resolves."""
     upstream = run.upstream
     if upstream is not None:
 
@@ -122,10 +123,14 @@ def engine_loader(
 
         return load_from_upstream
 
-    def load_builtin(adapters: list[ServedAdapter]) -> TokenEngine:
+    def load_in_process(adapters: list[ServedAdapter]) -> TokenEngine:
+        if run.spec.resolved_engine() == "llamacpp":
+            from tailor.workloads.serving.engine.llamacpp import load_llama_engine
+
+            return load_llama_engine(run.spec, adapters, run.paths, metrics)
         return load_engine(run.spec, adapters, run.paths, metrics)
 
-    return load_builtin
+    return load_in_process
 
 
 def _lifespan(

@@ -27,7 +27,7 @@ earlier turns) computes only the rest.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,10 +212,11 @@ class KVSlab(DynamicCache):  # type: ignore[misc]
 
 @dataclass
 class Prefix:
-    """A prompt's KV cache, per layer ``(keys, values)`` of shape (1, heads, tokens, dim)."""
+    """A prompt's KV cache: the builtin engine's per layer ``(keys, values)`` of shape (1,
+    heads, tokens, dim); the llama.cpp engine's sequence id whose cells hold it."""
 
     ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: Any
 
 
 class PrefixCache:
@@ -224,8 +225,15 @@ class PrefixCache:
     few-shot block of a prompt profile, or a conversation's earlier turns, are computed
     once. Least recently used prompts go first when the token budget is full."""
 
-    def __init__(self, budget_tokens: int = PREFIX_CACHE_TOKENS):
+    def __init__(
+        self,
+        budget_tokens: int = PREFIX_CACHE_TOKENS,
+        max_entries: int | None = None,
+        on_evict: Callable[[Prefix], None] | None = None,
+    ):
         self.budget = budget_tokens
+        self.max_entries = max_entries
+        self.on_evict = on_evict  # frees what an entry holds (the llama.cpp engine's cells)
         self.tokens = 0
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], Prefix] = OrderedDict()
 
@@ -243,15 +251,33 @@ class PrefixCache:
             self.entries.move_to_end((peft_name, tuple(best[0].ids)))
         return best
 
-    def put(self, peft_name: str, ids: Sequence[int], layers: list[Any]) -> None:
-        key = (peft_name, tuple(ids))
-        if len(ids) < PREFIX_MIN_TOKENS or len(ids) > self.budget or key in self.entries:
+    def worth_keeping(self, peft_name: str, ids: Sequence[int]) -> bool:
+        """Whether :meth:`put` would keep this prompt (not too short, long or known)."""
+        return (
+            PREFIX_MIN_TOKENS <= len(ids) <= self.budget
+            and (peft_name, tuple(ids)) not in self.entries
+        )
+
+    def put(self, peft_name: str, ids: Sequence[int], layers: Any) -> None:
+        if not self.worth_keeping(peft_name, ids):
             return
-        while self.entries and self.tokens + len(ids) > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.tokens -= len(old.ids)
-        self.entries[key] = Prefix(list(ids), layers)
+        while self.entries and (
+            self.tokens + len(ids) > self.budget
+            or (self.max_entries is not None and len(self.entries) >= self.max_entries)
+        ):
+            self.evict_oldest()
+        self.entries[(peft_name, tuple(ids))] = Prefix(list(ids), layers)
         self.tokens += len(ids)
+
+    def evict_oldest(self) -> bool:
+        """Drop the least recently used prompt (False when there is none)."""
+        if not self.entries:
+            return False
+        _, old = self.entries.popitem(last=False)
+        self.tokens -= len(old.ids)
+        if self.on_evict is not None:
+            self.on_evict(old)
+        return True
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
