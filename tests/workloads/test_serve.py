@@ -150,6 +150,8 @@ def upstream(workdir: Path, adapter_dirs: dict[str, Path]) -> Iterator[str]:
 # The engine contract (chat, completions, stop sequences, streaming, disconnects, usage,
 # adapters, concurrency, context window) runs against both engines.
 GATEWAY_ONLY = pytest.mark.parametrize("gateway_engine", ["builtin"], indirect=True)
+# Enforced formats are the engines' (constrained decoding): both in-process engines.
+IN_PROCESS = pytest.mark.parametrize("gateway_engine", ["builtin", "llamacpp"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -825,7 +827,7 @@ PERSON = {
 }
 
 
-@GATEWAY_ONLY
+@IN_PROCESS
 def test_every_answer_under_a_response_format_validates(
     base_url: str,
     client: openai.OpenAI,

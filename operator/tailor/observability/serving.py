@@ -163,8 +163,8 @@ class ServingMetrics:
         )
         self.prefix_tokens = Counter(
             "tailor_serve_prefix_cache_tokens",
-            "Prompt tokens the builtin engine took from its prefix cache (result reused) or "
-            "ran through the model (result computed).",
+            "Prompt tokens the in-process engine (builtin or llamacpp) took from its prefix "
+            "cache (result reused) or ran through the model (result computed).",
             ["deployment", "result"],
             registry=r,
         )
