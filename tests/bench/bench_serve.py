@@ -236,7 +236,14 @@ def measure_quantization(max_tokens: int) -> dict[str, dict[str, float]]:
     out = {}
     for quantization in ("none", "int8"):
         child = subprocess.run(
-            [sys.executable, __file__, "--child", quantization, "--max-tokens", str(max_tokens)],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                f"quantization:{quantization}",
+                "--max-tokens",
+                str(max_tokens),
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -282,42 +289,77 @@ def served_rates(engine: Any, run: Any, prompts: list[str], max_tokens: int) -> 
     return rates
 
 
-def throughput(args: argparse.Namespace) -> None:
-    """The throughput table: both in-process engines through the gateway at several
-    concurrencies, sequential ``model.generate`` and llama.cpp's own loop."""
-    from tailor.workloads.io.sources import builtin_path
+def serve_child(engine_name: str, max_tokens: int) -> dict[str, Any]:
+    """In a fresh process set up as ``python -m tailor.workloads.serving.app`` sets it up
+    (torch's threads: all cores for the builtin engine, one beside llama.cpp): tokens/s
+    through the gateway at concurrency 1, 8 and 16 (and sequential ``model.generate``
+    beside the builtin engine)."""
     from tailor.workloads.serving.engine.builtin import load_engine
     from tailor.workloads.serving.engine.llamacpp import load_llama_engine
 
     prompts = questions(48)
-    rows: list[tuple[str, float]] = []
-    run = serve_run("none")
-    engine = load_engine(run.spec, [], run.paths)
-    baseline = generate_baseline(engine, prompts[:4], args.max_tokens)
-    rows.append(("transformers model.generate, sequential", baseline))
-    builtin = served_rates(engine, run, prompts, args.max_tokens)
+    engine_name, _, quantization = engine_name.partition("/")
+    run = serve_run(quantization or "none", engine=engine_name)
+    out: dict[str, Any] = {}
+    if engine_name == "llamacpp":
+        engine: Any = load_llama_engine(run.spec, [], run.paths)
+    else:
+        engine = load_engine(run.spec, [], run.paths)
+        out["generate"] = generate_baseline(engine, prompts[:4], max_tokens)
+    out["served"] = served_rates(engine, run, prompts, max_tokens)
     engine.close()
-    rows += [(f"tailor serve, engine builtin, concurrency {c}", r) for c, r in builtin.items()]
+    return out
 
+
+def child(section: str, *extra: str) -> str:
+    """Run ``section`` of this file in a fresh process set up like the serve process of
+    its engine; its stdout."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", section, *extra],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(f"{section}: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """The throughput table: both in-process engines through the gateway at several
+    concurrencies, sequential ``model.generate`` and llama.cpp's own loop."""
+    from tailor.workloads.io.sources import builtin_path
+
+    limits = ["--max-tokens", str(args.max_tokens)]
+    builtin = json.loads(child("serve:builtin", *limits).strip().splitlines()[-1])
+    llamacpp = json.loads(child("serve:llamacpp", *limits).strip().splitlines()[-1])
+    q4_0 = json.loads(child("serve:llamacpp/q4_0", *limits).strip().splitlines()[-1])
+    loop = dict(llama_cpp_loop(questions(48), args.max_tokens, [[1, 4], [16, 32]]))
+    baseline = builtin["generate"]
     gguf = builtin_path("smollm2-135m-instruct").name
-    run = serve_run("none", engine="llamacpp")
-    engine = load_llama_engine(run.spec, [], run.paths)
-    llamacpp = served_rates(engine, run, prompts, args.max_tokens)
-    engine.close()
+    rows: list[tuple[str, float]] = [("transformers model.generate, sequential", baseline)]
     rows += [
-        (f"tailor serve, engine llamacpp ({gguf}), concurrency {c}", r) for c, r in llamacpp.items()
+        (f"tailor serve, engine builtin, concurrency {c}", r) for c, r in builtin["served"].items()
     ]
-    loop = dict(llama_cpp_loop(prompts, args.max_tokens, [[1, 4], [16, 32]]))
+    rows += [
+        (f"tailor serve, engine llamacpp ({gguf}), concurrency {c}", r)
+        for c, r in llamacpp["served"].items()
+    ]
+    rows += [
+        (f"tailor serve, engine llamacpp (quantization q4_0), concurrency {c}", r)
+        for c, r in q4_0["served"].items()
+    ]
     rows += [(f"llama.cpp's own loop ({gguf}), concurrency {c}", r) for c, r in loop.items()]
-
     print(f"\nThroughput (completion tokens/s, greedy, max_tokens={args.max_tokens})")
     print(f"{'system':<66} {'tokens/s':>9} {'x baseline':>10}")
     for name, rate in rows:
         print(f"{name:<66} {rate:>9.1f} {rate / baseline:>9.2f}x")
+    single = llamacpp["served"]["1"] / loop[1]
+    many = llamacpp["served"]["16"] / builtin["served"]["16"]
+    many_q4_0 = q4_0["served"]["16"] / builtin["served"]["16"]
     print(
-        f"engine llamacpp single stream / llama.cpp's own loop: {llamacpp[1] / loop[1]:.2f}x "
-        f"(goal >= 0.8); 16 clients, llamacpp / builtin: {llamacpp[16] / builtin[16]:.2f}x "
-        "(goal >= 2)"
+        f"engine llamacpp single stream / llama.cpp's own loop, same GGUF: {single:.2f}x "
+        f"(goal >= 0.8); 16 clients, llamacpp / builtin: {many:.2f}x as shipped, "
+        f"{many_q4_0:.2f}x q4_0 (goal >= 2)"
     )
 
 
@@ -423,36 +465,44 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t95 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def prefix_ttft(args: argparse.Namespace) -> None:
+def prefix_ttft(name: str) -> list[Any]:
     """Time to the first token of a question under a 1,000-token few-shot system prompt:
     the first (the prefix computed), then other questions under it (the prefix reused),
-    against the same engine without a prefix cache; both in-process engines."""
+    against the same engine without a prefix cache."""
     from tailor.workloads.serving.app import create_app
     from tailor.workloads.serving.engine.builtin import load_engine
     from tailor.workloads.serving.engine.llamacpp import load_llama_engine
 
     asks = questions(9)
     rows = []
-    for name in ("builtin", "llamacpp"):
-        run = serve_run("none", engine=name)
-        for cached in (True, False):
-            loader = load_llama_engine if name == "llamacpp" else load_engine
-            engine = loader(run.spec, [], run.paths)
-            if not cached:
-                engine._prefixes = None  # the same engine, its prefix cache off
-            system = few_shot_system(engine.tokenizer, 1000)
-            length = len(engine.encode_chat([{"role": "system", "content": system}]))
-            with ThreadServer(create_app(run, engine=engine)) as server:
-                times = [
-                    time_to_first_token(
-                        server.url,
-                        [{"role": "system", "content": system}, {"role": "user", "content": q}],
-                    )
-                    for q in asks
-                ]
-            engine.close()
-            later, ci = mean_ci(times[1:])
-            rows.append((name, cached, length, times[0], later, ci))
+    run = serve_run("none", engine=name)
+    for cached in (True, False):
+        loader = load_llama_engine if name == "llamacpp" else load_engine
+        engine = loader(run.spec, [], run.paths)
+        if not cached:
+            engine._prefixes = None  # the same engine, its prefix cache off
+        system = few_shot_system(engine.tokenizer, 1000)
+        length = len(engine.encode_chat([{"role": "system", "content": system}]))
+        with ThreadServer(create_app(run, engine=engine)) as server:
+            times = [
+                time_to_first_token(
+                    server.url,
+                    [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                )
+                for q in asks
+            ]
+        engine.close()
+        later, ci = mean_ci(times[1:])
+        rows.append((name, cached, length, times[0], later, ci))
+    return rows
+
+
+def prefix_table() -> None:
+    rows = [
+        row
+        for name in ("builtin", "llamacpp")
+        for row in json.loads(child(f"prefix:{name}").strip().splitlines()[-1])
+    ]
     print("\nTime to first token under a few-shot system prompt (s; 8 later questions, 95% CI)")
     print(f"{'engine':<9} {'prefix cache':<12} {'prompt':>6} {'first':>7} {'later':>16}")
     for name, cached, length, first, later, ci in rows:
@@ -515,7 +565,7 @@ def gguf_quantizations(args: argparse.Namespace) -> None:
     source = builtin_path("smollm2-135m-instruct")
     prompts = questions(4)
     rows = []
-    for kind in ("float", "f16", "q8_0", "q4_k_m", "none"):
+    for kind in ("float", "f16", "q8_0", "q4_k_m", "q4_0", "none"):
         path = model_file(source, kind)
         perplexity, count = llama_perplexity(path, texts)
         engine = LlamaEngine(path, tokenizer)
@@ -662,23 +712,40 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(quantization_child(args.child, args.max_tokens)))
-        return
-
     import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.child:
+        run_child(args)
+        return
 
     import torch
 
-    logging.basicConfig(level=logging.WARNING)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     if not args.skip_throughput:
         throughput(args)
     if not args.skip_quantization:
         quantization_table(args.max_tokens)
     if not args.skip_llamacpp:
+        prefix_table()
+        print(child("llamacpp", "--max-tokens", str(args.max_tokens)), end="")
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """A section in this fresh process, torch's threads set as the serve process sets them
+    for the section's engine."""
+    from tailor.workloads.program import limit_cpu_threads
+
+    section, _, name = args.child.partition(":")
+    limit_cpu_threads(1 if "llamacpp" in (section, name) else None)
+    if section == "quantization":
+        print(json.dumps(quantization_child(name, args.max_tokens)))
+    elif section == "serve":
+        print(json.dumps(serve_child(name, args.max_tokens)))
+    elif section == "prefix":
+        print(json.dumps(prefix_ttft(name)))
+    elif section == "llamacpp":
         adapter_mix(args)
-        prefix_ttft(args)
         gguf_quantizations(args)
         format_overhead(args)
 

@@ -282,7 +282,7 @@ _GGUF = (
     "(has(self.baseModel.uri) && self.baseModel.uri.startsWith('pvc://') && "
     "self.baseModel.uri.endsWith('.gguf')))"
 )
-GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")
 """Quantizations that are GGUF types (the llama.cpp engine's)."""
 
 
@@ -320,13 +320,13 @@ class ModelDeploymentSpec(TailorModel):
         "pvc); auto, vllm when resources.gpus > 0 and the base model is not builtin, "
         "llamacpp on CPU for a GGUF base model, else builtin.",
     )
-    quantization: Literal["none", "int8", "nf4", "f16", "q8_0", "q4_k_m"] = Field(
+    quantization: Literal["none", "int8", "nf4", "f16", "q8_0", "q4_k_m", "q4_0"] = Field(
         default="none",
         description="none (llamacpp: the GGUF file as it is); int8 (builtin engine: CPU "
         "dynamic int8, GPU bitsandbytes 8-bit; vllm: fp8 weights; llamacpp: q8_0); nf4 (GPU "
-        "only; builtin: bitsandbytes NF4; vllm: bitsandbytes 4-bit, NF4); f16, q8_0, q4_k_m "
+        "only; builtin: bitsandbytes NF4; vllm: bitsandbytes 4-bit, NF4); f16, q8_0, q4_k_m, q4_0 "
         "(llamacpp only: GGUF types, converted once from the model's float weights and "
-        "cached).",
+        "cached; q4_0 runs batches fastest on CPU).",
     )
     max_context_tokens: int | None = Field(
         default=None, ge=128, le=1048576, description="Context window (default: the model's)."
@@ -401,7 +401,7 @@ class ModelDeploymentSpec(TailorModel):
             cel=f"!(self.quantization in {list(GGUF_TYPES)}) || self.engine == 'llamacpp' || "
             f"(self.engine == 'auto' && (!has(self.resources) || self.resources.gpus == 0) && "
             f"{_GGUF})",
-            message="quantization f16, q8_0 and q4_k_m are GGUF types: set engine llamacpp "
+            message="quantization f16, q8_0, q4_k_m and q4_0 are GGUF types: set engine llamacpp "
             "(a GGUF model on CPU), or use none or int8",
             field="quantization",
             check=lambda m: m.quantization not in GGUF_TYPES or m.resolved_engine() == "llamacpp",

@@ -7,9 +7,11 @@ place never serves the old one); writes go to a temporary name, then one rename.
 - Float: every tensor of the source GGUF dequantized to float32 with the ``gguf`` package
   (its metadata, tokenizer and chat template copied as they are). It is the reference the
   quantizations are measured against, and what they are made from.
-- ``f16``, ``q8_0``, ``q4_k_m``: llama.cpp's own quantizer (``llama_model_quantize``) over
-  the float file. Tensors whose rows do not divide into k-quant blocks of 256 (SmolLM2's
-  width is 576) fall back to a legacy type, as llama.cpp's quantize tool does.
+- ``f16``, ``q8_0``, ``q4_k_m``, ``q4_0``: llama.cpp's own quantizer
+  (``llama_model_quantize``) over the float file. Tensors whose rows do not divide into
+  k-quant blocks of 256 (SmolLM2's width is 576) fall back to a legacy type, as llama.cpp's
+  quantize tool does. ``q4_0`` is the type llama.cpp's CPU backend repacks for its batched
+  kernels: the fastest at 16 sequences here (``tests/bench/bench_serve.py``).
 - A LoRA adapter: PEFT's ``lora_A``/``lora_B`` under llama.cpp's tensor names
   (``blk.N.attn_q.weight.lora_a``...), ``lora_B`` of the query and key projections permuted
   like the base weights (llama.cpp's GGUF stores q/k rows in its own rotary order), alpha
@@ -35,7 +37,7 @@ from tailor.workloads.io.storage import cache_root
 
 log = logging.getLogger("tailor.workloads.serving.engine.gguf_files")
 
-QUANTIZATIONS = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
+QUANTIZATIONS = {"f16": 1, "q8_0": 7, "q4_k_m": 15, "q4_0": 2}
 """GGUF types a deployment may ask for -> llama.cpp's ``LLAMA_FTYPE_MOSTLY_*``."""
 
 PEFT_TO_GGUF = {

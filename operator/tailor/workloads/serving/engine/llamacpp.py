@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from tailor.observability.serving import ServingMetrics
 from tailor.workloads.errors import WorkloadError
 from tailor.workloads.io.model_loading import load_tokenizer
 from tailor.workloads.io.sources import model_path
+from tailor.workloads.program import cpu_budget
 from tailor.workloads.serving.engine.base import Chunk
 from tailor.workloads.serving.engine.gguf_files import lora_file, model_file
 from tailor.workloads.serving.engine.kvcache import PREFIX_CACHE_TOKENS, Prefix, PrefixCache
@@ -155,7 +155,7 @@ class LlamaEngine(BatchEngine):
         )
         self._cells = max(window, min(kv_cells, window * max_batch_size))
         self._reserved = 0
-        threads = threads or len(os.sched_getaffinity(0))
+        threads = threads or cpu_budget()
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = self._cells + prefix_cache_tokens
         cparams.n_batch = PREFILL_CHUNK + max_batch_size
