@@ -290,10 +290,9 @@ def served_rates(engine: Any, run: Any, prompts: list[str], max_tokens: int) -> 
 
 
 def serve_child(engine_name: str, max_tokens: int) -> dict[str, Any]:
-    """In a fresh process set up as ``python -m tailor.workloads.serving.app`` sets it up
-    (torch's threads: all cores for the builtin engine, one beside llama.cpp): tokens/s
-    through the gateway at concurrency 1, 8 and 16 (and sequential ``model.generate``
-    beside the builtin engine)."""
+    """In a fresh process set up as ``python -m tailor.workloads.serving.app`` sets it up:
+    tokens/s through the gateway at concurrency 1, 8 and 16 (and sequential
+    ``model.generate`` beside the builtin engine)."""
     from tailor.workloads.serving.engine.builtin import load_engine
     from tailor.workloads.serving.engine.llamacpp import load_llama_engine
 
@@ -312,8 +311,8 @@ def serve_child(engine_name: str, max_tokens: int) -> dict[str, Any]:
 
 
 def child(section: str, *extra: str) -> str:
-    """Run ``section`` of this file in a fresh process set up like the serve process of
-    its engine; its stdout."""
+    """Run ``section`` of this file in a fresh process (nothing another section loaded
+    beside it); its stdout."""
     done = subprocess.run(
         [sys.executable, __file__, "--child", section, *extra],
         capture_output=True,
@@ -711,6 +710,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", choices=["adapters", "gguf", "formats"], help="one llamacpp table alone"
+    )
     args = parser.parse_args()
     import logging
 
@@ -722,31 +724,36 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    if args.only:
+        print(child(args.only, "--max-tokens", str(args.max_tokens)), end="")
+        return
     if not args.skip_throughput:
         throughput(args)
     if not args.skip_quantization:
         quantization_table(args.max_tokens)
     if not args.skip_llamacpp:
         prefix_table()
-        print(child("llamacpp", "--max-tokens", str(args.max_tokens)), end="")
+        for section in ("adapters", "gguf", "formats"):  # each in a fresh process
+            print(child(section, "--max-tokens", str(args.max_tokens)), end="")
 
 
 def run_child(args: argparse.Namespace) -> None:
-    """A section in this fresh process, torch's threads set as the serve process sets them
-    for the section's engine."""
+    """A section in this fresh process, torch's threads set as the serve process sets them."""
     from tailor.workloads.program import limit_cpu_threads
 
     section, _, name = args.child.partition(":")
-    limit_cpu_threads(1 if "llamacpp" in (section, name) else None)
+    limit_cpu_threads()
     if section == "quantization":
         print(json.dumps(quantization_child(name, args.max_tokens)))
     elif section == "serve":
         print(json.dumps(serve_child(name, args.max_tokens)))
     elif section == "prefix":
         print(json.dumps(prefix_ttft(name)))
-    elif section == "llamacpp":
+    elif section == "adapters":
         adapter_mix(args)
+    elif section == "gguf":
         gguf_quantizations(args)
+    elif section == "formats":
         format_overhead(args)
 
 
