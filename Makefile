@@ -12,16 +12,17 @@ PYTEST_ARGS ?=
 # Linux wheel. `make venv` builds the wheel once per instruction set and caches it (about 4
 # minutes on 2 cores): AVX-512 where the CPU has it, else AVX2. AMX stays off: its kernels
 # crashed in llama_decode on this project's 2-core Xeon VM (2026-12-07, 0.3.36), where AVX-512
-# runs fine. OpenMP off (ggml's own thread pool): torch ships a libgomp.so.1 of the same name,
-# so in one process llama.cpp and torch shared one OpenMP runtime and, once torch had run on
-# two threads, llama.cpp's tokens/s halved. The tools, server and multimodal parts of
-# llama.cpp are not built.
+# runs fine. OpenMP stays on: torch ships a libgomp.so.1 of the same name, so in one process
+# the two share one OpenMP runtime (the serve process keeps torch on one thread beside
+# llama.cpp, tailor.workloads.serving.app); ggml's own thread pool (OpenMP off) spun at its
+# barriers when the cores were oversubscribed and made `make test` 11.3 -> 17.4 min
+# (2026-12-07). The tools, server and multimodal parts of llama.cpp are not built.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_ISA     ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx512 || echo avx2)
 LLAMA_CPP_AVX2    := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_CPP_avx2    := $(LLAMA_CPP_AVX2) -DGGML_AVX512=OFF
 LLAMA_CPP_avx512  := $(LLAMA_CPP_AVX2) -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-LLAMA_CPP_CMAKE   := $(LLAMA_CPP_$(LLAMA_CPP_ISA)) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF \
+LLAMA_CPP_CMAKE   := $(LLAMA_CPP_$(LLAMA_CPP_ISA)) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
                      -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
                      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 LLAMA_CPP_WHEELS  := $(HOME)/.cache/tailor/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_CPP_ISA)-$(shell echo '$(LLAMA_CPP_CMAKE)' | md5sum | cut -c1-8)

@@ -817,7 +817,8 @@ def run_child(args: argparse.Namespace) -> None:
     from tailor.workloads.program import limit_cpu_threads
 
     section, _, name = args.child.partition(":")
-    limit_cpu_threads()
+    builtin = section == "quantization" or name == "builtin"
+    limit_cpu_threads(None if builtin else 1)
     if section == "quantization":
         print(json.dumps(quantization_child(name, args.max_tokens)))
     elif section == "serve":

@@ -89,16 +89,16 @@ def cpu_budget() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
-def limit_cpu_threads() -> None:
-    """Size torch's thread pool by :func:`cpu_budget`; an explicit ``OMP_NUM_THREADS`` wins.
-    Every program that runs torch calls this first. (With busy neighbours,
-    ``OMP_WAIT_POLICY=PASSIVE`` in the pod's environment also helps: spinning OpenMP threads
-    made a shared 2-core node 5x slower in our measurements.)"""
+def limit_cpu_threads(threads: int | None = None) -> None:
+    """Size torch's thread pool by :func:`cpu_budget` (or ``threads``); an explicit
+    ``OMP_NUM_THREADS`` wins. Every program that runs torch calls this first. (With busy
+    neighbours, ``OMP_WAIT_POLICY=PASSIVE`` in the pod's environment also helps: spinning
+    OpenMP threads made a shared 2-core node 5x slower in our measurements.)"""
     if "OMP_NUM_THREADS" in os.environ:
         return
     import torch  # only programs that run models call this; the kernel itself needs no torch
 
-    torch.set_num_threads(cpu_budget())
+    torch.set_num_threads(threads or cpu_budget())
 
 
 def run_main(

@@ -459,7 +459,13 @@ def serve(run: ServeRun, spec_file: Path) -> None:
 
     pull_adapters(run)
     check_adapters(run.adapters)
-    if run.upstream is None:  # an in-process engine runs torch here (llama.cpp: its sampler)
+    if run.upstream is None and run.spec.resolved_engine() == "llamacpp":
+        # llama.cpp's threads do the model's work; torch (the sampler, a retriever's query
+        # embedding) keeps one thread: torch ships a libgomp.so.1 of the same name, so the two
+        # share one OpenMP runtime, and once torch had run on two threads llama.cpp's
+        # tokens/s halved on 2 cores (70 -> 34, 2026-12-07)
+        limit_cpu_threads(1)
+    elif run.upstream is None:  # the builtin engine runs torch here
         limit_cpu_threads()
     metrics = ServingMetrics(run.served_name)
     failure: list[BaseException] = []

@@ -22,8 +22,9 @@ running sequences (llama.cpp's server batches only slots with equal adapters too
 of mixing is printed by ``tests/bench/bench_serve.py``.
 
 KV cells are reserved at admission (prompt plus ``max_tokens``, up to the context window):
-a request that does not fit waits in the queue (cached prefixes are dropped first), so a
-step never runs out of cells mid-answer.
+a request that does not fit waits in the queue, so a step never runs out of cells
+mid-answer. Cached prefixes have cells of their own beside the reserved ones (the prefix
+cache's token budget), so they never make a request wait.
 """
 
 from __future__ import annotations
@@ -233,8 +234,6 @@ class LlamaEngine(BatchEngine):
                 deliver(request, Chunk("", "error", error=f"unknown adapter {request.adapter}"))
                 continue
             need = min(len(request.prompt_ids) + request.params.max_tokens, self.context_window)
-            while self._reserved + need > self._cells and self._evict_prefix():
-                pass
             if self._reserved + need > self._cells or not self._free_seqs:
                 self._requeue(requests[index:])  # waits until running answers free cells
                 return
