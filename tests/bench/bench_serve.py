@@ -641,7 +641,15 @@ def gguf_quantizations(args: argparse.Namespace) -> None:
     rows = []
     for kind in ("float", "f16", "q8_0", "q4_k_m", "q4_0", "none"):
         path = model_file(source, kind)
-        perplexity, count = llama_perplexity(path, texts)
+        # on a thread of its own that ends: a second OpenMP master left beside the engine's
+        # thread would throttle the engine's threads (libgomp spins less with more threads)
+        measured: list[tuple[float, int]] = []
+        worker = threading.Thread(
+            target=lambda out=measured, file=path: out.append(llama_perplexity(file, texts))
+        )
+        worker.start()
+        worker.join()
+        perplexity, count = measured[0]
         engine = LlamaEngine(path, tokenizer)
         encoded = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts]
         engine.generate(encoded[0], None, SamplingParams(max_tokens=4))
